@@ -1,0 +1,24 @@
+"""kvmemu: a bit-exact model of x86 second-stage page faults and the Linux 6.18
+KVM TDP MMU fault path, for every x86 VM type (DEFAULT, SW_PROTECTED, SEV,
+SEV_ES, SNP, TDX).
+
+The public API is documented in the README and in API.md; ``IMPLEMENTATION``
+says which core backs it (``"cython"`` or ``"python"``).
+"""
+
+from __future__ import annotations
+
+from . import _select
+from ._version import __version__
+from .constants import *  # noqa: F401,F403  (the constants are part of the API)
+from .constants import __all__ as _constants_all
+from .errors import KvmError
+
+IMPLEMENTATION: str = _select.default_implementation()
+
+_core = _select.load(IMPLEMENTATION)
+for _name in _select.CORE_NAMES:
+    globals()[_name] = getattr(_core, _name)
+del _name
+
+__all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "IMPLEMENTATION", "__version__"]

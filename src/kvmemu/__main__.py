@@ -1,0 +1,5 @@
+import sys
+
+from kvmemu.cli import main
+
+sys.exit(main())

@@ -1,0 +1,11 @@
+"""The pure-Python twin of the compiled core.
+
+The readable, executable specification of the model: the same public
+functions and classes as ``kvmemu._core``, with the same results bit for bit.
+Selected by ``KVMEMU_PURE_PYTHON=1`` before ``import kvmemu``; the test suite
+runs every test against both.
+"""
+
+from .intake import svm_error_code, tdx_shared_bit, vmx_error_code
+
+__all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code"]

@@ -1,0 +1,289 @@
+"""Every constant of the model, once, with the kernel's value.
+
+Values are those of Linux 6.18 (uapi and internal headers) and of the Intel
+SDM / AMD APM where the hardware defines them.  Nothing else in the package
+spells a bit number: the compiled core receives these values through a C
+header that ``setup.py`` generates from this module, and the pure-Python twin
+reads them from here.
+
+The flag classes print readably: ``repr(PFERR(0x100000002))`` is
+``PFERR.WRITE|GUEST_FINAL``; bits without a name print in hex.  Building a
+flag from an arbitrary value does not grow a cache (the standard library's
+IntFlag remembers every composite value it ever saw).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, IntFlag
+
+__all__ = [
+    "PFERR", "PFERR_SYNTHETIC_MASK", "EPT_VIOLATION", "EPT_VIOLATION_PROT_MASK",
+    "VMType", "RetPF", "ExitReason", "MemAttr", "MemFlag", "GuestMemfdFlag",
+    "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
+    "PG_LEVEL_512G", "PG_LEVEL_256T", "KVM_MAX_HUGEPAGE_LEVEL", "PAGE_SHIFT",
+    "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
+    "KVM_LPAGE_MIXED_FLAG", "VmxExitReason", "SVM_EXIT_NPF", "EPTE",
+    "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
+]
+
+
+class _Flag(IntFlag):
+    """IntFlag with a self-explaining repr and no pseudo-member cache."""
+
+    @classmethod
+    def _missing_(cls, value: object) -> "_Flag":
+        if not isinstance(value, int):
+            raise ValueError(f"{value!r} is not a valid {cls.__name__}")
+        if value < 0 or value >> 64:
+            raise ValueError(f"{cls.__name__} value {value:#x} is not a u64")
+        member = int.__new__(cls, value)
+        member._name_ = None
+        member._value_ = value
+        return member
+
+    def __repr__(self) -> str:
+        cls = type(self).__name__
+        value = int(self)
+        if value == 0:
+            return f"{cls}(0)"
+        names = []
+        rest = value
+        for name, member in type(self)._member_map_.items():
+            bits = int(member)
+            if bits and (value & bits) == bits and member._name_ == name:
+                names.append(name)
+                rest &= ~bits
+        if rest:
+            names.append(hex(rest))
+        return f"{cls}." + "|".join(names)
+
+    __str__ = __repr__
+
+
+# --- 1. Page-fault error code (arch/x86/include/asm/kvm_host.h) -----------------------
+
+class PFERR(_Flag):
+    """Page-fault error code bits, ``PFERR_*_MASK`` in kvm_host.h.
+
+    Bits 0-15 are the architectural #PF bits, 31-36 come from AMD #NPF
+    EXITINFO1, 48 and 49 are synthesised by KVM and never come from hardware.
+    """
+
+    PRESENT = 1 << 0
+    WRITE = 1 << 1
+    USER = 1 << 2
+    RSVD = 1 << 3
+    FETCH = 1 << 4
+    PK = 1 << 5
+    SS = 1 << 6
+    SGX = 1 << 15
+    GUEST_RMP = 1 << 31
+    GUEST_FINAL = 1 << 32
+    GUEST_PAGE = 1 << 33
+    GUEST_ENC = 1 << 34
+    GUEST_SIZEM = 1 << 35
+    GUEST_VMPL = 1 << 36
+    IMPLICIT_ACCESS = 1 << 48
+    PRIVATE_ACCESS = 1 << 49
+
+
+#: PFERR_SYNTHETIC_MASK: the KVM-defined bits that hardware must never report.
+PFERR_SYNTHETIC_MASK = PFERR.IMPLICIT_ACCESS.value | PFERR.PRIVATE_ACCESS.value
+
+
+# --- 2. EPT violation exit qualification (arch/x86/include/asm/vmx.h; SDM) -------------
+
+class EPT_VIOLATION(_Flag):
+    """EPT-violation exit qualification bits (exit reason 48).
+
+    Bit 6 is named ``EPT_VIOLATION_EXEC_FOR_RING3_LIN`` in Linux 6.18 and is the
+    AND of the XU bits with mode-based execute control; ``PROT_USER_EXEC`` is
+    the name this package (and later kernels) use.
+    """
+
+    ACC_READ = 0x1
+    ACC_WRITE = 0x2
+    ACC_INSTR = 0x4
+    PROT_READ = 0x8
+    PROT_WRITE = 0x10
+    PROT_EXEC = 0x20
+    PROT_USER_EXEC = 0x40
+    EXEC_FOR_RING3_LIN = 0x40
+    GVA_IS_VALID = 0x80
+    GVA_TRANSLATED = 0x100
+    NMI_UNBLOCKING = 0x1000
+
+
+#: EPT_VIOLATION_PROT_MASK = PROT_READ | PROT_WRITE | PROT_EXEC (bit 6 is not in it in 6.18).
+EPT_VIOLATION_PROT_MASK = (EPT_VIOLATION.PROT_READ.value | EPT_VIOLATION.PROT_WRITE.value
+                           | EPT_VIOLATION.PROT_EXEC.value)
+
+
+class VmxExitReason(IntEnum):
+    """VMX basic exit reasons for second-stage faults (SDM appendix C)."""
+
+    EPT_VIOLATION = 48
+    EPT_MISCONFIG = 49
+
+
+#: SVM_EXIT_NPF: the #VMEXIT code of a nested page fault (AMD APM).
+SVM_EXIT_NPF = 0x400
+
+
+# --- 4.4 RET_PF_* (arch/x86/kvm/mmu/mmu_internal.h, 6.12+ numbering) --------------------
+
+class RetPF(IntEnum):
+    CONTINUE = 0
+    RETRY = 1
+    EMULATE = 2
+    WRITE_PROTECTED = 3
+    INVALID = 4
+    FIXED = 5
+    SPURIOUS = 6
+
+
+# --- 5.5 kvm_run exit reasons (include/uapi/linux/kvm.h) -------------------------------
+
+class ExitReason(IntEnum):
+    """``KVM_EXIT_*`` values that an x86 VM can see."""
+
+    UNKNOWN = 0
+    EXCEPTION = 1
+    IO = 2
+    HYPERCALL = 3
+    DEBUG = 4
+    HLT = 5
+    MMIO = 6
+    IRQ_WINDOW_OPEN = 7
+    SHUTDOWN = 8
+    FAIL_ENTRY = 9
+    INTR = 10
+    SET_TPR = 11
+    TPR_ACCESS = 12
+    NMI = 16
+    INTERNAL_ERROR = 17
+    SYSTEM_EVENT = 24
+    X86_RDMSR = 29
+    X86_WRMSR = 30
+    DIRTY_RING_FULL = 31
+    AP_RESET_HOLD = 32
+    X86_BUS_LOCK = 33
+    XEN = 34
+    NOTIFY = 37
+    MEMORY_FAULT = 39
+    TDX = 40
+
+
+#: KVM_MEMORY_EXIT_FLAG_PRIVATE, in ``run.memory_fault.flags``.
+MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+
+# --- 6.1 memory attributes, memslot and guest_memfd flags (uapi kvm.h) -----------------
+
+class MemAttr(_Flag):
+    """KVM_MEMORY_ATTRIBUTE_*: the only one in mainline is PRIVATE."""
+
+    PRIVATE = 1 << 3
+
+
+class MemFlag(_Flag):
+    """KVM_MEM_* memslot flags of KVM_SET_USER_MEMORY_REGION2."""
+
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+    GUEST_MEMFD = 1 << 2
+
+
+class GuestMemfdFlag(_Flag):
+    """GUEST_MEMFD_FLAG_* of KVM_CREATE_GUEST_MEMFD (Linux 6.18)."""
+
+    MMAP = 1 << 0
+    INIT_SHARED = 1 << 1
+
+
+# --- 10. VM types (arch/x86/include/uapi/asm/kvm.h) ------------------------------------
+
+class VMType(IntEnum):
+    """KVM_X86_*_VM, the ``type`` argument of KVM_CREATE_VM."""
+
+    DEFAULT = 0
+    SW_PROTECTED = 1
+    SEV = 2
+    SEV_ES = 3
+    SNP = 4
+    TDX = 5
+
+
+# --- 0.3 / 7.1 page levels and sizes (pgtable_types.h, kvm_host.h) ---------------------
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PG_LEVEL_4K = 1
+PG_LEVEL_2M = 2
+PG_LEVEL_1G = 3
+PG_LEVEL_512G = 4
+PG_LEVEL_256T = 5
+#: KVM_MAX_HUGEPAGE_LEVEL: huge leaves exist at 2M and 1G only.
+KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
+
+# --- memslot limits (include/linux/kvm_host.h, arch/x86/include/asm/kvm_host.h) --------
+
+#: KVM_MEM_SLOTS_NUM = SHRT_MAX.
+KVM_MEM_SLOTS_NUM = 32767
+#: KVM_USER_MEM_SLOTS = KVM_MEM_SLOTS_NUM - KVM_INTERNAL_MEM_SLOTS (3) on x86.
+KVM_USER_MEM_SLOTS = 32764
+#: KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1 pages per user memslot.
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+#: KVM_LPAGE_MIXED_FLAG: top bit of lpage_info.disallow_lpage (mixed attributes).
+KVM_LPAGE_MIXED_FLAG = 1 << 31
+
+# --- TDX shared bit (arch/x86/kvm/vmx/tdx.c: TDX_SHARED_BIT_PWL_4 / _PWL_5) -------------
+
+#: Guest physical-address width → the GPA bit that marks a shared access.
+TDX_GPAW_SHARED_BIT = {48: 1 << 47, 52: 1 << 51}
+
+
+# --- Hardware second-stage entry formats (SDM 29.3 / APM 15.25) -------------------------
+
+class EPTE(_Flag):
+    """EPT paging-structure entry bits (VMX_EPT_* in vmx.h; SDM tables 29-1..29-6)."""
+
+    READ = 1 << 0
+    WRITE = 1 << 1
+    EXEC = 1 << 2  #: XS, supervisor execute, when MBEC is on
+    IPAT = 1 << 6
+    LARGE = 1 << 7
+    ACCESSED = 1 << 8
+    DIRTY = 1 << 9
+    USER_EXEC = 1 << 10  #: XU, with mode-based execute control
+    SUPPRESS_VE = 1 << 63
+
+
+#: EPT memory type field, bits 5:3 of a leaf entry.
+EPT_MEMTYPE_SHIFT = 3
+EPT_MEMTYPE_MASK = 0x7 << EPT_MEMTYPE_SHIFT
+
+
+class MemType(IntEnum):
+    """Memory types (uapi asm/mtrr.h); 2, 3 and 7 are reserved in an EPT leaf."""
+
+    UC = 0
+    WC = 1
+    WT = 4
+    WP = 5
+    WB = 6
+
+
+class PTE(_Flag):
+    """x86-64 long-mode paging entry bits, the NPT format (PT_*_MASK in mmu.h)."""
+
+    PRESENT = 1 << 0
+    WRITABLE = 1 << 1
+    USER = 1 << 2
+    PWT = 1 << 3
+    PCD = 1 << 4
+    ACCESSED = 1 << 5
+    DIRTY = 1 << 6
+    LARGE = 1 << 7
+    GLOBAL = 1 << 8
+    NX = 1 << 63

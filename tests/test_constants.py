@@ -1,0 +1,80 @@
+"""The constants equal the kernel's values (docs/kvm-fault-path.md §1, §2.1, §4.4, §5.5, §6.1, §10)."""
+
+import errno
+
+import pytest
+
+import kvmemu
+from kvmemu import (EPT_VIOLATION, PFERR, ExitReason, KvmError, MemAttr, MemFlag, RetPF,
+                    VMType)
+
+PFERR_VALUES = {
+    "PRESENT": 0x1, "WRITE": 0x2, "USER": 0x4, "RSVD": 0x8, "FETCH": 0x10, "PK": 0x20,
+    "SS": 0x40, "SGX": 0x8000, "GUEST_RMP": 0x80000000, "GUEST_FINAL": 0x100000000,
+    "GUEST_PAGE": 0x200000000, "GUEST_ENC": 0x400000000, "GUEST_SIZEM": 0x800000000,
+    "GUEST_VMPL": 0x1000000000, "IMPLICIT_ACCESS": 0x1000000000000,
+    "PRIVATE_ACCESS": 0x2000000000000,
+}
+EPT_VIOLATION_VALUES = {
+    "ACC_READ": 0x1, "ACC_WRITE": 0x2, "ACC_INSTR": 0x4, "PROT_READ": 0x8, "PROT_WRITE": 0x10,
+    "PROT_EXEC": 0x20, "PROT_USER_EXEC": 0x40, "GVA_IS_VALID": 0x80, "GVA_TRANSLATED": 0x100,
+    "NMI_UNBLOCKING": 0x1000,
+}
+VMTYPE_VALUES = {"DEFAULT": 0, "SW_PROTECTED": 1, "SEV": 2, "SEV_ES": 3, "SNP": 4, "TDX": 5}
+RETPF_VALUES = {"CONTINUE": 0, "RETRY": 1, "EMULATE": 2, "WRITE_PROTECTED": 3, "INVALID": 4,
+                "FIXED": 5, "SPURIOUS": 6}
+
+
+@pytest.mark.parametrize("cls, table", [(PFERR, PFERR_VALUES), (EPT_VIOLATION, EPT_VIOLATION_VALUES),
+                                        (VMType, VMTYPE_VALUES), (RetPF, RETPF_VALUES)])
+def test_enum_values(cls, table):
+    for name, value in table.items():
+        assert cls[name] == value
+    canonical = {n for n, m in cls.__members__.items() if m.name == n}
+    assert canonical == set(table)
+
+
+def test_other_constants():
+    assert (ExitReason.MMIO, ExitReason.INTERNAL_ERROR, ExitReason.MEMORY_FAULT) == (6, 17, 39)
+    assert MemAttr.PRIVATE == 8
+    assert (MemFlag.LOG_DIRTY_PAGES, MemFlag.READONLY, MemFlag.GUEST_MEMFD) == (1, 2, 4)
+    assert kvmemu.MEMORY_EXIT_FLAG_PRIVATE == 8
+    assert (kvmemu.PG_LEVEL_4K, kvmemu.PG_LEVEL_2M, kvmemu.PG_LEVEL_1G) == (1, 2, 3)
+    assert kvmemu.PFERR_SYNTHETIC_MASK == 0x3000000000000
+    assert kvmemu.EPT_VIOLATION_PROT_MASK == 0x38
+    assert kvmemu.KVM_USER_MEM_SLOTS == 32764
+    assert kvmemu.KVM_LPAGE_MIXED_FLAG == 1 << 31
+    assert EPT_VIOLATION.EXEC_FOR_RING3_LIN is EPT_VIOLATION.PROT_USER_EXEC
+
+
+def test_flag_repr_names_every_bit():
+    assert repr(PFERR(0x100000002)) == "PFERR.WRITE|GUEST_FINAL"
+    assert repr(PFERR(0x2000000000002)) == "PFERR.WRITE|PRIVATE_ACCESS"
+    assert repr(PFERR(0)) == "PFERR(0)"
+    assert repr(PFERR(0x2 | 1 << 60)) == "PFERR.WRITE|0x1000000000000000"
+    assert repr(EPT_VIOLATION(0x182)) == "EPT_VIOLATION.ACC_WRITE|GVA_IS_VALID|GVA_TRANSLATED"
+    assert repr(EPT_VIOLATION(0x40)) == "EPT_VIOLATION.PROT_USER_EXEC"
+    assert str(MemFlag(6)) == "MemFlag.READONLY|GUEST_MEMFD"
+
+
+def test_flags_built_from_arbitrary_values_are_not_cached():
+    before = len(PFERR._value2member_map_)
+    for i in range(1000):
+        value = PFERR((i << 40) | 2)
+        assert value & PFERR.WRITE
+        _ = (i << 40) | PFERR.USER
+    assert len(PFERR._value2member_map_) == before
+
+
+@pytest.mark.parametrize("value", [-1, 1 << 64, "2", 2.5])
+def test_flags_reject_non_u64(value):
+    with pytest.raises((ValueError, TypeError)):
+        PFERR(value)
+
+
+def test_kvm_error_carries_errno():
+    err = KvmError(errno.EEXIST, "slot overlaps slot 3")
+    assert isinstance(err, OSError)
+    assert err.errno == errno.EEXIST
+    assert "slot overlaps slot 3" in str(err)
+    assert repr(err) == "KvmError(EEXIST, 'slot overlaps slot 3')"

@@ -1,0 +1,49 @@
+"""Packaging facts: implementation selection, exported names, type information."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kvmemu
+from kvmemu import _select
+
+
+def test_both_cores_export_the_same_names():
+    for name in ("cython", "python"):
+        core = _select.load(name)
+        for attr in _select.CORE_NAMES:
+            assert callable(getattr(core, attr)), (name, attr)
+
+
+def test_public_api_uses_the_selected_core():
+    core = _select.load(kvmemu.IMPLEMENTATION)
+    assert kvmemu.vmx_error_code is core.vmx_error_code
+    assert kvmemu.__version__ == "0.1.0"
+    assert set(kvmemu.__all__) >= {"PFERR", "EPT_VIOLATION", "VMType", "RetPF", "ExitReason",
+                                   "MemAttr", "MemFlag", "KvmError", "MEMORY_EXIT_FLAG_PRIVATE",
+                                   "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
+                                   "vmx_error_code", "svm_error_code", "tdx_shared_bit"}
+
+
+@pytest.mark.parametrize("env, expected", [("1", "python"), ("0", "cython"), ("", "cython")])
+def test_environment_selects_implementation(env, expected):
+    out = subprocess.run([sys.executable, "-c", "import kvmemu; print(kvmemu.IMPLEMENTATION)"],
+                         env={**os.environ, "KVMEMU_PURE_PYTHON": env}, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+def test_unknown_implementation_name():
+    with pytest.raises(ValueError):
+        _select.load("rust")
+
+
+def test_type_information_is_shipped():
+    package = Path(kvmemu.__file__).parent
+    assert (package / "py.typed").exists()
+    stub = (package / "__init__.pyi").read_text()
+    for name in kvmemu.__all__:
+        assert name in stub, name
