@@ -10,6 +10,13 @@ from .constants import (
     EPT_VIOLATION as EPT_VIOLATION,
     EPT_VIOLATION_PROT_MASK as EPT_VIOLATION_PROT_MASK,
     EPTE as EPTE,
+    GMEM_FILE_PAGES as GMEM_FILE_PAGES,
+    GMEM_PFN_BASE as GMEM_PFN_BASE,
+    HOST_MAXPHYADDR as HOST_MAXPHYADDR,
+    INVALID_GPA as INVALID_GPA,
+    KVM_INTERNAL_MEMSLOT_FLAGS as KVM_INTERNAL_MEMSLOT_FLAGS,
+    KVM_MEMSLOT_GMEM_ONLY as KVM_MEMSLOT_GMEM_ONLY,
+    KVM_MEMSLOT_INVALID as KVM_MEMSLOT_INVALID,
     KVM_LPAGE_MIXED_FLAG as KVM_LPAGE_MIXED_FLAG,
     KVM_MAX_HUGEPAGE_LEVEL as KVM_MAX_HUGEPAGE_LEVEL,
     KVM_MEM_MAX_NR_PAGES as KVM_MEM_MAX_NR_PAGES,
@@ -28,6 +35,7 @@ from .constants import (
     PTE as PTE,
     SVM_EXIT_NPF as SVM_EXIT_NPF,
     TDX_GPAW_SHARED_BIT as TDX_GPAW_SHARED_BIT,
+    USER_PTR_MAX as USER_PTR_MAX,
     ExitReason as ExitReason,
     GuestMemfdFlag as GuestMemfdFlag,
     MemAttr as MemAttr,
@@ -37,6 +45,7 @@ from .constants import (
     VmxExitReason as VmxExitReason,
     VMType as VMType,
 )
+from ._vm import GuestMemfd as GuestMemfd, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 
 __version__: Final[str]
@@ -47,13 +56,15 @@ U64Array = npt.NDArray[np.uint64]
 _Int = int | np.integer
 
 @overload
-def vmx_error_code(exit_qualification: _Int, gpa: _Int, shared_bit: _Int = 0, *,
+def vmx_error_code(  # type: ignore[overload-overlap]
+                   exit_qualification: _Int, gpa: _Int, shared_bit: _Int = 0, *,
                    out: None = None) -> int: ...
 @overload
 def vmx_error_code(exit_qualification: U64Array | _Int, gpa: U64Array | _Int,
                    shared_bit: U64Array | _Int = 0, *, out: U64Array | None = None) -> U64Array: ...
 @overload
-def svm_error_code(exit_info_1: _Int, snp: bool = False, *, out: None = None) -> int: ...
+def svm_error_code(  # type: ignore[overload-overlap]
+                   exit_info_1: _Int, snp: bool = False, *, out: None = None) -> int: ...
 @overload
 def svm_error_code(exit_info_1: U64Array | _Int, snp: bool = False, *,
                    out: U64Array | None = None) -> U64Array: ...
@@ -61,3 +72,42 @@ def svm_error_code(exit_info_1: U64Array | _Int, snp: bool = False, *,
 def tdx_shared_bit(gpaw: int) -> int: ...
 @overload
 def tdx_shared_bit(gpaw: U64Array) -> U64Array: ...
+
+class VM:
+    """A KVM virtual machine (see kvmemu._vm.VM for the full contract)."""
+
+    vm_type: VMType
+    vendor: str
+    gpaw: int
+    nx_huge_pages: bool
+    has_private_mem: bool
+    has_protected_state: bool
+    shared_bit: int
+    nr_memslot_as_ids: int
+    def __init__(self, vm_type: VMType | int = ..., *, vendor: str | None = None,
+                 gpaw: int = 48, nx_huge_pages: bool = False) -> None: ...
+    @property
+    def supported_memory_attributes(self) -> int: ...
+    @property
+    def readonly_mem(self) -> bool: ...
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd: ...
+    def set_user_memory_region(self, *, slot: int, guest_phys_addr: int, memory_size: int,
+                               userspace_addr: int, flags: int = 0,
+                               guest_memfd: GuestMemfd | None = None,
+                               guest_memfd_offset: int = 0, host_level: int = 1) -> None: ...
+    def set_memory_attributes(self, address: int, size: int, attributes: int,
+                              flags: int = 0) -> None: ...
+    def get_memory_attributes(self, gfn: int) -> int: ...
+    @property
+    def memslots(self) -> list[MemSlot]: ...
+    def find_memslot(self, gfn: int) -> int | None: ...
+    def find_memslots(self, gfns: U64Array) -> npt.NDArray[np.int32]: ...
+    def lpage_info(self, slot: int, level: int) -> list[int]: ...
+    def memory_attribute_ranges(self) -> list[tuple[int, int, int]]: ...
+    @property
+    def mmu_invalidate_seq(self) -> int: ...
+    @property
+    def mmu_invalidate_in_progress(self) -> int: ...
+    @property
+    def mmu_invalidate_range(self) -> tuple[int, int]: ...
+    def memslots_generation(self, as_id: int = 0) -> int: ...

@@ -109,3 +109,34 @@ def gpaw(value: Any) -> int:
     if v not in (48, 52):
         raise ValueError(f"gpaw must be 48 or 52, not {v}")
     return v
+
+
+def u32(name: str, value: Any) -> int:
+    """``value`` as a Python int in u32 range (a __u32 ioctl field)."""
+    v = u64(name, value)
+    if v >> 32:
+        raise OverflowError(f"{name} = {v:#x} is outside the u32 range 0..2**32-1")
+    return v
+
+
+def level(name: str, value: Any, lowest: int, highest: int) -> int:
+    """A page level (1 = 4K, 2 = 2M, 3 = 1G, ...) between ``lowest`` and ``highest``."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer level, not {type(value).__name__}") from None
+    if not lowest <= v <= highest:
+        raise ValueError(f"{name} must be a level from {lowest} to {highest}, not {v}")
+    return v
+
+
+def enum_member(name: str, value: Any, enum: Any) -> Any:
+    """A member of an IntEnum, given as the member or its integer value."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a {enum.__name__}, not {type(value).__name__}") from None
+    try:
+        return enum(v)
+    except ValueError:
+        raise ValueError(f"{name} {v} is not a valid {enum.__name__}") from None

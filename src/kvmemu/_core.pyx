@@ -8,3 +8,4 @@
 # everything below them is C over typed memoryviews and runs without the GIL.
 
 include "_intake.pxi"
+include "_memory.pxi"

@@ -24,6 +24,8 @@ __all__ = [
     "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
     "KVM_LPAGE_MIXED_FLAG", "VmxExitReason", "SVM_EXIT_NPF", "EPTE",
     "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
+    "KVM_INTERNAL_MEMSLOT_FLAGS", "KVM_MEMSLOT_INVALID", "KVM_MEMSLOT_GMEM_ONLY", "INVALID_GPA",
+    "USER_PTR_MAX", "HOST_MAXPHYADDR", "GMEM_PFN_BASE", "GMEM_FILE_PAGES",
 ]
 
 
@@ -236,6 +238,26 @@ KVM_USER_MEM_SLOTS = 32764
 KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 #: KVM_LPAGE_MIXED_FLAG: top bit of lpage_info.disallow_lpage (mixed attributes).
 KVM_LPAGE_MIXED_FLAG = 1 << 31
+
+#: Kernel-internal memslot flags (include/linux/kvm_host.h).
+KVM_MEMSLOT_INVALID = 1 << 16
+KVM_MEMSLOT_GMEM_ONLY = 1 << 17
+KVM_INTERNAL_MEMSLOT_FLAGS = KVM_MEMSLOT_INVALID | KVM_MEMSLOT_GMEM_ONLY
+#: INVALID_GPA (~0): mmu_invalidate_range_start/end before any range is added.
+INVALID_GPA = (1 << 64) - 1
+
+# --- the modelled host -----------------------------------------------------------------
+
+#: USER_PTR_MAX of an x86-64 host with 4-level paging (TASK_SIZE_MAX = 2**47 - 4096):
+#: access_ok() in KVM_SET_USER_MEMORY_REGION2 accepts userspace_addr + size up to it.
+USER_PTR_MAX = (1 << 47) - PAGE_SIZE
+#: The host's MAXPHYADDR; kvm_mmu_max_gfn() = 2**(HOST_MAXPHYADDR - 12) - 1.
+HOST_MAXPHYADDR = 52
+#: guest_memfd pages live in their own host frames: file number k (creation order in its
+#: VM) maps page index i to pfn GMEM_PFN_BASE + ((k * GMEM_FILE_PAGES + i) mod GMEM_PFN_BASE),
+#: i.e. the upper half of the 52-bit host physical space, a 1 TiB window per file.
+GMEM_PFN_BASE = 1 << 39
+GMEM_FILE_PAGES = 1 << 28
 
 # --- TDX shared bit (arch/x86/kvm/vmx/tdx.c: TDX_SHARED_BIT_PWL_4 / _PWL_5) -------------
 

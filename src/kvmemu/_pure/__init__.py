@@ -6,6 +6,13 @@ Selected by ``KVMEMU_PURE_PYTHON=1`` before ``import kvmemu``; the test suite
 runs every test against both.
 """
 
+from .. import _vm
 from .intake import svm_error_code, tdx_shared_bit, vmx_error_code
+from .memory import VMState
 
-__all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code"]
+__all__ = ["VM", "VMState", "svm_error_code", "tdx_shared_bit", "vmx_error_code"]
+
+
+class VM(_vm.VM):
+    __doc__ = _vm.VM.__doc__
+    _State = VMState

@@ -1,0 +1,383 @@
+"""The thin ``VM`` class over a core's ``VMState``.
+
+``VM`` is the ioctl boundary: it converts and checks arguments once, runs
+KVM's validation in KVM's order with KVM's errnos (KVM_CREATE_GUEST_MEMFD,
+KVM_SET_USER_MEMORY_REGION2, KVM_SET_MEMORY_ATTRIBUTES), and then hands
+values KVM would accept to the core's ``VMState``, which holds all state.
+Each core module defines ``VM`` as a subclass that names its ``VMState``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, NamedTuple
+
+from . import _args
+from .constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, KVM_MEM_MAX_NR_PAGES,
+                        KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE,
+                        PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
+                        GuestMemfdFlag, MemAttr, MemFlag, VMType)
+from .errors import KvmError
+
+_SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
+_PRIVATE_MEM_TYPES = (VMType.SW_PROTECTED, VMType.SNP, VMType.TDX)
+_PROTECTED_STATE_TYPES = (VMType.SEV_ES, VMType.SNP, VMType.TDX)
+_PAGE_MASK = PAGE_SIZE - 1
+_U64 = (1 << 64) - 1
+_LOFF_MAX = (1 << 63) - 1
+#: kvm_mmu_max_gfn() with TDP: limited by the host MAXPHYADDR.
+MAX_GFN = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
+
+
+def _einval(message: str) -> KvmError:
+    return KvmError(errno.EINVAL, message)
+
+
+class GuestMemfd:
+    """A guest_memfd file (KVM_CREATE_GUEST_MEMFD), a handle owned by one VM.
+
+    ``size`` and ``flags`` are what it was created with; ``index`` is its number
+    in the VM (creation order), which places its pages in host frames
+    ``GMEM_PFN_BASE + ((index * GMEM_FILE_PAGES + page) mod GMEM_PFN_BASE)``.
+    """
+
+    __slots__ = ("_owner", "index", "size", "flags")
+
+    def __init__(self, owner: object, index: int, size: int, flags: int) -> None:
+        self._owner = owner
+        self.index = index
+        self.size = size
+        self.flags = flags
+
+    def pfn(self, page: int) -> int:
+        """The host frame backing page ``page`` of the file."""
+        return GMEM_PFN_BASE + (self.index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+
+    def __repr__(self) -> str:
+        return f"GuestMemfd(index={self.index}, size={self.size:#x}, flags={self.flags:#x})"
+
+
+class MemSlot(NamedTuple):
+    """A read-only view of one memslot (the fields of KVM_SET_USER_MEMORY_REGION2)."""
+
+    slot: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    flags: int
+    guest_memfd: GuestMemfd | None
+    guest_memfd_offset: int
+    host_level: int
+
+    @property
+    def base_gfn(self) -> int:
+        return self.guest_phys_addr >> PAGE_SHIFT
+
+    @property
+    def npages(self) -> int:
+        return self.memory_size >> PAGE_SHIFT
+
+
+class VM:
+    """A KVM virtual machine: its type, memslots, guest_memfd files and memory attributes.
+
+    ``VM(vm_type=VMType.DEFAULT, *, vendor=None, gpaw=48, nx_huge_pages=False)``.
+
+    * ``vendor`` is ``"vmx"`` or ``"svm"``; SEV, SEV_ES and SNP imply ``"svm"``, TDX
+      implies ``"vmx"``, DEFAULT and SW_PROTECTED default to ``"vmx"``; a
+      contradiction is a ValueError.
+    * ``gpaw`` is the guest physical-address width, 48 or 52.  For TDX it picks the
+      shared bit (47 or 51) and 4- or 5-level EPT; for other VMs it picks the TDP root
+      level the way kvm_mmu_get_tdp_level does (5 levels only for a 52-bit guest).
+    * ``nx_huge_pages`` turns on the iTLB-multihit NX huge page workaround.
+
+    The modelled host: x86-64 with 4-level paging (``USER_PTR_MAX``), MAXPHYADDR
+    ``HOST_MAXPHYADDR``, SMM support (two memslot address spaces for VMs without
+    private memory).
+    """
+
+    _State: Any = None  # set by each core's subclass
+
+    def __init__(self, vm_type: Any = VMType.DEFAULT, *, vendor: Any = None, gpaw: Any = 48,
+                 nx_huge_pages: Any = False) -> None:
+        vm_type = _args.enum_member("vm_type", vm_type, VMType)
+        implied = "svm" if vm_type in _SVM_TYPES else "vmx" if vm_type == VMType.TDX else None
+        if vendor is not None and not isinstance(vendor, str):
+            raise TypeError(f"vendor must be 'vmx', 'svm' or None, not {type(vendor).__name__}")
+        if vendor not in (None, "vmx", "svm"):
+            raise ValueError(f"vendor must be 'vmx' or 'svm', not {vendor!r}")
+        if implied is not None and vendor not in (None, implied):
+            raise ValueError(f"a {vm_type.name} VM runs on {implied}, not {vendor}")
+        self.vm_type: VMType = vm_type
+        self.vendor: str = vendor or implied or "vmx"
+        self.gpaw: int = _args.gpaw(gpaw)
+        self.nx_huge_pages: bool = _args.flag("nx_huge_pages", nx_huge_pages)
+        self.has_private_mem: bool = vm_type in _PRIVATE_MEM_TYPES
+        self.has_protected_state: bool = vm_type in _PROTECTED_STATE_TYPES
+        #: The TDX shared bit as a GPA mask (gfn_to_gpa(kvm_gfn_direct_bits)); 0 if not a TD.
+        self.shared_bit: int = TDX_GPAW_SHARED_BIT[self.gpaw] if vm_type == VMType.TDX else 0
+        #: kvm_arch_nr_memslot_as_ids: SMM's second address space only without private memory.
+        self.nr_memslot_as_ids: int = 1 if self.has_private_mem else 2
+        self._token = object()
+        self._gmem: list[GuestMemfd] = []
+        # Per guest_memfd index: its bindings, {(as_id, slot id): (first page, end page)}.
+        self._gmem_bindings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+        self._state = self._State(self.has_private_mem, self.nr_memslot_as_ids)
+
+    def __repr__(self) -> str:
+        return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
+                f"memslots={len(self._state.slots(0))})")
+
+    # --- capabilities -------------------------------------------------------------------
+
+    @property
+    def supported_memory_attributes(self) -> int:
+        """kvm_supported_mem_attributes: PRIVATE for VMs with private memory, else 0."""
+        return MemAttr.PRIVATE.value if self.has_private_mem else 0
+
+    @property
+    def readonly_mem(self) -> bool:
+        """kvm_arch_has_readonly_mem: no READONLY memslots for protected-state VMs."""
+        return not self.has_protected_state
+
+    # --- KVM_CREATE_GUEST_MEMFD ---------------------------------------------------------
+
+    def create_guest_memfd(self, size: Any, flags: Any = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD (kvm_gmem_create, Linux 6.18).
+
+        EINVAL for flags other than MMAP (and INIT_SHARED on VMs without private
+        memory), and for a size that is zero, negative as a loff_t, or not
+        page-aligned.
+        """
+        size = _args.u64("size", size)
+        flags = _args.u64("flags", flags)
+        supported = GuestMemfdFlag.MMAP.value
+        if not self.has_private_mem:
+            supported |= GuestMemfdFlag.INIT_SHARED.value
+        if flags & ~supported:
+            raise _einval(f"guest_memfd flags {flags:#x} include unsupported bits "
+                          f"{flags & ~supported:#x}")
+        if size == 0 or size > _LOFF_MAX or size & _PAGE_MASK:
+            raise _einval(f"guest_memfd size {size:#x} is not a positive multiple of the page size")
+        gmem = GuestMemfd(self._token, len(self._gmem), size, flags)
+        self._gmem.append(gmem)
+        self._gmem_bindings[gmem.index] = {}
+        return gmem
+
+    # --- KVM_SET_USER_MEMORY_REGION2 ------------------------------------------------------
+
+    def set_user_memory_region(self, *, slot: Any, guest_phys_addr: Any, memory_size: Any,
+                               userspace_addr: Any, flags: Any = 0, guest_memfd: Any = None,
+                               guest_memfd_offset: Any = 0, host_level: Any = PG_LEVEL_4K) -> None:
+        """KVM_SET_USER_MEMORY_REGION2 (kvm_set_memory_region, Linux 6.18), checks in order.
+
+        ``slot`` and ``flags`` are u32 (bits 31:16 of ``slot`` are the address space);
+        ``memory_size`` 0 deletes.  ``host_level`` (1-3) is the level at which the host
+        maps the slot's userspace memory.  Raises KvmError with KVM's errno.
+        """
+        slot = _args.u32("slot", slot)
+        gpa = _args.u64("guest_phys_addr", guest_phys_addr)
+        size = _args.u64("memory_size", memory_size)
+        uaddr = _args.u64("userspace_addr", userspace_addr)
+        flags = _args.u32("flags", flags)
+        offset = _args.u64("guest_memfd_offset", guest_memfd_offset)
+        host_level = _args.level("host_level", host_level, PG_LEVEL_4K, PG_LEVEL_1G)
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        gmem_flag = bool(flags & MemFlag.GUEST_MEMFD.value)
+
+        # kvm_vm_ioctl_set_memory_region
+        if slot_id >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot id {slot_id} is not below KVM_USER_MEM_SLOTS ({KVM_USER_MEM_SLOTS})")
+        # check_memory_region_flags
+        valid = MemFlag.LOG_DIRTY_PAGES.value | MemFlag.GUEST_MEMFD.value
+        if gmem_flag:
+            valid &= ~MemFlag.LOG_DIRTY_PAGES.value
+        if self.readonly_mem and not gmem_flag:
+            valid |= MemFlag.READONLY.value
+        if flags & ~valid:
+            raise _einval(f"memslot flags {flags:#x} include {flags & ~valid:#x}, not valid here")
+        # General sanity checks
+        if size & _PAGE_MASK:
+            raise _einval(f"memory_size {size:#x} is not page-aligned")
+        if gpa & _PAGE_MASK:
+            raise _einval(f"guest_phys_addr {gpa:#x} is not page-aligned")
+        if uaddr & _PAGE_MASK:
+            raise _einval(f"userspace_addr {uaddr:#x} is not page-aligned")
+        end_uaddr = (uaddr + size) & _U64
+        if end_uaddr > USER_PTR_MAX or end_uaddr < uaddr:
+            raise _einval(f"userspace range {uaddr:#x}+{size:#x} fails access_ok")
+        if gmem_flag and (offset & _PAGE_MASK or (offset + size) & _U64 < offset):
+            raise _einval(f"guest_memfd_offset {offset:#x} is misaligned or wraps")
+        if as_id >= self.nr_memslot_as_ids or slot_id >= KVM_MEM_SLOTS_NUM:
+            raise _einval(f"address space {as_id} does not exist")
+        if (gpa + size) & _U64 < gpa:
+            raise _einval(f"guest_phys_addr {gpa:#x} + memory_size {size:#x} wraps")
+        npages = size >> PAGE_SHIFT
+        if npages > KVM_MEM_MAX_NR_PAGES:
+            raise _einval(f"{npages} pages exceed KVM_MEM_MAX_NR_PAGES")
+
+        state = self._state
+        old = state.slot_by_id(as_id, slot_id)
+        if not size:
+            if old is None:
+                raise _einval(f"slot {slot:#x} does not exist")
+            self._delete_slot(as_id, slot_id)
+            return
+        base_gfn = gpa >> PAGE_SHIFT
+        if old is None:
+            change = "create"
+        else:
+            if gmem_flag:
+                raise _einval("guest_memfd memslots cannot be modified, only deleted")
+            if (uaddr != old.userspace_addr or npages != old.npages
+                    or (flags ^ old.flags) & (MemFlag.READONLY.value | MemFlag.GUEST_MEMFD.value)):
+                raise _einval("only the guest address or the dirty-logging flag of a memslot "
+                              "may change")
+            if base_gfn != old.base_gfn:
+                change = "move"
+            elif flags != old.flags:
+                change = "flags"
+            else:
+                return
+        if change in ("create", "move") and state.overlaps(as_id, slot_id, base_gfn,
+                                                           base_gfn + npages):
+            raise KvmError(errno.EEXIST,
+                           f"GPA range {gpa:#x}+{size:#x} overlaps another memslot")
+        gmem_index, pgoff = -1, 0
+        if gmem_flag:
+            gmem_index, pgoff = self._gmem_bind(guest_memfd, offset, npages, (as_id, slot_id))
+        if change == "flags":
+            state.set_slot_flags(as_id, slot_id, flags)
+            return
+        if change == "move":
+            state.invalidate_slot(as_id, slot_id)
+        last_gfn = base_gfn + npages - 1
+        if last_gfn > MAX_GFN or last_gfn & (self.shared_bit >> PAGE_SHIFT):
+            if change == "move":
+                state.reactivate_slot(as_id, slot_id)
+            if gmem_flag:
+                del self._gmem_bindings[gmem_index][(as_id, slot_id)]
+            raise _einval(f"last gfn {last_gfn:#x} is beyond kvm_mmu_max_gfn() or a TDX alias")
+        if change == "move":
+            state.move_slot(as_id, slot_id, base_gfn, flags)
+        else:
+            state.create_slot(as_id, slot_id, base_gfn, npages, flags, uaddr, gmem_index, pgoff,
+                              host_level)
+
+    def _gmem_bind(self, gmem: Any, offset: int, npages: int, key: tuple[int, int]) -> tuple[int, int]:
+        """kvm_gmem_bind: EBADF without a file, EINVAL for a foreign file or a bad range."""
+        if gmem is None:
+            raise KvmError(errno.EBADF, "GUEST_MEMFD memslot without a guest_memfd")
+        if not isinstance(gmem, GuestMemfd) or gmem._owner is not self._token:
+            raise _einval("guest_memfd is not a guest_memfd of this VM")
+        # loff_t arithmetic, as the kernel does it (wrapping into the negative).
+        signed_offset = offset - (1 << 64) if offset >> 63 else offset
+        end = signed_offset + (npages << PAGE_SHIFT)
+        end = (end + (1 << 63)) % (1 << 64) - (1 << 63)
+        if signed_offset < 0 or end > gmem.size:
+            raise _einval(f"guest_memfd range {offset:#x}+{npages << PAGE_SHIFT:#x} is beyond "
+                          f"its size {gmem.size:#x}")
+        first = offset >> PAGE_SHIFT
+        bindings = self._gmem_bindings[gmem.index]
+        for start, stop in bindings.values():
+            if start < first + npages and first < stop:
+                raise _einval("guest_memfd range overlaps another memslot's binding")
+        bindings[key] = (first, first + npages)
+        return gmem.index, first
+
+    def _delete_slot(self, as_id: int, slot_id: int) -> None:
+        old = self._state.slot_by_id(as_id, slot_id)
+        self._state.invalidate_slot(as_id, slot_id)
+        self._state.delete_slot(as_id, slot_id)
+        if old.gmem_id >= 0:
+            del self._gmem_bindings[old.gmem_id][(as_id, slot_id)]
+
+    # --- KVM_SET_MEMORY_ATTRIBUTES ---------------------------------------------------------
+
+    def set_memory_attributes(self, address: Any, size: Any, attributes: Any, flags: Any = 0) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes, Linux 6.18).
+
+        EINVAL for non-zero flags, unsupported attributes, a zero or wrapping size, or
+        an unaligned address or size.  Attribute 0 erases; ranges without a memslot are
+        allowed.  Stored as ranges: marking a terabyte private costs a few entries.
+        """
+        address = _args.u64("address", address)
+        size = _args.u64("size", size)
+        attributes = _args.u64("attributes", attributes)
+        flags = _args.u64("flags", flags)
+        if flags:
+            raise _einval(f"flags {flags:#x} must be 0")
+        if attributes & ~self.supported_memory_attributes:
+            raise _einval(f"attributes {attributes:#x} are not supported by this VM "
+                          f"(supported: {self.supported_memory_attributes:#x})")
+        if size == 0 or (address + size) & _U64 < address:
+            raise _einval(f"size {size:#x} is zero or address + size wraps")
+        if address & _PAGE_MASK or size & _PAGE_MASK:
+            raise _einval("address and size must be page-aligned")
+        start = address >> PAGE_SHIFT
+        self._state.set_memory_attributes(start, start + (size >> PAGE_SHIFT), attributes)
+
+    def get_memory_attributes(self, gfn: Any) -> int:
+        """kvm_get_memory_attributes(gfn)."""
+        return self._state.get_attributes(_args.u64("gfn", gfn))
+
+    # --- inspection --------------------------------------------------------------------------
+
+    @property
+    def memslots(self) -> list[MemSlot]:
+        """Every memslot, address space 0 then 1, in GPA order."""
+        result = []
+        for as_id in range(self.nr_memslot_as_ids):
+            for s in self._state.slots(as_id):
+                gmem = self._gmem[s.gmem_id] if s.gmem_id >= 0 else None
+                result.append(MemSlot((as_id << 16) | s.id, s.base_gfn << PAGE_SHIFT,
+                                      s.npages << PAGE_SHIFT, s.userspace_addr, s.flags, gmem,
+                                      s.gmem_pgoff << PAGE_SHIFT if gmem else 0, s.host_level))
+        return result
+
+    def find_memslot(self, gfn: Any) -> int | None:
+        """The id of the address-space-0 memslot containing ``gfn`` (binary search), or None."""
+        found = self._state.find_slot(0, _args.u64("gfn", gfn))
+        return None if found is None else found.id
+
+    def find_memslots(self, gfns: Any) -> Any:
+        """``find_memslot`` for a 1-D uint64 array of gfns: an int32 array of slot ids, -1
+        where no address-space-0 memslot contains the gfn (one binary search per element,
+        in the core, without Python work per element)."""
+        n, (values,), _ = _args.operands(None, ("gfns", gfns))
+        if n < 0:
+            raise TypeError("gfns must be a 1-D numpy.uint64 array")
+        return self._state.find_slots(values)
+
+    def lpage_info(self, slot: Any, level: Any) -> list[int]:
+        """lpage_info[level].disallow_lpage of a memslot, as u32 (bit 31: mixed attributes)."""
+        slot = _args.u32("slot", slot)
+        level = _args.level("level", level, 2, PG_LEVEL_1G)
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        if as_id >= self.nr_memslot_as_ids or self._state.slot_by_id(as_id, slot_id) is None:
+            raise ValueError(f"slot {slot:#x} does not exist")
+        return self._state.lpage_info(as_id, slot_id, level)
+
+    def memory_attribute_ranges(self) -> list[tuple[int, int, int]]:
+        """The attribute store as merged ``(start_gfn, end_gfn, attributes)`` ranges."""
+        return self._state.attribute_ranges()
+
+    @property
+    def mmu_invalidate_seq(self) -> int:
+        return self._state.mmu_invalidate_seq
+
+    @property
+    def mmu_invalidate_in_progress(self) -> int:
+        return self._state.mmu_invalidate_in_progress
+
+    @property
+    def mmu_invalidate_range(self) -> tuple[int, int]:
+        """(mmu_invalidate_range_start, mmu_invalidate_range_end) in gfns; INVALID_GPA if none."""
+        return (self._state.mmu_invalidate_range_start, self._state.mmu_invalidate_range_end)
+
+    def memslots_generation(self, as_id: Any = 0) -> int:
+        """The memslot generation of an address space (kvm_memslots(kvm)->generation)."""
+        as_id = _args.u64("as_id", as_id)
+        if as_id >= self.nr_memslot_as_ids:
+            raise ValueError(f"as_id must be below {self.nr_memslot_as_ids}, not {as_id}")
+        return self._state.generation[as_id]
