@@ -251,12 +251,15 @@ INVALID_GPA = (1 << 64) - 1
 #: USER_PTR_MAX of an x86-64 host with 4-level paging (TASK_SIZE_MAX = 2**47 - 4096):
 #: access_ok() in KVM_SET_USER_MEMORY_REGION2 accepts userspace_addr + size up to it.
 USER_PTR_MAX = (1 << 47) - PAGE_SIZE
-#: The host's MAXPHYADDR; kvm_mmu_max_gfn() = 2**(HOST_MAXPHYADDR - 12) - 1.
-HOST_MAXPHYADDR = 52
+#: The host's MAXPHYADDR (a 48-bit part such as AMD EPYC Milan): kvm_mmu_max_gfn() is
+#: 2**(HOST_MAXPHYADDR - 12) - 1, host frames are below 2**48, and because it is below 52
+#: NPT MMIO SPTEs can use reserved bit 51 (kvm_mmu_reset_all_pte_masks).
+HOST_MAXPHYADDR = 48
 #: guest_memfd pages live in their own host frames: file number k (creation order in its
 #: VM) maps page index i to pfn GMEM_PFN_BASE + ((k * GMEM_FILE_PAGES + i) mod GMEM_PFN_BASE),
-#: i.e. the upper half of the 52-bit host physical space, a 1 TiB window per file.
-GMEM_PFN_BASE = 1 << 39
+#: i.e. the upper half of the 48-bit host physical space (user memory is below 2**47), a
+#: 1 TiB window per file.
+GMEM_PFN_BASE = 1 << (HOST_MAXPHYADDR - 1 - PAGE_SHIFT)
 GMEM_FILE_PAGES = 1 << 28
 
 # --- TDX shared bit (arch/x86/kvm/vmx/tdx.c: TDX_SHARED_BIT_PWL_4 / _PWL_5) -------------
