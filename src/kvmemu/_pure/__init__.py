@@ -6,6 +6,9 @@ Selected by ``KVMEMU_PURE_PYTHON=1`` before ``import kvmemu``; the test suite
 runs every test against both.
 """
 
+from ..results import EptMisconfig, EptViolation, NestedPageFault, Translation
 from .intake import svm_error_code, tdx_shared_bit, vmx_error_code
+from .paging import PageTables
 
-__all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code"]
+__all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code", "PageTables", "Translation",
+           "EptViolation", "EptMisconfig", "NestedPageFault"]
