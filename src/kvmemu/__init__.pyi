@@ -1,10 +1,25 @@
 # Type information for kvmemu's public API (hand-written; see API.md).
-from typing import Final, overload
+from typing import Final, Literal, overload
 
 import numpy as np
 import numpy.typing as npt
 
 from .constants import (
+    AccessFlags as AccessFlags,
+    EPT_BAD_MEMTYPES as EPT_BAD_MEMTYPES,
+    EPT_RSVD_1G as EPT_RSVD_1G,
+    EPT_RSVD_2M as EPT_RSVD_2M,
+    EPT_RSVD_NONLEAF as EPT_RSVD_NONLEAF,
+    EPT_RSVD_ROOT as EPT_RSVD_ROOT,
+    MAXPHYADDR_MAX as MAXPHYADDR_MAX,
+    MAXPHYADDR_MIN as MAXPHYADDR_MIN,
+    NPT_RSVD_1G as NPT_RSVD_1G,
+    NPT_RSVD_2M as NPT_RSVD_2M,
+    NPT_RSVD_ROOT as NPT_RSVD_ROOT,
+    PT_BASE_HPA as PT_BASE_HPA,
+    PT_ENTRIES as PT_ENTRIES,
+    PT_LEVEL_BITS as PT_LEVEL_BITS,
+    PT_ROOT_MAX_LEVEL as PT_ROOT_MAX_LEVEL,
     EPT_MEMTYPE_MASK as EPT_MEMTYPE_MASK,
     EPT_MEMTYPE_SHIFT as EPT_MEMTYPE_SHIFT,
     EPT_VIOLATION as EPT_VIOLATION,
@@ -47,6 +62,12 @@ from .constants import (
 )
 from ._vm import GuestMemfd as GuestMemfd, MemSlot as MemSlot
 from .errors import KvmError as KvmError
+from .results import (
+    EptMisconfig as EptMisconfig,
+    EptViolation as EptViolation,
+    NestedPageFault as NestedPageFault,
+    Translation as Translation,
+)
 
 __version__: Final[str]
 IMPLEMENTATION: Final[str]
@@ -111,3 +132,41 @@ class VM:
     @property
     def mmu_invalidate_range(self) -> tuple[int, int]: ...
     def memslots_generation(self, as_id: int = 0) -> int: ...
+
+_Exit = EptViolation | EptMisconfig | NestedPageFault
+
+class PageTables:
+    def __init__(self, kind: Literal["ept", "npt"], levels: Literal[4, 5] = 4, *,
+                 ad_bits: bool = True, exec_only: bool = True, mbec: bool = False,
+                 maxphyaddr: int = 52, huge_1g: bool = True, host_nx: bool = True,
+                 host_smep: bool = False) -> None: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def levels(self) -> int: ...
+    @property
+    def maxphyaddr(self) -> int: ...
+    @property
+    def ad_bits(self) -> bool: ...
+    @property
+    def exec_only(self) -> bool: ...
+    @property
+    def mbec(self) -> bool: ...
+    @property
+    def huge_1g(self) -> bool: ...
+    @property
+    def host_nx(self) -> bool: ...
+    @property
+    def host_smep(self) -> bool: ...
+    @property
+    def root_hpa(self) -> int: ...
+    @property
+    def tables(self) -> U64Array: ...
+    def set_entry(self, gpa: _Int, level: int, value: _Int) -> None: ...
+    def get_entry(self, gpa: _Int, level: int) -> int: ...
+    def walk(self, gpa: _Int) -> list[tuple[int, int]]: ...
+    def translate(self, gpa: _Int, *, write: bool = False, fetch: bool = False,
+                  user: bool = False, stage: Literal["final", "walk", "nogva"] = "final",
+                  encrypted: bool = False) -> Translation | _Exit: ...
+    def translate_many(self, gpas: U64Array, flags: int | npt.NDArray[np.uint8] = 0
+                       ) -> tuple[U64Array, npt.NDArray[np.uint8]]: ...

@@ -17,6 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .constants import (MAXPHYADDR_MAX, MAXPHYADDR_MIN, PAGE_SHIFT, PT_LEVEL_BITS,
+                        AccessFlags)
+
 U64_MAX = (1 << 64) - 1
 
 
@@ -120,14 +123,8 @@ def u32(name: str, value: Any) -> int:
 
 
 def level(name: str, value: Any, lowest: int, highest: int) -> int:
-    """A page level (1 = 4K, 2 = 2M, 3 = 1G, ...) between ``lowest`` and ``highest``."""
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer level, not {type(value).__name__}") from None
-    if not lowest <= v <= highest:
-        raise ValueError(f"{name} must be a level from {lowest} to {highest}, not {v}")
-    return v
+    """A page level (1 = 4K PTE, 2 = 2M, 3 = 1G, 4, 5 = the root) in ``lowest .. highest``."""
+    return int_range(name, value, lowest, highest)
 
 
 def enum_member(name: str, value: Any, enum: Any) -> Any:
@@ -140,3 +137,124 @@ def enum_member(name: str, value: Any, enum: Any) -> Any:
         return enum(v)
     except ValueError:
         raise ValueError(f"{name} {v} is not a valid {enum.__name__}") from None
+
+
+def u64_array(name: str, value: Any) -> np.ndarray:
+    """A 1-D ``numpy.uint64`` array, C-contiguous."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a 1-D numpy.uint64 array, not {type(value).__name__}")
+    return _u64_array(name, value)
+
+
+def integer(name: str, value: Any) -> int:
+    """A Python int (bools are not integers here)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be an integer, not bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+
+
+def int_range(name: str, value: Any, lo: int, hi: int) -> int:
+    """An integer in ``lo .. hi`` inclusive."""
+    v = integer(name, value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in {lo}..{hi}, not {v}")
+    return v
+
+
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    """One of the strings ``allowed``."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, not {type(value).__name__}")
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, not {value!r}")
+    return value
+
+
+def paging_config(kind: Any, levels: Any, ad_bits: Any, exec_only: Any, mbec: Any,
+                  maxphyaddr: Any, huge_1g: Any, host_nx: Any,
+                  host_smep: Any) -> tuple[str, int, bool, bool, bool, int, bool, bool, bool]:
+    """The checked arguments of ``PageTables(...)``, in signature order."""
+    return (choice("kind", kind, ("ept", "npt")), int_range("levels", levels, 4, 5),
+            flag("ad_bits", ad_bits), flag("exec_only", exec_only), flag("mbec", mbec),
+            int_range("maxphyaddr", maxphyaddr, MAXPHYADDR_MIN, MAXPHYADDR_MAX),
+            flag("huge_1g", huge_1g), flag("host_nx", host_nx), flag("host_smep", host_smep))
+
+
+def gpa_reach(levels: int) -> int:
+    """How many GPA bits a ``levels``-level walk translates: 48 or 57."""
+    return PAGE_SHIFT + PT_LEVEL_BITS * levels
+
+
+def gpa(value: Any, levels: int) -> int:
+    """A guest-physical address within the reach of a ``levels``-level walk."""
+    v = u64("gpa", value)
+    if v >> gpa_reach(levels):
+        raise ValueError(f"gpa = {v:#x} has bits above bit {gpa_reach(levels) - 1}, beyond "
+                         f"the reach of a {levels}-level walk")
+    return v
+
+
+def gpa_array(value: Any, levels: int) -> np.ndarray:
+    """``gpas`` as a 1-D uint64 array, every element within the walk's reach."""
+    arr = u64_array("gpas", value)
+    beyond = (arr >> np.uint64(gpa_reach(levels))) != 0
+    if beyond.any():
+        i = int(beyond.argmax())
+        raise ValueError(f"gpas[{i}] = {int(arr[i]):#x} has bits above bit "
+                         f"{gpa_reach(levels) - 1}, beyond the reach of a {levels}-level walk")
+    return arr
+
+
+_STAGE_FLAGS = {"final": 0, "walk": AccessFlags.WALK.value, "nogva": AccessFlags.NOGVA.value}
+_ALL_ACCESS_FLAGS = sum(f.value for f in AccessFlags)
+
+
+def access_flags(value: Any, name: str = "flags") -> int:
+    """One ``AccessFlags`` value: known bits only, at most one stage, and FETCH only
+    for a final-stage access (guest paging-structure accesses and PDPTE loads are
+    data accesses)."""
+    v = u64(name, value)
+    if v & ~_ALL_ACCESS_FLAGS:
+        raise ValueError(f"{name} = {v:#x} has bits that are not AccessFlags")
+    stage_bits = v & (AccessFlags.WALK | AccessFlags.NOGVA)
+    if stage_bits == AccessFlags.WALK | AccessFlags.NOGVA:
+        raise ValueError(f"{name} = {v:#x} has both WALK and NOGVA")
+    if stage_bits and v & AccessFlags.FETCH:
+        raise ValueError(f"{name} = {v:#x}: an instruction fetch is a final-stage access "
+                         "(WALK and NOGVA accesses are data accesses)")
+    return v
+
+
+def access(write: Any, fetch: Any, user: Any, stage: Any, encrypted: Any) -> int:
+    """The keyword arguments of ``translate`` as one ``AccessFlags`` value."""
+    stage_bits = _STAGE_FLAGS[choice("stage", stage, tuple(_STAGE_FLAGS))]
+    v = (flag("write", write) * AccessFlags.WRITE.value
+         | flag("fetch", fetch) * AccessFlags.FETCH.value
+         | flag("user", user) * AccessFlags.USER.value
+         | flag("encrypted", encrypted) * AccessFlags.ENCRYPTED.value | stage_bits)
+    if stage_bits and v & AccessFlags.FETCH:
+        raise ValueError(f"fetch=True needs stage='final', not {stage!r}: guest paging-structure "
+                         "accesses and PDPTE loads are data accesses")
+    return v
+
+
+def access_flags_array(value: Any, n: int) -> np.ndarray | int:
+    """``flags`` of a batch: one ``AccessFlags`` int, or a 1-D uint8 array of length ``n``."""
+    if not isinstance(value, np.ndarray):
+        return access_flags(value)
+    if value.ndim != 1:
+        raise ValueError(f"flags must be a 1-D array, not {value.ndim}-D")
+    if value.dtype != np.uint8:
+        raise TypeError(f"flags must have dtype uint8, not {value.dtype}")
+    if len(value) != n:
+        raise ValueError(f"flags has {len(value)} elements but gpas has {n}")
+    for v in np.unique(value).tolist():
+        try:
+            access_flags(v)
+        except ValueError as exc:
+            i = int((value == v).argmax())
+            raise ValueError(f"flags[{i}]: {exc}") from None
+    return np.ascontiguousarray(value)

@@ -7,5 +7,6 @@
 # (shared with the twin, so both reject the same inputs the same way);
 # everything below them is C over typed memoryviews and runs without the GIL.
 
+include "_paging.pxi"
 include "_intake.pxi"
 include "_memory.pxi"

@@ -26,6 +26,9 @@ __all__ = [
     "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
     "KVM_INTERNAL_MEMSLOT_FLAGS", "KVM_MEMSLOT_INVALID", "KVM_MEMSLOT_GMEM_ONLY", "INVALID_GPA",
     "USER_PTR_MAX", "HOST_MAXPHYADDR", "GMEM_PFN_BASE", "GMEM_FILE_PAGES",
+    "AccessFlags", "PT_LEVEL_BITS", "PT_ENTRIES", "PT_BASE_HPA", "PT_ROOT_MAX_LEVEL",
+    "MAXPHYADDR_MIN", "MAXPHYADDR_MAX", "EPT_RSVD_ROOT", "EPT_RSVD_NONLEAF", "EPT_RSVD_2M",
+    "EPT_RSVD_1G", "EPT_BAD_MEMTYPES", "NPT_RSVD_ROOT", "NPT_RSVD_2M", "NPT_RSVD_1G",
 ]
 
 
@@ -312,3 +315,56 @@ class PTE(_Flag):
     LARGE = 1 << 7
     GLOBAL = 1 << 8
     NX = 1 << 63
+
+
+# --- Second-stage paging-structure geometry (spte.h, mmu.h; SDM 29.3.2) -----------------
+
+#: SPTE_LEVEL_BITS: each level indexes 9 GPA bits (level L: bits 12+9(L-1) .. 20+9(L-1)).
+PT_LEVEL_BITS = 9
+#: SPTE_ENT_PER_PAGE: 512 eight-byte entries per 4 KiB table.
+PT_ENTRIES = 1 << PT_LEVEL_BITS
+#: PT64_ROOT_MAX_LEVEL: the deepest walk is 5-level (PML5).
+PT_ROOT_MAX_LEVEL = 5
+#: Where the model keeps its paging structures: table k of a PageTables lives at
+#: host-physical address PT_BASE_HPA + k * PAGE_SIZE, the root is table 0.  32 GiB
+#: lies below every real MAXPHYADDR (36 and up), so a table address is never
+#: reserved; frames below it are free for the leaves' data pages.
+PT_BASE_HPA = 1 << 35
+#: The MAXPHYADDR range a PageTables accepts (CPUID 0x80000008 EAX[7:0] on real parts).
+MAXPHYADDR_MIN = 36
+MAXPHYADDR_MAX = 52
+
+# Reserved bits by level other than 51:MAXPHYADDR (SDM 29.3.3.1; APM 5.3.x and KVM's
+# __reset_rsvds_bits_mask / __reset_rsvds_bits_mask_ept, mmu.c).
+#: EPT PML4E / PML5E: bits 7:3 (memory type, IPAT, page size) are reserved.
+EPT_RSVD_ROOT = 0x1F << 3
+#: EPT non-leaf PDPTE / PDE: bits 6:3 are reserved.
+EPT_RSVD_NONLEAF = 0xF << 3
+#: EPT 2 MiB leaf: bits 20:12 are reserved (the page is 2 MiB aligned).
+EPT_RSVD_2M = 0x1FF << 12
+#: EPT 1 GiB leaf: bits 29:12 are reserved.
+EPT_RSVD_1G = 0x3FFFF << 12
+#: Bitmap of the EPT leaf memory types that misconfigure: 2, 3 and 7 (bad_mt_xwr, mmu.c).
+EPT_BAD_MEMTYPES = (1 << 2) | (1 << 3) | (1 << 7)
+#: NPT (long mode, AMD) PML4E / PML5E: PS (bit 7) and bit 8 are reserved.
+NPT_RSVD_ROOT = (1 << 7) | (1 << 8)
+#: NPT 2 MiB leaf: bits 20:13 are reserved (bit 12 is PAT).
+NPT_RSVD_2M = 0xFF << 13
+#: NPT 1 GiB leaf: bits 29:13 are reserved (bit 12 is PAT).
+NPT_RSVD_1G = 0x1FFFF << 13
+
+
+class AccessFlags(_Flag):
+    """What a guest access is, for ``PageTables.translate_many`` and ``VCPU.access_many``.
+
+    No flag is a final-stage data read.  WALK is an access to a guest
+    paging-structure entry, NOGVA an access without a guest-linear address (a
+    PAE PDPTE load); ENCRYPTED is the guest's effective C-bit (NPT only).
+    """
+
+    WRITE = 1 << 0
+    FETCH = 1 << 1
+    USER = 1 << 2
+    ENCRYPTED = 1 << 3
+    WALK = 1 << 4
+    NOGVA = 1 << 5

@@ -7,10 +7,13 @@ runs every test against both.
 """
 
 from .. import _vm
+from ..results import EptMisconfig, EptViolation, NestedPageFault, Translation
 from .intake import svm_error_code, tdx_shared_bit, vmx_error_code
 from .memory import VMState
+from .paging import PageTables
 
-__all__ = ["VM", "VMState", "svm_error_code", "tdx_shared_bit", "vmx_error_code"]
+__all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code", "PageTables", "Translation",
+           "EptViolation", "EptMisconfig", "NestedPageFault", "VM", "VMState"]
 
 
 class VM(_vm.VM):

@@ -1,0 +1,413 @@
+# Second-stage page tables and the hardware walk (EPT on Intel, NPT on AMD).
+#
+# What the CPU does when a guest-physical access goes through the second
+# stage: which entries it reads, where it stops, and whether the result is a
+# translation, an EPT violation, an EPT misconfiguration or a nested page
+# fault, with every bit of the exit and the A/D bits set on success
+# (docs/hardware-exits.md A1-A3).  The twin, kvmemu/_pure/paging.py, is the
+# readable specification; this is the same rule set over a typed memoryview,
+# without the GIL, so that batch loops can run it per element.
+#
+# Storage: one 2-D uint64 array of 512-entry tables, grown by doubling.  Table
+# k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is the
+# root.  Invariant: every read goes through table_at(), which maps an address
+# that holds no table to -1, and -1 reads as a zero entry -- so a walk never
+# indexes outside rows 0 .. ntables-1 whatever the entries say.
+
+from libc.stdint cimport uint64_t, uint8_t
+
+import numpy as np
+
+from kvmemu import _args
+from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translation
+
+cdef Py_ssize_t INITIAL_TABLES = 4
+
+
+cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
+    """Mask of bits hi:lo (hi < 63)."""
+    return ((<uint64_t>1 << (hi + 1)) - 1) & ~((<uint64_t>1 << lo) - 1)
+
+
+cdef inline Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil:
+    """SPTE_INDEX: the 9 GPA bits that index the level-``level`` table."""
+    return (gpa >> (PAGE_SHIFT + PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)
+
+
+cdef inline uint64_t level_page_mask(int level) noexcept nogil:
+    """The GPA bits a level-``level`` leaf passes through (4K: 11:0, 2M: 20:0, 1G: 29:0)."""
+    return (<uint64_t>1 << (PAGE_SHIFT + PT_LEVEL_BITS * (level - 1))) - 1
+
+
+cdef inline Py_ssize_t table_at(uint64_t hpa, Py_ssize_t ntables) noexcept nogil:
+    """Index of the table at page-aligned ``hpa``, or -1 if none is there."""
+    if hpa < PT_BASE_HPA:
+        return -1
+    cdef uint64_t k = (hpa - PT_BASE_HPA) >> PAGE_SHIFT
+    return <Py_ssize_t>k if k < <uint64_t>ntables else -1
+
+
+cdef inline bint is_large(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
+    """Bit 7 at the PDPTE or PDE: the entry maps a page instead of a table."""
+    return (level == PG_LEVEL_2M or level == PG_LEVEL_1G) and (e & c.large_bit) != 0
+
+
+cdef bint ept_misconfigured(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
+    """A present EPT entry that causes an EPT misconfiguration (SDM 29.3.3.1)."""
+    cdef uint64_t x_any = EPTE_EXEC | (EPTE_USER_EXEC if c.mbec else 0)
+    if (e & EPTE_WRITE) and not (e & EPTE_READ):            # write-only, write+execute
+        return True
+    if not (e & (EPTE_READ | EPTE_WRITE)) and (e & x_any) and not c.exec_only:
+        return True
+    if e & c.rsvd_high:
+        return True
+    if level > <int>PG_LEVEL_1G:
+        return (e & EPT_RSVD_ROOT) != 0
+    if level == PG_LEVEL_1G and (e & EPTE_LARGE) and not c.huge_1g:
+        return True
+    if not (level == PG_LEVEL_4K or is_large(c, level, e)):
+        return (e & EPT_RSVD_NONLEAF) != 0
+    if (level == PG_LEVEL_1G and (e & EPT_RSVD_1G)) or (level == PG_LEVEL_2M and (e & EPT_RSVD_2M)):
+        return True
+    return (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1
+
+
+cdef bint npt_reserved(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
+    """A present NPT entry with a reserved bit set (RSVD #NPF)."""
+    if (e & c.rsvd_high) or (not c.host_nx and (e & PTE_NX)):
+        return True
+    if level > <int>PG_LEVEL_1G:
+        return (e & NPT_RSVD_ROOT) != 0
+    if level == PG_LEVEL_1G and (e & PTE_LARGE):
+        return not c.huge_1g or (e & NPT_RSVD_1G) != 0
+    return level == PG_LEVEL_2M and (e & PTE_LARGE) != 0 and (e & NPT_RSVD_2M) != 0
+
+
+cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+                  uint64_t gpa, WalkPath* path) noexcept nogil:
+    """The entries the CPU reads for ``gpa``, root first, and why it stopped."""
+    cdef Py_ssize_t table = 0, index
+    cdef int level
+    cdef uint64_t e
+    path.n = 0
+    for level in range(c.levels, 0, -1):
+        index = gpa_index(gpa, level)
+        e = mem[table, index] if table >= 0 else 0
+        path.level[path.n] = level
+        path.entry[path.n] = e
+        path.slot[path.n] = table * PT_ENTRIES + index if table >= 0 else -1
+        path.n += 1
+        if not (e & c.present_mask):
+            path.stop = STOP_NOT_PRESENT
+            return
+        if ept_misconfigured(c, level, e) if c.ept else npt_reserved(c, level, e):
+            path.stop = STOP_RESERVED
+            return
+        if level == PG_LEVEL_4K or is_large(c, level, e):
+            path.stop = STOP_LEAF
+            return
+        table = table_at(e & c.addr_mask, ntables)
+
+
+cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint64_t gpa,
+                               uint64_t[:, ::1] mem, uint64_t accessed, uint64_t dirty,
+                               bint write) noexcept nogil:
+    """The leaf's address, after setting accessed in every entry used and dirty in the
+    leaf for a write.  Every slot is >= 0: the walk reached a present leaf."""
+    cdef int i, last = path.n - 1
+    cdef int level = path.level[last]
+    cdef uint64_t mask = level_page_mask(level)
+    cdef Outcome out
+    cdef uint64_t* flat = &mem[0, 0]
+    for i in range(path.n):
+        flat[path.slot[i]] |= accessed
+    if write:
+        flat[path.slot[last]] |= dirty
+    out.kind = OUT_TRANSLATED
+    out.level = level
+    out.value = (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask)
+    return out
+
+
+cdef Outcome ept_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t gpa,
+                           uint64_t flags, const WalkPath* path) noexcept nogil:
+    """EPT: misconfiguration first, then violation, then the translation (A1, A2)."""
+    cdef Outcome out
+    cdef uint64_t acc, q
+    cdef uint64_t rwx = EPTE_READ | EPTE_WRITE | EPTE_EXEC, xu = EPTE_USER_EXEC
+    cdef bint allowed
+    cdef int i
+    out.level = 0
+    if path.stop == STOP_RESERVED:
+        out.kind = OUT_EPT_MISCONFIG
+        out.value = 0
+        return out
+    if flags & ACCESS_WALK:
+        # Reading a guest paging-structure entry; setting its A/D bits is a
+        # read+write, and with EPT A/D on every such access is a write.
+        acc = EPT_VIOLATION_ACC_READ | (
+            EPT_VIOLATION_ACC_WRITE if c.ad_bits or (flags & ACCESS_WRITE) else 0)
+    elif flags & ACCESS_FETCH:
+        acc = EPT_VIOLATION_ACC_INSTR
+    elif flags & ACCESS_WRITE:
+        acc = EPT_VIOLATION_ACC_WRITE
+    else:
+        acc = EPT_VIOLATION_ACC_READ
+    for i in range(path.n):          # AND over every entry used, the last one included
+        rwx &= path.entry[i]
+        xu &= path.entry[i]
+    allowed = ((not (acc & EPT_VIOLATION_ACC_READ) or (rwx & EPTE_READ))
+               and (not (acc & EPT_VIOLATION_ACC_WRITE) or (rwx & EPTE_WRITE))
+               and (not (acc & EPT_VIOLATION_ACC_INSTR)
+                    or ((xu if c.mbec and (flags & ACCESS_USER) else rwx & EPTE_EXEC) != 0)))
+    if path.stop == STOP_LEAF and allowed:
+        if c.ad_bits:
+            return translated(path, c, gpa, mem, EPTE_ACCESSED, EPTE_DIRTY,
+                              (acc & EPT_VIOLATION_ACC_WRITE) != 0)
+        return translated(path, c, gpa, mem, 0, 0, False)
+    q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
+    if c.mbec and xu:
+        q |= EPT_VIOLATION_PROT_USER_EXEC
+    if not (flags & ACCESS_NOGVA):
+        q |= EPT_VIOLATION_GVA_IS_VALID
+        if not (flags & ACCESS_WALK):
+            q |= EPT_VIOLATION_GVA_TRANSLATED
+    out.kind = OUT_EPT_VIOLATION
+    out.value = q
+    return out
+
+
+cdef Outcome npt_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t gpa,
+                           uint64_t flags, const WalkPath* path) noexcept nogil:
+    """NPT: a not-present or reserved entry, or a permission fault (A3)."""
+    cdef Outcome out
+    cdef bint write = (flags & (ACCESS_WRITE | ACCESS_WALK)) != 0   # walks count as writes
+    cdef bint fetch = (flags & ACCESS_FETCH) != 0
+    cdef uint64_t code = PFERR_USER                  # NPT walks are user-mode accesses
+    cdef uint64_t us = PTE_USER | PTE_WRITABLE, nx = 0
+    cdef int i
+    if path.stop == STOP_RESERVED:
+        code |= PFERR_PRESENT | PFERR_RSVD
+    elif path.stop == STOP_LEAF:
+        for i in range(path.n):
+            us &= path.entry[i]
+            nx |= path.entry[i] & PTE_NX
+        if ((us & PTE_USER) and (not write or (us & PTE_WRITABLE))
+                and not (fetch and c.host_nx and nx)):
+            return translated(path, c, gpa, mem, PTE_ACCESSED, PTE_DIRTY, write)
+        code |= PFERR_PRESENT
+    if write:
+        code |= PFERR_WRITE
+    if fetch and (c.host_nx or c.host_smep):
+        code |= PFERR_FETCH
+    if flags & ACCESS_WALK:
+        code |= PFERR_GUEST_PAGE
+    elif not (flags & ACCESS_NOGVA):
+        code |= PFERR_GUEST_FINAL
+    if flags & ACCESS_ENCRYPTED:
+        code |= PFERR_GUEST_ENC
+    out.kind = OUT_NPF
+    out.level = 0
+    out.value = code
+    return out
+
+
+cdef Outcome translate_one(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+                           uint64_t gpa, uint64_t flags) noexcept nogil:
+    """One guest-physical access: walk, then the vendor's verdict (and A/D on success)."""
+    cdef WalkPath path
+    hw_walk(c, mem, ntables, gpa, &path)
+    if c.ept:
+        return ept_translate(c, mem, gpa, flags, &path)
+    return npt_translate(c, mem, gpa, flags, &path)
+
+
+cdef object outcome_object(const Outcome* out, uint64_t gpa):
+    if out.kind == OUT_TRANSLATED:
+        return Translation(out.value, out.level)
+    if out.kind == OUT_EPT_VIOLATION:
+        return EptViolation(gpa, out.value)
+    if out.kind == OUT_EPT_MISCONFIG:
+        return EptMisconfig(gpa)
+    return NestedPageFault(gpa, out.value)
+
+
+cdef class PageTables:
+    """PageTables(kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False, maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False)
+
+    Second-stage paging structures and the CPU's walk of them; the compiled
+    twin of kvmemu._pure.paging.PageTables, whose docstring states the rules
+    and the decisions where the hardware documentation is silent.
+    """
+
+    def __init__(self, kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False,
+                 maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False):
+        (self.kind, self.levels, self.ad_bits, self.exec_only, self.mbec, self.maxphyaddr,
+         self.huge_1g, self.host_nx, self.host_smep) = _args.paging_config(
+            kind, levels, ad_bits, exec_only, mbec, maxphyaddr, huge_1g, host_nx, host_smep)
+        self.cfg.ept = self.kind == "ept"
+        self.cfg.levels = self.levels
+        self.cfg.ad_bits = self.ad_bits
+        self.cfg.exec_only = self.exec_only
+        self.cfg.mbec = self.mbec
+        self.cfg.huge_1g = self.huge_1g
+        self.cfg.host_nx = self.host_nx
+        self.cfg.host_smep = self.host_smep
+        self.cfg.addr_mask = bits_from(PAGE_SHIFT, self.maxphyaddr - 1)
+        self.cfg.rsvd_high = bits_from(self.maxphyaddr, 51) if self.maxphyaddr < 52 else 0
+        self.max_tables = ((<uint64_t>1 << self.maxphyaddr) - PT_BASE_HPA) // PAGE_SIZE
+        if self.cfg.ept:
+            self.cfg.present_mask = (EPTE_READ | EPTE_WRITE | EPTE_EXEC
+                                     | (EPTE_USER_EXEC if self.mbec else 0))
+            self.cfg.large_bit = EPTE_LARGE
+            self.nonleaf = self.cfg.present_mask | (EPTE_ACCESSED if self.ad_bits else 0)
+        else:
+            self.cfg.present_mask = PTE_PRESENT
+            self.cfg.large_bit = PTE_LARGE
+            self.nonleaf = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
+        self.storage = np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
+        self.mem = self.storage
+        self.ntables = 1
+
+    def __repr__(self):
+        return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
+
+    @property
+    def root_hpa(self):
+        """Host-physical address of the root table (the EPTP / nCR3 address)."""
+        return PT_BASE_HPA
+
+    @property
+    def tables(self):
+        """The tables as a read-only (ntables, 512) uint64 view; row k is at
+        root_hpa + k * 4096.  Later growth is not reflected in the view."""
+        view = self.storage[:self.ntables]
+        view.flags.writeable = False
+        return view
+
+    cdef Py_ssize_t new_table(self) except -1:
+        cdef object grown
+        if self.ntables == self.max_tables:
+            raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
+                              "for another table")
+        if self.ntables == self.mem.shape[0]:
+            grown = np.zeros((min(2 * self.mem.shape[0], self.max_tables), PT_ENTRIES),
+                             dtype=np.uint64)
+            grown[:self.ntables] = self.storage[:self.ntables]
+            self.storage = grown
+            self.mem = grown
+        self.ntables += 1
+        return self.ntables - 1
+
+    cdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index):
+        return self.mem[table, index] if table >= 0 else 0
+
+    cdef tuple descend(self, uint64_t gpa, int level):
+        """Follow present non-leaf entries from the root towards the level-``level``
+        table: (table, at), table holding the level-``at`` entry of gpa; at == level
+        if the path exists."""
+        cdef Py_ssize_t table = 0, child
+        cdef int at
+        cdef uint64_t e
+        for at in range(self.levels, level, -1):
+            e = self.entry(table, gpa_index(gpa, at))
+            if not (e & self.cfg.present_mask) or is_large(&self.cfg, at, e):
+                return table, at
+            child = table_at(e & self.cfg.addr_mask, self.ntables)
+            if child < 0:
+                return table, at
+            table = child
+        return table, level
+
+    def set_entry(self, gpa, level, value):
+        """set_entry(gpa, level, value)
+
+        Store ``value`` in the level-``level`` entry on the walk path of ``gpa``,
+        creating and linking missing tables above it with non-leaf entries that
+        grant everything.  ValueError, changing nothing, if a present entry above
+        ``level`` is a leaf or points at an address that holds no table.
+        """
+        cdef uint64_t g = _args.gpa(gpa, self.levels)
+        cdef int lvl = _args.level("level", level, 1, self.levels)
+        cdef uint64_t v = _args.u64("value", value)
+        cdef Py_ssize_t table, child
+        cdef int at
+        cdef uint64_t e
+        table, at = self.descend(g, lvl)
+        if at != lvl:
+            e = self.entry(table, gpa_index(g, at))
+            if e & self.cfg.present_mask:
+                what = ("is a present leaf" if is_large(&self.cfg, at, e) else
+                        f"points at {e & self.cfg.addr_mask:#x}, which holds no table")
+                raise ValueError(f"cannot set the level-{lvl} entry of gpa {g:#x}: its "
+                                 f"level-{at} entry {e:#x} {what}")
+            while at != lvl:
+                child = self.new_table()
+                self.mem[table, gpa_index(g, at)] = PT_BASE_HPA + child * PAGE_SIZE | self.nonleaf
+                table, at = child, at - 1
+        self.mem[table, gpa_index(g, lvl)] = v
+
+    def get_entry(self, gpa, level):
+        """get_entry(gpa, level) -> int
+
+        The level-``level`` entry on the walk path of ``gpa``; 0 where that table
+        does not exist.
+        """
+        cdef uint64_t g = _args.gpa(gpa, self.levels)
+        cdef int lvl = _args.level("level", level, 1, self.levels)
+        table, at = self.descend(g, lvl)
+        return self.entry(table, gpa_index(g, lvl)) if at == lvl else 0
+
+    def walk(self, gpa):
+        """walk(gpa) -> list[tuple[int, int]]
+
+        (level, entry) from the root down to the entry at which the hardware walk
+        stops: not present, a leaf, or reserved / misconfigured.
+        """
+        cdef WalkPath path
+        hw_walk(&self.cfg, self.mem, self.ntables, _args.gpa(gpa, self.levels), &path)
+        return [(path.level[i], path.entry[i]) for i in range(path.n)]
+
+    def translate(self, gpa, *, write=False, fetch=False, user=False, stage="final",
+                  encrypted=False):
+        """translate(gpa, *, write=False, fetch=False, user=False, stage="final", encrypted=False)
+
+        What the CPU does for one guest-physical access: Translation(hpa, level),
+        or EptViolation / EptMisconfig (EPT) / NestedPageFault (NPT).  A
+        translation sets accessed bits in every entry used and dirty in the leaf
+        for a write (EPT only with ad_bits); an exit changes nothing.
+        """
+        cdef uint64_t g = _args.gpa(gpa, self.levels)
+        cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
+        cdef Outcome out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
+        return outcome_object(&out, g)
+
+    def translate_many(self, gpas, flags=0):
+        """translate_many(gpas, flags=0) -> (hpa, level)
+
+        Translate each element of ``gpas`` (1-D uint64) in order, with ``flags`` an
+        AccessFlags int or a 1-D uint8 array of them, without Python work per
+        element.  Returns uint64 and uint8 arrays; an element whose access exits
+        gives hpa 0 and level 0 (and changes nothing); translate() on it gives
+        the exit.
+        """
+        g_arr = _args.gpa_array(gpas, self.levels)
+        f = _args.access_flags_array(flags, len(g_arr))
+        hpa_arr = np.zeros(len(g_arr), dtype=np.uint64)
+        level_arr = np.zeros(len(g_arr), dtype=np.uint8)
+        cdef const uint64_t[::1] g = g_arr
+        cdef const uint8_t[::1] fv = f if isinstance(f, np.ndarray) else None
+        cdef uint64_t f0 = 0 if isinstance(f, np.ndarray) else f
+        cdef uint64_t[::1] hpa = hpa_arr
+        cdef uint8_t[::1] level = level_arr
+        cdef Py_ssize_t i, n = g.shape[0]
+        cdef Outcome out
+        cdef bint per_element = fv is not None
+        with nogil:
+            for i in range(n):
+                out = translate_one(&self.cfg, self.mem, self.ntables, g[i],
+                                    fv[i] if per_element else f0)
+                if out.kind == OUT_TRANSLATED:
+                    hpa[i] = out.value
+                    level[i] = <uint8_t>out.level
+        return hpa_arr, level_arr

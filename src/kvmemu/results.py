@@ -1,0 +1,102 @@
+"""What a second-stage translation gives: the host-physical address, or the exit.
+
+Shared by both cores (``PageTables.translate`` returns one of these).  The
+objects are immutable values: equal when their type and fields are equal,
+hashable, and printed with every field in hex and the exit bits by name, so a
+failing comparison in a test reads like the SDM table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, VmxExitReason
+
+__all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault"]
+
+
+def _bit_names(flag: Any) -> str:
+    text = repr(flag)
+    return text.split(".", 1)[1] if "." in text else ""
+
+
+class _Result:
+    """Immutable value with named int fields, compared and printed field by field."""
+
+    __slots__: tuple[str, ...] = ()
+    _flags: ClassVar[dict[str, type]] = {}
+
+    def __init__(self, *values: int) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, int(value))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is immutable")
+
+    def _fields(self) -> tuple[int, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._fields() == other._fields()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self._fields()))
+
+    def __repr__(self) -> str:
+        parts = []
+        for name in self.__slots__:
+            value = getattr(self, name)
+            text = f"{name}={value:#x}"
+            flag = self._flags.get(name)
+            if flag is not None and value:
+                text += " " + _bit_names(flag(value))
+            parts.append(text)
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __reduce__(self) -> tuple[type, tuple[int, ...]]:
+        return type(self), self._fields()
+
+
+class Translation(_Result):
+    """The access translated: ``hpa`` is the host-physical address, ``level`` the
+    level of the leaf that mapped it (1 = 4K, 2 = 2M, 3 = 1G)."""
+
+    __slots__ = ("hpa", "level")
+    hpa: int
+    level: int
+
+    def __repr__(self) -> str:
+        return f"Translation(hpa={self.hpa:#x}, level={self.level})"
+
+
+class EptViolation(_Result):
+    """VM exit "EPT violation" (basic exit reason 48): the guest-physical address
+    and the exit qualification (bits as ``EPT_VIOLATION``)."""
+
+    __slots__ = ("gpa", "exit_qualification")
+    _flags = {"exit_qualification": EPT_VIOLATION}
+    reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_VIOLATION
+    gpa: int
+    exit_qualification: int
+
+
+class EptMisconfig(_Result):
+    """VM exit "EPT misconfiguration" (basic exit reason 49): only the
+    guest-physical address is stored; the qualification is cleared."""
+
+    __slots__ = ("gpa",)
+    reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_MISCONFIG
+    gpa: int
+
+
+class NestedPageFault(_Result):
+    """#VMEXIT(NPF) (exit code 0x400): EXITINFO2 is ``gpa``, EXITINFO1 is
+    ``exit_info_1`` (bits as ``PFERR``)."""
+
+    __slots__ = ("gpa", "exit_info_1")
+    _flags = {"exit_info_1": PFERR}
+    reason: ClassVar[int] = SVM_EXIT_NPF
+    gpa: int
+    exit_info_1: int
