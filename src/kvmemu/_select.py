@@ -13,7 +13,8 @@ from types import ModuleType
 
 #: The names each core provides; kvmemu re-exports them from the chosen one.
 CORE_NAMES = ("vmx_error_code", "svm_error_code", "tdx_shared_bit", "PageTables", "Translation",
-              "EptViolation", "EptMisconfig", "NestedPageFault", "VM")
+              "EptViolation", "EptMisconfig", "NestedPageFault", "VM", "MemoryFaultExit",
+              "MmioExit")
 
 _MODULES = {"cython": "kvmemu._core", "python": "kvmemu._pure"}
 

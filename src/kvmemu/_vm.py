@@ -13,10 +13,11 @@ import errno
 from typing import Any, NamedTuple
 
 from . import _args
-from .constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, KVM_MEM_MAX_NR_PAGES,
-                        KVM_MEM_SLOTS_NUM, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE,
+from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR,
+                        KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
+                        KVM_MEMSLOT_GMEM_ONLY, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE,
                         PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
-                        GuestMemfdFlag, MemAttr, MemFlag, VMType)
+                        ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
 from .errors import KvmError
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
@@ -78,6 +79,18 @@ class MemSlot(NamedTuple):
         return self.memory_size >> PAGE_SHIFT
 
 
+class MmuConfig(NamedTuple):
+    """What the core's MMU needs to know about a VM (fixed at creation)."""
+
+    ept: bool                  # VMX (EPT) or SVM (NPT)
+    tdx: bool
+    sw_protected: bool
+    snp: bool
+    levels: int                # TDP root level, 4 or 5
+    direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
+    nx_huge_pages: bool
+
+
 class VM:
     """A KVM virtual machine: its type, memslots, guest_memfd files and memory attributes.
 
@@ -122,7 +135,14 @@ class VM:
         self._gmem: list[GuestMemfd] = []
         # Per guest_memfd index: its bindings, {(as_id, slot id): (first page, end page)}.
         self._gmem_bindings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
-        self._state = self._State(self.has_private_mem, self.nr_memslot_as_ids)
+        # kvm_mmu_get_tdp_level: 5-level EPT only for a guest wider than 48 bits (TDX: the
+        # GPAW picks it); NPT follows the host's 4-level paging.
+        self.tdp_levels: int = 5 if self.vendor == "vmx" and self.gpaw == 52 else 4
+        config = MmuConfig(self.vendor == "vmx", vm_type == VMType.TDX,
+                           vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
+                           self.tdp_levels, self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages)
+        self._state = self._State(self.has_private_mem, self.nr_memslot_as_ids, config)
+        self._vcpus: list[VCPU] = []
 
     def __repr__(self) -> str:
         return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
@@ -246,6 +266,8 @@ class VM:
         gmem_index, pgoff = -1, 0
         if gmem_flag:
             gmem_index, pgoff = self._gmem_bind(guest_memfd, offset, npages, (as_id, slot_id))
+            if self._gmem[gmem_index].flags & GuestMemfdFlag.MMAP.value:
+                flags |= KVM_MEMSLOT_GMEM_ONLY
         if change == "flags":
             state.set_slot_flags(as_id, slot_id, flags)
             return
@@ -331,7 +353,8 @@ class VM:
             for s in self._state.slots(as_id):
                 gmem = self._gmem[s.gmem_id] if s.gmem_id >= 0 else None
                 result.append(MemSlot((as_id << 16) | s.id, s.base_gfn << PAGE_SHIFT,
-                                      s.npages << PAGE_SHIFT, s.userspace_addr, s.flags, gmem,
+                                      s.npages << PAGE_SHIFT, s.userspace_addr,
+                                      s.flags & ~KVM_INTERNAL_MEMSLOT_FLAGS, gmem,
                                       s.gmem_pgoff << PAGE_SHIFT if gmem else 0, s.host_level))
         return result
 
@@ -381,3 +404,144 @@ class VM:
         if as_id >= self.nr_memslot_as_ids:
             raise ValueError(f"as_id must be below {self.nr_memslot_as_ids}, not {as_id}")
         return self._state.generation[as_id]
+
+    # --- the MMU and vCPUs ------------------------------------------------------------------
+
+    @property
+    def page_tables(self) -> Any:
+        """The PageTables KVM builds for the VM (TDX: the shared EPT, indexed with the
+        shared bit)."""
+        return self._state.mmu.direct.pt
+
+    @property
+    def private_page_tables(self) -> Any:
+        """TDX's private tables (KVM's mirror of the Secure EPT, 4K leaves); None otherwise."""
+        mirror = self._state.mmu.mirror
+        return None if mirror is None else mirror.pt
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The vCPUs' page-fault statistics, summed (as KVM's per-VM view of vcpu stats),
+        and ``pages_4k`` / ``pages_2m`` / ``pages_1g``: present leaf SPTEs per level."""
+        total = {name: 0 for name in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious",
+                                      "pf_mmio_spte_created", "pf_fast")}
+        for vcpu in self._vcpus:
+            for name, value in vcpu.stats.items():
+                total[name] += value
+        pages = self._state.mmu.pages
+        total.update(pages_4k=pages[1], pages_2m=pages[2], pages_1g=pages[3])
+        return total
+
+    def create_vcpu(self) -> "VCPU":
+        """KVM_CREATE_VCPU: vCPU ids count from 0."""
+        vcpu = VCPU(self, len(self._vcpus))
+        self._vcpus.append(vcpu)
+        return vcpu
+
+
+class KvmRun:
+    """The parts of struct kvm_run a second-stage fault can fill (read-only view)."""
+
+    __slots__ = ("_state",)
+
+    class _MemoryFault(NamedTuple):
+        flags: int
+        gpa: int
+        size: int
+
+    class _Mmio(NamedTuple):
+        phys_addr: int
+        is_write: bool
+
+    def __init__(self, state: Any) -> None:
+        self._state = state
+
+    @property
+    def exit_reason(self) -> ExitReason:
+        return ExitReason(self._state.exit_reason)
+
+    @property
+    def memory_fault(self) -> "KvmRun._MemoryFault":
+        return KvmRun._MemoryFault(*self._state.memory_fault)
+
+    @property
+    def mmio(self) -> "KvmRun._Mmio":
+        return KvmRun._Mmio(*self._state.mmio)
+
+    def __repr__(self) -> str:
+        return (f"KvmRun(exit_reason={self.exit_reason.name}, memory_fault={self.memory_fault}, "
+                f"mmio={self.mmio})")
+
+
+class VCPU:
+    """A vCPU: the exit handlers KVM runs and the access loop around them.
+
+    Handlers return what KVM's do: a positive RetPF (RETRY, FIXED, SPURIOUS) resumes
+    the guest, RetPF.EMULATE asks for instruction emulation / MMIO, a negative errno
+    fails KVM_RUN with ``run`` filled (-EFAULT with KVM_EXIT_MEMORY_FAULT).  Another
+    vendor's handler raises ValueError.
+
+    ``stage_hook``: a callable run as ``hook(stage)`` at the pipeline points "fault",
+    "faultin" and "map" (see kvmemu._pure.vcpu.VCPUState), to change the VM between
+    them in a test; None (the default) for none.
+    """
+
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        self.vm = vm
+        self.vcpu_id = vcpu_id
+        self._c = vm._state.new_vcpu()
+        self.run = KvmRun(self._c)
+
+    def __repr__(self) -> str:
+        return f"VCPU(id={self.vcpu_id}, {self.vm.vm_type.name})"
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._c.stats)
+
+    @property
+    def stage_hook(self) -> Any:
+        return self._c.stage_hook
+
+    @stage_hook.setter
+    def stage_hook(self, hook: Any) -> None:
+        if hook is not None and not callable(hook):
+            raise TypeError(f"stage_hook must be callable or None, not {type(hook).__name__}")
+        self._c.stage_hook = hook
+
+    def _vendor(self, vendor: str, handler: str) -> None:
+        if self.vm.vendor != vendor:
+            raise ValueError(f"{handler} is a {vendor} exit; this VM runs on {self.vm.vendor}")
+
+    def handle_ept_violation(self, gpa: Any, exit_qualification: Any) -> int:
+        """handle_ept_violation (VMX) or tdx_handle_ept_violation (TDX)."""
+        self._vendor("vmx", "handle_ept_violation")
+        return self._c.handle_ept_violation(_args.u64("gpa", gpa),
+                                            _args.u64("exit_qualification", exit_qualification))
+
+    def handle_ept_misconfig(self, gpa: Any) -> int:
+        """handle_ept_misconfig: the MMIO path (a KVM bug, -EIO, for a TD)."""
+        self._vendor("vmx", "handle_ept_misconfig")
+        return self._c.handle_ept_misconfig(_args.u64("gpa", gpa))
+
+    def handle_npf(self, gpa: Any, exit_info_1: Any) -> int:
+        """npf_interception: synthetic bits cleared, GUEST_ENC private on SNP."""
+        self._vendor("svm", "handle_npf")
+        return self._c.handle_npf(_args.u64("gpa", gpa), _args.u64("exit_info_1", exit_info_1))
+
+    def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
+               stage: Any = "final", encrypted: Any = False) -> Any:
+        """Hardware walk, exit, handler, resume, until the access translates (Translation)
+        or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
+        the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
+        loop that does not settle raises RuntimeError."""
+        flags = _args.access(write, fetch, user, stage, encrypted)
+        tables = self.vm.page_tables
+        gpa = _args.gpa(gpa, tables.levels)
+        result = self._c.access(gpa, flags, ACCESS_LOOP_LIMIT)
+        if result is None:
+            raise RuntimeError(f"access to GPA {gpa:#x} did not settle after "
+                               f"{ACCESS_LOOP_LIMIT} exits")
+        if isinstance(result, int):
+            raise KvmError(-result, f"KVM_RUN failed at GPA {gpa:#x}")
+        return result

@@ -26,6 +26,10 @@ __all__ = [
     "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
     "KVM_INTERNAL_MEMSLOT_FLAGS", "KVM_MEMSLOT_INVALID", "KVM_MEMSLOT_GMEM_ONLY", "INVALID_GPA",
     "USER_PTR_MAX", "HOST_MAXPHYADDR", "GMEM_PFN_BASE", "GMEM_FILE_PAGES",
+    "SPTE", "SHADOW_NONPRESENT_VALUE", "EPT_MISCONFIG_WX_VALUE", "EPT_MMIO_MASK",
+    "NPT_MMIO_VALUE", "NPT_MMIO_ACCESS_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_BITS",
+    "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_MASK", "ACC_EXEC", "ACC_WRITE", "ACC_USER",
+    "ACC_ALL", "TDX_LOCAL_RETRY_LIMIT", "ACCESS_LOOP_LIMIT",
     "AccessFlags", "PT_LEVEL_BITS", "PT_ENTRIES", "PT_BASE_HPA", "PT_ROOT_MAX_LEVEL",
     "MAXPHYADDR_MIN", "MAXPHYADDR_MAX", "EPT_RSVD_ROOT", "EPT_RSVD_NONLEAF", "EPT_RSVD_2M",
     "EPT_RSVD_1G", "EPT_BAD_MEMTYPES", "NPT_RSVD_ROOT", "NPT_RSVD_2M", "NPT_RSVD_1G",
@@ -368,3 +372,50 @@ class AccessFlags(_Flag):
     ENCRYPTED = 1 << 3
     WALK = 1 << 4
     NOGVA = 1 << 5
+
+
+# --- KVM's SPTE format (arch/x86/kvm/mmu/spte.h, spte.c; Linux 6.18) --------------------
+
+class SPTE(_Flag):
+    """Software bits KVM keeps in its second-stage entries (spte.h).
+
+    MMU_PRESENT marks an SPTE KVM considers present whatever the hardware bits say;
+    the HOST/MMU_WRITABLE pair sits in ignored bits: 57/58 for EPT, 9/10 for NPT.
+    """
+
+    HOST_WRITABLE = 1 << 9          # DEFAULT_SPTE_HOST_WRITABLE (NPT)
+    MMU_WRITABLE = 1 << 10          # DEFAULT_SPTE_MMU_WRITABLE (NPT)
+    MMU_PRESENT = 1 << 11           # SPTE_MMU_PRESENT_MASK
+    AD_DISABLED = 1 << 52           # SPTE_TDP_AD_DISABLED
+    AD_WRPROT_ONLY = 1 << 53        # SPTE_TDP_AD_WRPROT_ONLY
+    EPT_HOST_WRITABLE = 1 << 57     # EPT_SPTE_HOST_WRITABLE
+    EPT_MMU_WRITABLE = 1 << 58      # EPT_SPTE_MMU_WRITABLE
+
+
+#: SHADOW_NONPRESENT_VALUE: what an empty or zapped TDP MMU entry holds on x86-64
+#: (EPT's suppress-#VE bit; for NPT bit 63 is NX, harmless in a not-present entry).
+SHADOW_NONPRESENT_VALUE = 1 << 63
+#: EPT MMIO SPTEs: value W|X (a misconfiguration), matched under mask RWX|SVE.
+EPT_MISCONFIG_WX_VALUE = EPTE.WRITE.value | EPTE.EXEC.value
+EPT_MMIO_MASK = EPTE.READ.value | EPTE.WRITE.value | EPTE.EXEC.value | EPTE.SUPPRESS_VE.value
+#: NPT MMIO SPTEs on a host with MAXPHYADDR < 52: value = mask = BIT(51) | P, with the
+#: access bits W|U kept (kvm_mmu_reset_all_pte_masks).
+NPT_MMIO_VALUE = (1 << 51) | PTE.PRESENT.value
+NPT_MMIO_ACCESS_MASK = PTE.WRITABLE.value | PTE.USER.value
+#: The memslot generation in MMIO SPTEs: 19 bits, the low 8 in SPTE bits 10:3 and the
+#: high 11 in bits 62:52.
+MMIO_SPTE_GEN_LOW_START = 3
+MMIO_SPTE_GEN_LOW_BITS = 8
+MMIO_SPTE_GEN_HIGH_START = 52
+MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+#: ACC_*_MASK, the access KVM grants an SPTE (ACC_ALL for every TDP fault).
+ACC_EXEC = 1
+ACC_WRITE = 2
+ACC_USER = 4
+ACC_ALL = ACC_EXEC | ACC_WRITE | ACC_USER
+
+#: How often a TDX private fault retries inside KVM before the handler gives RETRY back
+#: (tdx_handle_ept_violation loops while RETRY, until an event or signal is pending).
+TDX_LOCAL_RETRY_LIMIT = 16
+#: How many exits ``VCPU.access`` takes before it declares the loop unsettled.
+ACCESS_LOOP_LIMIT = 16

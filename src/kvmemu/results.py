@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, VmxExitReason
+from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
 
-__all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault"]
+__all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "MemoryFaultExit",
+           "MmioExit"]
 
 
 def _bit_names(flag: Any) -> str:
@@ -100,3 +101,29 @@ class NestedPageFault(_Result):
     reason: ClassVar[int] = SVM_EXIT_NPF
     gpa: int
     exit_info_1: int
+
+
+class MemoryFaultExit(_Result):
+    """KVM_RUN failed with EFAULT and ``run.exit_reason`` KVM_EXIT_MEMORY_FAULT:
+    ``flags`` (MEMORY_EXIT_FLAG_PRIVATE or 0), ``gpa`` (gfn << 12, the TDX shared bit
+    stripped) and ``size`` (4096), as kvm_prepare_memory_fault_exit fills them."""
+
+    __slots__ = ("flags", "gpa", "size")
+    exit_reason: ClassVar[ExitReason] = ExitReason.MEMORY_FAULT
+    flags: int
+    gpa: int
+    size: int
+
+
+class MmioExit(_Result):
+    """The access needs emulation as MMIO (RET_PF_EMULATE on a GPA without memory,
+    or a write to a read-only memslot): KVM_EXIT_MMIO for ``gpa`` (the TDX shared bit
+    stripped, as tdx_emulate_mmio does)."""
+
+    __slots__ = ("gpa", "is_write")
+    exit_reason: ClassVar[ExitReason] = ExitReason.MMIO
+    gpa: int
+    is_write: int
+
+    def __repr__(self) -> str:
+        return f"MmioExit(gpa={self.gpa:#x}, is_write={bool(self.is_write)})"

@@ -7,13 +7,15 @@ runs every test against both.
 """
 
 from .. import _vm
-from ..results import EptMisconfig, EptViolation, NestedPageFault, Translation
+from ..results import (EptMisconfig, EptViolation, MemoryFaultExit, MmioExit, NestedPageFault,
+                       Translation)
 from .intake import svm_error_code, tdx_shared_bit, vmx_error_code
 from .memory import VMState
 from .paging import PageTables
 
 __all__ = ["svm_error_code", "tdx_shared_bit", "vmx_error_code", "PageTables", "Translation",
-           "EptViolation", "EptMisconfig", "NestedPageFault", "VM", "VMState"]
+           "EptViolation", "EptMisconfig", "NestedPageFault", "VM", "VMState", "MemoryFaultExit",
+           "MmioExit"]
 
 
 class VM(_vm.VM):

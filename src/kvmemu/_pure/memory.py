@@ -17,30 +17,22 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from ..constants import INVALID_GPA, KVM_LPAGE_MIXED_FLAG, MemAttr, MemFlag
+from ..constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, INVALID_GPA,
+                         KVM_LPAGE_MIXED_FLAG, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
+                         PAGE_SHIFT, MemAttr, MemFlag)
+from .levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
+from .mmu import SpteFormat, TdpMmu
+from .paging import PageTables
+from .vcpu import VCPUState
 
 _PRIVATE = MemAttr.PRIVATE.value
 _LOG_DIRTY_PAGES = MemFlag.LOG_DIRTY_PAGES.value
 #: The levels that have lpage_info: 2M and 1G (KVM_NR_PAGE_SIZES - 1 of them).
 HUGE_LEVELS = (2, 3)
-
-
-def pages_per_hpage(level: int) -> int:
-    """KVM_PAGES_PER_HPAGE(level): 1, 512, 262144."""
-    return 1 << ((level - 1) * 9)
-
-
-def gfn_round_for_level(gfn: int, level: int) -> int:
-    return gfn & -pages_per_hpage(level)
-
-
-def gfn_to_index(gfn: int, base_gfn: int, level: int) -> int:
-    shift = (level - 1) * 9
-    return (gfn >> shift) - (base_gfn >> shift)
 
 
 @dataclass
@@ -64,6 +56,11 @@ class Slot:
     def end_gfn(self) -> int:
         return self.base_gfn + self.npages
 
+    @property
+    def gmem_only(self) -> bool:
+        """KVM_MEMSLOT_GMEM_ONLY: bound to a guest_memfd created with MMAP."""
+        return bool(self.flags & KVM_MEMSLOT_GMEM_ONLY)
+
     def lpage_entry(self, gfn: int, level: int) -> int:
         return int(self.lpage[level - 2][gfn_to_index(gfn, self.base_gfn, level)])
 
@@ -71,7 +68,10 @@ class Slot:
 class VMState:
     """All of a VM's memory state (the twin of the compiled ``VMState``)."""
 
-    def __init__(self, has_private_mem: bool, nr_as_ids: int) -> None:
+    def __init__(self, has_private_mem: bool, nr_as_ids: int, config: Any) -> None:
+        self.config = config
+        #: kvm_mmu_max_gfn(): limited by the host MAXPHYADDR with TDP.
+        self.max_gfn = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
         self.has_private_mem = has_private_mem
         self.supported_attributes = _PRIVATE if has_private_mem else 0
         self.nr_as_ids = nr_as_ids
@@ -90,6 +90,24 @@ class VMState:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
         self.mmu_invalidate_range_end = INVALID_GPA
+        self.mmu = TdpMmu(SpteFormat(config.ept, config.tdx), config.levels, config.tdx,
+                          config.direct_bits_gfn, config.nx_huge_pages, self._new_page_tables)
+
+    def _new_page_tables(self) -> PageTables:
+        """The second-stage paging structures KVM builds for this VM's host: EPT with A/D
+        bits, execute-only and 1G pages, or long-mode NPT with host NX; MAXPHYADDR 48."""
+        cfg = self.config
+        return PageTables("ept" if cfg.ept else "npt", cfg.levels, ad_bits=True, exec_only=True,
+                          mbec=False, maxphyaddr=HOST_MAXPHYADDR, huge_1g=True, host_nx=True,
+                          host_smep=False)
+
+    def new_vcpu(self) -> VCPUState:
+        return VCPUState(self)
+
+    def gmem_pfn(self, slot: Slot, gfn: int) -> int:
+        """The guest_memfd frame backing gfn (kvm_gmem_get_pfn; see GMEM_PFN_BASE)."""
+        page = slot.gmem_pgoff + (gfn - slot.base_gfn)
+        return GMEM_PFN_BASE + (slot.gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
     # --- memslots -----------------------------------------------------------------------
 
@@ -135,8 +153,14 @@ class VMState:
         return any(s.id != slot_id for s in self.slots_in_range(as_id, start, end))
 
     def swap_active_memslots(self, as_id: int) -> None:
-        """kvm_swap_active_memslots: the generation advances by the number of address spaces."""
+        """kvm_swap_active_memslots: the generation advances by the number of address spaces.
+
+        kvm_mmu_invalidate_mmio_sptes: when the MMIO generation wraps to 0, every SPTE
+        goes (kvm_mmu_zap_all_fast) so that no stale MMIO SPTE can match again.
+        """
         self.generation[as_id] += self.nr_as_ids
+        if as_id == 0 and not self.generation[0] & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
+            self.mmu.zap_all()
 
     def create_slot(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
                     userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
@@ -175,22 +199,24 @@ class VMState:
 
     def set_slot_flags(self, as_id: int, slot_id: int, flags: int) -> None:
         """KVM_MR_FLAGS_ONLY: the metadata is kept (memcpy of slot->arch); one swap."""
-        self._slots[as_id][slot_id].flags = flags
+        slot = self._slots[as_id][slot_id]
+        slot.flags = flags
         self.swap_active_memslots(as_id)
+        self.zap_memslot(slot)
 
     def zap_memslot(self, slot: Slot) -> bool:
         """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters)."""
-        return self.unmap_gfn_range(slot.base_gfn, slot.end_gfn, private=True, shared=True)
+        return self.unmap_gfn_range(slot, slot.base_gfn, slot.end_gfn, private=True, shared=True)
 
-    def unmap_gfn_range(self, start: int, end: int, *, private: bool, shared: bool) -> bool:
-        """kvm_unmap_gfn_range: remove the leaf mappings of [start, end) in the roots that
-        the attribute filter selects (TDX: private → mirror root, shared → direct root;
-        every other VM: the one direct root).  Returns whether a TLB flush is needed.
-
-        This VM state keeps no second-stage mappings yet, so nothing is mapped and
-        nothing needs removing.
-        """
-        return False
+    def unmap_gfn_range(self, slot: Slot, start: int, end: int, *, private: bool,
+                        shared: bool) -> bool:
+        """kvm_unmap_gfn_range: remove the leaf mappings of [start, end) in the roots of the
+        slot's address space that the attribute filter selects (TDX: private → mirror
+        root, shared → direct root; every other VM: the one direct root).  SMM's address
+        space has no roots here: no vCPU runs in SMM.  Returns whether to flush TLBs."""
+        if slot.as_id != 0:
+            return False
+        return self.mmu.unmap_gfn_range(start, end, private, shared)
 
     def _alloc_metadata(self, slot: Slot) -> None:
         """kvm_alloc_memslot_metadata (x86.c): lpage_info with edge and congruence rules."""
@@ -278,7 +304,7 @@ class VMState:
                 self.invalidate_range_add(tail, tail + n)
         # The filter names the *old* state: making memory private unmaps shared mappings.
         to_private = bool(attrs & _PRIVATE)
-        return self.unmap_gfn_range(start, end, private=not to_private, shared=to_private)
+        return self.unmap_gfn_range(slot, start, end, private=not to_private, shared=to_private)
 
     def _post_set_memory_attributes(self, slot: Slot, start: int, end: int, attrs: int) -> None:
         """kvm_arch_post_set_memory_attributes: 2M first, 1G reads the 2M results."""

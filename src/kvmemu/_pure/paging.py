@@ -123,6 +123,7 @@ class PageTables:
         self._large_bit = _EPT_LARGE if self._ept else _NPT_LARGE
         self._mem = np.zeros((_INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
         self._ntables = 1
+        self._free: list[int] = []
 
     def __repr__(self) -> str:
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self._ntables})"
@@ -158,6 +159,33 @@ class PageTables:
             self._mem = grown
         self._ntables += 1
         return self._ntables - 1
+
+    # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables ----------
+
+    def kvm_alloc(self, fill: int) -> int:
+        """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
+        freed first, so table addresses are a pure function of the call sequence."""
+        table = self._free.pop() if self._free else self._new_table()
+        self._mem[table, :] = fill
+        return table
+
+    def kvm_free(self, table: int) -> None:
+        self._free.append(table)
+
+    def kvm_fill(self, table: int, value: int) -> None:
+        self._mem[table, :] = value
+
+    def kvm_get(self, table: int, index: int) -> int:
+        return int(self._mem[table, index])
+
+    def kvm_set(self, table: int, index: int, value: int) -> None:
+        self._mem[table, index] = value
+
+    def kvm_hpa(self, table: int) -> int:
+        return PT_BASE_HPA + (table << PAGE_SHIFT)
+
+    def kvm_table_at(self, hpa: int) -> int:
+        return self._table_at(hpa)
 
     def _entry(self, table: int, index: int) -> int:
         return int(self._mem[table, index]) if table >= 0 else 0
