@@ -412,3 +412,15 @@ def test_stage_hook_must_be_callable(kv):
     _, vcpu = vm_with_slot(kv, size=2 * MIB)
     with pytest.raises(TypeError):
         vcpu.stage_hook = 5
+
+
+def test_exit_objects_read_well(kv):
+    vm, vcpu = vm_with_slot(kv, VMType.SW_PROTECTED, gpa=0xC0000000, size=4096)
+    mmio = vcpu.access(0xD0000000, write=True)
+    assert mmio.exit_reason == ExitReason.MMIO and mmio.is_write is True
+    assert repr(mmio) == "MmioExit(gpa=0xd0000000, is_write=True)"
+    vm.set_memory_attributes(0xC0000000, 4096, PRIVATE)
+    fault = vcpu.access(0xC0000000)
+    assert fault.exit_reason == ExitReason.MEMORY_FAULT
+    assert repr(fault) == "MemoryFaultExit(flags=0x8, gpa=0xc0000000, size=0x1000)"
+    assert repr(vcpu.access(0xC0000000 - 4096 * 0 + 0)) == repr(fault)

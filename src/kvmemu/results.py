@@ -27,8 +27,16 @@ class _Result:
     __slots__: tuple[str, ...] = ()
     _flags: ClassVar[dict[str, type]] = {}
 
-    def __init__(self, *values: int) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
+    def __init__(self, *values: int, **named: int) -> None:
+        if named:
+            values = values + tuple(named.pop(name) for name in self.__slots__[len(values):]
+                                    if name in named)
+            if named:
+                raise TypeError(f"{type(self).__name__} has no field {next(iter(named))!r}")
+        if len(values) != len(self.__slots__):
+            raise TypeError(f"{type(self).__name__} takes {len(self.__slots__)} fields "
+                            f"({', '.join(self.__slots__)}), not {len(values)}")
+        for name, value in zip(self.__slots__, values):
             object.__setattr__(self, name, int(value))
 
     def __setattr__(self, name: str, value: object) -> None:
@@ -123,7 +131,11 @@ class MmioExit(_Result):
     __slots__ = ("gpa", "is_write")
     exit_reason: ClassVar[ExitReason] = ExitReason.MMIO
     gpa: int
-    is_write: int
+    is_write: bool
+
+    def __init__(self, gpa: int, is_write: bool) -> None:
+        object.__setattr__(self, "gpa", int(gpa))
+        object.__setattr__(self, "is_write", bool(is_write))
 
     def __repr__(self) -> str:
-        return f"MmioExit(gpa={self.gpa:#x}, is_write={bool(self.is_write)})"
+        return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"

@@ -1,0 +1,56 @@
+"""The fault pipeline through VCPU.access: first-touch faults and re-walks of mapped pages."""
+
+import pytest
+
+from kvmemu import Translation, VMType
+
+N_PAGES = 2000
+GIB = 1 << 30
+
+
+def fresh_vcpu(core, vm_type=VMType.DEFAULT):
+    vm = core.VM(vm_type)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0x7F0000000000)
+    return vm, vm.create_vcpu()
+
+
+@pytest.mark.benchmark(group="fault-first-touch")
+def test_first_touch_4k(benchmark, kv, per_element):
+    """N_PAGES first-touch 4K faults on a DEFAULT VM: walk, EPT violation, fault, map."""
+    def setup():
+        return (fresh_vcpu(kv)[1],), {}
+
+    def touch(vcpu):
+        for i in range(N_PAGES):
+            vcpu.access(i << 12, write=True)
+
+    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    per_element(N_PAGES)
+
+
+@pytest.mark.benchmark(group="fault-mapped-access")
+def test_mapped_access(benchmark, kv):
+    """VCPU.access on a page that is already mapped: one hardware walk, no exit."""
+    _, vcpu = fresh_vcpu(kv)
+    vcpu.access(0x5000)
+    assert benchmark(vcpu.access, 0x5123) == Translation(0x7F0000005123, 1)
+
+
+@pytest.mark.benchmark(group="fault-first-touch")
+def test_first_touch_tdx_private(benchmark, kv, per_element):
+    """TDX private first touches: handled as writes, mapped 4K in the mirror root."""
+    def setup():
+        vm = kv.VM(VMType.TDX)
+        gmem = vm.create_guest_memfd(GIB)
+        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                                  userspace_addr=0x7F0000000000, flags=4, guest_memfd=gmem)
+        vm.set_memory_attributes(0, GIB, 8)
+        return (vm.create_vcpu(),), {}
+
+    def touch(vcpu):
+        for i in range(N_PAGES):
+            vcpu.access(i << 12)
+
+    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    per_element(N_PAGES)
