@@ -12,6 +12,8 @@ from __future__ import annotations
 import errno
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _args
 from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR,
                         KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
@@ -19,6 +21,7 @@ from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_
                         PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
                         ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
 from .errors import KvmError
+from .results import AccessBatch
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
 _PRIVATE_MEM_TYPES = (VMType.SW_PROTECTED, VMType.SNP, VMType.TDX)
@@ -432,11 +435,55 @@ class VM:
         total.update(pages_4k=pages[1], pages_2m=pages[2], pages_1g=pages[3])
         return total
 
+    def snapshot(self) -> "Snapshot":
+        """The whole VM state: memslots, guest_memfd files and bindings, attributes,
+        lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
+        kvm_run, MMIO cache).  Copies of numpy storage; restorable any number of times."""
+        return Snapshot(self._token, self._state.clone(),
+                        [vcpu._c for vcpu in self._vcpus], list(self._gmem),
+                        {k: dict(v) for k, v in self._gmem_bindings.items()})
+
+    def restore(self, snapshot: "Snapshot") -> None:
+        """Put the state of ``snapshot`` (taken from this VM) back, exactly.  vCPUs
+        created after the snapshot no longer exist afterwards: using them raises."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"snapshot must be a Snapshot, not {type(snapshot).__name__}")
+        if snapshot._owner is not self._token:
+            raise ValueError("the snapshot was taken from another VM")
+        state = snapshot._state.clone()
+        vcpu_states = state.clone_vcpus(snapshot._vcpus)
+        for vcpu in self._vcpus[len(vcpu_states):]:
+            vcpu._detach()
+        del self._vcpus[len(vcpu_states):]
+        for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
+            vcpu._attach(vcpu_state)
+        self._state = state
+        self._gmem = list(snapshot._gmem)
+        self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
+
     def create_vcpu(self) -> "VCPU":
         """KVM_CREATE_VCPU: vCPU ids count from 0."""
         vcpu = VCPU(self, len(self._vcpus))
         self._vcpus.append(vcpu)
         return vcpu
+
+
+class Snapshot:
+    """An opaque, immutable copy of a VM's state (``VM.snapshot``)."""
+
+    __slots__ = ("_owner", "_state", "_vcpus", "_gmem", "_bindings")
+
+    def __init__(self, owner: object, state: Any, vcpus: list[Any], gmem: list[GuestMemfd],
+                 bindings: dict[int, dict[tuple[int, int], tuple[int, int]]]) -> None:
+        self._owner = owner
+        self._state = state
+        # Each vCPU state is cloned against the cloned VM state, when restored.
+        self._vcpus = state.clone_vcpus(vcpus)
+        self._gmem = gmem
+        self._bindings = bindings
+
+    def __repr__(self) -> str:
+        return f"Snapshot(vcpus={len(self._vcpus)}, memslots={len(self._state.slots(0))})"
 
 
 class KvmRun:
@@ -489,7 +536,14 @@ class VCPU:
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._c = vm._state.new_vcpu()
+        self._attach(vm._state.new_vcpu())
+
+    def _attach(self, state: Any) -> None:
+        self._c = state
+        self.run = KvmRun(state)
+
+    def _detach(self) -> None:
+        self._c = _DetachedVCPU(self.vcpu_id)
         self.run = KvmRun(self._c)
 
     def __repr__(self) -> str:
@@ -529,6 +583,25 @@ class VCPU:
         self._vendor("svm", "handle_npf")
         return self._c.handle_npf(_args.u64("gpa", gpa), _args.u64("exit_info_1", exit_info_1))
 
+    def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:
+        """``access`` for each element of ``gpas`` (1-D uint64) in order, ``flags`` an
+        ``AccessFlags`` int or a 1-D uint8 array of them, stopping at the first access
+        that leaves to userspace (``.exit``).  The loop runs in the core, without Python
+        work per element; resume with ``gpas[result.count:]``."""
+        tables = self.vm.page_tables
+        g = _args.gpa_array(gpas, tables.levels)
+        f = _args.access_flags_array(flags, len(g))
+        hpa = np.zeros(len(g), dtype=np.uint64)
+        level = np.zeros(len(g), dtype=np.uint8)
+        count, outcome = self._c.access_many(g, f, hpa, level, ACCESS_LOOP_LIMIT)
+        if isinstance(outcome, int):
+            if outcome == 0:
+                raise RuntimeError(f"access to GPA {int(g[count]):#x} (element {count}) did "
+                                   f"not settle after {ACCESS_LOOP_LIMIT} exits")
+            raise KvmError(-outcome, f"KVM_RUN failed at GPA {int(g[count]):#x} "
+                                     f"(element {count})")
+        return AccessBatch(hpa, level, count, outcome)
+
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
                stage: Any = "final", encrypted: Any = False) -> Any:
         """Hardware walk, exit, handler, resume, until the access translates (Translation)
@@ -545,3 +618,14 @@ class VCPU:
         if isinstance(result, int):
             raise KvmError(-result, f"KVM_RUN failed at GPA {gpa:#x}")
         return result
+
+
+class _DetachedVCPU:
+    """Stands in for the core state of a vCPU that a restore removed."""
+
+    def __init__(self, vcpu_id: int) -> None:
+        self._vcpu_id = vcpu_id
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(f"vCPU {self._vcpu_id} was created after the snapshot that was "
+                           "restored; it no longer exists")

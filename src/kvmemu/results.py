@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
 
 __all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "MemoryFaultExit",
-           "MmioExit"]
+           "MmioExit", "AccessBatch"]
 
 
 def _bit_names(flag: Any) -> str:
@@ -139,3 +139,22 @@ class MmioExit(_Result):
 
     def __repr__(self) -> str:
         return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"
+
+
+class AccessBatch:
+    """What ``VCPU.access_many`` did: ``hpa`` and ``level`` (uint64 / uint8 arrays, one
+    element per GPA, filled for the first ``count``), ``count`` (how many translated)
+    and ``exit`` (the MemoryFaultExit or MmioExit that stopped the batch, or None when
+    every access translated).  Call ``access_many`` again on ``gpas[count:]`` after
+    handling the exit to resume."""
+
+    __slots__ = ("hpa", "level", "count", "exit")
+
+    def __init__(self, hpa: Any, level: Any, count: int, exit: Any) -> None:
+        self.hpa = hpa
+        self.level = level
+        self.count = count
+        self.exit = exit
+
+    def __repr__(self) -> str:
+        return f"AccessBatch(count={self.count}, of={len(self.hpa)}, exit={self.exit!r})"

@@ -15,6 +15,7 @@ the memslot generation (``kvm_swap_active_memslots``).
 
 from __future__ import annotations
 
+import copy
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -103,6 +104,13 @@ class VMState:
 
     def new_vcpu(self) -> VCPUState:
         return VCPUState(self)
+
+    def clone(self) -> "VMState":
+        """A deep copy: slots with their lpage_info, attributes, page tables, counters."""
+        return copy.deepcopy(self)
+
+    def clone_vcpus(self, vcpus: list[VCPUState]) -> list[VCPUState]:
+        return [vcpu.clone(self) for vcpu in vcpus]
 
     def gmem_pfn(self, slot: Slot, gfn: int) -> int:
         """The guest_memfd frame backing gfn (kvm_gmem_get_pfn; see GMEM_PFN_BASE)."""

@@ -16,6 +16,7 @@ the attributes, exiting to userspace with KVM_EXIT_MEMORY_FAULT on a mismatch.
 
 from __future__ import annotations
 
+import copy
 import errno
 from typing import Any, Callable
 
@@ -276,6 +277,25 @@ class VCPUState:
         return _CONTINUE
 
     # --- the access loop ------------------------------------------------------------------------
+
+    def access_many(self, gpas: Any, flags: Any, hpa: Any, level: Any, limit: int) -> Any:
+        """``access`` for each GPA in order into ``hpa``/``level``; returns ``(count,
+        outcome)``: outcome None (all translated), the exit object, a negative errno, or 0
+        when element ``count`` did not settle."""
+        per_element = flags.tolist() if not isinstance(flags, int) else None
+        for i, gpa in enumerate(gpas.tolist()):
+            result = self.access(gpa, flags if per_element is None else per_element[i], limit)
+            if type(result) is not Translation:
+                return i, 0 if result is None else result
+            hpa[i], level[i] = result.hpa, result.level
+        return len(gpas), None
+
+    def clone(self, vm: Any) -> "VCPUState":
+        """This vCPU's state, attached to ``vm`` (a clone of its VM state)."""
+        twin = copy.copy(self)
+        twin.vm = vm
+        twin.stats = dict(self.stats)
+        return twin
 
     def access(self, gpa: int, flags: int, limit: int) -> Any:
         """Walk, exit, handle, resume until the access translates or leaves to userspace."""

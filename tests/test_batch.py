@@ -1,0 +1,153 @@
+"""VCPU.access_many and VM.snapshot / VM.restore (API.md §5)."""
+
+import errno
+
+import numpy as np
+import pytest
+
+from kvmemu import AccessFlags, KvmError, MemoryFaultExit, MmioExit, Translation, VMType
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def vm_and_vcpu(kv, vm_type=VMType.DEFAULT, gmem=False):
+    vm = kv.VM(vm_type)
+    extra = {}
+    if gmem:
+        extra = {"flags": 4, "guest_memfd": vm.create_guest_memfd(GIB)}
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0x7F0000000000, **extra)
+    return vm, vm.create_vcpu()
+
+
+def u64(*values):
+    return np.array(values, dtype=np.uint64)
+
+
+def test_access_many_matches_access(kv):
+    vm, vcpu = vm_and_vcpu(kv)
+    gpas = u64(0x1000, 0x2345, 0x1000, 0x3000)
+    batch = vcpu.access_many(gpas, AccessFlags.WRITE)
+    assert (batch.count, batch.exit) == (4, None)
+    assert batch.hpa.tolist() == [0x7F0000001000, 0x7F0000002345, 0x7F0000001000, 0x7F0000003000]
+    assert batch.level.dtype == np.uint8 and batch.level.tolist() == [1, 1, 1, 1]
+    assert vm.stats["pf_fixed"] == 3
+    twin_vm, twin = vm_and_vcpu(kv)
+    for gpa in gpas.tolist():
+        twin.access(gpa, write=True)
+    assert twin_vm.stats == vm.stats
+    np.testing.assert_array_equal(twin_vm.page_tables.tables, vm.page_tables.tables)
+
+
+def test_access_many_stops_at_an_exit_and_resumes(kv):
+    vm, vcpu = vm_and_vcpu(kv, VMType.SW_PROTECTED, gmem=True)
+    vm.set_memory_attributes(0x3000, 4096, 0)
+    vm.set_memory_attributes(0x2000, 4096, 8)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0, userspace_addr=0)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=0, memory_size=8192,
+                              userspace_addr=0x7F0000000000)
+    gpas = u64(0x1000, 0x2000, 0x5000, 0x1000)
+    flags = np.array([0, 0, AccessFlags.WRITE, 0], dtype=np.uint8)
+    batch = vcpu.access_many(gpas, flags)
+    assert batch.count == 1 and batch.exit == MemoryFaultExit(8, 0x2000, 4096)
+    vm.set_memory_attributes(0x2000, 4096, 0)                 # the VMM converts, resumes
+    batch = vcpu.access_many(gpas[1:], flags[1:])             # shared now, no memslot: MMIO
+    assert batch.count == 0 and batch.exit == MmioExit(0x2000, False)
+    batch = vcpu.access_many(gpas[2:], flags[2:])
+    assert batch.count == 0 and batch.exit == MmioExit(0x5000, True)
+    batch = vcpu.access_many(gpas[3:], flags[3:])
+    assert (batch.count, batch.exit, batch.hpa.tolist()) == (1, None, [0x7F0000001000])
+
+
+def test_access_many_checks_its_arguments(kv):
+    vm, vcpu = vm_and_vcpu(kv)
+    for gpas, flags, exc in [
+        ([0x1000], 0, TypeError), (u64(0x1000).astype(np.int64), 0, TypeError),
+        (u64(1 << 48), 0, ValueError), (u64(0x1000), np.zeros(2, np.uint8), ValueError),
+        (u64(0x1000), np.zeros(1, np.int8), TypeError), (u64(0x1000), 1 << 7, ValueError),
+        (u64(0x1000), AccessFlags.FETCH | AccessFlags.WALK, ValueError),
+    ]:
+        with pytest.raises(exc):
+            vcpu.access_many(gpas, flags)
+    assert vm.stats["pf_taken"] == 0
+    empty = vcpu.access_many(np.empty(0, np.uint64))
+    assert (empty.count, empty.exit, len(empty.hpa)) == (0, None, 0)
+
+
+def test_access_many_errors(kv):
+    vm, vcpu = vm_and_vcpu(kv, VMType.TDX)
+    with pytest.raises(KvmError) as info:
+        vcpu.access_many(u64(0x1000 | vm.shared_bit), AccessFlags.FETCH)
+    assert info.value.errno == errno.EIO
+
+
+def state_of(vm, vcpus):
+    return (vm.stats, vm.memslots, vm.memory_attribute_ranges(), vm.mmu_invalidate_seq,
+            vm.mmu_invalidate_range, vm.memslots_generation(), vm.page_tables.tables.copy(),
+            [(v.stats, v.run.exit_reason, v.run.memory_fault, v.run.mmio) for v in vcpus],
+            [vm.lpage_info(s.slot, 2) for s in vm.memslots])
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y)
+        else:
+            assert x == y
+
+
+def test_snapshot_restore_is_exact_and_repeatable(kv):
+    vm, vcpu = vm_and_vcpu(kv, VMType.SW_PROTECTED, gmem=True)
+    vcpu.access_many(u64(*range(0, 64 * 4096, 4096)))
+    vm.set_memory_attributes(0x10000, 2 * MIB, 8)
+    vcpu.access(0x10000)
+    snap = vm.snapshot()
+    before = state_of(vm, [vcpu])
+    vm.set_memory_attributes(0x10000, 2 * MIB, 0)
+    vcpu.access_many(u64(*range(0x100000, 0x140000, 4096)), AccessFlags.WRITE)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=4 * GIB, memory_size=MIB,
+                              userspace_addr=0x7F0080000000)
+    after_first_run = state_of(vm, [vcpu])
+    vm.restore(snap)
+    assert_same(state_of(vm, [vcpu]), before)
+    vcpu.access_many(u64(*range(0x100000, 0x140000, 4096)), AccessFlags.WRITE)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=4 * GIB, memory_size=MIB,
+                              userspace_addr=0x7F0080000000)
+    vm.set_memory_attributes(0x10000, 2 * MIB, 0)     # the other order: same end state
+    vm.restore(snap)
+    vm.set_memory_attributes(0x10000, 2 * MIB, 0)
+    vcpu.access_many(u64(*range(0x100000, 0x140000, 4096)), AccessFlags.WRITE)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=4 * GIB, memory_size=MIB,
+                              userspace_addr=0x7F0080000000)
+    assert_same(state_of(vm, [vcpu]), after_first_run)
+
+
+def test_restore_checks_and_vcpus_after_the_snapshot(kv):
+    vm, vcpu = vm_and_vcpu(kv)
+    other, _ = vm_and_vcpu(kv)
+    snap = vm.snapshot()
+    with pytest.raises(ValueError):
+        other.restore(snap)
+    with pytest.raises(TypeError):
+        vm.restore("snapshot")
+    late = vm.create_vcpu()
+    late.access(0x1000)
+    vm.restore(snap)
+    assert vm.stats["pf_taken"] == 0
+    with pytest.raises(RuntimeError):
+        late.access(0x1000)
+    assert vcpu.access(0x1000) == Translation(0x7F0000001000, 1)
+
+
+def test_snapshot_keeps_guest_memfd_bindings(kv):
+    vm, vcpu = vm_and_vcpu(kv, VMType.SNP, gmem=True)
+    gmem = vm.memslots[0].guest_memfd
+    snap = vm.snapshot()
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0, userspace_addr=0)
+    vm.set_user_memory_region(slot=5, guest_phys_addr=GIB, memory_size=GIB, flags=4,
+                              userspace_addr=0x7F0000000000, guest_memfd=gmem)
+    vm.restore(snap)
+    with pytest.raises(KvmError) as info:                 # the binding is back
+        vm.set_user_memory_region(slot=5, guest_phys_addr=GIB, memory_size=GIB, flags=4,
+                                  userspace_addr=0x7F0000000000, guest_memfd=gmem)
+    assert info.value.errno == errno.EINVAL
