@@ -1,0 +1,76 @@
+"""Mapped walks: VCPU.access_many and VCPU.access on mapped pages, next to a plain C walk.
+
+The C baseline (benchmarks/c_baseline/walk.c) maps the same GPAs with the same
+4-level EPT layout and walks the same random GPAs; its ns/walk is stored in the
+benchmark's extra_info together with our ns/element and the ratio.
+"""
+
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from kvmemu import AccessFlags, Translation, VMType, _select
+
+NPAGES = 1 << 16                 # 256 MiB of mapped 4K pages
+N = 1 << 20                      # random accesses per batch
+BASELINE = __file__.rsplit("/", 1)[0] + "/c_baseline/walk.c"
+
+
+@pytest.fixture(scope="module")
+def gpas():
+    rng = np.random.default_rng(20261125)
+    pages = rng.integers(0, NPAGES, N, dtype=np.uint64)
+    return (pages << np.uint64(12)) | np.uint64(0x123)
+
+
+def mapped_vcpu(core, npages=NPAGES):
+    vm = core.VM(VMType.DEFAULT)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=npages << 12,
+                              userspace_addr=0x7F0000000000)
+    vcpu = vm.create_vcpu()
+    batch = vcpu.access_many(np.arange(npages, dtype=np.uint64) << np.uint64(12))
+    assert batch.count == npages
+    return vcpu
+
+
+@pytest.fixture(scope="module")
+def c_walk_ns(gpas, tmp_path_factory):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the baseline")
+    tmp = tmp_path_factory.mktemp("c_baseline")
+    exe, data = tmp / "walk", tmp / "gpas.bin"
+    subprocess.run([cc, "-O2", "-o", str(exe), BASELINE], check=True)
+    gpas.tofile(data)
+    out = subprocess.run([str(exe), str(NPAGES), str(data), "5"], check=True,
+                         capture_output=True, text=True).stdout
+    return float(out.split()[1])
+
+
+@pytest.mark.benchmark(group="walk-mapped-batch")
+def test_mapped_batch_walk_vs_c(benchmark, gpas, c_walk_ns, per_element):
+    vcpu = mapped_vcpu(_select.load("cython"))
+    result = benchmark(vcpu.access_many, gpas)
+    assert result.count == N and result.exit is None
+    np.testing.assert_array_equal(result.hpa, gpas + np.uint64(0x7F0000000000))
+    per_element(N)
+    benchmark.extra_info["c_baseline_ns_per_walk"] = c_walk_ns
+    if "ns_per_element" in benchmark.extra_info:
+        benchmark.extra_info["ratio_to_c"] = round(
+            benchmark.extra_info["ns_per_element"] / c_walk_ns, 2)
+
+
+@pytest.mark.benchmark(group="walk-mapped-batch")
+def test_mapped_batch_walk_python_twin(benchmark, gpas, per_element):
+    vcpu = mapped_vcpu(_select.load("python"), npages=4096)
+    few = gpas[:4096] & np.uint64((4096 << 12) - 1)
+    benchmark.pedantic(vcpu.access_many, (few, AccessFlags(0)), rounds=3, iterations=1)
+    per_element(len(few))
+
+
+@pytest.mark.benchmark(group="walk-mapped-scalar")
+def test_mapped_scalar_access(benchmark, kv):
+    vcpu = mapped_vcpu(kv, npages=16)
+    assert benchmark(vcpu.access, 0x5123) == Translation(0x7F0000005123, 1)
