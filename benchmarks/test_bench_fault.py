@@ -54,3 +54,38 @@ def test_first_touch_tdx_private(benchmark, kv, per_element):
 
     benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
     per_element(N_PAGES)
+
+
+@pytest.mark.benchmark(group="fault-first-touch-batch")
+def test_first_touch_batch(benchmark, kv, per_element):
+    """First-touch 4K faults through VCPU.access_many: the loop runs in the core."""
+    import numpy as np
+    n = N_PAGES * (20 if kv.__name__.endswith("_core") else 1)
+    gpas = np.arange(n, dtype=np.uint64) << np.uint64(12)
+
+    def setup():
+        return (fresh_vcpu(kv)[1], gpas), {}
+
+    def touch(vcpu, gpas):
+        assert vcpu.access_many(gpas, 1).count == n
+
+    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    per_element(n)
+
+
+@pytest.mark.benchmark(group="snapshot")
+def test_snapshot_restore(benchmark, kv):
+    """Snapshot and restore a VM with 16K mapped 4K pages and a converted range."""
+    import numpy as np
+    vm = kv.VM(VMType.SW_PROTECTED)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0x7F0000000000)
+    vcpu = vm.create_vcpu()
+    vcpu.access_many(np.arange(1 << 14, dtype=np.uint64) << np.uint64(12))
+    vm.set_memory_attributes(1 << 28, 1 << 21, 8)
+
+    def round_trip():
+        vm.restore(vm.snapshot())
+
+    benchmark(round_trip)
+    assert vm.stats["pages_4k"] == 1 << 14

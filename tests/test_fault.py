@@ -36,6 +36,22 @@ def vm_with_slot(kv, vm_type=VMType.DEFAULT, gpa=0, size=GIB, uaddr=0x7F00000000
     return vm, vm.create_vcpu()
 
 
+@pytest.fixture(autouse=True)
+def invariants_hold_after_each_test(kv, request):
+    """Every VM a test builds must satisfy VM.check_invariants() when the test ends."""
+    made = []
+    original = kv.VM.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        made.append(self)
+    kv.VM.__init__ = tracking_init
+    yield
+    kv.VM.__init__ = original
+    for vm in made:
+        assert vm.check_invariants() == []
+
+
 def leaf(tables, gpa):
     level, entry = tables.walk(gpa)[-1]
     return level, entry
@@ -424,3 +440,61 @@ def test_exit_objects_read_well(kv):
     assert fault.exit_reason == ExitReason.MEMORY_FAULT
     assert repr(fault) == "MemoryFaultExit(flags=0x8, gpa=0xc0000000, size=0x1000)"
     assert repr(vcpu.access(0xC0000000 - 4096 * 0 + 0)) == repr(fault)
+
+
+def test_check_invariants_reports_a_bad_leaf(kv):
+    vm, vcpu = vm_with_slot(kv, size=MIB)
+    vcpu.access(0x1000)
+    good = vm.page_tables.get_entry(0x1000, 1)
+    vm.page_tables.set_entry(0x1000, 1, good + (1 << 12))             # wrong frame
+    vm.page_tables.set_entry(0x100000, 1, good)                       # outside the slot
+    problems = vm.check_invariants()
+    assert any("maps frame" in p for p in problems)
+    assert any("outside every memslot" in p for p in problems)
+    assert any("leaf counts" in p for p in problems)
+    vm.page_tables.set_entry(0x1000, 1, good)
+    vm.page_tables.set_entry(0x100000, 1, 1 << 63)
+    assert vm.check_invariants() == []
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+OPS = st.lists(st.tuples(st.sampled_from(["read", "write", "fetch", "enc", "private", "shared",
+                                          "delete", "create", "dirty"]),
+                         st.integers(0, 1023)), max_size=25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(vm_type=st.sampled_from([VMType.DEFAULT, VMType.SW_PROTECTED, VMType.SNP, VMType.TDX]),
+       nx=st.booleans(), host_level=st.integers(1, 3), ops=OPS)
+def test_random_operations_keep_the_invariants(kv, vm_type, nx, host_level, ops):
+    vm = kv.VM(vm_type, nx_huge_pages=nx)
+    gmem = vm.create_guest_memfd(8 * MIB)
+    region = dict(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
+                  userspace_addr=0x7F0000000000, host_level=host_level)
+    vm.set_user_memory_region(flags=GMEM, guest_memfd=gmem, **region)
+    vcpu = vm.create_vcpu()
+    shared = vm.shared_bit
+    for op, page in ops:
+        gpa = page << 12
+        if op in ("read", "write", "fetch", "enc"):
+            alias = gpa if vm.get_memory_attributes(page) or not shared else gpa | shared
+            if vm_type == VMType.TDX and op == "fetch":
+                continue
+            result = vcpu.access(alias, write=op == "write", fetch=op == "fetch",
+                                 encrypted=op == "enc")
+            assert isinstance(result, (Translation, MmioExit, MemoryFaultExit))
+        elif op in ("private", "shared") and vm.has_private_mem:
+            vm.set_memory_attributes(gpa & ~0x1FFFFF if page % 3 == 0 else gpa,
+                                     2 * MIB if page % 3 == 0 else 4096,
+                                     PRIVATE if op == "private" else 0)
+        elif op == "delete" and vm.memslots:
+            vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0,
+                                      userspace_addr=0)
+        elif op == "create" and not vm.memslots:
+            vm.set_user_memory_region(flags=GMEM, guest_memfd=gmem, **region)
+        elif op == "dirty" and not vm.memslots:
+            vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
+                                      userspace_addr=0x7F0000000000,
+                                      flags=MemFlag.LOG_DIRTY_PAGES, host_level=host_level)
+        assert vm.check_invariants() == [], (op, page)

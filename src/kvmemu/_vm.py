@@ -461,6 +461,22 @@ class VM:
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
+    def check_invariants(self) -> list[str]:
+        """What must hold between the MMU's tables and the memory model, checked from
+        scratch; returns the violations found (an empty list when all hold):
+
+        * every table is linked once, from a present non-leaf entry;
+        * every present leaf maps memory of an existing address-space-0 memslot, with
+          the frame faultin would give it (guest_memfd frame for private or gmem-only
+          memory, else the host frame), and writable only if the slot is not READONLY;
+        * a TDX mirror leaf maps only private gfns, a direct leaf only shared ones; on
+          other private-memory VMs the frame kind matches the gfn's attributes;
+        * no huge leaf crosses a memslot edge, spans mixed attributes, or sits where
+          lpage_info disallows it;
+        * the per-level leaf counts in ``stats`` equal the leaves found.
+        """
+        return _check_invariants(self)
+
     def create_vcpu(self) -> "VCPU":
         """KVM_CREATE_VCPU: vCPU ids count from 0."""
         vcpu = VCPU(self, len(self._vcpus))
@@ -629,3 +645,68 @@ class _DetachedVCPU:
     def __getattr__(self, name: str) -> Any:
         raise RuntimeError(f"vCPU {self._vcpu_id} was created after the snapshot that was "
                            "restored; it no longer exists")
+
+
+def _check_invariants(vm: VM) -> list[str]:
+    from .constants import PT_BASE_HPA, PTE, SPTE
+    problems: list[str] = []
+    state = vm._state
+    mmio_mask = (1 << 51) | PTE.PRESENT.value if vm.vendor == "svm" else 0
+    found = [0, 0, 0, 0]
+    roots = [(vm.page_tables, state.mmu.direct.gfn_bits, False)]
+    if vm.private_page_tables is not None:
+        roots.append((vm.private_page_tables, 0, True))
+    addr_mask = ((1 << 52) - 1) & ~0xFFF
+    for tables, gfn_bits, is_mirror in roots:
+        mem = tables.tables
+        seen = {0}
+
+        def visit(table: int, level: int, base_gfn: int) -> None:
+            span = 1 << (9 * (level - 1))
+            for index in range(512):
+                spte = int(mem[table, index])
+                if not spte & SPTE.MMU_PRESENT.value:
+                    continue
+                gfn = base_gfn + index * span
+                if level == 1 or spte & PTE.LARGE.value:
+                    check_leaf(tables, gfn - gfn_bits, level, spte, is_mirror)
+                    continue
+                child = ((spte & addr_mask) - PT_BASE_HPA) >> PAGE_SHIFT
+                if not 0 < child < len(mem) or child in seen:
+                    problems.append(f"table {table}[{index}] links table {child} badly")
+                    continue
+                seen.add(child)
+                visit(child, level - 1, gfn)
+
+        def check_leaf(tables: Any, gfn: int, level: int, spte: int, mirror: bool) -> None:
+            where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {level}"
+            found[level] += 1
+            n = 1 << (9 * (level - 1))
+            slot = state.find_slot(0, gfn)
+            if slot is None or gfn + n > slot.base_gfn + slot.npages:
+                problems.append(f"{where} is outside every memslot")
+                return
+            private = bool(state.get_attributes(gfn) & MemAttr.PRIVATE.value)
+            if not state.range_has_attributes(gfn, gfn + n, ~0, state.get_attributes(gfn)):
+                problems.append(f"{where} spans mixed attributes")
+            if vm.vm_type == VMType.TDX and private != mirror:
+                problems.append(f"{where} maps a {'private' if private else 'shared'} gfn")
+            if level > 1 and state.lpage_info(0, slot.id, level)[
+                    (gfn >> (9 * (level - 1))) - (slot.base_gfn >> (9 * (level - 1)))]:
+                problems.append(f"{where} is where lpage_info disallows a huge page")
+            if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+                pfn = state.gmem_pfn(slot, gfn) if slot.gmem_id >= 0 else -1
+            else:
+                pfn = (slot.userspace_addr >> PAGE_SHIFT) + (gfn - slot.base_gfn)
+            if ((spte & addr_mask) >> PAGE_SHIFT) != pfn:
+                problems.append(f"{where} maps frame {(spte & addr_mask) >> PAGE_SHIFT:#x}, "
+                                f"not {pfn:#x}")
+            if spte & PTE.WRITABLE.value and slot.flags & MemFlag.READONLY.value:
+                problems.append(f"{where} is writable in a READONLY memslot")
+
+        visit(0, tables.levels, 0)
+    del mmio_mask
+    counted = state.mmu.pages
+    if list(counted[1:4]) != found[1:4]:
+        problems.append(f"leaf counts {list(counted[1:4])} differ from the tables {found[1:4]}")
+    return problems
