@@ -464,7 +464,7 @@ OPS = st.lists(st.tuples(st.sampled_from(["read", "write", "fetch", "enc", "priv
                          st.integers(0, 1023)), max_size=25)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(deadline=None)
 @given(vm_type=st.sampled_from([VMType.DEFAULT, VMType.SW_PROTECTED, VMType.SNP, VMType.TDX]),
        nx=st.booleans(), host_level=st.integers(1, 3), ops=OPS)
 def test_random_operations_keep_the_invariants(kv, vm_type, nx, host_level, ops):
@@ -481,8 +481,14 @@ def test_random_operations_keep_the_invariants(kv, vm_type, nx, host_level, ops)
             alias = gpa if vm.get_memory_attributes(page) or not shared else gpa | shared
             if vm_type == VMType.TDX and op == "fetch":
                 continue
-            result = vcpu.access(alias, write=op == "write", fetch=op == "fetch",
-                                 encrypted=op == "enc")
+            try:
+                result = vcpu.access(alias, write=op == "write", fetch=op == "fetch",
+                                     encrypted=op == "enc")
+            except KvmError as exc:
+                # An encrypted access that meets an NPT MMIO SPTE: RSVD with PRIVATE is a
+                # WARN and -EFAULT in kvm_mmu_page_fault, without a memory-fault exit.
+                assert exc.errno == errno.EFAULT and op == "enc"
+                continue
             assert isinstance(result, (Translation, MmioExit, MemoryFaultExit))
         elif op in ("private", "shared") and vm.has_private_mem:
             vm.set_memory_attributes(gpa & ~0x1FFFFF if page % 3 == 0 else gpa,
