@@ -10,3 +10,5 @@
 include "_paging.pxi"
 include "_intake.pxi"
 include "_memory.pxi"
+include "_mmu.pxi"
+include "_vcpu.pxi"
