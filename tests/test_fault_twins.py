@@ -173,22 +173,29 @@ def test_fault_pipeline_twins_agree(config, layout, operations):
 
 
 def test_tables_are_reused_last_freed_first_on_both_cores():
-    """A huge leaf over mapped 4K pages frees their tables; later tables reuse them LIFO."""
+    """2M leaves replacing 4K tables free them; later tables reuse them last freed first."""
     tables = []
     for core in CORES:
         vm = core.VM(VMType.DEFAULT)
-        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
-                                  userspace_addr=GIB, host_level=1)
         vcpu = vm.create_vcpu()
-        for gpa in (0, 2 * MIB, 4 * MIB, 0x1000):
-            vcpu.access(gpa, write=True)
-        # Dirty logging off -> on -> off with a 2M host level remaps at 2M.
-        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0, userspace_addr=0)
-        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
-                                  userspace_addr=GIB, host_level=2)
-        for gpa in (0, 2 * MIB, 6 * MIB, 8 * MIB):
-            vcpu.access(gpa)
-        tables.append((vm.page_tables.tables.copy(), vm.stats))
+
+        def remap(host_level, gpas):
+            if vm.memslots:
+                vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0,
+                                          userspace_addr=0)
+            vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                                      userspace_addr=GIB, host_level=host_level)
+            for gpa in gpas:
+                vcpu.access(gpa, write=True)
+
+        pt = vm.page_tables
+        remap(1, (0, 2 * MIB, 4 * MIB))                 # three 4K tables
+        first = [pt.get_entry(gpa, 2) & ~0xFFF for gpa in (0, 2 * MIB, 4 * MIB)]
+        remap(2, (0, 2 * MIB, 4 * MIB))                 # freed in that order
+        remap(1, (16 * MIB, 18 * MIB, 20 * MIB))        # reused in the reverse order
+        again = [pt.get_entry(gpa, 2) & ~0xFFF for gpa in (16 * MIB, 18 * MIB, 20 * MIB)]
+        assert again == first[::-1]
+        tables.append((pt.tables.copy(), vm.stats))
     np.testing.assert_array_equal(tables[0][0], tables[1][0])
     assert tables[0][1] == tables[1][1]
 
