@@ -149,8 +149,11 @@ cdef class Root:
         tables.c_fill(0, SHADOW_NONPRESENT_VALUE)
 
     cdef inline Py_ssize_t child(self, uint64_t spte) noexcept:
-        """The table a present non-leaf SPTE points to (spte_to_child_sp)."""
-        return table_at(spte & SPTE_BASE_ADDR_MASK, self.pt.ntables)
+        """The table a present non-leaf SPTE points to (spte_to_child_sp).  KVM's own
+        SPTEs always point at a table; one written over with set_entry may not, and
+        then this is the storage's last row, the row the twin's index -1 reads."""
+        cdef Py_ssize_t table = table_at(spte & SPTE_BASE_ADDR_MASK, self.pt.ntables)
+        return table if table >= 0 else self.pt.mem.shape[0] - 1
 
     cdef int set_disallowed(self, Py_ssize_t table, bint value) except -1:
         cdef Py_ssize_t cap
