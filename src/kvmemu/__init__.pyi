@@ -59,12 +59,30 @@ from .constants import (
     RetPF as RetPF,
     VmxExitReason as VmxExitReason,
     VMType as VMType,
+    SPTE as SPTE,
+    SHADOW_NONPRESENT_VALUE as SHADOW_NONPRESENT_VALUE,
+    EPT_MISCONFIG_WX_VALUE as EPT_MISCONFIG_WX_VALUE,
+    EPT_MMIO_MASK as EPT_MMIO_MASK,
+    NPT_MMIO_VALUE as NPT_MMIO_VALUE,
+    NPT_MMIO_ACCESS_MASK as NPT_MMIO_ACCESS_MASK,
+    MMIO_SPTE_GEN_LOW_START as MMIO_SPTE_GEN_LOW_START,
+    MMIO_SPTE_GEN_LOW_BITS as MMIO_SPTE_GEN_LOW_BITS,
+    MMIO_SPTE_GEN_HIGH_START as MMIO_SPTE_GEN_HIGH_START,
+    MMIO_SPTE_GEN_MASK as MMIO_SPTE_GEN_MASK,
+    ACC_EXEC as ACC_EXEC,
+    ACC_WRITE as ACC_WRITE,
+    ACC_USER as ACC_USER,
+    ACC_ALL as ACC_ALL,
+    TDX_LOCAL_RETRY_LIMIT as TDX_LOCAL_RETRY_LIMIT,
+    ACCESS_LOOP_LIMIT as ACCESS_LOOP_LIMIT,
 )
 from ._vm import GuestMemfd as GuestMemfd, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 from .results import (
     EptMisconfig as EptMisconfig,
     EptViolation as EptViolation,
+    MemoryFaultExit as MemoryFaultExit,
+    MmioExit as MmioExit,
     NestedPageFault as NestedPageFault,
     Translation as Translation,
 )
@@ -132,6 +150,38 @@ class VM:
     @property
     def mmu_invalidate_range(self) -> tuple[int, int]: ...
     def memslots_generation(self, as_id: int = 0) -> int: ...
+    tdp_levels: int
+    @property
+    def page_tables(self) -> PageTables: ...
+    @property
+    def private_page_tables(self) -> PageTables | None: ...
+    @property
+    def stats(self) -> dict[str, int]: ...
+    def create_vcpu(self) -> VCPU: ...
+
+class KvmRun:
+    @property
+    def exit_reason(self) -> ExitReason: ...
+    @property
+    def memory_fault(self) -> tuple[int, int, int]: ...
+    @property
+    def mmio(self) -> tuple[int, bool]: ...
+
+class VCPU:
+    """A vCPU (see kvmemu._vm.VCPU for the full contract)."""
+
+    vm: VM
+    vcpu_id: int
+    run: KvmRun
+    stage_hook: object
+    @property
+    def stats(self) -> dict[str, int]: ...
+    def handle_ept_violation(self, gpa: _Int, exit_qualification: _Int) -> int: ...
+    def handle_ept_misconfig(self, gpa: _Int) -> int: ...
+    def handle_npf(self, gpa: _Int, exit_info_1: _Int) -> int: ...
+    def access(self, gpa: _Int, *, write: bool = False, fetch: bool = False,
+               user: bool = False, stage: str = "final",
+               encrypted: bool = False) -> Translation | MemoryFaultExit | MmioExit: ...
 
 _Exit = EptViolation | EptMisconfig | NestedPageFault
 

@@ -74,6 +74,47 @@ cdef extern from "_constants.h":
     const uint64_t KVM_LPAGE_MIXED_FLAG "KVMEMU_KVM_LPAGE_MIXED_FLAG"
     const uint64_t INVALID_GPA "KVMEMU_INVALID_GPA"
 
+    # The fault pipeline (_mmu.pxi, _vcpu.pxi).
+    const uint64_t EPTE_IPAT "KVMEMU_EPTE_IPAT"
+    const uint64_t EPTE_SUPPRESS_VE "KVMEMU_EPTE_SUPPRESS_VE"
+    const uint64_t MEMTYPE_WB "KVMEMU_MemType_WB"
+    const uint64_t SPTE_HOST_WRITABLE "KVMEMU_SPTE_HOST_WRITABLE"
+    const uint64_t SPTE_MMU_WRITABLE "KVMEMU_SPTE_MMU_WRITABLE"
+    const uint64_t SPTE_MMU_PRESENT "KVMEMU_SPTE_MMU_PRESENT"
+    const uint64_t SPTE_EPT_HOST_WRITABLE "KVMEMU_SPTE_EPT_HOST_WRITABLE"
+    const uint64_t SPTE_EPT_MMU_WRITABLE "KVMEMU_SPTE_EPT_MMU_WRITABLE"
+    const uint64_t SHADOW_NONPRESENT_VALUE "KVMEMU_SHADOW_NONPRESENT_VALUE"
+    const uint64_t EPT_MISCONFIG_WX_VALUE "KVMEMU_EPT_MISCONFIG_WX_VALUE"
+    const uint64_t EPT_MMIO_MASK "KVMEMU_EPT_MMIO_MASK"
+    const uint64_t NPT_MMIO_VALUE "KVMEMU_NPT_MMIO_VALUE"
+    const uint64_t NPT_MMIO_ACCESS_MASK "KVMEMU_NPT_MMIO_ACCESS_MASK"
+    const uint64_t MMIO_SPTE_GEN_LOW_START "KVMEMU_MMIO_SPTE_GEN_LOW_START"
+    const uint64_t MMIO_SPTE_GEN_LOW_BITS "KVMEMU_MMIO_SPTE_GEN_LOW_BITS"
+    const uint64_t MMIO_SPTE_GEN_HIGH_START "KVMEMU_MMIO_SPTE_GEN_HIGH_START"
+    const uint64_t MMIO_SPTE_GEN_MASK "KVMEMU_MMIO_SPTE_GEN_MASK"
+    const uint64_t ACC_EXEC "KVMEMU_ACC_EXEC"
+    const uint64_t ACC_WRITE "KVMEMU_ACC_WRITE"
+    const uint64_t ACC_ALL "KVMEMU_ACC_ALL"
+    const uint64_t KVM_MAX_HUGEPAGE_LEVEL "KVMEMU_KVM_MAX_HUGEPAGE_LEVEL"
+    const uint64_t MEMFLAG_LOG_DIRTY_PAGES "KVMEMU_MemFlag_LOG_DIRTY_PAGES"
+    const uint64_t MEMFLAG_READONLY "KVMEMU_MemFlag_READONLY"
+    const uint64_t KVM_MEMSLOT_GMEM_ONLY "KVMEMU_KVM_MEMSLOT_GMEM_ONLY"
+    const uint64_t HOST_MAXPHYADDR "KVMEMU_HOST_MAXPHYADDR"
+    const uint64_t GMEM_PFN_BASE "KVMEMU_GMEM_PFN_BASE"
+    const uint64_t GMEM_FILE_PAGES "KVMEMU_GMEM_FILE_PAGES"
+    const uint64_t MEMORY_EXIT_FLAG_PRIVATE "KVMEMU_MEMORY_EXIT_FLAG_PRIVATE"
+    const uint64_t TDX_LOCAL_RETRY_LIMIT "KVMEMU_TDX_LOCAL_RETRY_LIMIT"
+    const uint64_t EXIT_REASON_UNKNOWN "KVMEMU_ExitReason_UNKNOWN"
+    const uint64_t EXIT_REASON_MMIO "KVMEMU_ExitReason_MMIO"
+    const uint64_t EXIT_REASON_MEMORY_FAULT "KVMEMU_ExitReason_MEMORY_FAULT"
+    # RET_PF_* as C ints (handlers return them or a negative errno).
+    const int RET_PF_CONTINUE "((int)KVMEMU_RetPF_CONTINUE)"
+    const int RET_PF_RETRY "((int)KVMEMU_RetPF_RETRY)"
+    const int RET_PF_EMULATE "((int)KVMEMU_RetPF_EMULATE)"
+    const int RET_PF_INVALID "((int)KVMEMU_RetPF_INVALID)"
+    const int RET_PF_FIXED "((int)KVMEMU_RetPF_FIXED)"
+    const int RET_PF_SPURIOUS "((int)KVMEMU_RetPF_SPURIOUS)"
+
 
 # --- vendor intake (_intake.pxi) ------------------------------------------------------
 
@@ -96,6 +137,7 @@ ctypedef struct slot_c:
     int host_level
     uint32_t* lpage_2m
     uint32_t* lpage_1g
+    void* owner             # the Slot object (borrowed; the VM's slot tables own it)
 
 # --- second-stage page tables and the hardware walk (_paging.pxi) ---------------------
 
@@ -141,11 +183,43 @@ cdef class PageTables:
     cdef readonly str kind
     cdef readonly int levels, maxphyaddr
     cdef readonly bint ad_bits, exec_only, mbec, huge_1g, host_nx, host_smep
+    cdef Py_ssize_t* free_list          # KVM's freed tables, a LIFO stack
+    cdef Py_ssize_t nfree, free_cap
     cdef Py_ssize_t new_table(self) except -1
     cdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index)
     cdef tuple descend(self, uint64_t gpa, int level)
+    # KVM's use of the storage (the TDP MMU): unchecked, for the fault pipeline.
+    cdef Py_ssize_t c_alloc(self, uint64_t fill) except -1
+    cdef int c_free(self, Py_ssize_t table) except -1
+    cdef void c_fill(self, Py_ssize_t table, uint64_t value) noexcept
+    cdef Py_ssize_t _kvm_table(self, Py_ssize_t table) except -1
 
 cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
                   uint64_t gpa, WalkPath* path) noexcept nogil
 cdef Outcome translate_one(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags) noexcept nogil
+
+
+# --- the TDP MMU (_mmu.pxi) -------------------------------------------------------------
+
+# The per-vendor SPTE masks (kvm_mmu_set_ept_masks / kvm_mmu_reset_all_pte_masks).
+cdef struct SpteFmt:
+    bint ept
+    uint64_t present, user, x, nx, accessed, dirty
+    uint64_t host_writable, mmu_writable, memtype
+    uint64_t mmio_value, mmio_mask, mmio_access_mask
+
+# struct kvm_page_fault: the facts of one fault, derived once (mmu_internal.h).
+cdef struct FaultRec:
+    uint64_t addr, error_code, gfn, mmu_seq, pfn
+    bint exec_, write, present, rsvd, user, prefetch, is_private
+    bint nx_huge_page_workaround_enabled, map_writable, huge_page_disallowed
+    int max_level, req_level, goal_level
+    bint has_slot
+    slot_c slot             # a copy of the memslot record (refreshed after a stage hook)
+
+# The deepest SPTE on a gfn's path (kvm_tdp_mmu_get_walk).
+cdef struct LastSpte:
+    Py_ssize_t table, index
+    int level
+    uint64_t spte

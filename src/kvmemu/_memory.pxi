@@ -53,8 +53,27 @@ cdef class Slot:
     def end_gfn(self):
         return self.base_gfn + self.npages
 
+    @property
+    def gmem_only(self):
+        """KVM_MEMSLOT_GMEM_ONLY: bound to a guest_memfd created with MMAP."""
+        return (self.flags & KVM_MEMSLOT_GMEM_ONLY) != 0
+
     def __repr__(self):
         return f"Slot(as_id={self.as_id}, id={self.id}, gfns={self.base_gfn:#x}+{self.npages:#x})"
+
+    cdef void record(self, slot_c* rec) noexcept:
+        """This slot as the fault path reads it."""
+        rec.base_gfn = self.base_gfn
+        rec.npages = self.npages
+        rec.userspace_addr = self.userspace_addr
+        rec.gmem_pgoff = self.gmem_pgoff
+        rec.id = self.id
+        rec.flags = self.flags
+        rec.gmem_id = self.gmem_id
+        rec.host_level = self.host_level
+        rec.lpage_2m = &self.lpage_2m[0]
+        rec.lpage_1g = &self.lpage_1g[0]
+        rec.owner = <void*>self
 
     cdef uint32_t[::1] lpage(self, int level) noexcept:
         return self.lpage_2m if level == PG_LEVEL_2M else self.lpage_1g
@@ -85,15 +104,26 @@ cdef class VMState:
     cdef readonly int64_t mmu_invalidate_in_progress
     cdef readonly uint64_t mmu_invalidate_range_start
     cdef readonly uint64_t mmu_invalidate_range_end
+    # What the MMU needs to know (kvmemu._vm.MmuConfig), and the MMU.
+    cdef readonly object config
+    cdef bint ept, tdx, sw_protected, snp
+    cdef uint64_t direct_bits_gfn
+    cdef readonly uint64_t max_gfn           # kvm_mmu_max_gfn(): the host MAXPHYADDR
+    cdef readonly TdpMmu mmu
 
     def __cinit__(self):
         self.cslots = NULL
         self.cbases = NULL
         self.ncslots = 0
 
-    def __init__(self, bint has_private_mem, int nr_as_ids):
+    def __init__(self, bint has_private_mem, int nr_as_ids, config):
         if nr_as_ids not in (1, 2):
             raise ValueError(f"nr_as_ids must be 1 or 2, not {nr_as_ids}")
+        self.config = config
+        self.ept, self.tdx = config.ept, config.tdx
+        self.sw_protected, self.snp = config.sw_protected, config.snp
+        self.direct_bits_gfn = config.direct_bits_gfn
+        self.max_gfn = (<uint64_t>1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
         self.has_private_mem = has_private_mem
         self.supported_attributes = MEMATTR_PRIVATE if has_private_mem else 0
         self.nr_as_ids = nr_as_ids
@@ -108,6 +138,28 @@ cdef class VMState:
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = INVALID_GPA
         self.mmu_invalidate_range_end = INVALID_GPA
+        self.mmu = TdpMmu(config.ept, config.tdx, config.levels, config.direct_bits_gfn,
+                          config.nx_huge_pages, self._new_page_tables)
+
+    def _new_page_tables(self):
+        """The second-stage paging structures KVM builds for this VM's host: EPT with A/D
+        bits, execute-only and 1G pages, or long-mode NPT with host NX; MAXPHYADDR 48."""
+        return PageTables("ept" if self.ept else "npt", self.config.levels, ad_bits=True,
+                          exec_only=True, mbec=False, maxphyaddr=HOST_MAXPHYADDR, huge_1g=True,
+                          host_nx=True, host_smep=False)
+
+    def new_vcpu(self):
+        return VCPUState(self)
+
+    cdef inline uint64_t c_gmem_pfn(self, const slot_c* s, uint64_t gfn) noexcept nogil:
+        """The guest_memfd frame backing gfn (kvm_gmem_get_pfn; see GMEM_PFN_BASE)."""
+        cdef uint64_t page = s.gmem_pgoff + (gfn - s.base_gfn)
+        return GMEM_PFN_BASE + (<uint64_t>s.gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+
+    def gmem_pfn(self, Slot slot, uint64_t gfn):
+        cdef slot_c rec
+        slot.record(&rec)
+        return self.c_gmem_pfn(&rec, gfn)
 
     def __dealloc__(self):
         free(self.cslots)
@@ -138,17 +190,8 @@ cdef class VMState:
             raise MemoryError()
         for i in range(n):
             s = ordered[i]
-            records[i].base_gfn = s.base_gfn
+            s.record(&records[i])
             bases[i] = s.base_gfn
-            records[i].npages = s.npages
-            records[i].userspace_addr = s.userspace_addr
-            records[i].gmem_pgoff = s.gmem_pgoff
-            records[i].id = s.id
-            records[i].flags = s.flags
-            records[i].gmem_id = s.gmem_id
-            records[i].host_level = s.host_level
-            records[i].lpage_2m = &s.lpage_2m[0]
-            records[i].lpage_1g = &s.lpage_1g[0]
         free(self.cslots)
         free(self.cbases)
         self.cslots = records
@@ -228,8 +271,14 @@ cdef class VMState:
         return False
 
     def swap_active_memslots(self, int as_id):
-        """kvm_swap_active_memslots: the generation advances by the number of address spaces."""
+        """kvm_swap_active_memslots: the generation advances by the number of address spaces.
+
+        kvm_mmu_invalidate_mmio_sptes: when the MMIO generation wraps to 0, every SPTE
+        goes (kvm_mmu_zap_all_fast) so that no stale MMIO SPTE can match again.
+        """
         self.gen[as_id] += self.nr_as_ids
+        if not (self.gen[as_id] & MMIO_SPTE_GEN_MASK & ~(<uint64_t>self.nr_as_ids - 1)):
+            self.mmu.zap_all()
 
     def create_slot(self, int as_id, int slot_id, uint64_t base_gfn, uint64_t npages,
                     uint32_t flags, uint64_t userspace_addr, int gmem_id, uint64_t gmem_pgoff,
@@ -273,21 +322,22 @@ cdef class VMState:
         s.flags = flags
         self._reindex(as_id)
         self.swap_active_memslots(as_id)
+        self.zap_memslot(s)
 
     def zap_memslot(self, Slot slot):
         """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters)."""
-        return self.unmap_gfn_range(slot.base_gfn, slot.base_gfn + slot.npages,
+        return self.unmap_gfn_range(slot, slot.base_gfn, slot.base_gfn + slot.npages,
                                     private=True, shared=True)
 
-    def unmap_gfn_range(self, uint64_t start, uint64_t end, *, bint private, bint shared):
-        """kvm_unmap_gfn_range: remove the leaf mappings of [start, end) in the roots that
-        the attribute filter selects (TDX: private -> mirror root, shared -> direct root;
-        every other VM: the one direct root).  Returns whether a TLB flush is needed.
-
-        This VM state keeps no second-stage mappings yet, so nothing is mapped and
-        nothing needs removing.
-        """
-        return False
+    def unmap_gfn_range(self, Slot slot, uint64_t start, uint64_t end, *, bint private,
+                        bint shared):
+        """kvm_unmap_gfn_range: remove the leaf mappings of [start, end) in the roots of the
+        slot's address space that the attribute filter selects (TDX: private -> mirror
+        root, shared -> direct root; every other VM: the one direct root).  SMM's address
+        space has no roots here: no vCPU runs in SMM.  Returns whether to flush TLBs."""
+        if slot.as_id != 0:
+            return False
+        return self.mmu.unmap_range(start, end, private, shared) != 0
 
     cdef void _alloc_metadata(self, Slot s) except *:
         """kvm_alloc_memslot_metadata (x86.c): lpage_info with edge and congruence rules."""
@@ -382,7 +432,7 @@ cdef class VMState:
                 self.range_add(tail, tail + n)
         # The filter names the *old* state: making memory private unmaps shared mappings.
         to_private = (attrs & MEMATTR_PRIVATE) != 0
-        self.unmap_gfn_range(start, end, private=not to_private, shared=to_private)
+        self.unmap_gfn_range(s, start, end, private=not to_private, shared=to_private)
 
     cdef void _post_set(self, Slot s, uint64_t start, uint64_t end, uint64_t attrs) noexcept:
         """kvm_arch_post_set_memory_attributes: 2M first, 1G reads the 2M results."""

@@ -15,6 +15,7 @@
 # indexes outside rows 0 .. ntables-1 whatever the entries say.
 
 from libc.stdint cimport uint64_t, uint8_t
+from libc.stdlib cimport free, realloc
 
 import numpy as np
 
@@ -240,6 +241,13 @@ cdef class PageTables:
     and the decisions where the hardware documentation is silent.
     """
 
+    def __cinit__(self):
+        self.free_list = NULL
+        self.nfree = self.free_cap = 0
+
+    def __dealloc__(self):
+        free(self.free_list)
+
     def __init__(self, kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False,
                  maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False):
         (self.kind, self.levels, self.ad_bits, self.exec_only, self.mbec, self.maxphyaddr,
@@ -298,6 +306,68 @@ cdef class PageTables:
             self.mem = grown
         self.ntables += 1
         return self.ntables - 1
+
+    # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables -------
+
+    cdef Py_ssize_t c_alloc(self, uint64_t fill) except -1:
+        """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
+        freed first, so table addresses are a pure function of the call sequence."""
+        cdef Py_ssize_t table
+        if self.nfree:
+            self.nfree -= 1
+            table = self.free_list[self.nfree]
+        else:
+            table = self.new_table()
+        self.c_fill(table, fill)
+        return table
+
+    cdef int c_free(self, Py_ssize_t table) except -1:
+        cdef Py_ssize_t cap
+        cdef Py_ssize_t* grown
+        if self.nfree == self.free_cap:
+            cap = max(16, 2 * self.free_cap)
+            grown = <Py_ssize_t*>realloc(self.free_list, cap * sizeof(Py_ssize_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.free_list, self.free_cap = grown, cap
+        self.free_list[self.nfree] = table
+        self.nfree += 1
+        return 0
+
+    cdef void c_fill(self, Py_ssize_t table, uint64_t value) noexcept:
+        cdef Py_ssize_t i
+        for i in range(<Py_ssize_t>PT_ENTRIES):
+            self.mem[table, i] = value
+
+    cdef Py_ssize_t _kvm_table(self, Py_ssize_t table) except -1:
+        if not 0 <= table < self.ntables:
+            raise IndexError(f"table {table} is not in 0..{self.ntables - 1}")
+        return table
+
+    def kvm_alloc(self, fill):
+        return self.c_alloc(_args.u64("fill", fill))
+
+    def kvm_free(self, Py_ssize_t table):
+        self.c_free(self._kvm_table(table))
+
+    def kvm_fill(self, Py_ssize_t table, value):
+        self.c_fill(self._kvm_table(table), _args.u64("value", value))
+
+    def kvm_get(self, Py_ssize_t table, Py_ssize_t index):
+        if not 0 <= index < <Py_ssize_t>PT_ENTRIES:
+            raise IndexError(f"index {index} is not in 0..{PT_ENTRIES - 1}")
+        return self.mem[self._kvm_table(table), index]
+
+    def kvm_set(self, Py_ssize_t table, Py_ssize_t index, value):
+        if not 0 <= index < <Py_ssize_t>PT_ENTRIES:
+            raise IndexError(f"index {index} is not in 0..{PT_ENTRIES - 1}")
+        self.mem[self._kvm_table(table), index] = _args.u64("value", value)
+
+    def kvm_hpa(self, Py_ssize_t table):
+        return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
+
+    def kvm_table_at(self, uint64_t hpa):
+        return table_at(hpa, self.ntables)
 
     cdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index):
         return self.mem[table, index] if table >= 0 else 0

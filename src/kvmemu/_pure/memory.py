@@ -167,7 +167,7 @@ class VMState:
         goes (kvm_mmu_zap_all_fast) so that no stale MMIO SPTE can match again.
         """
         self.generation[as_id] += self.nr_as_ids
-        if as_id == 0 and not self.generation[0] & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
+        if not self.generation[as_id] & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
             self.mmu.zap_all()
 
     def create_slot(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,

@@ -1,0 +1,327 @@
+# A vCPU's fault handling: exit handlers, kvm_mmu_page_fault, the access loop.
+#
+# The compiled twin of kvmemu/_pure/vcpu.py, which names the Linux 6.18
+# functions each step follows (handle_ept_violation, tdx_handle_ept_violation,
+# handle_ept_misconfig, npf_interception, kvm_mmu_page_fault,
+# handle_mmio_page_fault, kvm_tdp_mmu_page_fault, fast_page_fault,
+# kvm_mmu_faultin_pfn, kvm_handle_noslot_fault, kvm_prepare_memory_fault_exit).
+#
+# One fault is a C struct (FaultRec) with a copy of its memslot's record; the
+# counters are C.  Python objects appear only at the edges: the result objects
+# of access(), and the optional stage hook, called only when one is set (after
+# it, the memslot record is re-read from the Slot object, which the hook may
+# have changed; the fault keeps a reference to it meanwhile).
+
+from libc.errno cimport EFAULT, EIO
+
+from kvmemu.results import MemoryFaultExit, MmioExit
+
+#: The named points of the pipeline where ``stage_hook`` runs (see VCPUState).
+STAGES = ("fault", "faultin", "map")
+
+cdef tuple STAT_NAMES = ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious",
+                         "pf_mmio_spte_created", "pf_fast")
+
+
+cdef void fault_init(FaultRec* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
+                     const slot_c* slot, bint nx) noexcept nogil:
+    """struct kvm_page_fault, as kvm_mmu_do_page_fault fills it."""
+    f.addr = addr
+    f.error_code = error_code
+    f.exec_ = (error_code & PFERR_FETCH) != 0
+    f.write = (error_code & PFERR_WRITE) != 0
+    f.present = (error_code & PFERR_PRESENT) != 0
+    f.rsvd = (error_code & PFERR_RSVD) != 0
+    f.user = (error_code & PFERR_USER) != 0
+    f.prefetch = False
+    f.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
+    f.nx_huge_page_workaround_enabled = nx
+    f.max_level = KVM_MAX_HUGEPAGE_LEVEL
+    f.req_level = PG_LEVEL_4K
+    f.goal_level = PG_LEVEL_4K
+    f.gfn = gfn
+    f.has_slot = slot != NULL
+    if slot != NULL:
+        f.slot = slot[0]
+    f.mmu_seq = 0
+    f.pfn = 0
+    f.map_writable = False
+    f.huge_page_disallowed = False
+
+
+cdef class VCPUState:
+    """One vCPU: its exit handlers, kvm_run, MMIO cache and statistics.
+
+    ``stage_hook``, when set, is called as ``stage_hook(stage)`` at the named points
+    of the pipeline (see kvmemu._pure.vcpu.VCPUState): "fault", "faultin", "map".
+    """
+
+    cdef readonly VMState vm
+    cdef uint64_t counters[6]                # in the order of STAT_NAMES
+    cdef public int exit_reason
+    cdef uint64_t mf_flags, mf_gpa, mf_size  # run.memory_fault
+    cdef uint64_t mmio_gpa                   # run.mmio
+    cdef bint mmio_is_write
+    cdef public uint64_t mmio_gfn, mmio_gen  # the vCPU's MMIO cache
+    cdef public object stage_hook
+
+    def __init__(self, VMState vm):
+        self.vm = vm
+        memset(self.counters, 0, sizeof(self.counters))
+        self.exit_reason = EXIT_REASON_UNKNOWN
+        self.mf_flags = self.mf_gpa = self.mf_size = 0
+        self.mmio_gpa, self.mmio_is_write = 0, False
+        self.mmio_gfn = self.mmio_gen = 0
+        self.stage_hook = None
+
+    @property
+    def stats(self):
+        return {name: self.counters[i] for i, name in enumerate(STAT_NAMES)}
+
+    @property
+    def memory_fault(self):
+        return (self.mf_flags, self.mf_gpa, self.mf_size)
+
+    @property
+    def mmio(self):
+        return (self.mmio_gpa, self.mmio_is_write)
+
+    cdef int stage(self, str name, FaultRec* f) except -1:
+        """Run the stage hook, if set; then re-read the fault's memslot record."""
+        cdef Slot s
+        if self.stage_hook is None:
+            return 0
+        self.stage_hook(name)
+        if f != NULL and f.has_slot:
+            s = <Slot>f.slot.owner
+            s.record(&f.slot)
+        return 0
+
+    # --- vendor entry points ----------------------------------------------------------------
+
+    cdef int c_handle_ept_violation(self, uint64_t gpa, uint64_t q) except -1:
+        """handle_ept_violation (VMX) / tdx_handle_ept_violation (TDX)."""
+        cdef uint64_t shared_bit
+        cdef bint local_retry
+        cdef int r = 0, i
+        if self.vm.tdx:
+            shared_bit = self.vm.direct_bits_gfn << PAGE_SHIFT
+            local_retry = not (gpa & shared_bit)
+            if local_retry:    # private: handled as a write, the module's qualification ignored
+                q = EPT_VIOLATION_ACC_WRITE
+            elif q & EPT_VIOLATION_ACC_INSTR:
+                return -EIO    # KVM_BUG_ON: a fetch from shared memory
+            for i in range(<int>TDX_LOCAL_RETRY_LIMIT):
+                r = self.page_fault(gpa, vmx_ec(q, gpa, shared_bit))
+                if r != RET_PF_RETRY or not local_retry:
+                    break
+            return r
+        return self.page_fault(gpa, vmx_ec(q, gpa, 0))
+
+    cdef int c_handle_ept_misconfig(self, uint64_t gpa) except -1:
+        """handle_ept_misconfig: a reserved-bit fault, i.e. the MMIO path."""
+        if self.vm.tdx:
+            return -EIO        # a real EPT misconfig TD exit is a KVM bug
+        return self.page_fault(gpa, PFERR_RSVD)
+
+    cdef int c_handle_npf(self, uint64_t gpa, uint64_t exit_info_1) except -1:
+        """npf_interception (no RMP model: sev_handle_rmp_fault does nothing)."""
+        return self.page_fault(gpa, svm_ec(exit_info_1, self.vm.snp))
+
+    def handle_ept_violation(self, uint64_t gpa, uint64_t exit_qualification):
+        return self.c_handle_ept_violation(gpa, exit_qualification)
+
+    def handle_ept_misconfig(self, uint64_t gpa):
+        return self.c_handle_ept_misconfig(gpa)
+
+    def handle_npf(self, uint64_t gpa, uint64_t exit_info_1):
+        return self.c_handle_npf(gpa, exit_info_1)
+
+    # --- kvm_mmu_page_fault ------------------------------------------------------------------
+
+    cdef int page_fault(self, uint64_t gpa, uint64_t error_code) except -1:
+        """kvm_mmu_page_fault (mmu.c)."""
+        cdef VMState vm = self.vm
+        cdef int r
+        if (vm.sw_protected and not (error_code & PFERR_RSVD)
+                and vm.attributes(gpa >> PAGE_SHIFT) & MEMATTR_PRIVATE):
+            error_code |= PFERR_PRIVATE_ACCESS
+        self.stage("fault", NULL)
+        r = RET_PF_INVALID
+        if error_code & PFERR_RSVD:
+            if error_code & PFERR_PRIVATE_ACCESS:
+                return -EFAULT
+            r = self.handle_mmio_page_fault(gpa)
+            if r == RET_PF_EMULATE:
+                return r
+        if r == RET_PF_INVALID:
+            self.counters[0] += 1                         # pf_taken
+            r = self.do_page_fault(gpa, error_code)
+        if r < 0:
+            return r
+        if r == RET_PF_FIXED:
+            self.counters[1] += 1
+        elif r == RET_PF_EMULATE:
+            self.counters[2] += 1
+        elif r == RET_PF_SPURIOUS:
+            self.counters[3] += 1
+        return r
+
+    cdef int handle_mmio_page_fault(self, uint64_t gpa) noexcept:
+        """handle_mmio_page_fault: the vCPU's MMIO cache, then the MMIO SPTE."""
+        cdef VMState vm = self.vm
+        cdef uint64_t generation = vm.gen[0], gfn = gpa >> PAGE_SHIFT
+        cdef TdpMmu mmu = vm.mmu
+        cdef LastSpte last
+        if self.mmio_gen == generation and self.mmio_gfn and self.mmio_gfn == gfn:
+            return RET_PF_EMULATE
+        last = mmu.last_spte(mmu.direct, gfn & ~vm.direct_bits_gfn)
+        if is_mmio_spte(&mmu.fmt, last.spte):
+            if mmio_spte_generation(last.spte) != generation & MMIO_SPTE_GEN_MASK:
+                return RET_PF_INVALID
+            self.cache_mmio_info(gfn)
+            return RET_PF_EMULATE
+        return RET_PF_RETRY
+
+    cdef inline void cache_mmio_info(self, uint64_t gfn) noexcept:
+        """vcpu_cache_mmio_info (gva 0 for TDP)."""
+        self.mmio_gfn = gfn
+        self.mmio_gen = self.vm.gen[0]
+
+    cdef int do_page_fault(self, uint64_t gpa, uint64_t error_code) except -1:
+        """kvm_mmu_do_page_fault: the fault record, then the TDP handler."""
+        cdef VMState vm = self.vm
+        cdef uint64_t gfn = (gpa >> PAGE_SHIFT) & ~vm.direct_bits_gfn
+        cdef Py_ssize_t k = vm.slot_index(gfn)
+        cdef FaultRec f
+        cdef object keep = None
+        cdef int r
+        fault_init(&f, gpa, error_code, gfn, &vm.cslots[k] if k >= 0 else NULL,
+                   vm.mmu.nx_huge_pages)
+        if f.has_slot and self.stage_hook is not None:
+            keep = <object>f.slot.owner     # a hook may delete the slot; the fault keeps it
+        r = self.tdp_page_fault(&f)
+        if r == RET_PF_EMULATE and f.is_private:    # KVM cannot emulate private memory
+            return self.memory_fault_exit(&f)
+        return r
+
+    cdef int memory_fault_exit(self, const FaultRec* f) noexcept:
+        """kvm_mmu_prepare_memory_fault_exit: KVM_EXIT_MEMORY_FAULT, return -EFAULT."""
+        self.exit_reason = EXIT_REASON_MEMORY_FAULT
+        self.mf_flags = MEMORY_EXIT_FLAG_PRIVATE if f.is_private else 0
+        self.mf_gpa = f.gfn << PAGE_SHIFT
+        self.mf_size = PAGE_SIZE
+        return -EFAULT
+
+    cdef int tdp_page_fault(self, FaultRec* f) except -1:
+        """kvm_tdp_mmu_page_fault."""
+        cdef VMState vm = self.vm
+        cdef TdpMmu mmu = vm.mmu
+        cdef int r = self.fast_page_fault(f)
+        if r != RET_PF_INVALID:
+            return r
+        r = self.faultin_pfn(f)
+        if r != RET_PF_CONTINUE:
+            return r
+        self.stage("map", f)
+        if f.has_slot and vm.retry_gfn(f.mmu_seq, f.gfn):
+            return RET_PF_RETRY                             # is_page_fault_stale
+        return mmu.map(f, mmu.root_for(f.addr, vm.direct_bits_gfn << PAGE_SHIFT), vm.gen[0],
+                       &self.counters[4])
+
+    cdef int fast_page_fault(self, FaultRec* f) noexcept:
+        """fast_page_fault: only present faults can be fast with A/D bits enabled."""
+        cdef VMState vm = self.vm
+        cdef TdpMmu mmu = vm.mmu
+        cdef LastSpte last
+        cdef int r = RET_PF_INVALID
+        if f.rsvd:
+            return RET_PF_INVALID
+        if vm.has_private_mem and f.is_private != ((vm.attributes(f.gfn) & MEMATTR_PRIVATE) != 0):
+            return RET_PF_INVALID
+        if not f.present or not f.write:
+            return RET_PF_INVALID
+        last = mmu.last_spte(mmu.direct, f.gfn)
+        if is_shadow_present(last.spte) and is_last_spte(last.spte, last.level):
+            if access_allowed(&mmu.fmt, f.exec_, f.write, last.spte):
+                r = RET_PF_SPURIOUS
+            elif last.spte & mmu.fmt.mmu_writable and not (
+                    last.level > <int>PG_LEVEL_4K and f.has_slot
+                    and f.slot.flags & MEMFLAG_LOG_DIRTY_PAGES):
+                # fast_pf_fix_direct_spte: the lockless cmpxchg
+                mmu.direct.pt.mem[last.table, last.index] = last.spte | PTE_WRITABLE
+                r = RET_PF_FIXED
+        if r != RET_PF_INVALID:
+            self.counters[5] += 1                           # pf_fast
+        return r
+
+    # --- kvm_mmu_faultin_pfn --------------------------------------------------------------------
+
+    cdef int faultin_pfn(self, FaultRec* f) except -1:
+        cdef VMState vm = self.vm
+        f.mmu_seq = vm.mmu_invalidate_seq
+        if f.is_private != ((vm.attributes(f.gfn) & MEMATTR_PRIVATE) != 0):
+            return self.memory_fault_exit(f)
+        if not f.has_slot:
+            return self.handle_noslot_fault(f)
+        self.stage("faultin", f)
+        if vm.retry_gfn(f.mmu_seq, f.gfn):
+            return RET_PF_RETRY
+        if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+            if f.slot.gmem_id < 0:
+                return self.memory_fault_exit(f)
+            f.pfn = vm.c_gmem_pfn(&f.slot, f.gfn)
+            f.map_writable = not (f.slot.flags & MEMFLAG_READONLY)
+            f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
+        else:
+            if f.slot.flags & MEMFLAG_READONLY and f.write:
+                return RET_PF_EMULATE   # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+            f.pfn = (f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn)
+            f.map_writable = not (f.slot.flags & MEMFLAG_READONLY)
+        if vm.retry_gfn(f.mmu_seq, f.gfn):
+            return RET_PF_RETRY
+        return RET_PF_CONTINUE
+
+    cdef int handle_noslot_fault(self, FaultRec* f) noexcept:
+        """kvm_handle_noslot_fault: private -> memory fault; shared -> MMIO."""
+        if f.is_private:
+            return self.memory_fault_exit(f)
+        self.cache_mmio_info(f.gfn)
+        if f.gfn > self.vm.max_gfn:
+            return RET_PF_EMULATE               # cannot encode an MMIO SPTE
+        return RET_PF_CONTINUE
+
+    # --- the access loop ------------------------------------------------------------------------
+
+    def access(self, uint64_t gpa, uint64_t flags, int limit):
+        """Walk, exit, handle, resume until the access translates or leaves to userspace:
+        Translation, MemoryFaultExit, MmioExit, a negative errno, or None (unsettled)."""
+        cdef VMState vm = self.vm
+        cdef uint64_t shared_bit = vm.direct_bits_gfn << PAGE_SHIFT
+        cdef PageTables pt
+        cdef Outcome out
+        cdef int r, i
+        for i in range(limit):
+            if vm.tdx and not (gpa & shared_bit):
+                pt = vm.mmu.mirror.pt
+            else:
+                pt = vm.mmu.direct.pt
+            out = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
+            if out.kind == OUT_TRANSLATED:
+                return Translation(out.value, out.level)
+            if out.kind == OUT_EPT_VIOLATION:
+                r = self.c_handle_ept_violation(gpa, out.value)
+            elif out.kind == OUT_EPT_MISCONFIG:
+                r = self.c_handle_ept_misconfig(gpa)
+            else:
+                r = self.c_handle_npf(gpa, out.value)
+            if r < 0:
+                if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
+                    return MemoryFaultExit(self.mf_flags, self.mf_gpa, self.mf_size)
+                return r
+            if r == RET_PF_EMULATE:
+                self.exit_reason = EXIT_REASON_MMIO
+                self.mmio_gpa = gpa & ~shared_bit
+                self.mmio_is_write = (flags & ACCESS_WRITE) != 0
+                return MmioExit(self.mmio_gpa, self.mmio_is_write)
+        return None
