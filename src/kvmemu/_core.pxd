@@ -193,10 +193,11 @@ cdef class PageTables:
     cdef int c_free(self, Py_ssize_t table) except -1
     cdef void c_fill(self, Py_ssize_t table, uint64_t value) noexcept
     cdef Py_ssize_t _kvm_table(self, Py_ssize_t table) except -1
+    cdef PageTables clone(self)
 
-cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                   uint64_t gpa, WalkPath* path) noexcept nogil
-cdef Outcome translate_one(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags) noexcept nogil
 
 

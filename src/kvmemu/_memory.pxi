@@ -61,6 +61,17 @@ cdef class Slot:
     def __repr__(self):
         return f"Slot(as_id={self.as_id}, id={self.id}, gfns={self.base_gfn:#x}+{self.npages:#x})"
 
+    cdef Slot clone(self):
+        cdef Slot c = Slot.__new__(Slot)
+        c.as_id, c.id, c.base_gfn, c.npages, c.flags = (self.as_id, self.id, self.base_gfn,
+                                                        self.npages, self.flags)
+        c.userspace_addr, c.gmem_id, c.gmem_pgoff = (self.userspace_addr, self.gmem_id,
+                                                     self.gmem_pgoff)
+        c.host_level = self.host_level
+        c.lpage_2m = np.array(self.lpage_2m, dtype=np.uint32)
+        c.lpage_1g = np.array(self.lpage_1g, dtype=np.uint32)
+        return c
+
     cdef void record(self, slot_c* rec) noexcept:
         """This slot as the fault path reads it."""
         rec.base_gfn = self.base_gfn
@@ -150,6 +161,37 @@ cdef class VMState:
 
     def new_vcpu(self):
         return VCPUState(self)
+
+    def clone(self):
+        """A deep copy: slots with their lpage_info, attributes, page tables, counters.
+        Copies numpy storage; no Python object per page or per table entry."""
+        cdef VMState c = VMState.__new__(VMState)
+        cdef Slot s
+        cdef int as_id
+        c.config = self.config
+        c.ept, c.tdx, c.sw_protected, c.snp = self.ept, self.tdx, self.sw_protected, self.snp
+        c.direct_bits_gfn, c.max_gfn = self.direct_bits_gfn, self.max_gfn
+        c.has_private_mem, c.supported_attributes = self.has_private_mem, self.supported_attributes
+        c.nr_as_ids = self.nr_as_ids
+        c.gen[0], c.gen[1] = self.gen[0], self.gen[1]
+        c._slots = [{slot_id: (<Slot>s).clone() for slot_id, s in slots.items()}
+                    for slots in self._slots]
+        c._sorted = [[] for _ in range(self.nr_as_ids)]
+        c._bases = [[] for _ in range(self.nr_as_ids)]
+        for as_id in range(self.nr_as_ids):
+            c._reindex(as_id)
+        c._set_attr_arrays(self._attr_start_arr.copy(), self._attr_end_arr.copy(),
+                           self._attr_value_arr.copy())
+        c.mmu_invalidate_seq = self.mmu_invalidate_seq
+        c.mmu_invalidate_in_progress = self.mmu_invalidate_in_progress
+        c.mmu_invalidate_range_start = self.mmu_invalidate_range_start
+        c.mmu_invalidate_range_end = self.mmu_invalidate_range_end
+        c.mmu = self.mmu.clone()
+        return c
+
+    def clone_vcpus(self, vcpus):
+        cdef VCPUState v
+        return [v.clone(self) for v in vcpus]
 
     cdef inline uint64_t c_gmem_pfn(self, const slot_c* s, uint64_t gfn) noexcept nogil:
         """The guest_memfd frame backing gfn (kvm_gmem_get_pfn; see GMEM_PFN_BASE)."""

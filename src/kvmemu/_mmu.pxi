@@ -11,8 +11,8 @@
 # the twin's (a LIFO free list), so table addresses in non-leaf SPTEs match too.
 
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, realloc
-from libc.string cimport memset
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
 
 cdef uint64_t SPTE_BASE_ADDR_MASK = bits_from(PAGE_SHIFT, 51)
 cdef uint64_t GEN_LOW_MASK = ((<uint64_t>1 << MMIO_SPTE_GEN_LOW_BITS) - 1) << MMIO_SPTE_GEN_LOW_START
@@ -148,6 +148,18 @@ cdef class Root:
         self.gfn_bits = gfn_bits
         tables.c_fill(0, SHADOW_NONPRESENT_VALUE)
 
+    cdef Root clone(self):
+        cdef Root c = Root.__new__(Root)
+        c.pt = self.pt.clone()
+        c.gfn_bits = self.gfn_bits
+        if self.nx_cap:
+            c.nx_disallowed = <uint8_t*>malloc(self.nx_cap)
+            if c.nx_disallowed == NULL:
+                raise MemoryError()
+            memcpy(c.nx_disallowed, self.nx_disallowed, self.nx_cap)
+            c.nx_cap = self.nx_cap
+        return c
+
     cdef inline Py_ssize_t child(self, uint64_t spte) noexcept:
         """The table a present non-leaf SPTE points to (spte_to_child_sp).  KVM's own
         SPTEs always point at a table; one written over with set_entry may not, and
@@ -190,6 +202,14 @@ cdef class TdpMmu:
         self.direct = Root(make_tables(), direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if tdx else None
         memset(self.npages, 0, sizeof(self.npages))
+
+    cdef TdpMmu clone(self):
+        cdef TdpMmu c = TdpMmu.__new__(TdpMmu)
+        c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
+        c.direct = self.direct.clone()
+        c.mirror = None if self.mirror is None else self.mirror.clone()
+        memcpy(c.npages, self.npages, sizeof(self.npages))
+        return c
 
     @property
     def pages(self):

@@ -15,7 +15,8 @@
 # indexes outside rows 0 .. ntables-1 whatever the entries say.
 
 from libc.stdint cimport uint64_t, uint8_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 
 import numpy as np
 
@@ -23,6 +24,12 @@ from kvmemu import _args
 from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translation
 
 cdef Py_ssize_t INITIAL_TABLES = 4
+cdef Py_ssize_t GROWTH_TABLES = 256
+
+
+cdef inline Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept:
+    """Double while small, then GROWTH_TABLES (1 MiB of tables) at a time."""
+    return min(ntables + min(ntables, GROWTH_TABLES), max_tables)
 
 
 cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
@@ -53,7 +60,7 @@ cdef inline bint is_large(const PagingConfig* c, int level, uint64_t e) noexcept
     return (level == PG_LEVEL_2M or level == PG_LEVEL_1G) and (e & c.large_bit) != 0
 
 
-cdef bint ept_misconfigured(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
+cdef inline bint ept_misconfigured(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
     """A present EPT entry that causes an EPT misconfiguration (SDM 29.3.3.1)."""
     cdef uint64_t x_any = EPTE_EXEC | (EPTE_USER_EXEC if c.mbec else 0)
     if (e & EPTE_WRITE) and not (e & EPTE_READ):            # write-only, write+execute
@@ -73,7 +80,7 @@ cdef bint ept_misconfigured(const PagingConfig* c, int level, uint64_t e) noexce
     return (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1
 
 
-cdef bint npt_reserved(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
+cdef inline bint npt_reserved(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
     """A present NPT entry with a reserved bit set (RSVD #NPF)."""
     if (e & c.rsvd_high) or (not c.host_nx and (e & PTE_NX)):
         return True
@@ -84,7 +91,7 @@ cdef bint npt_reserved(const PagingConfig* c, int level, uint64_t e) noexcept no
     return level == PG_LEVEL_2M and (e & PTE_LARGE) != 0 and (e & NPT_RSVD_2M) != 0
 
 
-cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                   uint64_t gpa, WalkPath* path) noexcept nogil:
     """The entries the CPU reads for ``gpa``, root first, and why it stopped."""
     cdef Py_ssize_t table = 0, index
@@ -93,7 +100,7 @@ cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntable
     path.n = 0
     for level in range(c.levels, 0, -1):
         index = gpa_index(gpa, level)
-        e = mem[table, index] if table >= 0 else 0
+        e = mem[table * PT_ENTRIES + index] if table >= 0 else 0
         path.level[path.n] = level
         path.entry[path.n] = e
         path.slot[path.n] = table * PT_ENTRIES + index if table >= 0 else -1
@@ -111,7 +118,7 @@ cdef void hw_walk(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntable
 
 
 cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint64_t gpa,
-                               uint64_t[:, ::1] mem, uint64_t accessed, uint64_t dirty,
+                               uint64_t* mem, uint64_t accessed, uint64_t dirty,
                                bint write) noexcept nogil:
     """The leaf's address, after setting accessed in every entry used and dirty in the
     leaf for a write.  Every slot is >= 0: the walk reached a present leaf."""
@@ -119,18 +126,18 @@ cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint
     cdef int level = path.level[last]
     cdef uint64_t mask = level_page_mask(level)
     cdef Outcome out
-    cdef uint64_t* flat = &mem[0, 0]
-    for i in range(path.n):
-        flat[path.slot[i]] |= accessed
-    if write:
-        flat[path.slot[last]] |= dirty
+    for i in range(path.n):          # a store only where the bit is not yet set
+        if not (path.entry[i] & accessed):
+            mem[path.slot[i]] |= accessed
+    if write and not (path.entry[last] & dirty):
+        mem[path.slot[last]] |= dirty
     out.kind = OUT_TRANSLATED
     out.level = level
     out.value = (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask)
     return out
 
 
-cdef Outcome ept_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t gpa,
+cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
                            uint64_t flags, const WalkPath* path) noexcept nogil:
     """EPT: misconfiguration first, then violation, then the translation (A1, A2)."""
     cdef Outcome out
@@ -178,7 +185,7 @@ cdef Outcome ept_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t
     return out
 
 
-cdef Outcome npt_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t gpa,
+cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
                            uint64_t flags, const WalkPath* path) noexcept nogil:
     """NPT: a not-present or reserved entry, or a permission fault (A3)."""
     cdef Outcome out
@@ -213,10 +220,63 @@ cdef Outcome npt_translate(const PagingConfig* c, uint64_t[:, ::1] mem, uint64_t
     return out
 
 
-cdef Outcome translate_one(const PagingConfig* c, uint64_t[:, ::1] mem, Py_ssize_t ntables,
+cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
+                                   uint64_t gpa, uint64_t flags, Outcome* out) noexcept nogil:
+    """The common EPT case in one pass: a final-stage read or write whose every entry is
+    readable (and writable for a write), well-formed and present.  Anything else returns
+    False and goes through the general walk, which gives the same result for what this
+    accepts: the translation, accessed bits on every entry, dirty on the leaf for a write.
+    """
+    cdef uint64_t* used[5]
+    cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_WRITE else 0)
+    cdef uint64_t page_mask
+    cdef Py_ssize_t table = 0
+    cdef int level = c.levels, n = 0, i
+    if flags & ~(ACCESS_WRITE | ACCESS_USER | ACCESS_ENCRYPTED):
+        return False
+    while True:
+        used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
+        e = used[n][0]
+        n += 1
+        if (e & need) != need or (e & c.rsvd_high):
+            return False
+        if level > <int>PG_LEVEL_1G:
+            if e & EPT_RSVD_ROOT:
+                return False
+        elif level == PG_LEVEL_4K or (e & EPTE_LARGE):
+            break
+        elif e & EPT_RSVD_NONLEAF:
+            return False
+        table = table_at(e & c.addr_mask, ntables)
+        if table < 0:
+            return False
+        level -= 1
+    if level == PG_LEVEL_1G and (not c.huge_1g or (e & EPT_RSVD_1G)):
+        return False
+    if level == PG_LEVEL_2M and (e & EPT_RSVD_2M):
+        return False
+    if (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1:
+        return False
+    if c.ad_bits:
+        for i in range(n):
+            if not (used[i][0] & EPTE_ACCESSED):
+                used[i][0] |= EPTE_ACCESSED
+        if (flags & ACCESS_WRITE) and not (e & EPTE_DIRTY):
+            used[n - 1][0] |= EPTE_DIRTY
+    page_mask = level_page_mask(level)
+    out.kind = OUT_TRANSLATED
+    out.level = level
+    out.value = (e & c.addr_mask & ~page_mask) | (gpa & page_mask)
+    return True
+
+
+cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags) noexcept nogil:
     """One guest-physical access: walk, then the vendor's verdict (and A/D on success)."""
     cdef WalkPath path
+    cdef Outcome out
+    if c.ept and ept_fast_translate(c, mem, ntables, gpa, flags, &out):
+        return out
     hw_walk(c, mem, ntables, gpa, &path)
     if c.ept:
         return ept_translate(c, mem, gpa, flags, &path)
@@ -287,11 +347,11 @@ cdef class PageTables:
 
     @property
     def tables(self):
-        """The tables as a read-only (ntables, 512) uint64 view; row k is at
-        root_hpa + k * 4096.  Later growth is not reflected in the view."""
-        view = self.storage[:self.ntables]
-        view.flags.writeable = False
-        return view
+        """A read-only copy of the tables, (ntables, 512) uint64; row k is at
+        root_hpa + k * 4096.  (A copy: the storage is resized in place as it grows.)"""
+        copy = self.storage[:self.ntables].copy()
+        copy.flags.writeable = False
+        return copy
 
     cdef Py_ssize_t new_table(self) except -1:
         cdef object grown
@@ -299,13 +359,32 @@ cdef class PageTables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
         if self.ntables == self.mem.shape[0]:
-            grown = np.zeros((min(2 * self.mem.shape[0], self.max_tables), PT_ENTRIES),
-                             dtype=np.uint64)
-            grown[:self.ntables] = self.storage[:self.ntables]
-            self.storage = grown
-            self.mem = grown
+            # Resized in place (realloc, mremap when large): new rows are zero, and the
+            # spare capacity stays below GROWTH_TABLES tables whatever the size.
+            self.storage.resize((grown_capacity(self.ntables, self.max_tables), PT_ENTRIES),
+                                refcheck=False)
+            self.mem = self.storage
         self.ntables += 1
         return self.ntables - 1
+
+    cdef PageTables clone(self):
+        """A copy of the tables and their configuration (for VM snapshots): the storage
+        is copied as one numpy array, the free list as one block."""
+        cdef PageTables c = PageTables.__new__(PageTables)
+        c.cfg = self.cfg
+        c.storage = self.storage[:self.ntables].copy()
+        c.mem = c.storage
+        c.ntables, c.max_tables, c.nonleaf = self.ntables, self.max_tables, self.nonleaf
+        c.kind, c.levels, c.maxphyaddr = self.kind, self.levels, self.maxphyaddr
+        c.ad_bits, c.exec_only, c.mbec = self.ad_bits, self.exec_only, self.mbec
+        c.huge_1g, c.host_nx, c.host_smep = self.huge_1g, self.host_nx, self.host_smep
+        if self.nfree:
+            c.free_list = <Py_ssize_t*>malloc(self.free_cap * sizeof(Py_ssize_t))
+            if c.free_list == NULL:
+                raise MemoryError()
+            memcpy(c.free_list, self.free_list, self.nfree * sizeof(Py_ssize_t))
+            c.nfree, c.free_cap = self.nfree, self.free_cap
+        return c
 
     # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables -------
 
@@ -435,7 +514,7 @@ cdef class PageTables:
         stops: not present, a leaf, or reserved / misconfigured.
         """
         cdef WalkPath path
-        hw_walk(&self.cfg, self.mem, self.ntables, _args.gpa(gpa, self.levels), &path)
+        hw_walk(&self.cfg, &self.mem[0, 0], self.ntables, _args.gpa(gpa, self.levels), &path)
         return [(path.level[i], path.entry[i]) for i in range(path.n)]
 
     def translate(self, gpa, *, write=False, fetch=False, user=False, stage="final",
@@ -449,7 +528,7 @@ cdef class PageTables:
         """
         cdef uint64_t g = _args.gpa(gpa, self.levels)
         cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
-        cdef Outcome out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
+        cdef Outcome out = translate_one(&self.cfg, &self.mem[0, 0], self.ntables, g, flags)
         return outcome_object(&out, g)
 
     def translate_many(self, gpas, flags=0):
@@ -475,7 +554,7 @@ cdef class PageTables:
         cdef bint per_element = fv is not None
         with nogil:
             for i in range(n):
-                out = translate_one(&self.cfg, self.mem, self.ntables, g[i],
+                out = translate_one(&self.cfg, &self.mem[0, 0], self.ntables, g[i],
                                     fv[i] if per_element else f0)
                 if out.kind == OUT_TRANSLATED:
                     hpa[i] = out.value

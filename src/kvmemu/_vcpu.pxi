@@ -16,6 +16,16 @@ from libc.errno cimport EFAULT, EIO
 
 from kvmemu.results import MemoryFaultExit, MmioExit
 
+cdef enum AccessStatus:
+    ACCESS_TRANSLATED = 0
+    ACCESS_MEMORY_FAULT = 1
+    ACCESS_MMIO = 2
+    ACCESS_UNSETTLED = 3
+    ACCESS_FAILED = 4
+
+#: access_many releases the GIL once this many accesses in a row translated.
+cdef int TRANSLATION_STREAK = 8
+
 #: The named points of the pipeline where ``stage_hook`` runs (see VCPUState).
 STAGES = ("fault", "faultin", "map")
 
@@ -293,22 +303,39 @@ cdef class VCPUState:
 
     # --- the access loop ------------------------------------------------------------------------
 
-    def access(self, uint64_t gpa, uint64_t flags, int limit):
-        """Walk, exit, handle, resume until the access translates or leaves to userspace:
-        Translation, MemoryFaultExit, MmioExit, a negative errno, or None (unsettled)."""
+    cdef VCPUState clone(self, VMState vm):
+        """This vCPU's state, attached to ``vm`` (a clone of its VM state)."""
+        cdef VCPUState c = VCPUState.__new__(VCPUState)
+        c.vm = vm
+        memcpy(c.counters, self.counters, sizeof(self.counters))
+        c.exit_reason = self.exit_reason
+        c.mf_flags, c.mf_gpa, c.mf_size = self.mf_flags, self.mf_gpa, self.mf_size
+        c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
+        c.mmio_gfn, c.mmio_gen = self.mmio_gfn, self.mmio_gen
+        c.stage_hook = self.stage_hook
+        return c
+
+    # --- the access loop ------------------------------------------------------------------------
+
+    cdef int c_access(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
+                      int* err) except -1:
+        """Walk, exit, handle, resume until the access translates or leaves to userspace.
+
+        Like KVM_RUN (vcpu_run) it starts with exit_reason KVM_EXIT_UNKNOWN.  Returns an
+        AccessStatus; ``out`` holds the translation, ``err`` the errno of a failure."""
         cdef VMState vm = self.vm
         cdef uint64_t shared_bit = vm.direct_bits_gfn << PAGE_SHIFT
         cdef PageTables pt
-        cdef Outcome out
         cdef int r, i
+        self.exit_reason = EXIT_REASON_UNKNOWN
         for i in range(limit):
             if vm.tdx and not (gpa & shared_bit):
                 pt = vm.mmu.mirror.pt
             else:
                 pt = vm.mmu.direct.pt
-            out = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
+            out[0] = translate_one(&pt.cfg, &pt.mem[0, 0], pt.ntables, gpa, flags)
             if out.kind == OUT_TRANSLATED:
-                return Translation(out.value, out.level)
+                return ACCESS_TRANSLATED
             if out.kind == OUT_EPT_VIOLATION:
                 r = self.c_handle_ept_violation(gpa, out.value)
             elif out.kind == OUT_EPT_MISCONFIG:
@@ -317,11 +344,115 @@ cdef class VCPUState:
                 r = self.c_handle_npf(gpa, out.value)
             if r < 0:
                 if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
-                    return MemoryFaultExit(self.mf_flags, self.mf_gpa, self.mf_size)
-                return r
+                    return ACCESS_MEMORY_FAULT
+                err[0] = r
+                return ACCESS_FAILED
             if r == RET_PF_EMULATE:
                 self.exit_reason = EXIT_REASON_MMIO
                 self.mmio_gpa = gpa & ~shared_bit
                 self.mmio_is_write = (flags & ACCESS_WRITE) != 0
-                return MmioExit(self.mmio_gpa, self.mmio_is_write)
+                return ACCESS_MMIO
+        return ACCESS_UNSETTLED
+
+    cdef object outcome_of(self, int status, const Outcome* out, int err):
+        # The result classes are tuples: built directly, without their checking __new__.
+        if status == ACCESS_TRANSLATED:
+            return tuple.__new__(Translation, (out.value, out.level))
+        if status == ACCESS_MEMORY_FAULT:
+            return tuple.__new__(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
+        if status == ACCESS_MMIO:
+            return tuple.__new__(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
+        if status == ACCESS_FAILED:
+            return err
         return None
+
+    def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
+        """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain
+        bools, ``stage="final"`` and an int GPA within the walk's reach take a fast path;
+        anything else goes through kvmemu._args, as in the pure-Python twin."""
+        cdef uint64_t g = 0, f
+        cdef bint fast = (type(write) is bool and type(fetch) is bool and type(user) is bool
+                          and type(encrypted) is bool and type(stage) is str
+                          and stage == "final" and type(gpa) is int and gpa >= 0)
+        if fast:
+            try:
+                g = gpa
+            except OverflowError:
+                fast = False
+            else:
+                fast = (g >> (PAGE_SHIFT + PT_LEVEL_BITS * self.vm.mmu.levels)) == 0
+        if fast:
+            f = ((ACCESS_WRITE if write is True else 0) | (ACCESS_FETCH if fetch is True else 0)
+                 | (ACCESS_USER if user is True else 0)
+                 | (ACCESS_ENCRYPTED if encrypted is True else 0))
+        else:
+            f = _args.access(write, fetch, user, stage, encrypted)
+            g = _args.gpa(gpa, self.vm.mmu.levels)
+        cdef Outcome out
+        cdef int err = 0
+        cdef int status = self.c_access(g, f, limit, &out, &err)
+        return self.outcome_of(status, &out, err)
+
+    def access(self, uint64_t gpa, uint64_t flags, int limit):
+        """Translation, MemoryFaultExit, MmioExit, a negative errno, or None (unsettled)."""
+        cdef Outcome out
+        cdef int err = 0
+        cdef int status = self.c_access(gpa, flags, limit, &out, &err)
+        return self.outcome_of(status, &out, err)
+
+    def access_many(self, const uint64_t[::1] gpas, flags, uint64_t[::1] hpa,
+                    uint8_t[::1] level, int limit):
+        """``access`` for each GPA in order into ``hpa``/``level``; returns ``(count,
+        outcome)``: outcome None (all translated), the exit object, a negative errno, or 0
+        when element ``count`` did not settle.
+
+        Accesses that translate without an exit (mapped pages, the common case) run in
+        a C loop with the GIL released, once a run of them has started; an access that
+        exits goes through the fault pipeline in C with the GIL held (it may grow the
+        table storage or call the stage hook).  No Python object is made per element."""
+        cdef VMState vm = self.vm
+        cdef Py_ssize_t i = 0, n = gpas.shape[0]
+        cdef bint per_element = not isinstance(flags, int)
+        cdef const uint8_t[::1] fl
+        cdef uint64_t f = 0, g, shared_bit = vm.direct_bits_gfn << PAGE_SHIFT
+        cdef bint tdx = vm.tdx
+        cdef PageTables dpt = vm.mmu.direct.pt, mpt = vm.mmu.mirror.pt if tdx else dpt
+        cdef uint64_t* dmem
+        cdef uint64_t* mmem
+        cdef Py_ssize_t dn, mn
+        cdef Outcome out
+        cdef int status, err = 0, streak = 0
+        if per_element:
+            fl = flags
+        else:
+            f = flags
+        while i < n:
+            if streak >= TRANSLATION_STREAK:
+                dmem, dn, mmem, mn = &dpt.mem[0, 0], dpt.ntables, &mpt.mem[0, 0], mpt.ntables
+                with nogil:
+                    while i < n:
+                        g = gpas[i]
+                        if per_element:
+                            f = fl[i]
+                        if tdx and not (g & shared_bit):
+                            out = translate_one(&mpt.cfg, mmem, mn, g, f)
+                        else:
+                            out = translate_one(&dpt.cfg, dmem, dn, g, f)
+                        if out.kind != OUT_TRANSLATED:
+                            break
+                        hpa[i] = out.value
+                        level[i] = out.level
+                        i += 1
+                if i == n:
+                    break
+                streak = 0
+            if per_element:
+                f = fl[i]
+            status = self.c_access(gpas[i], f, limit, &out, &err)
+            if status != ACCESS_TRANSLATED:
+                return i, self.outcome_of(status, &out, err)
+            hpa[i] = out.value
+            level[i] = out.level
+            i += 1
+            streak += 1
+        return n, None

@@ -21,7 +21,7 @@ from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_
                         PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
                         ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
 from .errors import KvmError
-from .results import AccessBatch
+from .results import AccessBatch, Translation
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
 _PRIVATE_MEM_TYPES = (VMType.SW_PROTECTED, VMType.SNP, VMType.TDX)
@@ -624,10 +624,10 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
         the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
         loop that does not settle raises RuntimeError."""
-        flags = _args.access(write, fetch, user, stage, encrypted)
-        tables = self.vm.page_tables
-        gpa = _args.gpa(gpa, tables.levels)
-        result = self._c.access(gpa, flags, ACCESS_LOOP_LIMIT)
+        result = self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                        ACCESS_LOOP_LIMIT)
+        if type(result) is Translation:
+            return result
         if result is None:
             raise RuntimeError(f"access to GPA {gpa:#x} did not settle after "
                                f"{ACCESS_LOOP_LIMIT} exits")

@@ -8,6 +8,7 @@ failing comparison in a test reads like the SDM table.
 
 from __future__ import annotations
 
+from operator import itemgetter
 from typing import Any, ClassVar
 
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
@@ -21,42 +22,45 @@ def _bit_names(flag: Any) -> str:
     return text.split(".", 1)[1] if "." in text else ""
 
 
-class _Result:
-    """Immutable value with named int fields, compared and printed field by field."""
+class _Result(tuple):
+    """Immutable value with named int fields, compared and printed field by field.
 
-    __slots__: tuple[str, ...] = ()
+    A tuple underneath (cheap to build from the compiled core), but equal only to a
+    value of the same type: Translation(1, 1) != EptMisconfig(...) whatever the fields.
+    """
+
+    __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
     _flags: ClassVar[dict[str, type]] = {}
 
-    def __init__(self, *values: int, **named: int) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for i, name in enumerate(cls._fields):
+            setattr(cls, name, property(itemgetter(i), doc=f"Field {i}: {name}."))
+
+    def __new__(cls, *values: int, **named: int) -> Any:
         if named:
-            values = values + tuple(named.pop(name) for name in self.__slots__[len(values):]
+            values = values + tuple(named.pop(name) for name in cls._fields[len(values):]
                                     if name in named)
             if named:
-                raise TypeError(f"{type(self).__name__} has no field {next(iter(named))!r}")
-        if len(values) != len(self.__slots__):
-            raise TypeError(f"{type(self).__name__} takes {len(self.__slots__)} fields "
-                            f"({', '.join(self.__slots__)}), not {len(values)}")
-        for name, value in zip(self.__slots__, values):
-            object.__setattr__(self, name, int(value))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError(f"{type(self).__name__} is immutable")
-
-    def _fields(self) -> tuple[int, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+                raise TypeError(f"{cls.__name__} has no field {next(iter(named))!r}")
+        if len(values) != len(cls._fields):
+            raise TypeError(f"{cls.__name__} takes {len(cls._fields)} fields "
+                            f"({', '.join(cls._fields)}), not {len(values)}")
+        return tuple.__new__(cls, [int(v) for v in values])
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return self._fields() == other._fields()  # type: ignore[attr-defined]
+        return type(other) is type(self) and tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self.__eq__(other)
 
     def __hash__(self) -> int:
-        return hash((type(self).__name__, self._fields()))
+        return hash((type(self).__name__, tuple(self)))
 
     def __repr__(self) -> str:
         parts = []
-        for name in self.__slots__:
-            value = getattr(self, name)
+        for name, value in zip(self._fields, self):
             text = f"{name}={value:#x}"
             flag = self._flags.get(name)
             if flag is not None and value:
@@ -65,14 +69,15 @@ class _Result:
         return f"{type(self).__name__}({', '.join(parts)})"
 
     def __reduce__(self) -> tuple[type, tuple[int, ...]]:
-        return type(self), self._fields()
+        return type(self), tuple(self)
 
 
 class Translation(_Result):
     """The access translated: ``hpa`` is the host-physical address, ``level`` the
     level of the leaf that mapped it (1 = 4K, 2 = 2M, 3 = 1G)."""
 
-    __slots__ = ("hpa", "level")
+    __slots__ = ()
+    _fields = ("hpa", "level")
     hpa: int
     level: int
 
@@ -84,7 +89,8 @@ class EptViolation(_Result):
     """VM exit "EPT violation" (basic exit reason 48): the guest-physical address
     and the exit qualification (bits as ``EPT_VIOLATION``)."""
 
-    __slots__ = ("gpa", "exit_qualification")
+    __slots__ = ()
+    _fields = ("gpa", "exit_qualification")
     _flags = {"exit_qualification": EPT_VIOLATION}
     reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_VIOLATION
     gpa: int
@@ -95,7 +101,8 @@ class EptMisconfig(_Result):
     """VM exit "EPT misconfiguration" (basic exit reason 49): only the
     guest-physical address is stored; the qualification is cleared."""
 
-    __slots__ = ("gpa",)
+    __slots__ = ()
+    _fields = ("gpa",)
     reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_MISCONFIG
     gpa: int
 
@@ -104,7 +111,8 @@ class NestedPageFault(_Result):
     """#VMEXIT(NPF) (exit code 0x400): EXITINFO2 is ``gpa``, EXITINFO1 is
     ``exit_info_1`` (bits as ``PFERR``)."""
 
-    __slots__ = ("gpa", "exit_info_1")
+    __slots__ = ()
+    _fields = ("gpa", "exit_info_1")
     _flags = {"exit_info_1": PFERR}
     reason: ClassVar[int] = SVM_EXIT_NPF
     gpa: int
@@ -116,7 +124,8 @@ class MemoryFaultExit(_Result):
     ``flags`` (MEMORY_EXIT_FLAG_PRIVATE or 0), ``gpa`` (gfn << 12, the TDX shared bit
     stripped) and ``size`` (4096), as kvm_prepare_memory_fault_exit fills them."""
 
-    __slots__ = ("flags", "gpa", "size")
+    __slots__ = ()
+    _fields = ("flags", "gpa", "size")
     exit_reason: ClassVar[ExitReason] = ExitReason.MEMORY_FAULT
     flags: int
     gpa: int
@@ -128,14 +137,14 @@ class MmioExit(_Result):
     or a write to a read-only memslot): KVM_EXIT_MMIO for ``gpa`` (the TDX shared bit
     stripped, as tdx_emulate_mmio does)."""
 
-    __slots__ = ("gpa", "is_write")
+    __slots__ = ()
+    _fields = ("gpa", "is_write")
     exit_reason: ClassVar[ExitReason] = ExitReason.MMIO
     gpa: int
     is_write: bool
 
-    def __init__(self, gpa: int, is_write: bool) -> None:
-        object.__setattr__(self, "gpa", int(gpa))
-        object.__setattr__(self, "is_write", bool(is_write))
+    def __new__(cls, gpa: int, is_write: bool) -> Any:
+        return tuple.__new__(cls, (int(gpa), bool(is_write)))
 
     def __repr__(self) -> str:
         return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"

@@ -48,6 +48,7 @@ _PF_PRESENT, _PF_WRITE, _PF_USER, _PF_RSVD, _PF_FETCH = (
 _PF_FINAL, _PF_PAGE, _PF_ENC = (PFERR.GUEST_FINAL.value, PFERR.GUEST_PAGE.value,
                                 PFERR.GUEST_ENC.value)
 _INITIAL_TABLES = 4
+_GROWTH_TABLES = 256
 
 # Why a hardware walk stopped at the last entry it read.
 STOP_NOT_PRESENT = 0
@@ -137,11 +138,11 @@ class PageTables:
 
     @property
     def tables(self) -> np.ndarray:
-        """The tables as a read-only ``(ntables, 512)`` uint64 view; row k is at
-        ``root_hpa + k * 4096``.  Later growth is not reflected in the view."""
-        view = self._mem[:self._ntables]
-        view.flags.writeable = False
-        return view
+        """A read-only copy of the tables, ``(ntables, 512)`` uint64; row k is at
+        ``root_hpa + k * 4096``.  (A copy: the storage is resized in place as it grows.)"""
+        copy = self._mem[:self._ntables].copy()
+        copy.flags.writeable = False
+        return copy
 
     def _table_at(self, hpa: int) -> int:
         """Index of the table at ``hpa`` (page aligned), or -1 if none is there."""
@@ -153,10 +154,10 @@ class PageTables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
         if self._ntables == len(self._mem):
-            grown = np.zeros((min(2 * len(self._mem), self._max_tables), PT_ENTRIES),
-                             dtype=np.uint64)
-            grown[:self._ntables] = self._mem[:self._ntables]
-            self._mem = grown
+            # Double while small, then _GROWTH_TABLES (1 MiB of tables) at a time, resized
+            # in place: the spare capacity stays below a constant whatever the size.
+            capacity = min(self._ntables + min(self._ntables, _GROWTH_TABLES), self._max_tables)
+            self._mem.resize((capacity, PT_ENTRIES), refcheck=False)
         self._ntables += 1
         return self._ntables - 1
 

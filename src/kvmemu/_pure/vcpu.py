@@ -20,6 +20,7 @@ import copy
 import errno
 from typing import Any, Callable
 
+from .. import _args
 from ..constants import (EPT_VIOLATION, KVM_MAX_HUGEPAGE_LEVEL, MEMORY_EXIT_FLAG_PRIVATE,
                          MMIO_SPTE_GEN_MASK, PAGE_SHIFT, PAGE_SIZE, PFERR, PG_LEVEL_4K,
                          TDX_LOCAL_RETRY_LIMIT, AccessFlags, ExitReason, MemFlag, RetPF)
@@ -278,6 +279,12 @@ class VCPUState:
 
     # --- the access loop ------------------------------------------------------------------------
 
+    def access_checked(self, gpa: Any, write: Any, fetch: Any, user: Any, stage: Any,
+                       encrypted: Any, limit: int) -> Any:
+        """``access`` from the keyword arguments of ``VCPU.access``, checked by _args."""
+        flags = _args.access(write, fetch, user, stage, encrypted)
+        return self.access(_args.gpa(gpa, self.vm.mmu.levels), flags, limit)
+
     def access_many(self, gpas: Any, flags: Any, hpa: Any, level: Any, limit: int) -> Any:
         """``access`` for each GPA in order into ``hpa``/``level``; returns ``(count,
         outcome)``: outcome None (all translated), the exit object, a negative errno, or 0
@@ -302,6 +309,7 @@ class VCPUState:
         vm = self.vm
         cfg = vm.config
         shared_bit = cfg.direct_bits_gfn << PAGE_SHIFT
+        self.exit_reason = ExitReason.UNKNOWN.value    # vcpu_run: each KVM_RUN starts afresh
         for _ in range(limit):
             private_walk = cfg.tdx and not gpa & shared_bit
             tables = vm.mmu.mirror.pt if private_walk else vm.mmu.direct.pt
