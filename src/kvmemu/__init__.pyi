@@ -1,5 +1,5 @@
 # Type information for kvmemu's public API (hand-written; see API.md).
-from typing import Final, Literal, overload
+from typing import Callable, Final, Literal, Protocol, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +61,7 @@ from .constants import (
     VMType as VMType,
     SPTE as SPTE,
     SHADOW_NONPRESENT_VALUE as SHADOW_NONPRESENT_VALUE,
+    KVM_PFN_NOSLOT as KVM_PFN_NOSLOT,
     EPT_MISCONFIG_WX_VALUE as EPT_MISCONFIG_WX_VALUE,
     EPT_MMIO_MASK as EPT_MMIO_MASK,
     NPT_MMIO_VALUE as NPT_MMIO_VALUE,
@@ -79,6 +80,7 @@ from .constants import (
 from ._vm import GuestMemfd as GuestMemfd, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 from .results import (
+    AccessBatch as AccessBatch,
     EptMisconfig as EptMisconfig,
     EptViolation as EptViolation,
     MemoryFaultExit as MemoryFaultExit,
@@ -111,6 +113,15 @@ def svm_error_code(exit_info_1: U64Array | _Int, snp: bool = False, *,
 def tdx_shared_bit(gpaw: int) -> int: ...
 @overload
 def tdx_shared_bit(gpaw: U64Array) -> U64Array: ...
+
+class _TraceFile(Protocol):
+    def write(self, text: str, /) -> object: ...
+
+#: Where ``VM.trace`` sends events: ``sink(event, text)``, or a text file.
+TraceSink = Callable[[str, str], object] | _TraceFile
+
+class Snapshot:
+    """An opaque copy of a VM's state (``VM.snapshot``)."""
 
 class VM:
     """A KVM virtual machine (see kvmemu._vm.VM for the full contract)."""
@@ -157,6 +168,13 @@ class VM:
     def private_page_tables(self) -> PageTables | None: ...
     @property
     def stats(self) -> dict[str, int]: ...
+    @property
+    def trace(self) -> TraceSink | None: ...
+    @trace.setter
+    def trace(self, sink: TraceSink | None) -> None: ...
+    def snapshot(self) -> Snapshot: ...
+    def restore(self, snapshot: Snapshot) -> None: ...
+    def check_invariants(self) -> list[str]: ...
     def create_vcpu(self) -> VCPU: ...
 
 class KvmRun:
@@ -173,15 +191,21 @@ class VCPU:
     vm: VM
     vcpu_id: int
     run: KvmRun
-    stage_hook: object
+    stage_hook: Callable[[str], object] | None
     @property
     def stats(self) -> dict[str, int]: ...
+    @property
+    def rip(self) -> int: ...
+    @rip.setter
+    def rip(self, value: _Int) -> None: ...
     def handle_ept_violation(self, gpa: _Int, exit_qualification: _Int) -> int: ...
     def handle_ept_misconfig(self, gpa: _Int) -> int: ...
     def handle_npf(self, gpa: _Int, exit_info_1: _Int) -> int: ...
     def access(self, gpa: _Int, *, write: bool = False, fetch: bool = False,
                user: bool = False, stage: str = "final",
                encrypted: bool = False) -> Translation | MemoryFaultExit | MmioExit: ...
+    def access_many(self, gpas: U64Array,
+                    flags: int | npt.NDArray[np.uint8] = 0) -> AccessBatch: ...
 
 _Exit = EptViolation | EptMisconfig | NestedPageFault
 

@@ -9,6 +9,8 @@
 # SPTE read and write goes through the PageTables memoryview; the SPTE makers
 # and predicates are C over a struct of masks.  Table allocation order matches
 # the twin's (a LIFO free list), so table addresses in non-leaf SPTEs match too.
+# Tracing (the twin's docstring says which events) costs one C flag test per
+# SPTE change and per map when it is off.
 
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
@@ -193,6 +195,8 @@ cdef class TdpMmu:
     cdef readonly Root direct
     cdef readonly Root mirror                # None unless TDX
     cdef int64_t npages[4]                   # kvm->stat.pages[level]
+    cdef readonly object tracer              # a kvmemu._trace.Tracer, or None
+    cdef bint tracing                        # tracer is not None
 
     def __init__(self, bint ept, bint tdx, int levels, uint64_t direct_bits_gfn,
                  bint nx_huge_pages, make_tables):
@@ -202,6 +206,10 @@ cdef class TdpMmu:
         self.direct = Root(make_tables(), direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if tdx else None
         memset(self.npages, 0, sizeof(self.npages))
+        self.tracer, self.tracing = None, False
+
+    def set_tracer(self, tracer):
+        self.tracer, self.tracing = tracer, tracer is not None
 
     cdef TdpMmu clone(self):
         cdef TdpMmu c = TdpMmu.__new__(TdpMmu)
@@ -209,6 +217,7 @@ cdef class TdpMmu:
         c.direct = self.direct.clone()
         c.mirror = None if self.mirror is None else self.mirror.clone()
         memcpy(c.npages, self.npages, sizeof(self.npages))
+        c.tracer, c.tracing = None, False        # the tracer is not part of the state
         return c
 
     @property
@@ -219,7 +228,18 @@ cdef class TdpMmu:
     # --- changing SPTEs (handle_changed_spte) ---------------------------------------------
 
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                      uint64_t new) except -1:
+                      uint64_t new, uint64_t gfn) except -1:
+        """tdp_mmu_set_spte: write, then handle_changed_spte (traced, with iter->gfn)."""
+        cdef uint64_t old
+        if self.tracing:
+            old = root.pt.mem[table, index]
+            if old != new:
+                self.tracer.spte_changed(0, gfn, level, old, new)
+        return self.write_spte(root, table, index, level, new)
+
+    cdef int write_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                        uint64_t new) except -1:
+        """Store an SPTE and do handle_changed_spte's bookkeeping, untraced."""
         cdef PageTables pt = root.pt
         cdef uint64_t old = pt.mem[table, index]
         pt.mem[table, index] = new
@@ -236,7 +256,7 @@ cdef class TdpMmu:
         cdef Py_ssize_t index
         for index in range(<Py_ssize_t>PT_ENTRIES):
             if is_shadow_present(root.pt.mem[table, index]):
-                self.set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
+                self.write_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
         if table < root.nx_cap:
             root.nx_disallowed[table] = 0
         return root.pt.c_free(table)
@@ -283,6 +303,10 @@ cdef class TdpMmu:
         cdef Py_ssize_t table = 0, index, child, i
         cdef int level = self.levels
         self.hugepage_adjust(f)
+        if self.tracing:
+            self.tracer.spte_requested(
+                f.gfn, (f.pfn if f.has_slot else KVM_PFN_NOSLOT)
+                | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
         while True:
             index = spte_index(indexed, level)
             old = pt.mem[table, index]
@@ -290,7 +314,8 @@ cdef class TdpMmu:
                 self.disallowed_hugepage_adjust(f, root, old, level)
             if level == f.goal_level:
                 return self.map_target_level(f, root, table, index, level, old, generation,
-                                             mmio_created)
+                                             mmio_created,
+                                             indexed & ~(pages_per_hpage(level) - 1))
             if is_shadow_present(old) and not (old & PTE_LARGE):
                 table, level = root.child(old), level - 1
                 continue
@@ -298,12 +323,13 @@ cdef class TdpMmu:
             root.set_disallowed(child, f.huge_page_disallowed)
             if is_shadow_present(old):                   # a huge leaf in the way: split it
                 for i in range(<Py_ssize_t>PT_ENTRIES):
-                    self.set_spte(root, child, i, level - 1,
-                                  make_small_spte(&self.fmt, old, level - 1, i,
-                                                  self.nx_huge_pages))
+                    self.write_spte(root, child, i, level - 1,
+                                    make_small_spte(&self.fmt, old, level - 1, i,
+                                                    self.nx_huge_pages))
             # Replacing a huge leaf by a table: the leaf count moves to the children.
             self.set_spte(root, table, index, level,
-                          make_nonleaf_spte(&self.fmt, PT_BASE_HPA + (<uint64_t>child << PAGE_SHIFT)))
+                          make_nonleaf_spte(&self.fmt, PT_BASE_HPA + (<uint64_t>child << PAGE_SHIFT)),
+                          indexed & ~(pages_per_hpage(level) - 1))
             table, level = child, level - 1
 
     cdef inline void disallowed_hugepage_adjust(self, FaultRec* f, Root root, uint64_t spte,
@@ -315,8 +341,9 @@ cdef class TdpMmu:
 
     cdef int map_target_level(self, FaultRec* f, Root root, Py_ssize_t table, Py_ssize_t index,
                               int level, uint64_t old, uint64_t generation,
-                              uint64_t* mmio_created) except -1:
-        """tdp_mmu_map_handle_target_level."""
+                              uint64_t* mmio_created, uint64_t iter_gfn) except -1:
+        """tdp_mmu_map_handle_target_level (``iter_gfn``: iter->gfn, with the root's
+        gfn bits)."""
         cdef uint64_t new, gfn
         cdef int ret
         if (is_shadow_present(old) and access_allowed(&self.fmt, f.exec_, f.write, old)
@@ -331,10 +358,13 @@ cdef class TdpMmu:
         if new == old:
             ret = RET_PF_SPURIOUS
         else:
-            self.set_spte(root, table, index, level, new)
+            self.set_spte(root, table, index, level, new, iter_gfn)
         if is_mmio_spte(&self.fmt, new):
             mmio_created[0] += 1
-            ret = RET_PF_EMULATE
+            ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
+        elif self.tracing:
+            self.tracer.set_spte(level, iter_gfn, new,
+                                 PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT) + 8 * <uint64_t>index)
         return ret
 
     # --- lockless lookups -----------------------------------------------------------------------
@@ -374,7 +404,8 @@ cdef class TdpMmu:
             spte = root.pt.mem[table, index]
             if is_shadow_present(spte):
                 if is_last_spte(spte, level):
-                    self.set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
+                    self.set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE,
+                                  base + index * span)
                     flush = 1
                 elif self.zap(root, root.child(spte), level - 1, base + index * span, start, end):
                     flush = 1
@@ -388,7 +419,8 @@ cdef class TdpMmu:
         for root in (self.direct, self.mirror):
             if root is not None:
                 for index in range(<Py_ssize_t>PT_ENTRIES):
-                    self.set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE)
+                    self.set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE,
+                                  <uint64_t>index * pages_per_hpage(self.levels))
         return 0
 
     cdef int unmap_range(self, uint64_t start, uint64_t end, bint private,

@@ -74,6 +74,8 @@ cdef class VCPUState:
     cdef bint mmio_is_write
     cdef public uint64_t mmio_gfn, mmio_gen  # the vCPU's MMIO cache
     cdef public object stage_hook
+    cdef public unsigned int vcpu_id         # what kvm_page_fault reports
+    cdef public uint64_t rip
 
     def __init__(self, VMState vm):
         self.vm = vm
@@ -83,6 +85,8 @@ cdef class VCPUState:
         self.mmio_gpa, self.mmio_is_write = 0, False
         self.mmio_gfn = self.mmio_gen = 0
         self.stage_hook = None
+        self.vcpu_id = 0
+        self.rip = 0
 
     @property
     def stats(self):
@@ -121,12 +125,22 @@ cdef class VCPUState:
                 q = EPT_VIOLATION_ACC_WRITE
             elif q & EPT_VIOLATION_ACC_INSTR:
                 return -EIO    # KVM_BUG_ON: a fetch from shared memory
+            if self.vm.mmu.tracing:
+                self.trace_page_fault(gpa, q)
             for i in range(<int>TDX_LOCAL_RETRY_LIMIT):
                 r = self.page_fault(gpa, vmx_ec(q, gpa, shared_bit))
                 if r != RET_PF_RETRY or not local_retry:
                     break
             return r
+        if self.vm.mmu.tracing:
+            self.trace_page_fault(gpa, q)
         return self.page_fault(gpa, vmx_ec(q, gpa, 0))
+
+    cdef int trace_page_fault(self, uint64_t gpa, uint64_t error_code) except -1:
+        """trace_kvm_page_fault: VMX passes the raw exit qualification (TDX: 0x2 for a
+        private GPA), SVM the error code with PRIVATE_ACCESS synthesized."""
+        self.vm.mmu.tracer.page_fault(self.vcpu_id, self.rip, gpa, error_code)
+        return 0
 
     cdef int c_handle_ept_misconfig(self, uint64_t gpa) except -1:
         """handle_ept_misconfig: a reserved-bit fault, i.e. the MMIO path."""
@@ -136,7 +150,10 @@ cdef class VCPUState:
 
     cdef int c_handle_npf(self, uint64_t gpa, uint64_t exit_info_1) except -1:
         """npf_interception (no RMP model: sev_handle_rmp_fault does nothing)."""
-        return self.page_fault(gpa, svm_ec(exit_info_1, self.vm.snp))
+        cdef uint64_t error_code = svm_ec(exit_info_1, self.vm.snp)
+        if self.vm.mmu.tracing:
+            self.trace_page_fault(gpa, error_code)
+        return self.page_fault(gpa, error_code)
 
     def handle_ept_violation(self, uint64_t gpa, uint64_t exit_qualification):
         return self.c_handle_ept_violation(gpa, exit_qualification)
@@ -313,6 +330,7 @@ cdef class VCPUState:
         c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
         c.mmio_gfn, c.mmio_gen = self.mmio_gfn, self.mmio_gen
         c.stage_hook = self.stage_hook
+        c.vcpu_id, c.rip = self.vcpu_id, self.rip
         return c
 
     # --- the access loop ------------------------------------------------------------------------

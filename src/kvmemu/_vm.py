@@ -21,6 +21,7 @@ from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_
                         PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
                         ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
 from .errors import KvmError
+from ._trace import Tracer
 from .results import AccessBatch, Translation
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
@@ -146,6 +147,7 @@ class VM:
                            self.tdp_levels, self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages)
         self._state = self._State(self.has_private_mem, self.nr_memslot_as_ids, config)
         self._vcpus: list[VCPU] = []
+        self._tracer: Tracer | None = None
 
     def __repr__(self) -> str:
         return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
@@ -435,6 +437,25 @@ class VM:
         total.update(pages_4k=pages[1], pages_2m=pages[2], pages_1g=pages[3])
         return total
 
+    @property
+    def trace(self) -> Any:
+        """Where the model's decisions go as kernel trace events; None (default) = off.
+
+        A callable is called as ``trace(event, text)``; an object with ``write`` (a
+        text file) receives ``"event: text\n"``.  ``text`` is exactly what the
+        kernel's TP_printk prints after ``event: `` in an ftrace line, for the events
+        ``kvm_page_fault`` (vendor exit handlers), ``kvm_mmu_spte_requested``,
+        ``kvm_tdp_mmu_spte_changed`` (every SPTE KVM changes, zaps included) and
+        ``kvm_mmu_set_spte``, in the kernel's order; see docs/semantics.md for what
+        is not traced.  The setting survives ``restore``; snapshots do not hold it.
+        """
+        return None if self._tracer is None else self._tracer.sink
+
+    @trace.setter
+    def trace(self, sink: Any) -> None:
+        self._tracer = None if sink is None else Tracer(sink, self.vendor == "vmx")
+        self._state.mmu.set_tracer(self._tracer)
+
     def snapshot(self) -> "Snapshot":
         """The whole VM state: memslots, guest_memfd files and bindings, attributes,
         lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
@@ -458,6 +479,7 @@ class VM:
         for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
             vcpu._attach(vcpu_state)
         self._state = state
+        state.mmu.set_tracer(self._tracer)
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
@@ -556,6 +578,7 @@ class VCPU:
 
     def _attach(self, state: Any) -> None:
         self._c = state
+        state.vcpu_id = self.vcpu_id
         self.run = KvmRun(state)
 
     def _detach(self) -> None:
@@ -578,6 +601,16 @@ class VCPU:
         if hook is not None and not callable(hook):
             raise TypeError(f"stage_hook must be callable or None, not {type(hook).__name__}")
         self._c.stage_hook = hook
+
+    @property
+    def rip(self) -> int:
+        """The guest RIP that ``kvm_page_fault`` trace events report (the model runs no
+        instructions: an embedder sets it before an access; 0 by default)."""
+        return int(self._c.rip)
+
+    @rip.setter
+    def rip(self, value: Any) -> None:
+        self._c.rip = _args.u64("rip", value)
 
     def _vendor(self, vendor: str, handler: str) -> None:
         if self.vm.vendor != vendor:

@@ -26,7 +26,7 @@ __all__ = [
     "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
     "KVM_INTERNAL_MEMSLOT_FLAGS", "KVM_MEMSLOT_INVALID", "KVM_MEMSLOT_GMEM_ONLY", "INVALID_GPA",
     "USER_PTR_MAX", "HOST_MAXPHYADDR", "GMEM_PFN_BASE", "GMEM_FILE_PAGES",
-    "SPTE", "SHADOW_NONPRESENT_VALUE", "EPT_MISCONFIG_WX_VALUE", "EPT_MMIO_MASK",
+    "SPTE", "SHADOW_NONPRESENT_VALUE", "KVM_PFN_NOSLOT", "EPT_MISCONFIG_WX_VALUE", "EPT_MMIO_MASK",
     "NPT_MMIO_VALUE", "NPT_MMIO_ACCESS_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_BITS",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_MASK", "ACC_EXEC", "ACC_WRITE", "ACC_USER",
     "ACC_ALL", "TDX_LOCAL_RETRY_LIMIT", "ACCESS_LOOP_LIMIT",
@@ -58,7 +58,7 @@ class _Flag(IntFlag):
         names = []
         rest = value
         for name, member in type(self)._member_map_.items():
-            bits = int(member)
+            bits = int(member.value)
             if bits and (value & bits) == bits and member._name_ == name:
                 names.append(name)
                 rest &= ~bits
@@ -408,6 +408,9 @@ MMIO_SPTE_GEN_LOW_START = 3
 MMIO_SPTE_GEN_LOW_BITS = 8
 MMIO_SPTE_GEN_HIGH_START = 52
 MMIO_SPTE_GEN_MASK = (1 << 19) - 1
+#: KVM_PFN_NOSLOT (include/linux/kvm_host.h): the pfn of a fault with no memslot, as
+#: kvm_handle_noslot_fault sets it; it shows in the kvm_mmu_spte_requested trace event.
+KVM_PFN_NOSLOT = 1 << 63
 #: ACC_*_MASK, the access KVM grants an SPTE (ACC_ALL for every TDP fault).
 ACC_EXEC = 1
 ACC_WRITE = 2

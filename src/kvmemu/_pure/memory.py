@@ -106,8 +106,13 @@ class VMState:
         return VCPUState(self)
 
     def clone(self) -> "VMState":
-        """A deep copy: slots with their lpage_info, attributes, page tables, counters."""
-        return copy.deepcopy(self)
+        """A deep copy: slots with their lpage_info, attributes, page tables, counters.
+        The tracer is not part of the state: the copy has none."""
+        tracer, self.mmu.tracer = self.mmu.tracer, None
+        try:
+            return copy.deepcopy(self)
+        finally:
+            self.mmu.tracer = tracer
 
     def clone_vcpus(self, vcpus: list[VCPUState]) -> list[VCPUState]:
         return [vcpu.clone(self) for vcpu in vcpus]

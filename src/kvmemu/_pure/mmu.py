@@ -11,6 +11,13 @@ fast-path SPTE lookup.
 KVM's tables live in the VM's ``PageTables`` (``vm.page_tables``; TDX's mirror of
 the Secure EPT in ``vm.private_page_tables``), so the hardware walk reads exactly
 the SPTEs KVM wrote.
+
+With ``tracer`` set (a ``kvmemu._trace.Tracer``), the MMU emits
+``kvm_mmu_spte_requested``, ``kvm_tdp_mmu_spte_changed`` and ``kvm_mmu_set_spte``
+where the kernel does.  Like the kernel, it does not trace the entries of a new
+table that splits a huge leaf (tdp_mmu_split_huge_page fills them directly) nor
+the fast path's fix; unlike it, it does not trace the zapping of the entries of
+a removed table (handle_removed_pt).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..constants import (ACC_ALL, ACC_EXEC, ACC_USER, ACC_WRITE, EPT_MEMTYPE_SHIFT,
-                         EPT_MISCONFIG_WX_VALUE, EPT_MMIO_MASK, MMIO_SPTE_GEN_HIGH_START,
+                         EPT_MISCONFIG_WX_VALUE, EPT_MMIO_MASK, KVM_PFN_NOSLOT, MMIO_SPTE_GEN_HIGH_START,
                          MMIO_SPTE_GEN_LOW_BITS, MMIO_SPTE_GEN_LOW_START, MMIO_SPTE_GEN_MASK,
                          NPT_MMIO_ACCESS_MASK, NPT_MMIO_VALUE, PAGE_SHIFT, PG_LEVEL_1G,
                          PG_LEVEL_4K, PT_ENTRIES, PT_LEVEL_BITS, SHADOW_NONPRESENT_VALUE, SPTE,
@@ -35,6 +42,7 @@ _LOG_DIRTY = MemFlag.LOG_DIRTY_PAGES.value
 _GEN_LOW_MASK = ((1 << MMIO_SPTE_GEN_LOW_BITS) - 1) << MMIO_SPTE_GEN_LOW_START
 _GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
 _GEN_HIGH_MASK = (MMIO_SPTE_GEN_MASK >> MMIO_SPTE_GEN_LOW_BITS) << MMIO_SPTE_GEN_HIGH_START
+_SPTE_BYTES = 8
 _RETRY, _FIXED, _SPURIOUS, _EMULATE = (RetPF.RETRY.value, RetPF.FIXED.value,
                                        RetPF.SPURIOUS.value, RetPF.EMULATE.value)
 
@@ -181,10 +189,25 @@ class TdpMmu:
         self.mirror = Root(make_tables(), 0) if tdx else None
         #: kvm->stat.pages[level]: present leaf SPTEs per level (4K, 2M, 1G).
         self.pages = [0, 0, 0, 0]
+        #: The VM's Tracer, or None when tracing is off.
+        self.tracer: Any = None
+
+    def set_tracer(self, tracer: Any) -> None:
+        self.tracer = tracer
 
     # --- changing SPTEs (handle_changed_spte) ---------------------------------------------
 
-    def _set_spte(self, root: Root, table: int, index: int, level: int, new: int) -> None:
+    def _set_spte(self, root: Root, table: int, index: int, level: int, new: int,
+                  gfn: int) -> None:
+        """tdp_mmu_set_spte: write, then handle_changed_spte (traced, with iter->gfn)."""
+        if self.tracer is not None:
+            old = root.pt.kvm_get(table, index)
+            if old != new:
+                self.tracer.spte_changed(0, gfn, level, old, new)
+        self._write_spte(root, table, index, level, new)
+
+    def _write_spte(self, root: Root, table: int, index: int, level: int, new: int) -> None:
+        """Store an SPTE and do handle_changed_spte's bookkeeping, untraced."""
         pt = root.pt
         old = pt.kvm_get(table, index)
         pt.kvm_set(table, index, new)
@@ -199,7 +222,7 @@ class TdpMmu:
         """handle_removed_pt: zap every entry of an unlinked table, free it."""
         for index in range(PT_ENTRIES):
             if is_shadow_present(root.pt.kvm_get(table, index)):
-                self._set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
+                self._write_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
         root.nx_huge_page_disallowed.pop(table, None)
         root.pt.kvm_free(table)
 
@@ -239,6 +262,10 @@ class TdpMmu:
         self.hugepage_adjust(fault)
         pt, gfn = root.pt, fault.gfn
         indexed = gfn | root.gfn_bits
+        if self.tracer is not None:
+            pfn = fault.pfn if fault.slot is not None else KVM_PFN_NOSLOT
+            self.tracer.spte_requested(
+                gfn, pfn | (gfn & (pages_per_hpage(fault.goal_level) - 1)), fault.goal_level)
         table, level = 0, self.levels
         while True:
             index = spte_index(indexed, level)
@@ -247,7 +274,8 @@ class TdpMmu:
                 self._disallowed_hugepage_adjust(fault, root, old, level)
             if level == fault.goal_level:
                 return self._map_target_level(fault, root, table, index, level, old,
-                                              mmio_generation, stats)
+                                              mmio_generation, stats,
+                                              indexed & ~(pages_per_hpage(level) - 1))
             if is_shadow_present(old) and not old & _LARGE:
                 table, level = root.child(old), level - 1
                 continue
@@ -256,10 +284,11 @@ class TdpMmu:
             if is_shadow_present(old):                  # a huge leaf in the way: split it
                 for i in range(PT_ENTRIES):
                     small = self.fmt.make_small_spte(old, level - 1, i, self.nx_huge_pages)
-                    self._set_spte(root, child, i, level - 1, small)
+                    self._write_spte(root, child, i, level - 1, small)
             # Replacing a huge leaf by a table: the leaf count moves to the children.
             self._set_spte(root, table, index, level,
-                           self.fmt.make_nonleaf_spte(pt.kvm_hpa(child)))
+                           self.fmt.make_nonleaf_spte(pt.kvm_hpa(child)),
+                           indexed & ~(pages_per_hpage(level) - 1))
             table, level = child, level - 1
 
     def _disallowed_hugepage_adjust(self, fault: Any, root: Root, spte: int, level: int) -> None:
@@ -269,8 +298,10 @@ class TdpMmu:
             fault.goal_level -= 1
 
     def _map_target_level(self, fault: Any, root: Root, table: int, index: int, level: int,
-                          old: int, mmio_generation: int, stats: dict[str, int]) -> int:
-        """tdp_mmu_map_handle_target_level."""
+                          old: int, mmio_generation: int, stats: dict[str, int],
+                          iter_gfn: int) -> int:
+        """tdp_mmu_map_handle_target_level (``iter_gfn``: iter->gfn, with the root's
+        gfn bits)."""
         fmt = self.fmt
         if (is_shadow_present(old) and fault.access_allowed(fmt, old)
                 and is_last_spte(old, level)):
@@ -284,10 +315,13 @@ class TdpMmu:
         if new == old:
             ret = _SPURIOUS
         else:
-            self._set_spte(root, table, index, level, new)
+            self._set_spte(root, table, index, level, new, iter_gfn)
         if fmt.is_mmio_spte(new):
             stats["pf_mmio_spte_created"] += 1
-            ret = _EMULATE
+            ret = _EMULATE              # (the kernel traces mark_mmio_spte here: not modelled)
+        elif self.tracer is not None:
+            self.tracer.set_spte(level, iter_gfn, new,
+                                 root.pt.kvm_hpa(table) + index * _SPTE_BYTES)
         return ret
 
     # --- lockless lookups -----------------------------------------------------------------------
@@ -324,7 +358,8 @@ class TdpMmu:
             if not is_shadow_present(spte):
                 continue
             if is_last_spte(spte, level):
-                self._set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
+                self._set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE,
+                               base + index * span)
                 flush = True
             else:
                 flush |= self._zap(root, root.child(spte), level - 1, base + index * span,
@@ -336,7 +371,8 @@ class TdpMmu:
         for root in (self.direct, self.mirror):
             if root is not None:
                 for index in range(PT_ENTRIES):
-                    self._set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE)
+                    self._set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE,
+                                   index * pages_per_hpage(self.levels))
 
     def unmap_gfn_range(self, start: int, end: int, private: bool, shared: bool) -> bool:
         """kvm_unmap_gfn_range with kvm_gfn_range_filter_to_root_types: TDX maps the

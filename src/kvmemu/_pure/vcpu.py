@@ -99,6 +99,9 @@ class VCPUState:
         self.mmio_gfn = 0
         self.mmio_gen = 0
         self.stage_hook: Callable[[str], Any] | None = None
+        #: What the kvm_page_fault trace event reports: vcpu_id and the guest RIP.
+        self.vcpu_id = 0
+        self.rip = 0
 
     def _stage(self, name: str) -> None:
         if self.stage_hook is not None:
@@ -116,12 +119,21 @@ class VCPUState:
                 exit_qualification = _ACC_WRITE
             elif exit_qualification & _ACC_INSTR:
                 return -errno.EIO    # KVM_BUG_ON: a fetch from shared memory
+            self._trace_page_fault(gpa, exit_qualification)
             for _ in range(TDX_LOCAL_RETRY_LIMIT):
                 r = self.page_fault(gpa, vmx_ec(exit_qualification, gpa, shared_bit))
                 if r != _RETRY or not local_retry:
                     break
             return r
+        self._trace_page_fault(gpa, exit_qualification)
         return self.page_fault(gpa, vmx_ec(exit_qualification, gpa, 0))
+
+    def _trace_page_fault(self, gpa: int, error_code: int) -> None:
+        """trace_kvm_page_fault: VMX passes the raw exit qualification (TDX: 0x2 for a
+        private GPA), SVM the error code with PRIVATE_ACCESS synthesized."""
+        tracer = self.vm.mmu.tracer
+        if tracer is not None:
+            tracer.page_fault(self.vcpu_id, self.rip, gpa, error_code)
 
     def handle_ept_misconfig(self, gpa: int) -> int:
         """handle_ept_misconfig: a reserved-bit fault, i.e. the MMIO path."""
@@ -132,7 +144,9 @@ class VCPUState:
     def handle_npf(self, gpa: int, exit_info_1: int) -> int:
         """npf_interception.  Without an RMP model, sev_handle_rmp_fault finds no
         assigned RMP entry and does nothing, as KVM does in that case."""
-        return self.page_fault(gpa, svm_ec(exit_info_1, self.vm.config.snp))
+        error_code = svm_ec(exit_info_1, self.vm.config.snp)
+        self._trace_page_fault(gpa, error_code)
+        return self.page_fault(gpa, error_code)
 
     # --- kvm_mmu_page_fault ------------------------------------------------------------------
 

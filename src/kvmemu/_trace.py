@@ -1,0 +1,73 @@
+"""The model's decisions as the kernel's tracepoints (``vm.trace``).
+
+Both cores call one ``Tracer``, only when a sink is set, so their lines are the
+same character for character.  Each event is formatted exactly as the kernel's
+TP_printk (Linux 6.18; docs/kvm-fault-path.md §11), and the cores emit them in
+the kernel's order for a fault: ``kvm_page_fault`` (the vendor handler) →
+``kvm_mmu_spte_requested`` (after hugepage adjust) → ``kvm_tdp_mmu_spte_changed``
+for each SPTE changed, top-down → ``kvm_mmu_set_spte`` (the target level).
+
+The sink is a callable, called as ``sink(event, text)``, or an object with a
+``write`` method (a text file), which receives ``"event: text\\n"`` lines.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .constants import EPTE, PTE
+
+_WRITABLE = PTE.WRITABLE.value             # PT_WRITABLE_MASK, bit 1 in both formats
+
+
+def sink_writer(sink: Any) -> Callable[[str, str], Any]:
+    """The ``(event, text)`` callable for a sink: the sink itself, or its ``write``."""
+    if callable(sink):
+        return sink  # type: ignore[no-any-return]
+    write = getattr(sink, "write", None)
+    if not callable(write):
+        raise TypeError(f"trace must be a callable, a file or None, not {type(sink).__name__}")
+    return lambda event, text: write(f"{event}: {text}\n")
+
+
+class Tracer:
+    """Formats and emits the TDP fault path's trace events for one VM.
+
+    ``ept`` picks the SPTE masks that ``kvm_mmu_set_spte`` reads: executable is X
+    (EPT) or not NX (NPT), "u" is the R bit (EPT) or U (NPT); "r" is always printed,
+    since shadow_present_mask is non-zero in both formats.
+    """
+
+    __slots__ = ("sink", "emit", "x", "nx", "user")
+
+    def __init__(self, sink: Any, ept: bool) -> None:
+        self.sink = sink
+        self.emit = sink_writer(sink)
+        if ept:
+            self.x, self.nx, self.user = EPTE.EXEC.value, 0, EPTE.READ.value
+        else:
+            self.x, self.nx, self.user = 0, PTE.NX.value, PTE.USER.value
+
+    def page_fault(self, vcpu_id: int, rip: int, address: int, error_code: int) -> None:
+        """kvm:kvm_page_fault (trace.h)."""
+        self.emit("kvm_page_fault",
+                  f"vcpu {vcpu_id} rip 0x{rip:x} address 0x{address:016x} "
+                  f"error_code 0x{error_code:x}")
+
+    def spte_requested(self, gfn: int, pfn: int, level: int) -> None:
+        """kvmmmu:kvm_mmu_spte_requested: ``pfn`` already includes the gfn's offset
+        inside the goal level's huge page."""
+        self.emit("kvm_mmu_spte_requested", f"gfn {gfn:x} pfn {pfn:x} level {level}")
+
+    def spte_changed(self, as_id: int, gfn: int, level: int, old: int, new: int) -> None:
+        """kvmmmu:kvm_tdp_mmu_spte_changed (handle_changed_spte)."""
+        self.emit("kvm_tdp_mmu_spte_changed",
+                  f"as id {as_id} gfn {gfn:x} level {level} old_spte {old:x} new_spte {new:x}")
+
+    def set_spte(self, level: int, gfn: int, spte: int, sptep: int) -> None:
+        """kvmmmu:kvm_mmu_set_spte: ``sptep`` is the SPTE's host-physical address."""
+        w = "w" if spte & _WRITABLE else "-"
+        x = "x" if (spte & (self.x | self.nx)) == self.x else "-"
+        u = "u" if spte & self.user else "-"
+        self.emit("kvm_mmu_set_spte",
+                  f"gfn {gfn:x} spte {spte:x} (r{w}{x}{u}) level {level} at {sptep:x}")

@@ -1,0 +1,143 @@
+"""``vm.trace``: the model's decisions as the kernel's tracepoints.
+
+Formats and event order from docs/kvm-fault-path.md §11 (TP_printk of
+kvm_page_fault, kvm_mmu_spte_requested, kvm_tdp_mmu_spte_changed,
+kvm_mmu_set_spte; §11.2's order for a first-touch 4K fault); SPTE values from
+§9.6 (leaf 0x86000000ABCDEB77 / 0xABCDEE67, non-leaf 0x8000000000000907 / 0x827
+plus the child table), table addresses from PT_BASE_HPA (table k at
+0x800000000 + k * 4096; a 4K leaf sits in the table the level-2 SPTE links); exit qualification 0x182 / EXITINFO1 0x100000006 for a
+not-present write (kvm-unit-tests, hardware-exits.md).
+"""
+
+import io
+
+import pytest
+
+from kvmemu import MemFlag, VMType, _select
+
+GIB = 1 << 30
+NONPRESENT = "8000000000000000"
+
+
+def traced_vm(kv, vm_type=VMType.DEFAULT, vendor=None, flags=0, gmem=False):
+    vm = kv.VM(vm_type, vendor=vendor)
+    lines = []
+    vm.trace = lambda event, text: lines.append(f"{event}: {text}")
+    kwargs = {"flags": flags}
+    if gmem:
+        kwargs = {"flags": flags | MemFlag.GUEST_MEMFD, "guest_memfd": vm.create_guest_memfd(GIB)}
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0xABCDE000, **kwargs)
+    return vm, vm.create_vcpu(), lines
+
+
+def test_first_touch_4k_ept_fault_in_kernel_order(kv):
+    vm, vcpu, lines = traced_vm(kv)
+    vcpu.rip = 0xFFFFFFFF81000123
+    vcpu.access(0, write=True)
+    assert lines == [
+        "kvm_page_fault: vcpu 0 rip 0xffffffff81000123 address 0x0000000000000000 "
+        "error_code 0x182",
+        "kvm_mmu_spte_requested: gfn 0 pfn abcde level 1",
+        f"kvm_tdp_mmu_spte_changed: as id 0 gfn 0 level 4 old_spte {NONPRESENT} "
+        "new_spte 8000000800001907",
+        f"kvm_tdp_mmu_spte_changed: as id 0 gfn 0 level 3 old_spte {NONPRESENT} "
+        "new_spte 8000000800002907",
+        f"kvm_tdp_mmu_spte_changed: as id 0 gfn 0 level 2 old_spte {NONPRESENT} "
+        "new_spte 8000000800003907",
+        f"kvm_tdp_mmu_spte_changed: as id 0 gfn 0 level 1 old_spte {NONPRESENT} "
+        "new_spte 86000000abcdeb77",
+        "kvm_mmu_set_spte: gfn 0 spte 86000000abcdeb77 (rwxu) level 1 at 800003000",
+    ]
+
+
+def test_npt_fault_and_read_only_flags(kv):
+    vm, vcpu, lines = traced_vm(kv, vendor="svm")
+    vcpu.access(0, write=True)
+    assert lines[0] == ("kvm_page_fault: vcpu 0 rip 0x0 address 0x0000000000000000 "
+                        "error_code 0x100000006")
+    assert lines[2].endswith("new_spte 800001827")
+    assert lines[-1] == "kvm_mmu_set_spte: gfn 0 spte abcdee67 (rwxu) level 1 at 800003000"
+
+    vm, vcpu, lines = traced_vm(kv, vendor="svm", flags=MemFlag.READONLY)
+    vcpu.access(0x1000)            # not host-writable: no W, no D, no MMU-writable
+    assert lines[-1] == "kvm_mmu_set_spte: gfn 1 spte abcdf825 (r-xu) level 1 at 800003008"
+
+
+def test_zap_is_traced_and_the_refault_reuses_the_tables(kv):
+    vm, vcpu, lines = traced_vm(kv, VMType.SW_PROTECTED, gmem=True)
+    vcpu.access(0)
+    del lines[:]
+    vm.set_memory_attributes(0, 4096, 8)
+    assert lines == [f"kvm_tdp_mmu_spte_changed: as id 0 gfn 0 level 1 "
+                     f"old_spte 86000000abcdeb77 new_spte {NONPRESENT}"]
+    del lines[:]
+    vcpu.access(0)                 # now private: the SW_PROTECTED synthesis, a gmem frame
+    assert lines[0].endswith("error_code 0x181")
+    assert lines[1] == "kvm_mmu_spte_requested: gfn 0 pfn 800000000 level 1"
+    assert len(lines) == 4 and lines[3].endswith("(rwxu) level 1 at 800003000")
+
+
+def test_private_faults_trace_what_the_vendor_passes(kv):
+    # TDX: a private GPA is traced with error_code 0x2 (§2.7); SNP: with bit 49 (§3.1).
+    vm, vcpu, lines = traced_vm(kv, VMType.TDX, gmem=True)
+    vm.set_memory_attributes(0, GIB, 8)
+    vcpu.access(0x5000)
+    assert lines[0] == "kvm_page_fault: vcpu 0 rip 0x0 address 0x0000000000005000 error_code 0x2"
+    vm, vcpu, lines = traced_vm(kv, VMType.SNP, gmem=True)
+    vm.set_memory_attributes(0, GIB, 8)
+    vcpu.access(0x5000, encrypted=True)
+    assert lines[0].endswith("address 0x0000000000005000 error_code 0x2000500000004")
+
+
+def test_mmio_requests_the_noslot_pfn_and_sets_no_spte_event(kv):
+    vm, vcpu, lines = traced_vm(kv)
+    vcpu.access(0x80000000)
+    assert lines[1] == "kvm_mmu_spte_requested: gfn 80000 pfn 8000000000000000 level 1"
+    assert not any(line.startswith("kvm_mmu_set_spte") for line in lines)
+
+
+def test_file_sink_off_by_default_and_kept_by_restore(kv):
+    vm, vcpu, _ = traced_vm(kv)
+    snap = vm.snapshot()
+    out = io.StringIO()
+    vm.trace = out
+    assert vm.trace is out
+    vm.restore(snap)
+    vcpu.access(0x2000)
+    assert out.getvalue().splitlines()[-1] == (
+        "kvm_mmu_set_spte: gfn 2 spte 86000000abce0b77 (rwxu) level 1 at 800003010")
+    vm.trace = None
+    vcpu.access(0x3000)
+    assert len(out.getvalue().splitlines()) == 7
+    assert kv.VM().trace is None
+    with pytest.raises(TypeError):
+        vm.trace = 42
+
+
+def test_both_cores_trace_the_same_lines():
+    outputs = []
+    for name in ("cython", "python"):
+        kv = _select.load(name)
+        text = io.StringIO()
+        for vm_type in VMType:
+            vm = kv.VM(vm_type, nx_huge_pages=vm_type == VMType.DEFAULT)
+            vm.trace = text
+            kwargs = {}
+            if vm.has_private_mem:
+                kwargs = {"flags": MemFlag.GUEST_MEMFD,
+                          "guest_memfd": vm.create_guest_memfd(GIB)}
+            vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                                      userspace_addr=0x7F0000000000, host_level=3, **kwargs)
+            vcpu = vm.create_vcpu()
+            shared = vm.shared_bit
+            for gpa in (0x1000, 0x201000, 0x40000000, 0x3000):
+                vcpu.access(gpa | shared, write=True)
+            if vm_type != VMType.TDX:
+                vcpu.access(0x5000, fetch=True)
+            if vm.has_private_mem:
+                vm.set_memory_attributes(0x200000, 0x200000, 8)
+                vcpu.access(0x201000, encrypted=vm_type == VMType.SNP)
+        outputs.append(text.getvalue())
+    assert outputs[0] == outputs[1]
+    assert outputs[0].count("kvm_page_fault: ") >= 12
