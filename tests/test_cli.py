@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import kvmemu
 from kvmemu.cli import main
 
 
@@ -54,3 +55,112 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "kvmemu", "decode", "pferr", "0x8"],
                          capture_output=True, text=True, check=True)
     assert "PFERR.RSVD" in out.stdout
+
+
+# --- decode spte: the §9.6 worked values (docs/kvm-fault-path.md) ------------------------
+
+def test_decode_spte_ept_worked_value(capsys):
+    out = run(capsys, "decode", "spte", "0x86000000ABCDEB77", "--ept")
+    assert "EPTE.READ|WRITE|EXEC|IPAT|ACCESSED|DIRTY|SUPPRESS_VE" in out
+    assert "SPTE.MMU_PRESENT|EPT_HOST_WRITABLE|EPT_MMU_WRITABLE" in out
+    assert "6 (WB)" in out and "pfn 0xabcde" in out
+    for row in ("present to KVM  yes", "MMIO SPTE       no", "writable        yes",
+                "executable      yes", "huge leaf       no"):
+        assert row in out
+
+
+def test_decode_spte_npt_huge_leaf_and_nx(capsys):
+    out = run(capsys, "decode", "spte", str(0xABCDEEE7 | 1 << 63), "--npt")
+    assert "PTE.PRESENT|WRITABLE|USER|ACCESSED|DIRTY|LARGE|NX" in out
+    assert "SPTE.HOST_WRITABLE|MMU_WRITABLE|MMU_PRESENT" in out
+    assert "executable      no" in out and "huge leaf       yes" in out
+
+
+def test_decode_spte_mmio_and_nonpresent(capsys):
+    # EPT MMIO SPTE: W|X (0x6), SVE clear, the GPA and generation bits (§9.6).
+    out = run(capsys, "decode", "spte", "0xc0000006", "--ept")
+    assert "present to KVM  no" in out and "MMIO SPTE       yes: gfn 0xc0000" in out
+    out = run(capsys, "decode", "spte", str((1 << 51) | 0xc0000007), "--npt")
+    assert "MMIO SPTE       yes: gfn 0xc0000" in out
+    out = run(capsys, "decode", "spte", "0x8000000000000000", "--ept")
+    assert "SHADOW_NONPRESENT_VALUE" in out
+
+
+@pytest.mark.parametrize("argv", [["decode", "spte", "0x1" + "0" * 16, "--ept"],
+                                  ["decode", "spte", "0x12"], ["decode", "spte", "x", "--npt"],
+                                  ["decode", "spte", "1", "--ept", "--npt"]])
+def test_decode_spte_rejects(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code != 0
+
+
+# --- demo -------------------------------------------------------------------------------
+
+def test_demo_reports_every_vm_type(capsys):
+    out = run(capsys, "demo", "--accesses", "2000")
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in {t.name for t in kvmemu.VMType}}
+    assert list(rows) == [t.name for t in kvmemu.VMType]
+    header = [line for line in out.splitlines() if line.startswith("VM type")][0]
+    assert "mem-fault exits" in header and "MMIO exits" in header and "2M" in header
+    # 64 MMIO pages, read then written: 128 MMIO exits on every VM type.
+    assert all(row[3] == "128" for row in rows.values())
+    # A TD takes 4 MiB (1024 pages) private and back through memory-fault exits; SNP
+    # only towards private; the others never exit for memory faults.
+    assert rows["TDX"][2] == "2048" and rows["SNP"][2] == "1024"
+    assert rows["DEFAULT"][2] == rows["SW_PROTECTED"][2] == "0"
+    assert all(row[-2] == "1" for row in rows.values())      # the 1 GiB slot: one 1G leaf
+
+
+# --- replay -----------------------------------------------------------------------------
+
+FTRACE = """\
+# tracer: nop
+ qemu-system-x86-4242 [001] d..1. 1234.567890: kvm_entry: vcpu 0, rip 0xfff0
+ qemu-system-x86-4242 [001] d..1. 1234.567891: kvm_page_fault: vcpu 0 rip 0xfff0 address 0x0000000000001000 error_code 0x182
+ qemu-system-x86-4242 [001] d..1. 1234.567893: kvm_page_fault: vcpu 0 rip 0xfff0 address 0x0000000000001000 error_code 0x182
+ qemu-system-x86-4242 [001] d..1. 1234.567894: kvm_page_fault: vcpu 1 rip 0x10 address 0x00000000c0000000 error_code 0x181
+"""
+
+
+def test_replay_vmx(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text(FTRACE)
+    out = run(capsys, "replay", str(trace), "--memslot", "0:1G")
+    assert "3: vcpu 0 address 0x1000 error_code 0x182\n  -> FIXED" in out
+    assert "4: vcpu 0 address 0x1000 error_code 0x182\n  -> SPURIOUS" in out
+    assert "5: vcpu 1 address 0xc0000000 error_code 0x181\n  -> EMULATE" in out
+    assert "3 events replayed: EMULATE 1, FIXED 1, SPURIOUS 1" in out
+
+
+def test_replay_tdx_private_and_trace(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("x-1 [000] .... 1.0: kvm_page_fault: vcpu 0 rip 0x0 "
+                     "address 0x0000000000002000 error_code 0x2\n")
+    out = run(capsys, "replay", str(trace), "--vm-type", "tdx", "--memslot", "0:1G:gmem")
+    assert "-EFAULT, KVM_EXIT_MEMORY_FAULT flags 0x8 gpa 0x2000 size 0x1000" in out
+    out = run(capsys, "replay", str(trace), "--vm-type", "tdx", "--memslot", "0:1G:gmem",
+              "--private", "0:2M", "--trace")
+    assert "    kvm_page_fault: vcpu 0 rip 0x0 address 0x0000000000002000 error_code 0x2" in out
+    assert "-> FIXED" in out
+
+
+def test_replay_svm_snp_private(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text("x-1 [000] .... 1.0: kvm_page_fault: vcpu 0 rip 0x0 "
+                     "address 0x0000000000002000 error_code 0x2000500000006\n")
+    out = run(capsys, "replay", str(trace), "--vm-type", "snp", "--memslot", "0:1G:gmem",
+              "--private", "0:1G")
+    assert "-> FIXED" in out
+
+
+def test_replay_malformed_line_names_it(tmp_path, capsys):
+    trace = tmp_path / "trace.txt"
+    trace.write_text(FTRACE + " x-1 [000] .... 1.0: kvm_page_fault: vcpu 0 address 12\n")
+    with pytest.raises(SystemExit) as info:
+        main(["replay", str(trace), "--memslot", "0:1G"])
+    assert info.value.code == 2
+    assert f"{trace}:6: malformed kvm_page_fault event" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", str(trace), "--memslot", "0:1Z"])

@@ -1,13 +1,22 @@
-"""The ``kvmemu`` command line (also ``python -m kvmemu``)."""
+"""The ``kvmemu`` command line (also ``python -m kvmemu``).
+
+* ``kvmemu decode ept|npf|pferr|spte VALUE``: name the bits of an exit value, an
+  error code or an SPTE;
+* ``kvmemu demo``: a built-in workload on every VM type, with a report;
+* ``kvmemu replay FILE``: kvm_page_fault lines of a host's ftrace, replayed
+  against a VM described by options.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import _args
-from .constants import EPT_VIOLATION, PFERR
+from .constants import (EPT_MEMTYPE_MASK, EPT_MEMTYPE_SHIFT, EPT_MISCONFIG_WX_VALUE,
+                        EPT_MMIO_MASK, EPT_VIOLATION, EPTE, NPT_MMIO_VALUE, PFERR, PTE,
+                        SHADOW_NONPRESENT_VALUE, SPTE, MemType, VMType)
 
 
 def _u64(text: str) -> int:
@@ -51,6 +60,58 @@ def _decode_pferr(ns: argparse.Namespace) -> list[tuple[str, str]]:
     return [("error code", f"{ns.value:#x}  {PFERR(ns.value)!r}"), ("private", _private(ns.value))]
 
 
+#: The SPTE bits KVM keeps in ignored bits, per format (spte.h): EPT uses 57/58 for
+#: host/MMU-writable, since 9/10 are EPT's dirty and user-execute bits.
+_SPTE_SOFT = {"ept": SPTE.MMU_PRESENT | SPTE.AD_DISABLED | SPTE.AD_WRPROT_ONLY
+                     | SPTE.EPT_HOST_WRITABLE | SPTE.EPT_MMU_WRITABLE,
+              "npt": SPTE.MMU_PRESENT | SPTE.AD_DISABLED | SPTE.AD_WRPROT_ONLY
+                     | SPTE.HOST_WRITABLE | SPTE.MMU_WRITABLE}
+_FRAME_MASK = ((1 << 52) - 1) & ~0xFFF          # SPTE_BASE_ADDR_MASK, bits 51:12
+
+
+def _yes(value: int) -> str:
+    return "yes" if value else "no"
+
+
+def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """A KVM SPTE of either format: hardware bits, KVM's software bits, frame, meaning."""
+    from ._pure.mmu import mmio_spte_generation
+
+    spte, kind = ns.value, "ept" if ns.ept else "npt"
+    hw_flag: Any = EPTE if ns.ept else PTE
+    hw = hw_flag(spte & sum(m.value for m in hw_flag))
+    soft = SPTE(spte & _SPTE_SOFT[kind].value)
+    rows = [("spte", f"{spte:#x}  ({kind.upper()})"), ("hardware bits", repr(hw)),
+            ("KVM bits", repr(soft))]
+    if ns.ept and spte & SPTE.MMU_PRESENT:
+        memtype = (spte & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT
+        name = MemType(memtype).name if memtype in MemType._value2member_map_ else "reserved"
+        rows.append(("memory type", f"{memtype} ({name})"))
+    frame = spte & _FRAME_MASK
+    rows.append(("frame", f"pfn {frame >> 12:#x}  (address {frame:#x})"))
+    if ns.ept:
+        mmio = (spte & EPT_MMIO_MASK) == EPT_MISCONFIG_WX_VALUE
+        readable, executable = spte & EPTE.READ, spte & EPTE.EXEC
+    else:
+        mmio = (spte & NPT_MMIO_VALUE) == NPT_MMIO_VALUE
+        readable, executable = spte & PTE.PRESENT, not spte & PTE.NX
+    present = spte & SPTE.MMU_PRESENT
+    rows.append(("present to KVM", f"{_yes(present)}  (is_shadow_present_pte: bit 11)"))
+    if spte == SHADOW_NONPRESENT_VALUE:
+        rows.append(("meaning", "SHADOW_NONPRESENT_VALUE: an empty or zapped entry"))
+    elif mmio and not present:
+        gfn = (frame & ~NPT_MMIO_VALUE if ns.npt else frame) >> 12    # not NPT's bit 51
+        rows.append(("MMIO SPTE", f"yes: gfn {gfn:#x}, memslot generation "
+                                  f"{mmio_spte_generation(spte):#x}"))
+    else:
+        rows.append(("MMIO SPTE", "no"))
+    if present:
+        rows += [("readable", _yes(readable)), ("writable", _yes(spte & PTE.WRITABLE)),
+                 ("executable", _yes(executable)),
+                 ("huge leaf", _yes(spte & PTE.LARGE) + "  (PT_PAGE_SIZE_MASK, bit 7)")]
+    return rows
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmemu",
@@ -81,11 +142,96 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Name the PFERR bits of a KVM error code.")
     pferr.add_argument("value", metavar="CODE", type=_u64)
     pferr.set_defaults(decode=_decode_pferr)
+
+    spte = kinds.add_parser(
+        "spte", help="KVM SPTE (second-stage entry as KVM writes it)",
+        description="Name every set bit of an SPTE (hardware bits and KVM's software bits), "
+                    "its frame, and what it means to KVM: present (bit 11), an MMIO SPTE "
+                    "(with its gfn and memslot generation), readable / writable / executable.")
+    spte.add_argument("value", metavar="VALUE", type=_u64)
+    fmt = spte.add_mutually_exclusive_group(required=True)
+    fmt.add_argument("--ept", action="store_true", help="an EPT SPTE (Intel, TDX)")
+    fmt.add_argument("--npt", action="store_true", help="an NPT SPTE (AMD, SEV, SNP)")
+    spte.set_defaults(decode=_decode_spte)
+
+    demo = commands.add_parser(
+        "demo", help="run a built-in workload on every VM type and report",
+        description="Run a built-in guest workload (shared and private accesses, conversions "
+                    "both ways, hugepages, MMIO, memory-fault exits handled like a VMM) on "
+                    "every VM type, and print exits, faults, mappings and throughput.")
+    demo.add_argument("--accesses", type=int, default=None,
+                      help="random shared accesses per VM (default 400000; 20000 on the pure-Python twin)")
+
+    replay = commands.add_parser(
+        "replay", help="replay kvm_page_fault lines of an ftrace against the model",
+        description="Read ftrace text (e.g. from /sys/kernel/tracing/trace) and hand each "
+                    "kvm_page_fault event to the model's exit handler: for VMX the traced "
+                    "error_code is the exit qualification (TDX: 0x2 for a private GPA), for "
+                    "SVM the error code. Other lines are skipped. Prints the handler's result "
+                    "per event.",
+        epilog="example: kvmemu replay trace.txt --vm-type tdx --memslot 0:1G:gmem "
+               "--private 0:512M")
+    replay.add_argument("file", metavar="FILE", help="ftrace text, '-' for stdin")
+    replay.add_argument("--vm-type", type=_vm_type, default=VMType.DEFAULT,
+                        help="default, sw_protected, sev, sev_es, snp or tdx (default: default)")
+    replay.add_argument("--vendor", choices=("vmx", "svm"),
+                        help="for DEFAULT and SW_PROTECTED VMs (default vmx)")
+    replay.add_argument("--gpaw", type=int, choices=(48, 52), default=48,
+                        help="guest physical-address width (default 48)")
+    replay.add_argument("--memslot", metavar="GPA:SIZE[:gmem]", type=_memslot, action="append",
+                        default=[], help="add a memslot (sizes take K/M/G suffixes; 'gmem' "
+                                         "binds a guest_memfd); repeatable")
+    replay.add_argument("--private", metavar="GPA:SIZE", type=_range, action="append",
+                        default=[], help="mark a range private; repeatable")
+    replay.add_argument("--host-level", choices=("4k", "2m", "1g"), default="4k",
+                        help="host mapping level of every memslot (default 4k)")
+    replay.add_argument("--nx-huge-pages", action="store_true",
+                        help="the NX huge page workaround is on")
+    replay.add_argument("--trace", action="store_true",
+                        help="also print the model's own trace events, as the kernel's")
     return parser
 
 
+def _size(text: str) -> int:
+    """An integer with an optional K/M/G suffix (powers of 1024)."""
+    scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(text[-1:].lower(), 1)
+    return _u64(text[:-1] if scale > 1 else text) * scale
+
+
+def _range(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected GPA:SIZE, not {text!r}")
+    return _size(parts[0]), _size(parts[1])
+
+
+def _memslot(text: str) -> tuple[int, int, bool]:
+    parts = text.split(":")
+    if len(parts) == 3 and parts[2] == "gmem":
+        return (*_range(":".join(parts[:2])), True)
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"expected GPA:SIZE or GPA:SIZE:gmem, not {text!r}")
+    return (*_range(text), False)
+
+
+def _vm_type(text: str) -> VMType:
+    try:
+        return VMType[text.upper()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"unknown VM type {text!r} (one of {', '.join(t.name.lower() for t in VMType)})"
+        ) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "demo":
+        from ._demo import run_demo
+        return run_demo(ns.accesses)
+    if ns.command == "replay":
+        from ._replay import replay
+        return replay(parser, ns)
     if ns.command == "decode":
         rows = ns.decode(ns)
         width = max(len(label) for label, _ in rows)
