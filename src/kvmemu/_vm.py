@@ -473,7 +473,11 @@ class VM:
           other private-memory VMs the frame kind matches the gfn's attributes;
         * no huge leaf crosses a memslot edge, spans mixed attributes, or sits where
           lpage_info disallows it;
-        * the per-level leaf counts in ``stats`` equal the leaves found.
+        * the per-level leaf counts in ``stats`` equal the leaves found;
+        * each vCPU's fault counters agree with kvm_mmu_page_fault's accounting: every
+          FIXED, SPURIOUS or EMULATE result counted is a fault taken (an MMIO-cache or
+          MMIO-SPTE emulation skips both), every fast-path fix is a FIXED or SPURIOUS one,
+          and every MMIO SPTE created made its fault EMULATE.
         """
         return _check_invariants(self)
 
@@ -706,6 +710,14 @@ def _check_invariants(vm: VM) -> list[str]:
 
         visit(0, tables.levels, 0)
     del mmio_mask
+    for vcpu in vm._vcpus:
+        st = vcpu.stats
+        if st["pf_fixed"] + st["pf_spurious"] + st["pf_emulate"] > st["pf_taken"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more fault results than faults taken {st}")
+        if st["pf_fast"] > st["pf_fixed"] + st["pf_spurious"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more fast fixes than FIXED/SPURIOUS {st}")
+        if st["pf_mmio_spte_created"] > st["pf_emulate"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more MMIO SPTEs than EMULATE results {st}")
     counted = state.mmu.pages
     if list(counted[1:4]) != found[1:4]:
         problems.append(f"leaf counts {list(counted[1:4])} differ from the tables {found[1:4]}")
