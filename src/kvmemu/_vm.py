@@ -53,8 +53,12 @@ class GuestMemfd:
         self.size = size
         self.flags = flags
 
-    def pfn(self, page: int) -> int:
-        """The host frame backing page ``page`` of the file."""
+    def pfn(self, page: Any) -> int:
+        """The host frame backing page ``page`` of the file (ValueError beyond its end)."""
+        page = _args.u64("page", page)
+        if page >= self.size >> PAGE_SHIFT:
+            raise ValueError(f"page {page} is beyond the guest_memfd's "
+                             f"{self.size >> PAGE_SHIFT} pages")
         return GMEM_PFN_BASE + (self.index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
     def __repr__(self) -> str:
@@ -123,7 +127,8 @@ class VM:
         if vendor not in (None, "vmx", "svm"):
             raise ValueError(f"vendor must be 'vmx' or 'svm', not {vendor!r}")
         if implied is not None and vendor not in (None, implied):
-            raise ValueError(f"a {vm_type.name} VM runs on {implied}, not {vendor}")
+            raise ValueError(f"vendor {vendor!r} contradicts vm_type {vm_type.name}, which runs "
+                             f"on {implied}")
         self.vm_type: VMType = vm_type
         self.vendor: str = vendor or implied or "vmx"
         self.gpaw: int = _args.gpaw(gpaw)
