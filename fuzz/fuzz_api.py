@@ -1,7 +1,8 @@
 """atheris harness: arbitrary bytes -> a kvmemu call sequence -> both cores, compared.
 
     pip install atheris
-    PYTHONPATH=src python fuzz/fuzz_api.py fuzz/corpus -max_total_time=3600
+    mkdir -p /tmp/corpus
+    PYTHONPATH=src python fuzz/fuzz_api.py /tmp/corpus fuzz/corpus -max_total_time=3600
 
 ``kvmfuzz.decode`` turns the bytes into operations (VM creation, memslots,
 guest_memfd, attributes, accesses, batches, exit handlers, stage hooks,
@@ -9,7 +10,8 @@ snapshots, the intake functions with scalars and arrays, standalone
 PageTables); ``kvmfuzz.Twin`` runs them on the compiled core and on the
 pure-Python twin and raises ``Divergence`` at the first difference or broken
 invariant, which atheris reports as a crash with the input saved.  New inputs
-that reach new code go into the corpus directory given first.
+that reach new code go into the corpus directory given first; ``fuzz/corpus``
+stays as it is.
 """
 
 import sys

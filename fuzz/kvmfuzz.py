@@ -516,3 +516,46 @@ def encode_ops(ops: list[tuple]) -> str:
 
 __all__ = ["CORES", "Divergence", "Reader", "Side", "Twin", "decode", "norm", "outcome",
            "run_bytes", "run_ops", "vm_state"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Without atheris: replay files, or run random inputs for a while.
+
+    ``python fuzz/kvmfuzz.py FILE...`` replays inputs (e.g. one atheris saved);
+    ``python fuzz/kvmfuzz.py --seconds 60 [--seed N]`` runs random byte strings.
+    """
+    import argparse
+    import random
+    import time
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("files", nargs="*")
+    parser.add_argument("--seconds", type=float, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    runs = steps = 0
+    for name in args.files:
+        with open(name, "rb") as f:
+            data = f.read()
+        try:
+            steps += run_bytes(data).steps
+        except Divergence:
+            print(f"{name}:\n{encode_ops(decode(data))}")
+            raise
+        runs += 1
+    rng = random.Random(args.seed)
+    end = time.monotonic() + args.seconds
+    while time.monotonic() < end:
+        data = bytes(rng.randrange(256) for _ in range(rng.randrange(8, 400)))
+        try:
+            steps += run_bytes(data).steps
+        except Divergence:
+            print(f"input {data.hex()}:\n{encode_ops(decode(data))}")
+            raise
+        runs += 1
+    print(f"{runs} inputs, {steps} steps, no divergence")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
