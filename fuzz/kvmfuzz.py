@@ -534,24 +534,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     runs = steps = 0
+
+    def one(data: bytes, label: str) -> int:
+        try:
+            return run_bytes(data).steps
+        except Divergence:
+            print(f"{label}:\n{encode_ops(decode(data))}")
+            raise
+
     for name in args.files:
         with open(name, "rb") as f:
-            data = f.read()
-        try:
-            steps += run_bytes(data).steps
-        except Divergence:
-            print(f"{name}:\n{encode_ops(decode(data))}")
-            raise
+            steps += one(f.read(), name)
         runs += 1
     rng = random.Random(args.seed)
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(8, 400)))
-        try:
-            steps += run_bytes(data).steps
-        except Divergence:
-            print(f"input {data.hex()}:\n{encode_ops(decode(data))}")
-            raise
+        steps += one(data, f"input {data.hex()}")
         runs += 1
     print(f"{runs} inputs, {steps} steps, no divergence")
     return 0
