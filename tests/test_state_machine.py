@@ -177,3 +177,19 @@ TwinVMs.TestCase.settings = settings(
     max_examples=2000 if LONG else 40, stateful_step_count=50 if LONG else 30,
     deadline=None)
 test_twin_vms = TwinVMs.TestCase
+
+
+def test_the_invariant_checker_sees_inconsistent_fault_counters():
+    """check_invariants compares each vCPU's counters with kvm_mmu_page_fault's accounting
+    (tampered here in the twin, whose counters are a plain dict)."""
+    vm = kvmfuzz.CORES[1].VM(0)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=2 * MIB,
+                              userspace_addr=1 << 40)
+    vcpu = vm.create_vcpu()
+    vcpu.access(0x1000, write=True)
+    assert vm.check_invariants() == []
+    vcpu._c.stats["pf_fast"] += 2
+    vcpu._c.stats["pf_mmio_spte_created"] += 1
+    problems = vm.check_invariants()
+    assert any("fast fixes" in p for p in problems)
+    assert any("MMIO SPTEs" in p for p in problems)
