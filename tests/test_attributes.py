@@ -202,7 +202,6 @@ def check_against_models(vm, attrs, slots):
     for slot, (base, npages) in slots.items():
         for level in (2, 3):
             info = vm.lpage_info(slot, level)
-            n = 512 if level == 2 else 262144
             for gfn, mixed in brute_force_mixed(attrs, base, npages, level).items():
                 index = (gfn >> (9 * (level - 1))) - (base >> (9 * (level - 1)))
                 assert bool(info[index] & MIXED) == mixed, (slot, level, hex(gfn))

@@ -382,6 +382,39 @@ def test_attributes_change_during_faultin_retries(kv, stage):
     assert vcpu.handle_npf(0x5000, 0x500000004) == FIXED
 
 
+@pytest.mark.parametrize("stage", ["faultin", "map"])
+@pytest.mark.parametrize("new_gpa", [None, 2 << 20])          # delete, or move up by 2M
+def test_memslot_deleted_or_moved_during_a_fault_retries(kv, stage, new_gpa):
+    """Found by the fuzzer: a DELETE or MOVE of the fault's memslot in the stage hook left
+    a 2M leaf outside every memslot, and a fault below the moved slot's new base read
+    lpage_info[-1] (outside the array in the compiled core).  In KVM the change waits for
+    the fault's SRCU section and its flush zaps what the fault mapped: the fault retries."""
+    vm = kv.VM(VMType.DEFAULT)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 << 20,
+                              userspace_addr=1 << 40, host_level=3)
+    vcpu = vm.create_vcpu()
+    done = []
+
+    def hook(at):
+        if at == stage and not done:
+            done.append(at)
+            if new_gpa is None:
+                vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0,
+                                          userspace_addr=0)
+            else:
+                vm.set_user_memory_region(slot=0, guest_phys_addr=new_gpa,
+                                          memory_size=4 << 20, userspace_addr=1 << 40,
+                                          host_level=3)
+    vcpu.stage_hook = hook
+    assert vcpu.handle_ept_violation(0x1FF010, 0x184) == RETRY
+    assert vm.stats["pages_2m"] == vm.stats["pages_4k"] == 0
+    assert vm.check_invariants() == []
+    assert vcpu.access(0x1FF010, fetch=True) == MmioExit(0x1FF010, False)
+    if new_gpa is not None:                 # gfn 0x300 is in the moved slot: its new frame
+        assert vcpu.access(0x300010) == Translation((1 << 40) + 0x100010, 2)
+    assert vm.check_invariants() == []
+
+
 def test_a_loop_that_never_settles_raises(kv):
     vm, vcpu = snp_private_vm(kv)
     flip = iter(range(10**6))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .constants import (MAXPHYADDR_MAX, MAXPHYADDR_MIN, PAGE_SHIFT, PT_LEVEL_BITS,
+from .constants import (MAXPHYADDR_MAX, MAXPHYADDR_MIN, PAGE_SHIFT, PT_ENTRIES, PT_LEVEL_BITS,
                         AccessFlags)
 
 U64_MAX = (1 << 64) - 1
@@ -161,6 +161,22 @@ def int_range(name: str, value: Any, lo: int, hi: int) -> int:
     v = integer(name, value)
     if not lo <= v <= hi:
         raise ValueError(f"{name} must be in {lo}..{hi}, not {v}")
+    return v
+
+
+def table(value: Any, ntables: int) -> int:
+    """The number of an existing table of a ``PageTables`` (``0 .. ntables - 1``)."""
+    v = integer("table", value)
+    if not 0 <= v < ntables:
+        raise IndexError(f"table {v} is not in 0..{ntables - 1}")
+    return v
+
+
+def entry_index(value: Any) -> int:
+    """An entry's index in a table, ``0 .. 511``."""
+    v = integer("index", value)
+    if not 0 <= v < PT_ENTRIES:
+        raise IndexError(f"index {v} is not in 0..{PT_ENTRIES - 1}")
     return v
 
 

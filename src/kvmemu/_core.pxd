@@ -193,7 +193,6 @@ cdef class PageTables:
     cdef Py_ssize_t c_alloc(self, uint64_t fill) except -1
     cdef int c_free(self, Py_ssize_t table) except -1
     cdef void c_fill(self, Py_ssize_t table, uint64_t value) noexcept
-    cdef Py_ssize_t _kvm_table(self, Py_ssize_t table) except -1
     cdef PageTables clone(self)
 
 cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,

@@ -285,12 +285,12 @@ cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntab
 
 cdef object outcome_object(const Outcome* out, uint64_t gpa):
     if out.kind == OUT_TRANSLATED:
-        return Translation(out.value, out.level)
+        return tuple.__new__(Translation, (out.value, out.level))
     if out.kind == OUT_EPT_VIOLATION:
-        return EptViolation(gpa, out.value)
+        return tuple.__new__(EptViolation, (gpa, out.value))
     if out.kind == OUT_EPT_MISCONFIG:
-        return EptMisconfig(gpa)
-    return NestedPageFault(gpa, out.value)
+        return tuple.__new__(EptMisconfig, (gpa,))
+    return tuple.__new__(NestedPageFault, (gpa, out.value))
 
 
 cdef class PageTables:
@@ -418,35 +418,42 @@ cdef class PageTables:
         for i in range(<Py_ssize_t>PT_ENTRIES):
             self.mem[table, i] = value
 
-    cdef Py_ssize_t _kvm_table(self, Py_ssize_t table) except -1:
-        if not 0 <= table < self.ntables:
-            raise IndexError(f"table {table} is not in 0..{self.ntables - 1}")
-        return table
+    # The kvm_* methods are the twin's interface to the storage, checked through _args
+    # as the twin's are; the compiled MMU uses c_alloc / c_free / mem directly.
 
     def kvm_alloc(self, fill):
         return self.c_alloc(_args.u64("fill", fill))
 
-    def kvm_free(self, Py_ssize_t table):
-        self.c_free(self._kvm_table(table))
+    def kvm_free(self, table):
+        """Give a table back.  IndexError for no such table; ValueError for the root or a
+        table already free (a second free would hand it out twice)."""
+        cdef Py_ssize_t t = _args.table(table, self.ntables), i
+        cdef bint free = False
+        for i in range(self.nfree):
+            free |= self.free_list[i] == t
+        if t == 0 or free:
+            raise ValueError(f"table {t} is {'the root' if t == 0 else 'already free'}")
+        self.c_free(t)
 
-    def kvm_fill(self, Py_ssize_t table, value):
-        self.c_fill(self._kvm_table(table), _args.u64("value", value))
+    def kvm_fill(self, table, value):
+        cdef Py_ssize_t t = _args.table(table, self.ntables)
+        self.c_fill(t, _args.u64("value", value))
 
-    def kvm_get(self, Py_ssize_t table, Py_ssize_t index):
-        if not 0 <= index < <Py_ssize_t>PT_ENTRIES:
-            raise IndexError(f"index {index} is not in 0..{PT_ENTRIES - 1}")
-        return self.mem[self._kvm_table(table), index]
+    def kvm_get(self, table, index):
+        cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
+        return self.mem[t, i]
 
-    def kvm_set(self, Py_ssize_t table, Py_ssize_t index, value):
-        if not 0 <= index < <Py_ssize_t>PT_ENTRIES:
-            raise IndexError(f"index {index} is not in 0..{PT_ENTRIES - 1}")
-        self.mem[self._kvm_table(table), index] = _args.u64("value", value)
+    def kvm_set(self, table, index, value):
+        cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
+        self.mem[t, i] = _args.u64("value", value)
 
-    def kvm_hpa(self, Py_ssize_t table):
-        return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
+    def kvm_hpa(self, table):
+        cdef Py_ssize_t t = _args.table(table, self.ntables)
+        return PT_BASE_HPA + (<uint64_t>t << PAGE_SHIFT)
 
-    def kvm_table_at(self, uint64_t hpa):
-        return table_at(hpa, self.ntables)
+    def kvm_table_at(self, hpa):
+        """The table at host-physical ``hpa`` (page aligned), or -1 if none is there."""
+        return table_at(_args.u64("hpa", hpa), self.ntables)
 
     cdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index):
         return self.mem[table, index] if table >= 0 else 0

@@ -101,14 +101,22 @@ cdef class VCPUState:
         return (self.mmio_gpa, self.mmio_is_write)
 
     cdef int stage(self, str name, FaultRec* f) except -1:
-        """Run the stage hook, if set; then re-read the fault's memslot record."""
-        cdef Slot s
+        """Run the stage hook, if set; then re-read the fault's memslot record.  Returns 1
+        if the hook deleted or moved the fault's memslot (the fault then retries: see the
+        twin's VCPUState), else 0."""
+        cdef Slot s = None
+        cdef uint64_t base_gfn = 0
         if self.stage_hook is None:
             return 0
-        self.stage_hook(name)
         if f != NULL and f.has_slot:
-            s = <Slot>f.slot.owner
-            s.record(&f.slot)
+            s = <Slot>f.slot.owner          # a reference: the hook may delete the slot
+            base_gfn = f.slot.base_gfn
+        self.stage_hook(name)
+        if s is None:
+            return 0
+        if self.vm.slot_by_id(0, s.id) is not s or s.base_gfn != base_gfn:
+            return 1
+        s.record(&f.slot)
         return 0
 
     # --- vendor entry points ----------------------------------------------------------------
@@ -250,7 +258,8 @@ cdef class VCPUState:
         r = self.faultin_pfn(f)
         if r != RET_PF_CONTINUE:
             return r
-        self.stage("map", f)
+        if self.stage("map", f):
+            return RET_PF_RETRY                             # the memslot was deleted or moved
         if f.has_slot and vm.retry_gfn(f.mmu_seq, f.gfn):
             return RET_PF_RETRY                             # is_page_fault_stale
         return mmu.map(f, mmu.root_for(f.addr, vm.direct_bits_gfn << PAGE_SHIFT), vm.gen[0],
@@ -291,7 +300,8 @@ cdef class VCPUState:
             return self.memory_fault_exit(f)
         if not f.has_slot:
             return self.handle_noslot_fault(f)
-        self.stage("faultin", f)
+        if self.stage("faultin", f):
+            return RET_PF_RETRY             # the memslot was deleted or moved
         if vm.retry_gfn(f.mmu_seq, f.gfn):
             return RET_PF_RETRY
         if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:

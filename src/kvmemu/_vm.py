@@ -54,8 +54,12 @@ class GuestMemfd:
         self.size = size
         self.flags = flags
 
-    def pfn(self, page: int) -> int:
-        """The host frame backing page ``page`` of the file."""
+    def pfn(self, page: Any) -> int:
+        """The host frame backing page ``page`` of the file (ValueError beyond its end)."""
+        page = _args.u64("page", page)
+        if page >= self.size >> PAGE_SHIFT:
+            raise ValueError(f"page {page} is beyond the guest_memfd's "
+                             f"{self.size >> PAGE_SHIFT} pages")
         return GMEM_PFN_BASE + (self.index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
     def __repr__(self) -> str:
@@ -124,7 +128,8 @@ class VM:
         if vendor not in (None, "vmx", "svm"):
             raise ValueError(f"vendor must be 'vmx' or 'svm', not {vendor!r}")
         if implied is not None and vendor not in (None, implied):
-            raise ValueError(f"a {vm_type.name} VM runs on {implied}, not {vendor}")
+            raise ValueError(f"vendor {vendor!r} contradicts vm_type {vm_type.name}, which runs "
+                             f"on {implied}")
         self.vm_type: VMType = vm_type
         self.vendor: str = vendor or implied or "vmx"
         self.gpaw: int = _args.gpaw(gpaw)
@@ -495,7 +500,11 @@ class VM:
           other private-memory VMs the frame kind matches the gfn's attributes;
         * no huge leaf crosses a memslot edge, spans mixed attributes, or sits where
           lpage_info disallows it;
-        * the per-level leaf counts in ``stats`` equal the leaves found.
+        * the per-level leaf counts in ``stats`` equal the leaves found;
+        * each vCPU's fault counters agree with kvm_mmu_page_fault's accounting: every
+          FIXED, SPURIOUS or EMULATE result counted is a fault taken (an MMIO-cache or
+          MMIO-SPTE emulation skips both), every fast-path fix is a FIXED or SPURIOUS one,
+          and every MMIO SPTE created made its fault EMULATE.
         """
         return _check_invariants(self)
 
@@ -739,6 +748,14 @@ def _check_invariants(vm: VM) -> list[str]:
 
         visit(0, tables.levels, 0)
     del mmio_mask
+    for vcpu in vm._vcpus:
+        st = vcpu.stats
+        if st["pf_fixed"] + st["pf_spurious"] + st["pf_emulate"] > st["pf_taken"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more fault results than faults taken {st}")
+        if st["pf_fast"] > st["pf_fixed"] + st["pf_spurious"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more fast fixes than FIXED/SPURIOUS {st}")
+        if st["pf_mmio_spte_created"] > st["pf_emulate"]:
+            problems.append(f"vCPU {vcpu.vcpu_id}: more MMIO SPTEs than EMULATE results {st}")
     counted = state.mmu.pages
     if list(counted[1:4]) != found[1:4]:
         problems.append(f"leaf counts {list(counted[1:4])} differ from the tables {found[1:4]}")

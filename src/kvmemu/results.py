@@ -11,6 +11,7 @@ from __future__ import annotations
 from operator import itemgetter
 from typing import Any, ClassVar
 
+from . import _args
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
 
 __all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "MemoryFaultExit",
@@ -47,7 +48,7 @@ class _Result(tuple):
         if len(values) != len(cls._fields):
             raise TypeError(f"{cls.__name__} takes {len(cls._fields)} fields "
                             f"({', '.join(cls._fields)}), not {len(values)}")
-        return tuple.__new__(cls, [int(v) for v in values])
+        return tuple.__new__(cls, [_args.u64(name, v) for name, v in zip(cls._fields, values)])
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and tuple.__eq__(self, other)
@@ -144,7 +145,7 @@ class MmioExit(_Result):
     is_write: bool
 
     def __new__(cls, gpa: int, is_write: bool) -> Any:
-        return tuple.__new__(cls, (int(gpa), bool(is_write)))
+        return tuple.__new__(cls, (_args.u64("gpa", gpa), _args.flag("is_write", is_write)))
 
     def __repr__(self) -> str:
         return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..constants import (ACC_ALL, ACC_EXEC, ACC_USER, ACC_WRITE, EPT_MEMTYPE_SHIFT,
+from ..constants import (ACC_ALL, ACC_EXEC, ACC_WRITE, EPT_MEMTYPE_SHIFT,
                          EPT_MISCONFIG_WX_VALUE, EPT_MMIO_MASK, KVM_PFN_NOSLOT, MMIO_SPTE_GEN_HIGH_START,
                          MMIO_SPTE_GEN_LOW_BITS, MMIO_SPTE_GEN_LOW_START, MMIO_SPTE_GEN_MASK,
                          NPT_MMIO_ACCESS_MASK, NPT_MMIO_VALUE, PAGE_SHIFT, PG_LEVEL_1G,
@@ -170,11 +170,11 @@ class Root:
         self.pt = tables
         self.gfn_bits = gfn_bits                        # kvm_gfn_root_bits
         self.nx_huge_page_disallowed: dict[int, bool] = {}
-        tables.kvm_fill(0, SHADOW_NONPRESENT_VALUE)
+        tables._kvm_fill(0, SHADOW_NONPRESENT_VALUE)
 
     def child(self, spte: int) -> int:
         """The table a present non-leaf SPTE points to (spte_to_child_sp)."""
-        return self.pt.kvm_table_at(spte & _BASE_ADDR_MASK)
+        return self.pt._kvm_table_at(spte & _BASE_ADDR_MASK)
 
 
 class TdpMmu:
@@ -201,7 +201,7 @@ class TdpMmu:
                   gfn: int) -> None:
         """tdp_mmu_set_spte: write, then handle_changed_spte (traced, with iter->gfn)."""
         if self.tracer is not None:
-            old = root.pt.kvm_get(table, index)
+            old = root.pt._kvm_get(table, index)
             if old != new:
                 self.tracer.spte_changed(0, gfn, level, old, new)
         self._write_spte(root, table, index, level, new)
@@ -209,8 +209,8 @@ class TdpMmu:
     def _write_spte(self, root: Root, table: int, index: int, level: int, new: int) -> None:
         """Store an SPTE and do handle_changed_spte's bookkeeping, untraced."""
         pt = root.pt
-        old = pt.kvm_get(table, index)
-        pt.kvm_set(table, index, new)
+        old = pt._kvm_get(table, index)
+        pt._kvm_set(table, index, new)
         if is_shadow_present(old) and is_last_spte(old, level):
             self.pages[level] -= 1
         if is_shadow_present(new) and is_last_spte(new, level):
@@ -221,10 +221,10 @@ class TdpMmu:
     def _remove_table(self, root: Root, table: int, level: int) -> None:
         """handle_removed_pt: zap every entry of an unlinked table, free it."""
         for index in range(PT_ENTRIES):
-            if is_shadow_present(root.pt.kvm_get(table, index)):
+            if is_shadow_present(root.pt._kvm_get(table, index)):
                 self._write_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE)
         root.nx_huge_page_disallowed.pop(table, None)
-        root.pt.kvm_free(table)
+        root.pt._kvm_free(table)
 
     # --- mapping a fault (kvm_tdp_mmu_map) -------------------------------------------------
 
@@ -269,7 +269,7 @@ class TdpMmu:
         table, level = 0, self.levels
         while True:
             index = spte_index(indexed, level)
-            old = pt.kvm_get(table, index)
+            old = pt._kvm_get(table, index)
             if self.nx_huge_pages:
                 self._disallowed_hugepage_adjust(fault, root, old, level)
             if level == fault.goal_level:
@@ -279,7 +279,7 @@ class TdpMmu:
             if is_shadow_present(old) and not old & _LARGE:
                 table, level = root.child(old), level - 1
                 continue
-            child = pt.kvm_alloc(SHADOW_NONPRESENT_VALUE)
+            child = pt._kvm_alloc(SHADOW_NONPRESENT_VALUE)
             root.nx_huge_page_disallowed[child] = fault.huge_page_disallowed
             if is_shadow_present(old):                  # a huge leaf in the way: split it
                 for i in range(PT_ENTRIES):
@@ -287,7 +287,7 @@ class TdpMmu:
                     self._write_spte(root, child, i, level - 1, small)
             # Replacing a huge leaf by a table: the leaf count moves to the children.
             self._set_spte(root, table, index, level,
-                           self.fmt.make_nonleaf_spte(pt.kvm_hpa(child)),
+                           self.fmt.make_nonleaf_spte(pt._kvm_hpa(child)),
                            indexed & ~(pages_per_hpage(level) - 1))
             table, level = child, level - 1
 
@@ -321,7 +321,7 @@ class TdpMmu:
             ret = _EMULATE              # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracer is not None:
             self.tracer.set_spte(level, iter_gfn, new,
-                                 root.pt.kvm_hpa(table) + index * _SPTE_BYTES)
+                                 root.pt._kvm_hpa(table) + index * _SPTE_BYTES)
         return ret
 
     # --- lockless lookups -----------------------------------------------------------------------
@@ -333,14 +333,14 @@ class TdpMmu:
         table, level = 0, self.levels
         while True:
             index = spte_index(indexed, level)
-            spte = root.pt.kvm_get(table, index)
+            spte = root.pt._kvm_get(table, index)
             if level == PG_LEVEL_4K or not is_shadow_present(spte) or spte & _LARGE:
                 return table, index, level, spte
             table, level = root.child(spte), level - 1
 
     def fast_fix(self, root: Root, table: int, index: int, new: int) -> None:
         """fast_pf_fix_direct_spte: the lockless cmpxchg of the fast path."""
-        root.pt.kvm_set(table, index, new)
+        root.pt._kvm_set(table, index, new)
 
     # --- zapping (kvm_unmap_gfn_range → tdp_mmu_zap_leafs) ----------------------------------
 
@@ -354,7 +354,7 @@ class TdpMmu:
         last = min((end - base + span - 1) // span, PT_ENTRIES)
         flush = False
         for index in range(first, last):
-            spte = root.pt.kvm_get(table, index)
+            spte = root.pt._kvm_get(table, index)
             if not is_shadow_present(spte):
                 continue
             if is_last_spte(spte, level):

@@ -162,31 +162,64 @@ class PageTables:
         return self._ntables - 1
 
     # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables ----------
+    # The MMU calls the unchecked _kvm_* methods; the public kvm_* ones check their
+    # arguments through _args first, as the compiled core's do.
 
-    def kvm_alloc(self, fill: int) -> int:
+    def _kvm_alloc(self, fill: int) -> int:
         """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
         freed first, so table addresses are a pure function of the call sequence."""
         table = self._free.pop() if self._free else self._new_table()
         self._mem[table, :] = fill
         return table
 
-    def kvm_free(self, table: int) -> None:
+    def _kvm_free(self, table: int) -> None:
         self._free.append(table)
 
-    def kvm_fill(self, table: int, value: int) -> None:
+    def _kvm_fill(self, table: int, value: int) -> None:
         self._mem[table, :] = value
 
-    def kvm_get(self, table: int, index: int) -> int:
+    def _kvm_get(self, table: int, index: int) -> int:
         return int(self._mem[table, index])
 
-    def kvm_set(self, table: int, index: int, value: int) -> None:
+    def _kvm_set(self, table: int, index: int, value: int) -> None:
         self._mem[table, index] = value
 
-    def kvm_hpa(self, table: int) -> int:
+    def _kvm_hpa(self, table: int) -> int:
         return PT_BASE_HPA + (table << PAGE_SHIFT)
 
-    def kvm_table_at(self, hpa: int) -> int:
+    def _kvm_table_at(self, hpa: int) -> int:
         return self._table_at(hpa)
+
+    def kvm_alloc(self, fill: Any) -> int:
+        """A table for the TDP MMU, every entry ``fill`` (u64); freed tables first, last
+        freed first."""
+        return self._kvm_alloc(_args.u64("fill", fill))
+
+    def kvm_free(self, table: Any) -> None:
+        """Give table ``table`` back.  IndexError for no such table; ValueError for the
+        root or a table already free (a second free would hand it out twice)."""
+        t = _args.table(table, self._ntables)
+        if t == 0 or t in self._free:
+            raise ValueError(f"table {t} is {'the root' if t == 0 else 'already free'}")
+        self._kvm_free(t)
+
+    def kvm_fill(self, table: Any, value: Any) -> None:
+        self._kvm_fill(_args.table(table, self._ntables), _args.u64("value", value))
+
+    def kvm_get(self, table: Any, index: Any) -> int:
+        t, i = _args.table(table, self._ntables), _args.entry_index(index)
+        return self._kvm_get(t, i)
+
+    def kvm_set(self, table: Any, index: Any, value: Any) -> None:
+        t, i = _args.table(table, self._ntables), _args.entry_index(index)
+        self._kvm_set(t, i, _args.u64("value", value))
+
+    def kvm_hpa(self, table: Any) -> int:
+        return self._kvm_hpa(_args.table(table, self._ntables))
+
+    def kvm_table_at(self, hpa: Any) -> int:
+        """The table at host-physical ``hpa`` (page aligned), or -1 if none is there."""
+        return self._kvm_table_at(_args.u64("hpa", hpa))
 
     def _entry(self, table: int, index: int) -> int:
         return int(self._mem[table, index]) if table >= 0 else 0

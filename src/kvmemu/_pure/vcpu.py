@@ -87,6 +87,13 @@ class VCPUState:
     * ``"faultin"``: kvm_mmu_faultin_pfn has taken its mmu_invalidate_seq snapshot
       and passed the private/shared check, before the pfn lookup;
     * ``"map"``: faultin is done, before the stale check under mmu_lock.
+
+    A hook that deletes or moves the fault's memslot makes the fault retry
+    (RET_PF_RETRY) at ``"faultin"`` and ``"map"``.  In KVM that change cannot
+    finish while the fault holds kvm->srcu (kvm_swap_active_memslots waits for
+    it), and the flush that follows zaps whatever the fault mapped; the model
+    runs the change first, so it must not map from a memslot that is gone or
+    elsewhere.
     """
 
     def __init__(self, vm: Any) -> None:
@@ -103,9 +110,15 @@ class VCPUState:
         self.vcpu_id = 0
         self.rip = 0
 
-    def _stage(self, name: str) -> None:
-        if self.stage_hook is not None:
-            self.stage_hook(name)
+    def _stage(self, name: str, fault: FaultRecord | None = None) -> bool:
+        """Run the stage hook, if set; True if it deleted or moved ``fault``'s memslot."""
+        if self.stage_hook is None:
+            return False
+        slot = None if fault is None else fault.slot
+        base_gfn = None if slot is None else slot.base_gfn
+        self.stage_hook(name)
+        return slot is not None and (self.vm.slot_by_id(0, slot.id) is not slot
+                                     or slot.base_gfn != base_gfn)
 
     # --- vendor entry points ----------------------------------------------------------------
 
@@ -222,7 +235,8 @@ class VCPUState:
         r = self._faultin_pfn(fault)
         if r != _CONTINUE:
             return r
-        self._stage("map")
+        if self._stage("map", fault):
+            return _RETRY                               # the memslot was deleted or moved
         vm = self.vm
         if fault.slot is not None and vm.invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
             return _RETRY                               # is_page_fault_stale
@@ -264,7 +278,8 @@ class VCPUState:
         slot = fault.slot
         if slot is None:
             return self._handle_noslot_fault(fault)
-        self._stage("faultin")
+        if self._stage("faultin", fault):
+            return _RETRY                   # the memslot was deleted or moved
         if vm.invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
             return _RETRY
         if fault.is_private or slot.gmem_only:

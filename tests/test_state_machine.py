@@ -1,0 +1,195 @@
+"""A Hypothesis state machine drives a compiled-core VM and a pure-Python VM side by side.
+
+Rules cover every VM type (GPA width 48/52, NX huge pages), memslots with and
+without guest_memfd (create, move, flag changes, delete; valid and invalid),
+attribute changes, accesses with every flag combination, batches with uint8
+flag arrays, the exit handlers with arbitrary exit values (including the other
+vendor's), stage hooks, snapshots and restores, and arguments of the wrong
+kind.  ``fuzz/kvmfuzz.Twin`` applies each operation to both cores and compares
+the result or exception (type, errno, message), then stats, every vCPU's
+``run``, memslots, attribute ranges, lpage_info, counters and the page-table
+storage, and requires ``vm.check_invariants() == []`` on both.
+
+The ``default`` Hypothesis profile runs a few seconds; ``KVMEMU_HYPOTHESIS_PROFILE=long``
+runs 50 times as many programs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
+import kvmfuzz  # noqa: E402
+from kvmfuzz import GIB, MIB, U64_MAX, WEIRD  # noqa: E402
+
+LONG = os.environ.get("KVMEMU_HYPOTHESIS_PROFILE") == "long"
+
+# Regions that slots, attributes and accesses share, so that they meet each other.
+BASES = st.sampled_from((0, 2 * MIB, GIB, GIB + 0x1000, 2 * GIB))
+SIZES = st.sampled_from((0x1000, 0x3000, 2 * MIB, 4 * MIB, GIB, GIB + 2 * MIB))
+U64 = st.integers(0, U64_MAX)
+BAD = st.sampled_from(WEIRD)
+GPA = st.one_of(
+    st.tuples(BASES, st.sampled_from((0, 0x10, 0x1000, 0x1FF000, 0x123456, 2 * MIB)),
+              st.sampled_from((0,) * 6 + (1 << 47, 1 << 51, 1 << 36, 1 << 48)))
+    .map(sum), U64)
+BOOL = st.booleans() | st.sampled_from((0, 1, np.bool_(True)))
+ACCESS = st.fixed_dictionaries({}, optional={
+    "write": BOOL, "fetch": BOOL, "user": BOOL, "encrypted": BOOL,
+    "stage": st.sampled_from(("final", "walk", "nogva"))})
+QUALIFICATION = st.integers(0, 0x1FF) | st.sampled_from(kvmfuzz.QUALS) | U64
+EXIT_INFO_1 = st.sampled_from(kvmfuzz.INFOS) | st.integers(0, 0x1F).map(
+    lambda low: low | 1 << 32) | U64
+VM_TYPES = st.sampled_from((0, 1, 2, 3, 4, 5))
+
+
+class TwinVMs(RuleBasedStateMachine):
+    """Both cores, one VM each; every rule is applied to both and compared."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.twin = kvmfuzz.Twin()
+
+    def apply(self, *op):
+        return self.twin.apply(op)
+
+    @initialize(vm_type=VM_TYPES, gpaw=st.sampled_from((48, 52)), nx=st.booleans(),
+                vcpus=st.integers(1, 2))
+    def create_vm(self, vm_type, gpaw, nx, vcpus):
+        self.apply("vm", vm_type, None, gpaw, nx)
+        for _ in range(vcpus):
+            self.apply("vcpu")
+
+    @rule(vm_type=VM_TYPES | st.integers(-2, 8), vendor=st.sampled_from((None, "vmx", "svm")),
+          gpaw=st.sampled_from((48, 52, 47)), nx=BOOL)
+    def recreate_vm(self, vm_type, vendor, gpaw, nx):
+        self.apply("vm", vm_type, vendor, gpaw, nx)
+        self.apply("vcpu")
+
+    @rule()
+    def create_vcpu(self):
+        self.apply("vcpu")
+
+    @rule(size=SIZES.map(lambda s: s + 0x1000) | SIZES | st.sampled_from((0, 0x800, 1 << 63)),
+          flags=st.sampled_from((0, 0, 1, 2, 4)))
+    def create_guest_memfd(self, size, flags):
+        self.apply("gmem", size, flags)
+
+    @rule(slot=st.integers(0, 3) | st.sampled_from((1 << 16, (1 << 16) | 1, 32767, 1 << 32)),
+          base=BASES, size=SIZES, uaddr_delta=st.sampled_from((0, 0, 0x1000)),
+          flags=st.sampled_from((0, 0, 1, 2, 3, 4, 4, 8)),
+          gmem=st.sampled_from((None, 0, 1, -1)),
+          offset=st.sampled_from((0, 0, 0x1000, 2 * MIB, 0x800)), host_level=st.integers(1, 3))
+    def set_memslot(self, slot, base, size, uaddr_delta, flags, gmem, offset, host_level):
+        self.apply("slot", slot, base, size, (1 << 40) + base + uaddr_delta, flags, gmem,
+                   offset, host_level)
+
+    @rule(slot=st.integers(0, 3) | st.just(1 << 16))
+    def delete_memslot(self, slot):
+        self.apply("slot", slot, 0, 0, 0, 0, None, 0, 1)
+
+    @rule(which=st.integers(0, 7), gpa=st.sampled_from((None, 0, 4 * MIB, 3 * GIB)),
+          flip=st.sampled_from((1, 1, 2, 4)))
+    def move_or_flag_memslot(self, which, gpa, flip):
+        self.apply("dirty", which, gpa, flip)
+
+    @rule(address=BASES, offset=st.sampled_from((0, 0x1000, 0x1FF000, 2 * MIB)),
+          size=st.sampled_from((0x1000, 0x2000, 2 * MIB, 2 * MIB + 0x1000, GIB, 0, 0x800)),
+          attributes=st.sampled_from((0, 8, 8, 1)), flags=st.sampled_from((0, 0, 0, 1)))
+    def set_attributes(self, address, offset, size, attributes, flags):
+        self.apply("attrs", address + offset, size, attributes, flags)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, kwargs=ACCESS)
+    def access(self, vcpu, gpa, kwargs):
+        self.apply("access", vcpu, gpa, kwargs)
+
+    @rule(vcpu=st.integers(0, 3), gpas=st.lists(GPA, max_size=8),
+          flags=st.integers(0, 63) | st.lists(st.integers(0, 63), min_size=8, max_size=8))
+    def access_many(self, vcpu, gpas, flags):
+        if isinstance(flags, list):
+            flags = np.array(flags[:len(gpas)], dtype=np.uint8)
+        self.apply("access_many", vcpu, np.array(gpas, dtype=np.uint64), flags)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, qualification=QUALIFICATION)
+    def ept_violation(self, vcpu, gpa, qualification):
+        self.apply("ept_violation", vcpu, gpa, qualification)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA)
+    def ept_misconfig(self, vcpu, gpa):
+        self.apply("ept_misconfig", vcpu, gpa)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, exit_info_1=EXIT_INFO_1)
+    def npf(self, vcpu, gpa, exit_info_1):
+        self.apply("npf", vcpu, gpa, exit_info_1)
+
+    @rule(vcpu=st.integers(0, 3), stage=st.sampled_from(("fault", "faultin", "map")),
+          address=BASES, size=st.sampled_from((0x1000, 2 * MIB)),
+          attributes=st.sampled_from((0, 8)), delete=st.booleans())
+    def stage_hook(self, vcpu, stage, address, size, attributes, delete):
+        change = (("slot", 0, 0, 0, 0, 0, None, 0, 1) if delete
+                  else ("attrs", address, size, attributes, 0))
+        self.apply("hook", vcpu, stage, change)
+
+    @rule()
+    def snapshot(self):
+        self.apply("snapshot")
+
+    @rule(which=st.integers(-2, 3))
+    def restore(self, which):
+        self.apply("restore", which)
+
+    @rule(gfn=U64 | st.integers(0, 1 << 20))
+    def inspect(self, gfn):
+        self.apply("get_attrs", gfn)
+        self.apply("find", gfn)
+
+    @rule(which=st.sampled_from(("access", "ept_violation", "npf", "attrs", "slot", "gmem",
+                                 "get_attrs", "lpage")),
+          position=st.integers(0, 7), bad=BAD)
+    def wrong_argument(self, which, position, bad):
+        """One argument of the wrong kind or out of range: both reject it alike, and the
+        state compared after it shows that nothing changed."""
+        ops = {"access": ("access", 0, 0x1000, {}), "ept_violation": ("ept_violation", 0, 0, 0x181),
+               "npf": ("npf", 0, 0, 0x100000004), "attrs": ("attrs", 0, 0x1000, 8, 0),
+               "slot": ("slot", 5, 8 * GIB, 0x1000, 1 << 41, 0, None, 0, 1),
+               "gmem": ("gmem", 0x1000, 0), "get_attrs": ("get_attrs", 0), "lpage": ("lpage", 0, 2)}
+        op = list(ops[which])
+        i = 1 + position % (len(op) - 1)
+        if isinstance(op[i], dict):
+            op[i] = {"write": bad} if position & 1 else {"stage": bad}
+        elif not (op[0] in ("access", "ept_violation", "npf") and i == 1):
+            op[i] = bad
+        self.twin.apply(tuple(op))
+
+    @invariant()
+    def same_state(self):
+        self.twin.check()
+
+
+TwinVMs.TestCase.settings = settings(
+    max_examples=2000 if LONG else 40, stateful_step_count=50 if LONG else 30,
+    deadline=None)
+test_twin_vms = TwinVMs.TestCase
+
+
+def test_the_invariant_checker_sees_inconsistent_fault_counters():
+    """check_invariants compares each vCPU's counters with kvm_mmu_page_fault's accounting
+    (tampered here in the twin, whose counters are a plain dict)."""
+    vm = kvmfuzz.CORES[1].VM(0)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=2 * MIB,
+                              userspace_addr=1 << 40)
+    vcpu = vm.create_vcpu()
+    vcpu.access(0x1000, write=True)
+    assert vm.check_invariants() == []
+    vcpu._c.stats["pf_fast"] += 2
+    vcpu._c.stats["pf_mmio_spte_created"] += 1
+    problems = vm.check_invariants()
+    assert any("fast fixes" in p for p in problems)
+    assert any("MMIO SPTEs" in p for p in problems)
