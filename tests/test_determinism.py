@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kvmemu
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = r"""
@@ -53,8 +55,11 @@ for side_core in kvmfuzz.CORES:
 
 
 def run(hash_seed: str) -> str:
+    # The child imports the kvmemu this process imported (an installed package or an
+    # in-place build), not whatever the source tree holds.
+    package_parent = str(Path(kvmemu.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONHASHSEED": hash_seed,
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], env=env,
                           capture_output=True, text=True, timeout=120, check=True)
     return done.stdout
