@@ -537,3 +537,18 @@ def test_random_operations_keep_the_invariants(kv, vm_type, nx, host_level, ops)
                                       userspace_addr=0x7F0000000000,
                                       flags=MemFlag.LOG_DIRTY_PAGES, host_level=host_level)
         assert vm.check_invariants() == [], (op, page)
+
+
+def test_a_batch_that_never_settles_raises(kv):
+    """access_many reports an access that does not settle the way access does (found by
+    the fuzzer: the compiled core returned count 0 and no exit instead)."""
+    import numpy as np
+    vm, vcpu = snp_private_vm(kv)
+    flip = iter(range(10**6))
+
+    def always(at):
+        if at == "map":
+            vm.set_memory_attributes(0x100000, 4096, 0 if next(flip) % 2 else PRIVATE)
+    vcpu.stage_hook = always
+    with pytest.raises(RuntimeError, match="0x5000"):
+        vcpu.access_many(np.array([0x5000], dtype=np.uint64), 8)

@@ -477,6 +477,8 @@ cdef class VCPUState:
             if per_element:
                 f = fl[i]
             status = self.c_access(gpas[i], f, limit, &out, &err)
+            if status == ACCESS_UNSETTLED:
+                return i, 0                  # as the twin: 0 = element i did not settle
             if status != ACCESS_TRANSLATED:
                 return i, self.outcome_of(status, &out, err)
             hpa[i] = out.value
