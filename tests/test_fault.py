@@ -415,14 +415,19 @@ def test_memslot_deleted_or_moved_during_a_fault_retries(kv, stage, new_gpa):
     assert vm.check_invariants() == []
 
 
-def test_a_loop_that_never_settles_raises(kv):
-    vm, vcpu = snp_private_vm(kv)
+def never_settling(vm):
+    """A stage hook that changes some attribute at every "map": every fault goes stale."""
     flip = iter(range(10**6))
 
     def always(at):
         if at == "map":
             vm.set_memory_attributes(0x100000, 4096, 0 if next(flip) % 2 else PRIVATE)
-    vcpu.stage_hook = always
+    return always
+
+
+def test_a_loop_that_never_settles_raises(kv):
+    vm, vcpu = snp_private_vm(kv)
+    vcpu.stage_hook = never_settling(vm)
     with pytest.raises(RuntimeError, match="0x5000"):
         vcpu.access(0x5000, encrypted=True)
 
@@ -544,11 +549,6 @@ def test_a_batch_that_never_settles_raises(kv):
     the fuzzer: the compiled core returned count 0 and no exit instead)."""
     import numpy as np
     vm, vcpu = snp_private_vm(kv)
-    flip = iter(range(10**6))
-
-    def always(at):
-        if at == "map":
-            vm.set_memory_attributes(0x100000, 4096, 0 if next(flip) % 2 else PRIVATE)
-    vcpu.stage_hook = always
+    vcpu.stage_hook = never_settling(vm)
     with pytest.raises(RuntimeError, match="0x5000"):
         vcpu.access_many(np.array([0x5000], dtype=np.uint64), 8)
