@@ -221,7 +221,8 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
 
 
 cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
-                                   uint64_t gpa, uint64_t flags, Outcome* out) noexcept nogil:
+                                   uint64_t gpa, uint64_t flags, Outcome* out,
+                                   const int levels) noexcept nogil:
     """The common EPT case in one pass: a final-stage read or write whose every entry is
     readable (and writable for a write), well-formed and present.  Anything else returns
     False and goes through the general walk, which gives the same result for what this
@@ -231,7 +232,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_WRITE else 0)
     cdef uint64_t page_mask
     cdef Py_ssize_t table = 0
-    cdef int level = c.levels, n = 0, i
+    cdef int level = levels, n = 0, i
     if flags & ~(ACCESS_WRITE | ACCESS_USER | ACCESS_ENCRYPTED):
         return False
     while True:
@@ -275,7 +276,9 @@ cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntab
     """One guest-physical access: walk, then the vendor's verdict (and A/D on success)."""
     cdef WalkPath path
     cdef Outcome out
-    if c.ept and ept_fast_translate(c, mem, ntables, gpa, flags, &out):
+    # A constant level count lets the compiler unroll the fast walk.
+    if c.ept and (ept_fast_translate(c, mem, ntables, gpa, flags, &out, 4) if c.levels == 4
+                  else ept_fast_translate(c, mem, ntables, gpa, flags, &out, 5)):
         return out
     hw_walk(c, mem, ntables, gpa, &path)
     if c.ept:

@@ -450,6 +450,9 @@ cdef class VCPUState:
         cdef Py_ssize_t dn, mn
         cdef Outcome out
         cdef int status, err = 0, streak = 0
+        # The common case inlined: the one-pass walk of 4-level EPT (translate_one
+        # takes it too; this saves a call per access in the GIL-free loop).
+        cdef bint fast4 = dpt.cfg.ept and dpt.cfg.levels == 4
         if per_element:
             fl = flags
         else:
@@ -464,7 +467,7 @@ cdef class VCPUState:
                             f = fl[i]
                         if tdx and not (g & shared_bit):
                             out = translate_one(&mpt.cfg, mmem, mn, g, f)
-                        else:
+                        elif not (fast4 and ept_fast_translate(&dpt.cfg, dmem, dn, g, f, &out, 4)):
                             out = translate_one(&dpt.cfg, dmem, dn, g, f)
                         if out.kind != OUT_TRANSLATED:
                             break
