@@ -92,9 +92,9 @@ cdef void vmx_ec_loop(const uint64_t[::1] q, const uint64_t[::1] gpa, uint64_t[:
         for i in range(n):
             out[i] = access | tdx_private_bit(gpa[i], shared_bit)
     else:
-        private_bit = vmx_ec(q0, gpa0, shared_bit)
+        access = vmx_ec(q0, gpa0, shared_bit)     # every operand scalar: one code
         for i in range(n):
-            out[i] = private_bit
+            out[i] = access
 
 
 cdef const uint64_t[::1] _EMPTY = np.empty(0, dtype=np.uint64)
@@ -128,8 +128,11 @@ def vmx_error_code(exit_qualification, gpa, shared_bit=0, *, out=None):
 
 cdef void _vmx_error_code_all_arrays(object q, object g, object s, uint64_t[::1] out):
     """The rare case of a per-element shared bit: every operand as an array."""
-    cdef const uint64_t[::1] qv = np.broadcast_to(np.asarray(q, dtype=np.uint64), out.shape[0]).copy()
-    cdef const uint64_t[::1] gv = np.broadcast_to(np.asarray(g, dtype=np.uint64), out.shape[0]).copy()
+    # Arrays are used as they are; only a scalar is expanded to an array.
+    cdef const uint64_t[::1] qv = np.ascontiguousarray(
+        np.broadcast_to(np.asarray(q, dtype=np.uint64), out.shape[0]))
+    cdef const uint64_t[::1] gv = np.ascontiguousarray(
+        np.broadcast_to(np.asarray(g, dtype=np.uint64), out.shape[0]))
     cdef const uint64_t[::1] sv = s
     cdef Py_ssize_t i
     with nogil:
