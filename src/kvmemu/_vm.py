@@ -18,8 +18,8 @@ from . import _args
 from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR,
                         KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
                         KVM_MEMSLOT_GMEM_ONLY, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE,
-                        PG_LEVEL_1G, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX,
-                        ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
+                        PG_LEVEL_1G, PG_LEVEL_4K, PT_BASE_HPA, PTE, SPTE, TDX_GPAW_SHARED_BIT,
+                        USER_PTR_MAX, ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
 from .errors import KvmError
 from ._trace import Tracer
 from .results import AccessBatch, Translation
@@ -36,6 +36,11 @@ MAX_GFN = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
 
 def _einval(message: str) -> KvmError:
     return KvmError(errno.EINVAL, message)
+
+
+def gmem_frame(index: int, page: int) -> int:
+    """The host frame of page ``page`` of guest_memfd number ``index`` of a VM."""
+    return GMEM_PFN_BASE + (index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
 
 class GuestMemfd:
@@ -60,7 +65,7 @@ class GuestMemfd:
         if page >= self.size >> PAGE_SHIFT:
             raise ValueError(f"page {page} is beyond the guest_memfd's "
                              f"{self.size >> PAGE_SHIFT} pages")
-        return GMEM_PFN_BASE + (self.index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+        return gmem_frame(self.index, page)
 
     def __repr__(self) -> str:
         return f"GuestMemfd(index={self.index}, size={self.size:#x}, flags={self.flags:#x})"
@@ -690,11 +695,10 @@ class _DetachedVCPU:
 
 
 def _check_invariants(vm: VM) -> list[str]:
-    from .constants import PT_BASE_HPA, PTE, SPTE
     problems: list[str] = []
     state = vm._state
-    mmio_mask = (1 << 51) | PTE.PRESENT.value if vm.vendor == "svm" else 0
     found = [0, 0, 0, 0]
+    lpage_info: dict[tuple[int, int], list[int]] = {}   # per (slot id, level), read once
     roots = [(vm.page_tables, state.mmu.direct.gfn_bits, False)]
     if vm.private_page_tables is not None:
         roots.append((vm.private_page_tables, 0, True))
@@ -728,12 +732,15 @@ def _check_invariants(vm: VM) -> list[str]:
             if slot is None or gfn + n > slot.base_gfn + slot.npages:
                 problems.append(f"{where} is outside every memslot")
                 return
-            private = bool(state.get_attributes(gfn) & MemAttr.PRIVATE.value)
-            if not state.range_has_attributes(gfn, gfn + n, ~0, state.get_attributes(gfn)):
+            attributes = state.get_attributes(gfn)
+            private = bool(attributes & MemAttr.PRIVATE.value)
+            if not state.range_has_attributes(gfn, gfn + n, ~0, attributes):
                 problems.append(f"{where} spans mixed attributes")
             if vm.vm_type == VMType.TDX and private != mirror:
                 problems.append(f"{where} maps a {'private' if private else 'shared'} gfn")
-            if level > 1 and state.lpage_info(0, slot.id, level)[
+            if level > 1 and (slot.id, level) not in lpage_info:
+                lpage_info[slot.id, level] = state.lpage_info(0, slot.id, level)
+            if level > 1 and lpage_info[slot.id, level][
                     (gfn >> (9 * (level - 1))) - (slot.base_gfn >> (9 * (level - 1)))]:
                 problems.append(f"{where} is where lpage_info disallows a huge page")
             if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
@@ -747,7 +754,6 @@ def _check_invariants(vm: VM) -> list[str]:
                 problems.append(f"{where} is writable in a READONLY memslot")
 
         visit(0, tables.levels, 0)
-    del mmio_mask
     for vcpu in vm._vcpus:
         st = vcpu.stats
         if st["pf_fixed"] + st["pf_spurious"] + st["pf_emulate"] > st["pf_taken"]:

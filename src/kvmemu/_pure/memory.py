@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, INVALID_GPA,
-                         KVM_LPAGE_MIXED_FLAG, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
-                         PAGE_SHIFT, MemAttr, MemFlag)
+from .._vm import gmem_frame
+from ..constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
+                         KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK, PAGE_SHIFT, MemAttr, MemFlag)
 from .levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
 from .mmu import SpteFormat, TdpMmu
 from .paging import PageTables
@@ -119,8 +119,7 @@ class VMState:
 
     def gmem_pfn(self, slot: Slot, gfn: int) -> int:
         """The guest_memfd frame backing gfn (kvm_gmem_get_pfn; see GMEM_PFN_BASE)."""
-        page = slot.gmem_pgoff + (gfn - slot.base_gfn)
-        return GMEM_PFN_BASE + (slot.gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+        return gmem_frame(slot.gmem_id, slot.gmem_pgoff + (gfn - slot.base_gfn))
 
     # --- memslots -----------------------------------------------------------------------
 
