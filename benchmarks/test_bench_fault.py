@@ -60,7 +60,7 @@ def test_first_touch_tdx_private(benchmark, kv, per_element):
 def test_first_touch_batch(benchmark, kv, per_element):
     """First-touch 4K faults through VCPU.access_many: the loop runs in the core."""
     import numpy as np
-    n = N_PAGES * (20 if kv.__name__.endswith("_core") else 1)
+    n = N_PAGES * (20 if kv.IMPLEMENTATION == "cython" else 1)
     gpas = np.arange(n, dtype=np.uint64) << np.uint64(12)
 
     def setup():

@@ -2,12 +2,12 @@
 
     pip install atheris
     mkdir -p /tmp/corpus
-    PYTHONPATH=src python fuzz/fuzz_api.py /tmp/corpus fuzz/corpus -max_total_time=3600
+    python fuzz/fuzz_api.py /tmp/corpus fuzz/corpus -max_total_time=3600
 
-``kvmfuzz.decode`` turns the bytes into operations (VM creation, memslots,
+``kvmemu.testing.decode`` turns the bytes into operations (VM creation, memslots,
 guest_memfd, attributes, accesses, batches, exit handlers, stage hooks,
 snapshots, the intake functions with scalars and arrays, standalone
-PageTables); ``kvmfuzz.Twin`` runs them on the compiled core and on the
+PageTables); ``kvmemu.testing.Twin`` runs them on the compiled core and on the
 pure-Python twin and raises ``Divergence`` at the first difference or broken
 invariant, which atheris reports as a crash with the input saved.  New inputs
 that reach new code go into the corpus directory given first; ``fuzz/corpus``
@@ -15,19 +15,16 @@ stays as it is.
 """
 
 import sys
-from pathlib import Path
 
 import atheris
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 with atheris.instrument_imports():
     import kvmemu  # noqa: F401  (instrument the package's Python code)
-    import kvmfuzz
+    from kvmemu import testing
 
 
 def test_one_input(data: bytes) -> None:
-    kvmfuzz.run_bytes(data)
+    testing.run_bytes(data)
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvmemu-asan.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 mkdir -p "$WORK/tree"
-cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/src" "$ROOT/tests" \
+cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/kvmemu" "$ROOT/tests" \
       "$ROOT/fuzz" "$WORK/tree/"
-find "$WORK/tree/src" -name '*.so' -delete
+find "$WORK/tree/kvmemu" -name '*.so' -delete
 cd "$WORK/tree"
 KVMEMU_SANITIZE=address,undefined python setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1 \
     || { cat "$WORK/build.log"; exit 1; }
@@ -26,11 +26,11 @@ LIBASAN=$(${CC:-gcc} -print-file-name=libasan.so)
 export LD_PRELOAD="$LIBASAN"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-export PYTHONPATH="$WORK/tree/src"
+export PYTHONPATH="$WORK/tree"
 export PYTHONDONTWRITEBYTECODE=1
 python -c 'import kvmemu._core as c; print("sanitized core:", c.__file__)'
 python -m pytest -q -p no:cacheprovider tests
 KVMEMU_HYPOTHESIS_PROFILE=${KVMEMU_HYPOTHESIS_PROFILE:-default} \
     python -m pytest -q -p no:cacheprovider tests/test_state_machine.py
-python fuzz/kvmfuzz.py fuzz/corpus/* --seconds "$SECONDS_TO_FUZZ"
+python -m kvmemu.testing fuzz/corpus/* --seconds "$SECONDS_TO_FUZZ"
 echo "sanitized run clean"

@@ -305,18 +305,19 @@ def test_invalidation_makes_a_racing_fault_retry(kv):
     """mmu_invalidate_retry_gfn (§5.6): a fault that snapshotted the sequence before an
     attribute change, or that targets a gfn inside an invalidation in progress, retries."""
     vm = new_vm(kv)
-    state, gfn = vm._state, (GIB >> 12) + 1
+    memory, gfn = vm._memory, (GIB >> 12) + 1
+    retry = memory.memslots.mmu_invalidate_retry_gfn
     seq = vm.mmu_invalidate_seq
-    assert not state.invalidate_retry_gfn(seq, gfn)
+    assert not retry(seq, gfn)
     vm.set_memory_attributes(GIB + 4096, 4096, PRIVATE)
-    assert state.invalidate_retry_gfn(seq, gfn)
-    assert not state.invalidate_retry_gfn(vm.mmu_invalidate_seq, gfn)
+    assert retry(seq, gfn)
+    assert not retry(vm.mmu_invalidate_seq, gfn)
     seq = vm.mmu_invalidate_seq
-    state.invalidate_begin()
-    assert state.invalidate_retry_gfn(seq, 0)              # no range added yet: every gfn
-    state.invalidate_range_add(gfn, gfn + 512)
-    assert state.invalidate_retry_gfn(seq, gfn + 511)
-    assert not state.invalidate_retry_gfn(seq, gfn + 512)
-    state.invalidate_end()
-    assert state.invalidate_retry_gfn(seq, gfn + 512)      # the sequence moved on
+    memory.invalidate_begin()
+    assert retry(seq, 0)              # no range added yet: every gfn
+    memory.invalidate_range_add(gfn, gfn + 512)
+    assert retry(seq, gfn + 511)
+    assert not retry(seq, gfn + 512)
+    memory.invalidate_end()
+    assert retry(seq, gfn + 512)      # the sequence moved on
     assert vm.mmu_invalidate_in_progress == 0

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = r"""
 import sys
 from pathlib import Path
-sys.path.insert(0, str(Path(sys.argv[1]) / "fuzz"))
 import numpy as np
-import kvmemu, kvmfuzz
+import kvmemu
+from kvmemu import testing as kvmfuzz
 from kvmemu import MemFlag, VMType
 
 for side_core in kvmfuzz.CORES:

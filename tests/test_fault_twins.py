@@ -212,7 +212,7 @@ def test_mmio_generation_wrap_zaps_on_both_cores_and_both_address_spaces():
             vcpu = vm.create_vcpu()
             vcpu.access(0, write=True)
             vcpu.access(8 * MIB)                    # an MMIO SPTE
-            state = vm._state
+            state = vm._memory
             before = None
             while True:
                 state.swap_active_memslots(as_id)

@@ -1,21 +1,20 @@
 """Replay the fuzzer's seed corpus (``fuzz/corpus``) on both cores, so it cannot rot.
 
-Each file is decoded by ``fuzz/kvmfuzz.decode`` into a call sequence and run
-by ``kvmfuzz.Twin``: results, exceptions and the whole VM state must agree
+Each file is decoded by ``kvmemu.testing.decode`` into a call sequence and run
+by ``testing.Twin``: results, exceptions and the whole VM state must agree
 after every step, and ``check_invariants()`` must find nothing.  The decoder
 needs no atheris; ``fuzz/fuzz_api.py`` feeds it from atheris for long runs.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
+from kvmemu import testing as kvmfuzz
+
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
-sys.path.insert(0, str(FUZZ))
-import kvmfuzz  # noqa: E402
 
 SEEDS = sorted((FUZZ / "corpus").iterdir())
 

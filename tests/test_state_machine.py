@@ -5,7 +5,7 @@ without guest_memfd (create, move, flag changes, delete; valid and invalid),
 attribute changes, accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
-kind.  ``fuzz/kvmfuzz.Twin`` applies each operation to both cores and compares
+kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
 the result or exception (type, errno, message), then stats, every vCPU's
 ``run``, memslots, attribute ranges, lpage_info, counters and the page-table
 storage, and requires ``vm.check_invariants() == []`` on both.
@@ -17,17 +17,15 @@ runs 50 times as many programs.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "fuzz"))
-import kvmfuzz  # noqa: E402
-from kvmfuzz import GIB, MIB, U64_MAX, WEIRD  # noqa: E402
+from kvmemu import testing as kvmfuzz
+from kvmemu.constants import PfStat
+from kvmemu.testing import GIB, MIB, U64_MAX, WEIRD
 
 LONG = os.environ.get("KVMEMU_HYPOTHESIS_PROFILE") == "long"
 
@@ -181,15 +179,15 @@ test_twin_vms = TwinVMs.TestCase
 
 def test_the_invariant_checker_sees_inconsistent_fault_counters():
     """check_invariants compares each vCPU's counters with kvm_mmu_page_fault's accounting
-    (tampered here in the twin, whose counters are a plain dict)."""
+    (tampered here in the twin, whose counters are a plain list)."""
     vm = kvmfuzz.CORES[1].VM(0)
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=2 * MIB,
                               userspace_addr=1 << 40)
     vcpu = vm.create_vcpu()
     vcpu.access(0x1000, write=True)
     assert vm.check_invariants() == []
-    vcpu._c.stats["pf_fast"] += 2
-    vcpu._c.stats["pf_mmio_spte_created"] += 1
+    vcpu._c.counters[PfStat.PF_FAST] += 2
+    vcpu._c.counters[PfStat.PF_MMIO_SPTE_CREATED] += 1
     problems = vm.check_invariants()
     assert any("fast fixes" in p for p in problems)
     assert any("MMIO SPTEs" in p for p in problems)

@@ -2,9 +2,12 @@
 
 Values are those of Linux 6.18 (uapi and internal headers) and of the Intel
 SDM / AMD APM where the hardware defines them.  Nothing else in the package
-spells a bit number: the compiled core receives these values through a C
-header that ``setup.py`` generates from this module, and the pure-Python twin
-reads them from here.
+spells a bit number.  ``c_constants()`` names every integer here the way C
+code does (``PFERR_WRITE``, ``EPTE_READ``, ``RET_PF_RETRY``,
+``ACCESS_FLAGS_WRITE``): ``setup.py`` writes a C header and the Cython extern
+declarations from it into the build directory, and the pure-Python twin
+imports the same names from ``kvmemu._pure.cnames``, so both cores spell a
+constant the same way and neither keeps a list of them.
 
 The flag classes print readably: ``repr(PFERR(0x100000002))`` is
 ``PFERR.WRITE|GUEST_FINAL``; bits without a name print in hex.  Building a
@@ -232,7 +235,8 @@ PG_LEVEL_2M = 2
 PG_LEVEL_1G = 3
 PG_LEVEL_512G = 4
 PG_LEVEL_256T = 5
-#: KVM_MAX_HUGEPAGE_LEVEL: huge leaves exist at 2M and 1G only.
+#: KVM_MAX_HUGEPAGE_LEVEL: huge leaves exist at 2M and 1G only; lpage_info exists for
+#: the levels PG_LEVEL_2M .. KVM_MAX_HUGEPAGE_LEVEL.
 KVM_MAX_HUGEPAGE_LEVEL = PG_LEVEL_1G
 
 # --- memslot limits (include/linux/kvm_host.h, arch/x86/include/asm/kvm_host.h) --------
@@ -268,6 +272,9 @@ HOST_MAXPHYADDR = 48
 #: 1 TiB window per file.
 GMEM_PFN_BASE = 1 << (HOST_MAXPHYADDR - 1 - PAGE_SHIFT)
 GMEM_FILE_PAGES = 1 << 28
+#: kvm_mmu_max_gfn() with TDP: the last gfn the host's MAXPHYADDR can address.  A memslot
+#: may not end above it, and a fault beyond it cannot get an MMIO SPTE.
+KVM_MMU_MAX_GFN = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
 
 # --- TDX shared bit (arch/x86/kvm/vmx/tdx.c: TDX_SHARED_BIT_PWL_4 / _PWL_5) -------------
 
@@ -329,6 +336,9 @@ PT_LEVEL_BITS = 9
 PT_ENTRIES = 1 << PT_LEVEL_BITS
 #: PT64_ROOT_MAX_LEVEL: the deepest walk is 5-level (PML5).
 PT_ROOT_MAX_LEVEL = 5
+#: Bytes per paging-structure entry (an SPTE's host-physical address is its table's plus
+#: 8 * index).
+PT_ENTRY_BYTES = 8
 #: Where the model keeps its paging structures: table k of a PageTables lives at
 #: host-physical address PT_BASE_HPA + k * PAGE_SIZE, the root is table 0.  32 GiB
 #: lies below every real MAXPHYADDR (36 and up), so a table address is never
@@ -392,6 +402,8 @@ class SPTE(_Flag):
     EPT_MMU_WRITABLE = 1 << 58      # EPT_SPTE_MMU_WRITABLE
 
 
+#: SPTE_BASE_ADDR_MASK: the frame bits 51:12 of an SPTE (spte.h, a 52-bit physical space).
+SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
 #: SHADOW_NONPRESENT_VALUE: what an empty or zapped TDP MMU entry holds on x86-64
 #: (EPT's suppress-#VE bit; for NPT bit 63 is NX, harmless in a not-present entry).
 SHADOW_NONPRESENT_VALUE = 1 << 63
@@ -422,3 +434,87 @@ ACC_ALL = ACC_EXEC | ACC_WRITE | ACC_USER
 TDX_LOCAL_RETRY_LIMIT = 16
 #: How many exits ``VCPU.access`` takes before it declares the loop unsettled.
 ACCESS_LOOP_LIMIT = 16
+
+
+class PfStat(IntEnum):
+    """The per-vCPU page-fault statistics (struct kvm_vcpu_stat, arch/x86/include/asm/
+    kvm_host.h) that the model keeps, as indices into each vCPU's counters."""
+
+    PF_TAKEN = 0
+    PF_FIXED = 1
+    PF_EMULATE = 2
+    PF_SPURIOUS = 3
+    PF_MMIO_SPTE_CREATED = 4
+    PF_FAST = 5
+
+
+#: The statistics' names as ``VCPU.stats`` and ``VM.stats`` report them.
+PF_STAT_NAMES = tuple(stat.name.lower() for stat in PfStat)
+
+
+class VmCounter(IntEnum):
+    """Not a KVM value: where the fields of struct kvm that the fault path reads sit in
+    the one ``numpy.uint64`` array that ``kvmemu._memory`` writes and both cores read
+    (mmu_invalidate_seq, mmu_invalidate_in_progress, the invalidated gfn range, and
+    the memslot generation of address spaces 0 and 1)."""
+
+    MMU_INVALIDATE_SEQ = 0
+    MMU_INVALIDATE_IN_PROGRESS = 1
+    MMU_INVALIDATE_RANGE_START = 2
+    MMU_INVALIDATE_RANGE_END = 3
+    GENERATION_0 = 4
+    GENERATION_1 = 5
+    COUNT = 6
+
+
+class CoreReturn(IntEnum):
+    """Not a KVM value: how the compiled core's int-returning functions signal a Python
+    exception.  Those functions return a RetPF (0..6) or a negative errno, so the signal
+    is a value that is neither (their Cython ``except`` value)."""
+
+    PY_EXCEPTION = 0x7FFF_FFFF
+
+
+def _c_prefix(class_name: str) -> str:
+    """``AccessFlags`` -> ``ACCESS_FLAGS``, ``RetPF`` -> ``RET_PF``; all-caps names stay."""
+    if class_name.isupper():
+        return class_name
+    words, word = [], ""
+    for i, ch in enumerate(class_name):
+        if ch.isupper() and word and not (word[-1].isupper()
+                                          and (i + 1 == len(class_name)
+                                               or class_name[i + 1].isupper())):
+            words.append(word)
+            word = ""
+        word += ch
+    return "_".join(words + [word]).upper()
+
+
+def c_constants() -> dict[str, tuple[str, int]]:
+    """Every integer constant of this module under its C name, with its C type.
+
+    A flag class's members are ``<PREFIX>_<MEMBER>`` (uint64_t), an enum's members the
+    same as ``int``, and module-level integers keep their name (uint64_t); ``<PREFIX>`` is
+    the class name in upper snake case (``MemAttr`` -> ``MEM_ATTR``).
+    """
+    names: dict[str, tuple[str, int]] = {}
+    for name, value in globals().items():
+        if name.startswith("_"):
+            continue
+        if (isinstance(value, type) and issubclass(value, (IntEnum, IntFlag))
+                and value.__module__ == __name__):
+            ctype = "uint64_t" if issubclass(value, IntFlag) else "int"
+            for member_name, member in value.__members__.items():
+                entries = [(f"{_c_prefix(name)}_{member_name}", (ctype, int(member)))]
+                names.update(_unique(names, entries))
+        elif type(value) is int:
+            names.update(_unique(names, [(name, ("uint64_t", value))]))
+    return names
+
+
+def _unique(names: dict[str, tuple[str, int]],
+            entries: list[tuple[str, tuple[str, int]]]) -> list[tuple[str, tuple[str, int]]]:
+    for key, _ in entries:
+        if key in names:
+            raise ValueError(f"two constants are both called {key} in C")
+    return entries

@@ -3,31 +3,33 @@
 # What the CPU does when a guest-physical access goes through the second
 # stage: which entries it reads, where it stops, and whether the result is a
 # translation, an EPT violation, an EPT misconfiguration or a nested page
-# fault, with every bit of the exit and the A/D bits set on success
-# (docs/hardware-exits.md A1-A3).  The twin, kvmemu/_pure/paging.py, is the
-# readable specification; this is the same rule set over a typed memoryview,
-# without the GIL, so that batch loops can run it per element.
+# fault, with every bit of the exit and the A/D bits set on success (Intel SDM
+# vol. 3C 29.3 and 28.2.1, AMD APM vol. 2 15.25; docs/reference.md).  The twin,
+# kvmemu/_pure/paging.py, is the readable specification, function for function;
+# this is the same rule set over raw table memory, without the GIL, so that
+# batch loops can run it per element.
 #
-# Storage: one 2-D uint64 array of 512-entry tables, grown by doubling.  Table
-# k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is the
-# root.  Invariant: every read goes through table_at(), which maps an address
-# that holds no table to -1, and -1 reads as a zero entry -- so a walk never
-# indexes outside rows 0 .. ntables-1 whatever the entries say.
+# Storage: one 2-D uint64 numpy array of 512-entry tables, grown in place.
+# Table k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is
+# the root.  Invariant: the walk reads only through table_at(), which maps an
+# address that holds no table to -1, and -1 reads as a zero entry -- so a walk
+# never reads outside rows 0 .. ntables-1 whatever the entries say.
 
-from libc.stdint cimport uint64_t, uint8_t
+cimport cython
+from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 
 import numpy as np
 
-from kvmemu import _args
+from kvmemu import _args, _tables
 from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translation
 
 cdef Py_ssize_t INITIAL_TABLES = 4
 cdef Py_ssize_t GROWTH_TABLES = 256
 
 
-cdef inline Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept:
+cdef inline Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept nogil:
     """Double while small, then GROWTH_TABLES (1 MiB of tables) at a time."""
     return min(ntables + min(ntables, GROWTH_TABLES), max_tables)
 
@@ -138,8 +140,8 @@ cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint
 
 
 cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
-                           uint64_t flags, const WalkPath* path) noexcept nogil:
-    """EPT: misconfiguration first, then violation, then the translation (A1, A2)."""
+                                  uint64_t flags, const WalkPath* path) noexcept nogil:
+    """EPT: misconfiguration first, then violation, then the translation."""
     cdef Outcome out
     cdef uint64_t acc, q
     cdef uint64_t rwx = EPTE_READ | EPTE_WRITE | EPTE_EXEC, xu = EPTE_USER_EXEC
@@ -150,14 +152,14 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
         out.kind = OUT_EPT_MISCONFIG
         out.value = 0
         return out
-    if flags & ACCESS_WALK:
+    if flags & ACCESS_FLAGS_WALK:
         # Reading a guest paging-structure entry; setting its A/D bits is a
         # read+write, and with EPT A/D on every such access is a write.
         acc = EPT_VIOLATION_ACC_READ | (
-            EPT_VIOLATION_ACC_WRITE if c.ad_bits or (flags & ACCESS_WRITE) else 0)
-    elif flags & ACCESS_FETCH:
+            EPT_VIOLATION_ACC_WRITE if c.ad_bits or (flags & ACCESS_FLAGS_WRITE) else 0)
+    elif flags & ACCESS_FLAGS_FETCH:
         acc = EPT_VIOLATION_ACC_INSTR
-    elif flags & ACCESS_WRITE:
+    elif flags & ACCESS_FLAGS_WRITE:
         acc = EPT_VIOLATION_ACC_WRITE
     else:
         acc = EPT_VIOLATION_ACC_READ
@@ -167,7 +169,7 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
     allowed = ((not (acc & EPT_VIOLATION_ACC_READ) or (rwx & EPTE_READ))
                and (not (acc & EPT_VIOLATION_ACC_WRITE) or (rwx & EPTE_WRITE))
                and (not (acc & EPT_VIOLATION_ACC_INSTR)
-                    or ((xu if c.mbec and (flags & ACCESS_USER) else rwx & EPTE_EXEC) != 0)))
+                    or ((xu if c.mbec and (flags & ACCESS_FLAGS_USER) else rwx & EPTE_EXEC) != 0)))
     if path.stop == STOP_LEAF and allowed:
         if c.ad_bits:
             return translated(path, c, gpa, mem, EPTE_ACCESSED, EPTE_DIRTY,
@@ -176,9 +178,9 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
     q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
     if c.mbec and xu:
         q |= EPT_VIOLATION_PROT_USER_EXEC
-    if not (flags & ACCESS_NOGVA):
+    if not (flags & ACCESS_FLAGS_NOGVA):
         q |= EPT_VIOLATION_GVA_IS_VALID
-        if not (flags & ACCESS_WALK):
+        if not (flags & ACCESS_FLAGS_WALK):
             q |= EPT_VIOLATION_GVA_TRANSLATED
     out.kind = OUT_EPT_VIOLATION
     out.value = q
@@ -187,10 +189,10 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
 
 cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
                            uint64_t flags, const WalkPath* path) noexcept nogil:
-    """NPT: a not-present or reserved entry, or a permission fault (A3)."""
+    """NPT: a not-present or reserved entry, or a permission fault."""
     cdef Outcome out
-    cdef bint write = (flags & (ACCESS_WRITE | ACCESS_WALK)) != 0   # walks count as writes
-    cdef bint fetch = (flags & ACCESS_FETCH) != 0
+    cdef bint write = (flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK)) != 0   # walks count as writes
+    cdef bint fetch = (flags & ACCESS_FLAGS_FETCH) != 0
     cdef uint64_t code = PFERR_USER                  # NPT walks are user-mode accesses
     cdef uint64_t us = PTE_USER | PTE_WRITABLE, nx = 0
     cdef int i
@@ -208,11 +210,11 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
         code |= PFERR_WRITE
     if fetch and (c.host_nx or c.host_smep):
         code |= PFERR_FETCH
-    if flags & ACCESS_WALK:
+    if flags & ACCESS_FLAGS_WALK:
         code |= PFERR_GUEST_PAGE
-    elif not (flags & ACCESS_NOGVA):
+    elif not (flags & ACCESS_FLAGS_NOGVA):
         code |= PFERR_GUEST_FINAL
-    if flags & ACCESS_ENCRYPTED:
+    if flags & ACCESS_FLAGS_ENCRYPTED:
         code |= PFERR_GUEST_ENC
     out.kind = OUT_NPF
     out.level = 0
@@ -229,11 +231,11 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     accepts: the translation, accessed bits on every entry, dirty on the leaf for a write.
     """
     cdef uint64_t* used[5]
-    cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_WRITE else 0)
+    cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
     cdef uint64_t page_mask
     cdef Py_ssize_t table = 0
     cdef int level = levels, n = 0, i
-    if flags & ~(ACCESS_WRITE | ACCESS_USER | ACCESS_ENCRYPTED):
+    if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
         return False
     while True:
         used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
@@ -262,7 +264,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         for i in range(n):
             if not (used[i][0] & EPTE_ACCESSED):
                 used[i][0] |= EPTE_ACCESSED
-        if (flags & ACCESS_WRITE) and not (e & EPTE_DIRTY):
+        if (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
             used[n - 1][0] |= EPTE_DIRTY
     page_mask = level_page_mask(level)
     out.kind = OUT_TRANSLATED
@@ -287,6 +289,8 @@ cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntab
 
 
 cdef object outcome_object(const Outcome* out, uint64_t gpa):
+    """The result object of an outcome: Translation or the exit (built directly, without
+    the result classes' checking __new__)."""
     if out.kind == OUT_TRANSLATED:
         return tuple.__new__(Translation, (out.value, out.level))
     if out.kind == OUT_EPT_VIOLATION:
@@ -296,6 +300,9 @@ cdef object outcome_object(const Outcome* out, uint64_t gpa):
     return tuple.__new__(NestedPageFault, (gpa, out.value))
 
 
+
+
+@cython.final
 cdef class PageTables:
     """PageTables(kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False, maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False)
 
@@ -316,32 +323,39 @@ cdef class PageTables:
         (self.kind, self.levels, self.ad_bits, self.exec_only, self.mbec, self.maxphyaddr,
          self.huge_1g, self.host_nx, self.host_smep) = _args.paging_config(
             kind, levels, ad_bits, exec_only, mbec, maxphyaddr, huge_1g, host_nx, host_smep)
-        self.cfg.ept = self.kind == "ept"
-        self.cfg.levels = self.levels
-        self.cfg.ad_bits = self.ad_bits
-        self.cfg.exec_only = self.exec_only
-        self.cfg.mbec = self.mbec
-        self.cfg.huge_1g = self.huge_1g
-        self.cfg.host_nx = self.host_nx
-        self.cfg.host_smep = self.host_smep
-        self.cfg.addr_mask = bits_from(PAGE_SHIFT, self.maxphyaddr - 1)
-        self.cfg.rsvd_high = bits_from(self.maxphyaddr, 51) if self.maxphyaddr < 52 else 0
+        self.ept = self.kind == "ept"
+        self.addr_mask = bits_from(PAGE_SHIFT, self.maxphyaddr - 1)
+        self.rsvd_high = bits_from(self.maxphyaddr, 51) if self.maxphyaddr < 52 else 0
         self.max_tables = ((<uint64_t>1 << self.maxphyaddr) - PT_BASE_HPA) // PAGE_SIZE
-        if self.cfg.ept:
-            self.cfg.present_mask = (EPTE_READ | EPTE_WRITE | EPTE_EXEC
-                                     | (EPTE_USER_EXEC if self.mbec else 0))
-            self.cfg.large_bit = EPTE_LARGE
-            self.nonleaf = self.cfg.present_mask | (EPTE_ACCESSED if self.ad_bits else 0)
+        if self.ept:
+            self.present_mask = (EPTE_READ | EPTE_WRITE | EPTE_EXEC
+                                 | (EPTE_USER_EXEC if self.mbec else 0))
+            self.large_bit = EPTE_LARGE
+            self.nonleaf = self.present_mask | (EPTE_ACCESSED if self.ad_bits else 0)
         else:
-            self.cfg.present_mask = PTE_PRESENT
-            self.cfg.large_bit = PTE_LARGE
+            self.present_mask = PTE_PRESENT
+            self.large_bit = PTE_LARGE
             self.nonleaf = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
-        self.storage = np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
-        self.mem = self.storage
+        self.cfg.ept, self.cfg.levels, self.cfg.ad_bits = self.ept, self.levels, self.ad_bits
+        self.cfg.exec_only, self.cfg.mbec, self.cfg.huge_1g = (self.exec_only, self.mbec,
+                                                               self.huge_1g)
+        self.cfg.host_nx, self.cfg.host_smep = self.host_nx, self.host_smep
+        self.cfg.addr_mask, self.cfg.rsvd_high = self.addr_mask, self.rsvd_high
+        self.cfg.present_mask, self.cfg.large_bit = self.present_mask, self.large_bit
+        self.set_storage(np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64))
         self.ntables = 1
+
+    cdef void set_storage(self, object storage) except *:
+        """Use ``storage`` (C-contiguous uint64, (rows, 512)) as the table memory."""
+        cdef uint64_t[:, ::1] view = storage
+        self.storage = storage
+        self.mem = &view[0, 0]
+        self.capacity = view.shape[0]
 
     def __repr__(self):
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
+
+    # --- storage ----------------------------------------------------------------------
 
     @property
     def root_hpa(self):
@@ -356,17 +370,17 @@ cdef class PageTables:
         copy.flags.writeable = False
         return copy
 
-    cdef Py_ssize_t new_table(self) except -1:
-        cdef object grown
+    cpdef Py_ssize_t new_table(self) except -1:
+        """One more table at the end of the storage (zeroed)."""
         if self.ntables == self.max_tables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
-        if self.ntables == self.mem.shape[0]:
+        if self.ntables == self.capacity:
             # Resized in place (realloc, mremap when large): new rows are zero, and the
             # spare capacity stays below GROWTH_TABLES tables whatever the size.
             self.storage.resize((grown_capacity(self.ntables, self.max_tables), PT_ENTRIES),
                                 refcheck=False)
-            self.mem = self.storage
+            self.set_storage(self.storage)
         self.ntables += 1
         return self.ntables - 1
 
@@ -375,10 +389,11 @@ cdef class PageTables:
         is copied as one numpy array, the free list as one block."""
         cdef PageTables c = PageTables.__new__(PageTables)
         c.cfg = self.cfg
-        c.storage = self.storage[:self.ntables].copy()
-        c.mem = c.storage
+        c.set_storage(self.storage[:self.ntables].copy())
         c.ntables, c.max_tables, c.nonleaf = self.ntables, self.max_tables, self.nonleaf
-        c.kind, c.levels, c.maxphyaddr = self.kind, self.levels, self.maxphyaddr
+        c.present_mask, c.addr_mask = self.present_mask, self.addr_mask
+        c.large_bit, c.rsvd_high = self.large_bit, self.rsvd_high
+        c.kind, c.levels, c.maxphyaddr, c.ept = self.kind, self.levels, self.maxphyaddr, self.ept
         c.ad_bits, c.exec_only, c.mbec = self.ad_bits, self.exec_only, self.mbec
         c.huge_1g, c.host_nx, c.host_smep = self.huge_1g, self.host_nx, self.host_smep
         if self.nfree:
@@ -390,8 +405,10 @@ cdef class PageTables:
         return c
 
     # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables -------
+    # The MMU calls the unchecked methods; the public kvm_* ones check their arguments
+    # through _args first, as the twin's do.
 
-    cdef Py_ssize_t c_alloc(self, uint64_t fill) except -1:
+    cdef Py_ssize_t alloc(self, uint64_t fill) except -1:
         """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
         freed first, so table addresses are a pure function of the call sequence."""
         cdef Py_ssize_t table
@@ -400,10 +417,10 @@ cdef class PageTables:
             table = self.free_list[self.nfree]
         else:
             table = self.new_table()
-        self.c_fill(table, fill)
+        self.fill(table, fill)
         return table
 
-    cdef int c_free(self, Py_ssize_t table) except -1:
+    cdef int free(self, Py_ssize_t table) except -1:
         cdef Py_ssize_t cap
         cdef Py_ssize_t* grown
         if self.nfree == self.free_cap:
@@ -416,67 +433,75 @@ cdef class PageTables:
         self.nfree += 1
         return 0
 
-    cdef void c_fill(self, Py_ssize_t table, uint64_t value) noexcept:
+    cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil:
         cdef Py_ssize_t i
+        cdef uint64_t* row = self.mem + table * PT_ENTRIES
+        debug_assert(0 <= table < self.capacity)
         for i in range(<Py_ssize_t>PT_ENTRIES):
-            self.mem[table, i] = value
+            row[i] = value
 
-    # The kvm_* methods are the twin's interface to the storage, checked through _args
-    # as the twin's are; the compiled MMU uses c_alloc / c_free / mem directly.
+    cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil:
+        debug_assert(0 <= table < self.capacity and 0 <= index < <Py_ssize_t>PT_ENTRIES)
+        return self.mem[table * PT_ENTRIES + index]
+
+    cpdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept:
+        debug_assert(0 <= table < self.capacity and 0 <= index < <Py_ssize_t>PT_ENTRIES)
+        self.mem[table * PT_ENTRIES + index] = value
+
+    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) noexcept:
+        """An entry, or 0 for table -1 (an address that holds no table)."""
+        return self.read(table, index) if table >= 0 else 0
+
+    cpdef uint64_t hpa(self, Py_ssize_t table) noexcept:
+        return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
+
+    cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept:
+        return table_at(hpa, self.ntables)
+
+    cdef Py_ssize_t last_row(self) noexcept nogil:
+        """The storage's last row (its capacity - 1): what a non-leaf SPTE that points at
+        no table reads (spte_to_child_sp on an entry written over with set_entry)."""
+        return self.capacity - 1
+
+    cpdef bint is_large(self, int level, uint64_t e) noexcept:
+        return is_large(&self.cfg, level, e)
 
     def kvm_alloc(self, fill):
-        return self.c_alloc(_args.u64("fill", fill))
+        """A table for the TDP MMU, every entry ``fill`` (u64); freed tables first, last
+        freed first."""
+        return self.alloc(_args.u64("fill", fill))
 
     def kvm_free(self, table):
         """Give a table back.  IndexError for no such table; ValueError for the root or a
         table already free (a second free would hand it out twice)."""
         cdef Py_ssize_t t = _args.table(table, self.ntables), i
-        cdef bint free = False
+        cdef bint freed = False
         for i in range(self.nfree):
-            free |= self.free_list[i] == t
-        if t == 0 or free:
+            freed |= self.free_list[i] == t
+        if t == 0 or freed:
             raise ValueError(f"table {t} is {'the root' if t == 0 else 'already free'}")
-        self.c_free(t)
+        self.free(t)
 
     def kvm_fill(self, table, value):
         cdef Py_ssize_t t = _args.table(table, self.ntables)
-        self.c_fill(t, _args.u64("value", value))
+        self.fill(t, _args.u64("value", value))
 
     def kvm_get(self, table, index):
         cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
-        return self.mem[t, i]
+        return self.read(t, i)
 
     def kvm_set(self, table, index, value):
         cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
-        self.mem[t, i] = _args.u64("value", value)
+        self.write(t, i, _args.u64("value", value))
 
     def kvm_hpa(self, table):
-        cdef Py_ssize_t t = _args.table(table, self.ntables)
-        return PT_BASE_HPA + (<uint64_t>t << PAGE_SHIFT)
+        return self.hpa(_args.table(table, self.ntables))
 
     def kvm_table_at(self, hpa):
         """The table at host-physical ``hpa`` (page aligned), or -1 if none is there."""
-        return table_at(_args.u64("hpa", hpa), self.ntables)
+        return self.table_at(_args.u64("hpa", hpa))
 
-    cdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index):
-        return self.mem[table, index] if table >= 0 else 0
-
-    cdef tuple descend(self, uint64_t gpa, int level):
-        """Follow present non-leaf entries from the root towards the level-``level``
-        table: (table, at), table holding the level-``at`` entry of gpa; at == level
-        if the path exists."""
-        cdef Py_ssize_t table = 0, child
-        cdef int at
-        cdef uint64_t e
-        for at in range(self.levels, level, -1):
-            e = self.entry(table, gpa_index(gpa, at))
-            if not (e & self.cfg.present_mask) or is_large(&self.cfg, at, e):
-                return table, at
-            child = table_at(e & self.cfg.addr_mask, self.ntables)
-            if child < 0:
-                return table, at
-            table = child
-        return table, level
+    # --- the public interface -----------------------------------------------------------
 
     def set_entry(self, gpa, level, value):
         """set_entry(gpa, level, value)
@@ -486,25 +511,7 @@ cdef class PageTables:
         grant everything.  ValueError, changing nothing, if a present entry above
         ``level`` is a leaf or points at an address that holds no table.
         """
-        cdef uint64_t g = _args.gpa(gpa, self.levels)
-        cdef int lvl = _args.level("level", level, 1, self.levels)
-        cdef uint64_t v = _args.u64("value", value)
-        cdef Py_ssize_t table, child
-        cdef int at
-        cdef uint64_t e
-        table, at = self.descend(g, lvl)
-        if at != lvl:
-            e = self.entry(table, gpa_index(g, at))
-            if e & self.cfg.present_mask:
-                what = ("is a present leaf" if is_large(&self.cfg, at, e) else
-                        f"points at {e & self.cfg.addr_mask:#x}, which holds no table")
-                raise ValueError(f"cannot set the level-{lvl} entry of gpa {g:#x}: its "
-                                 f"level-{at} entry {e:#x} {what}")
-            while at != lvl:
-                child = self.new_table()
-                self.mem[table, gpa_index(g, at)] = PT_BASE_HPA + child * PAGE_SIZE | self.nonleaf
-                table, at = child, at - 1
-        self.mem[table, gpa_index(g, lvl)] = v
+        _tables.set_entry(self, gpa, level, value)
 
     def get_entry(self, gpa, level):
         """get_entry(gpa, level) -> int
@@ -512,10 +519,7 @@ cdef class PageTables:
         The level-``level`` entry on the walk path of ``gpa``; 0 where that table
         does not exist.
         """
-        cdef uint64_t g = _args.gpa(gpa, self.levels)
-        cdef int lvl = _args.level("level", level, 1, self.levels)
-        table, at = self.descend(g, lvl)
-        return self.entry(table, gpa_index(g, lvl)) if at == lvl else 0
+        return _tables.get_entry(self, gpa, level)
 
     def walk(self, gpa):
         """walk(gpa) -> list[tuple[int, int]]
@@ -524,7 +528,7 @@ cdef class PageTables:
         stops: not present, a leaf, or reserved / misconfigured.
         """
         cdef WalkPath path
-        hw_walk(&self.cfg, &self.mem[0, 0], self.ntables, _args.gpa(gpa, self.levels), &path)
+        hw_walk(&self.cfg, self.mem, self.ntables, _args.gpa(gpa, self.levels), &path)
         return [(path.level[i], path.entry[i]) for i in range(path.n)]
 
     def translate(self, gpa, *, write=False, fetch=False, user=False, stage="final",
@@ -538,7 +542,7 @@ cdef class PageTables:
         """
         cdef uint64_t g = _args.gpa(gpa, self.levels)
         cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
-        cdef Outcome out = translate_one(&self.cfg, &self.mem[0, 0], self.ntables, g, flags)
+        cdef Outcome out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
         return outcome_object(&out, g)
 
     def translate_many(self, gpas, flags=0):
@@ -559,13 +563,14 @@ cdef class PageTables:
         cdef uint64_t f0 = 0 if isinstance(f, np.ndarray) else f
         cdef uint64_t[::1] hpa = hpa_arr
         cdef uint8_t[::1] level = level_arr
-        cdef Py_ssize_t i, n = g.shape[0]
+        cdef Py_ssize_t i, n = g.shape[0], ntables = self.ntables
+        cdef uint64_t* mem = self.mem
+        cdef PagingConfig cfg = self.cfg
         cdef Outcome out
         cdef bint per_element = fv is not None
         with nogil:
             for i in range(n):
-                out = translate_one(&self.cfg, &self.mem[0, 0], self.ntables, g[i],
-                                    fv[i] if per_element else f0)
+                out = translate_one(&cfg, mem, ntables, g[i], fv[i] if per_element else f0)
                 if out.kind == OUT_TRANSLATED:
                     hpa[i] = out.value
                     level[i] = <uint8_t>out.level

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from . import _args
 from .constants import (EPT_MEMTYPE_MASK, EPT_MEMTYPE_SHIFT, EPT_MISCONFIG_WX_VALUE,
                         EPT_MMIO_MASK, EPT_VIOLATION, EPTE, NPT_MMIO_VALUE, PFERR, PTE,
-                        SHADOW_NONPRESENT_VALUE, SPTE, MemType, VMType)
+                        SHADOW_NONPRESENT_VALUE, SPTE, SPTE_BASE_ADDR_MASK, MemType, VMType)
 
 
 def _u64(text: str) -> int:
@@ -66,7 +66,6 @@ _SPTE_SOFT = {"ept": SPTE.MMU_PRESENT | SPTE.AD_DISABLED | SPTE.AD_WRPROT_ONLY
                      | SPTE.EPT_HOST_WRITABLE | SPTE.EPT_MMU_WRITABLE,
               "npt": SPTE.MMU_PRESENT | SPTE.AD_DISABLED | SPTE.AD_WRPROT_ONLY
                      | SPTE.HOST_WRITABLE | SPTE.MMU_WRITABLE}
-_FRAME_MASK = ((1 << 52) - 1) & ~0xFFF          # SPTE_BASE_ADDR_MASK, bits 51:12
 
 
 def _yes(value: int) -> str:
@@ -75,7 +74,7 @@ def _yes(value: int) -> str:
 
 def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
     """A KVM SPTE of either format: hardware bits, KVM's software bits, frame, meaning."""
-    from ._pure.mmu import mmio_spte_generation
+    from ._pure.spte import get_mmio_spte_generation
 
     spte, kind = ns.value, "ept" if ns.ept else "npt"
     hw_flag: Any = EPTE if ns.ept else PTE
@@ -87,7 +86,7 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
         memtype = (spte & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT
         name = MemType(memtype).name if memtype in MemType._value2member_map_ else "reserved"
         rows.append(("memory type", f"{memtype} ({name})"))
-    frame = spte & _FRAME_MASK
+    frame = spte & SPTE_BASE_ADDR_MASK
     rows.append(("frame", f"pfn {frame >> 12:#x}  (address {frame:#x})"))
     if ns.ept:
         mmio = (spte & EPT_MMIO_MASK) == EPT_MISCONFIG_WX_VALUE
@@ -102,7 +101,7 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
     elif mmio and not present:
         gfn = (frame & ~NPT_MMIO_VALUE if ns.npt else frame) >> 12    # not NPT's bit 51
         rows.append(("MMIO SPTE", f"yes: gfn {gfn:#x}, memslot generation "
-                                  f"{mmio_spte_generation(spte):#x}"))
+                                  f"{get_mmio_spte_generation(spte):#x}"))
     else:
         rows.append(("MMIO SPTE", "no"))
     if present:

@@ -2,8 +2,8 @@
 KVM TDP MMU fault path, for every x86 VM type (DEFAULT, SW_PROTECTED, SEV,
 SEV_ES, SNP, TDX).
 
-The public API is documented in the README and in API.md; ``IMPLEMENTATION``
-says which core backs it (``"cython"`` or ``"python"``).
+The public API is documented in the README and in docs/api.md;
+``IMPLEMENTATION`` says which core backs it (``"cython"`` or ``"python"``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from .errors import KvmError
 
 IMPLEMENTATION: str = _select.default_implementation()
 
-_core = _select.load(IMPLEMENTATION)
+_implementation = _select.load(IMPLEMENTATION)
 for _name in _select.CORE_NAMES:
-    globals()[_name] = getattr(_core, _name)
+    globals()[_name] = getattr(_implementation, _name)
 del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",

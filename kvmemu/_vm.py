@@ -1,10 +1,14 @@
-"""The thin ``VM`` class over a core's ``VMState``.
+"""The API layer: ``VM``, ``VCPU``, ``GuestMemfd``, ``MemSlot``, ``Snapshot``, ``KvmRun``.
 
-``VM`` is the ioctl boundary: it converts and checks arguments once, runs
-KVM's validation in KVM's order with KVM's errnos (KVM_CREATE_GUEST_MEMFD,
-KVM_SET_USER_MEMORY_REGION2, KVM_SET_MEMORY_ATTRIBUTES), and then hands
-values KVM would accept to the core's ``VMState``, which holds all state.
-Each core module defines ``VM`` as a subclass that names its ``VMState``.
+This layer sits above the cores and no core imports it.  ``VM`` is the ioctl
+boundary: it converts and checks arguments once, runs KVM's validation in KVM's
+order with KVM's errnos (KVM_CREATE_GUEST_MEMFD, KVM_SET_USER_MEMORY_REGION2,
+KVM_SET_MEMORY_ATTRIBUTES), and hands values KVM would accept to the VM's
+memory bookkeeping (``kvmemu._memory.VMMemory``, written once) and to one
+core's ``VCPUState``, ``TdpMmu`` and ``Memslots``.  ``bind(core, name)`` makes
+the classes of one implementation (``kvmemu._select`` calls it); the cores
+raise ``KvmError`` and ``RuntimeError`` themselves, so nothing here decodes a
+result.
 """
 
 from __future__ import annotations
@@ -12,17 +16,19 @@ from __future__ import annotations
 import errno
 from typing import Any, NamedTuple
 
-import numpy as np
+from types import ModuleType
 
-from . import _args
-from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR,
-                        KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES, KVM_MEM_SLOTS_NUM,
-                        KVM_MEMSLOT_GMEM_ONLY, KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE,
-                        PG_LEVEL_1G, PG_LEVEL_4K, PT_BASE_HPA, PTE, SPTE, TDX_GPAW_SHARED_BIT,
-                        USER_PTR_MAX, ExitReason, GuestMemfdFlag, MemAttr, MemFlag, VMType)
-from .errors import KvmError
+from . import _args, _invariants
+from ._memory import VMConfig, VMMemory
 from ._trace import Tracer
-from .results import AccessBatch, Translation
+from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
+                        KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
+                        KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
+                        PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX, ExitReason,
+                        GuestMemfdFlag, MemAttr, MemFlag, VMType)
+from .errors import KvmError
+from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
+                      NestedPageFault, Translation)
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
 _PRIVATE_MEM_TYPES = (VMType.SW_PROTECTED, VMType.SNP, VMType.TDX)
@@ -30,17 +36,10 @@ _PROTECTED_STATE_TYPES = (VMType.SEV_ES, VMType.SNP, VMType.TDX)
 _PAGE_MASK = PAGE_SIZE - 1
 _U64 = (1 << 64) - 1
 _LOFF_MAX = (1 << 63) - 1
-#: kvm_mmu_max_gfn() with TDP: limited by the host MAXPHYADDR.
-MAX_GFN = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
 
 
 def _einval(message: str) -> KvmError:
     return KvmError(errno.EINVAL, message)
-
-
-def gmem_frame(index: int, page: int) -> int:
-    """The host frame of page ``page`` of guest_memfd number ``index`` of a VM."""
-    return GMEM_PFN_BASE + (index * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
 
 class GuestMemfd:
@@ -51,10 +50,11 @@ class GuestMemfd:
     ``GMEM_PFN_BASE + ((index * GMEM_FILE_PAGES + page) mod GMEM_PFN_BASE)``.
     """
 
-    __slots__ = ("_owner", "index", "size", "flags")
+    __slots__ = ("_owner", "_frame", "index", "size", "flags")
 
-    def __init__(self, owner: object, index: int, size: int, flags: int) -> None:
+    def __init__(self, owner: object, index: int, size: int, flags: int, frame: Any) -> None:
         self._owner = owner
+        self._frame = frame         # the core's gmem_frame
         self.index = index
         self.size = size
         self.flags = flags
@@ -65,7 +65,7 @@ class GuestMemfd:
         if page >= self.size >> PAGE_SHIFT:
             raise ValueError(f"page {page} is beyond the guest_memfd's "
                              f"{self.size >> PAGE_SHIFT} pages")
-        return gmem_frame(self.index, page)
+        return int(self._frame(self.index, page))
 
     def __repr__(self) -> str:
         return f"GuestMemfd(index={self.index}, size={self.size:#x}, flags={self.flags:#x})"
@@ -92,18 +92,6 @@ class MemSlot(NamedTuple):
         return self.memory_size >> PAGE_SHIFT
 
 
-class MmuConfig(NamedTuple):
-    """What the core's MMU needs to know about a VM (fixed at creation)."""
-
-    ept: bool                  # VMX (EPT) or SVM (NPT)
-    tdx: bool
-    sw_protected: bool
-    snp: bool
-    levels: int                # TDP root level, 4 or 5
-    direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
-    nx_huge_pages: bool
-
-
 class VM:
     """A KVM virtual machine: its type, memslots, guest_memfd files and memory attributes.
 
@@ -122,7 +110,7 @@ class VM:
     private memory).
     """
 
-    _State: Any = None  # set by each core's subclass
+    _core: Any = None  # the core module; set by each implementation's subclass (bind)
 
     def __init__(self, vm_type: Any = VMType.DEFAULT, *, vendor: Any = None, gpaw: Any = 48,
                  nx_huge_pages: Any = False) -> None:
@@ -152,16 +140,17 @@ class VM:
         # kvm_mmu_get_tdp_level: 5-level EPT only for a guest wider than 48 bits (TDX: the
         # GPAW picks it); NPT follows the host's 4-level paging.
         self.tdp_levels: int = 5 if self.vendor == "vmx" and self.gpaw == 52 else 4
-        config = MmuConfig(self.vendor == "vmx", vm_type == VMType.TDX,
-                           vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
-                           self.tdp_levels, self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages)
-        self._state = self._State(self.has_private_mem, self.nr_memslot_as_ids, config)
+        self._config = VMConfig(self.vendor == "vmx", vm_type == VMType.TDX,
+                                vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
+                                self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
+                                self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages)
+        self._memory = VMMemory(self._core, self._config)
         self._vcpus: list[VCPU] = []
         self._tracer: Tracer | None = None
 
     def __repr__(self) -> str:
         return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
-                f"memslots={len(self._state.slots(0))})")
+                f"memslots={len(self._memory.slots(0))})")
 
     # --- capabilities -------------------------------------------------------------------
 
@@ -194,7 +183,7 @@ class VM:
                           f"{flags & ~supported:#x}")
         if size == 0 or size > _LOFF_MAX or size & _PAGE_MASK:
             raise _einval(f"guest_memfd size {size:#x} is not a positive multiple of the page size")
-        gmem = GuestMemfd(self._token, len(self._gmem), size, flags)
+        gmem = GuestMemfd(self._token, len(self._gmem), size, flags, self._core.gmem_frame)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
         return gmem
@@ -251,7 +240,7 @@ class VM:
         if npages > KVM_MEM_MAX_NR_PAGES:
             raise _einval(f"{npages} pages exceed KVM_MEM_MAX_NR_PAGES")
 
-        state = self._state
+        state = self._memory
         old = state.slot_by_id(as_id, slot_id)
         if not size:
             if old is None:
@@ -289,7 +278,7 @@ class VM:
         if change == "move":
             state.invalidate_slot(as_id, slot_id)
         last_gfn = base_gfn + npages - 1
-        if last_gfn > MAX_GFN or last_gfn & (self.shared_bit >> PAGE_SHIFT):
+        if last_gfn > KVM_MMU_MAX_GFN or last_gfn & (self.shared_bit >> PAGE_SHIFT):
             if change == "move":
                 state.reactivate_slot(as_id, slot_id)
             if gmem_flag:
@@ -323,9 +312,9 @@ class VM:
         return gmem.index, first
 
     def _delete_slot(self, as_id: int, slot_id: int) -> None:
-        old = self._state.slot_by_id(as_id, slot_id)
-        self._state.invalidate_slot(as_id, slot_id)
-        self._state.delete_slot(as_id, slot_id)
+        old = self._memory.slot_by_id(as_id, slot_id)
+        self._memory.invalidate_slot(as_id, slot_id)
+        self._memory.delete_slot(as_id, slot_id)
         if old.gmem_id >= 0:
             del self._gmem_bindings[old.gmem_id][(as_id, slot_id)]
 
@@ -352,11 +341,11 @@ class VM:
         if address & _PAGE_MASK or size & _PAGE_MASK:
             raise _einval("address and size must be page-aligned")
         start = address >> PAGE_SHIFT
-        self._state.set_memory_attributes(start, start + (size >> PAGE_SHIFT), attributes)
+        self._memory.set_memory_attributes(start, start + (size >> PAGE_SHIFT), attributes)
 
     def get_memory_attributes(self, gfn: Any) -> int:
         """kvm_get_memory_attributes(gfn)."""
-        return self._state.get_attributes(_args.u64("gfn", gfn))
+        return int(self._memory.memslots.get_memory_attributes(_args.u64("gfn", gfn)))
 
     # --- inspection --------------------------------------------------------------------------
 
@@ -365,7 +354,7 @@ class VM:
         """Every memslot, address space 0 then 1, in GPA order."""
         result = []
         for as_id in range(self.nr_memslot_as_ids):
-            for s in self._state.slots(as_id):
+            for s in self._memory.slots(as_id):
                 gmem = self._gmem[s.gmem_id] if s.gmem_id >= 0 else None
                 result.append(MemSlot((as_id << 16) | s.id, s.base_gfn << PAGE_SHIFT,
                                       s.npages << PAGE_SHIFT, s.userspace_addr,
@@ -375,8 +364,8 @@ class VM:
 
     def find_memslot(self, gfn: Any) -> int | None:
         """The id of the address-space-0 memslot containing ``gfn`` (binary search), or None."""
-        found = self._state.find_slot(0, _args.u64("gfn", gfn))
-        return None if found is None else found.id
+        found = self._memory.memslots.find_memslot(_args.u64("gfn", gfn))
+        return None if found < 0 else found
 
     def find_memslots(self, gfns: Any) -> Any:
         """``find_memslot`` for a 1-D uint64 array of gfns: an int32 array of slot ids, -1
@@ -385,40 +374,40 @@ class VM:
         n, (values,), _ = _args.operands(None, ("gfns", gfns))
         if n < 0:
             raise TypeError("gfns must be a 1-D numpy.uint64 array")
-        return self._state.find_slots(values)
+        return self._memory.memslots.find_memslots(values)
 
     def lpage_info(self, slot: Any, level: Any) -> list[int]:
         """lpage_info[level].disallow_lpage of a memslot, as u32 (bit 31: mixed attributes)."""
         slot = _args.u32("slot", slot)
-        level = _args.level("level", level, 2, PG_LEVEL_1G)
+        level = _args.level("level", level, PG_LEVEL_2M, PG_LEVEL_1G)
         as_id, slot_id = slot >> 16, slot & 0xFFFF
-        if as_id >= self.nr_memslot_as_ids or self._state.slot_by_id(as_id, slot_id) is None:
+        if as_id >= self.nr_memslot_as_ids or self._memory.slot_by_id(as_id, slot_id) is None:
             raise ValueError(f"slot {slot:#x} does not exist")
-        return self._state.lpage_info(as_id, slot_id, level)
+        return self._memory.lpage_info(as_id, slot_id, level)
 
     def memory_attribute_ranges(self) -> list[tuple[int, int, int]]:
         """The attribute store as merged ``(start_gfn, end_gfn, attributes)`` ranges."""
-        return self._state.attribute_ranges()
+        return self._memory.attribute_ranges()
 
     @property
     def mmu_invalidate_seq(self) -> int:
-        return self._state.mmu_invalidate_seq
+        return self._memory.mmu_invalidate_seq
 
     @property
     def mmu_invalidate_in_progress(self) -> int:
-        return self._state.mmu_invalidate_in_progress
+        return self._memory.mmu_invalidate_in_progress
 
     @property
     def mmu_invalidate_range(self) -> tuple[int, int]:
         """(mmu_invalidate_range_start, mmu_invalidate_range_end) in gfns; INVALID_GPA if none."""
-        return (self._state.mmu_invalidate_range_start, self._state.mmu_invalidate_range_end)
+        return self._memory.mmu_invalidate_range
 
     def memslots_generation(self, as_id: Any = 0) -> int:
         """The memslot generation of an address space (kvm_memslots(kvm)->generation)."""
         as_id = _args.u64("as_id", as_id)
         if as_id >= self.nr_memslot_as_ids:
             raise ValueError(f"as_id must be below {self.nr_memslot_as_ids}, not {as_id}")
-        return self._state.generation[as_id]
+        return self._memory.generation(as_id)
 
     # --- the MMU and vCPUs ------------------------------------------------------------------
 
@@ -426,25 +415,25 @@ class VM:
     def page_tables(self) -> Any:
         """The PageTables KVM builds for the VM (TDX: the shared EPT, indexed with the
         shared bit)."""
-        return self._state.mmu.direct.pt
+        return self._memory.mmu.direct.pt
 
     @property
     def private_page_tables(self) -> Any:
         """TDX's private tables (KVM's mirror of the Secure EPT, 4K leaves); None otherwise."""
-        mirror = self._state.mmu.mirror
+        mirror = self._memory.mmu.mirror
         return None if mirror is None else mirror.pt
 
     @property
     def stats(self) -> dict[str, int]:
         """The vCPUs' page-fault statistics, summed (as KVM's per-VM view of vcpu stats),
         and ``pages_4k`` / ``pages_2m`` / ``pages_1g``: present leaf SPTEs per level."""
-        total = {name: 0 for name in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious",
-                                      "pf_mmio_spte_created", "pf_fast")}
+        total = dict.fromkeys(PF_STAT_NAMES, 0)
         for vcpu in self._vcpus:
             for name, value in vcpu.stats.items():
                 total[name] += value
-        pages = self._state.mmu.pages
-        total.update(pages_4k=pages[1], pages_2m=pages[2], pages_1g=pages[3])
+        pages = self._memory.mmu.pages
+        total.update(pages_4k=pages[PG_LEVEL_4K], pages_2m=pages[PG_LEVEL_2M],
+                     pages_1g=pages[PG_LEVEL_1G])
         return total
 
     @property
@@ -464,15 +453,14 @@ class VM:
     @trace.setter
     def trace(self, sink: Any) -> None:
         self._tracer = None if sink is None else Tracer(sink, self.vendor == "vmx")
-        self._state.mmu.set_tracer(self._tracer)
+        self._memory.mmu.set_tracer(self._tracer)
 
     def snapshot(self) -> "Snapshot":
         """The whole VM state: memslots, guest_memfd files and bindings, attributes,
         lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
         kvm_run, MMIO cache).  Copies of numpy storage; restorable any number of times."""
-        return Snapshot(self._token, self._state.clone(),
-                        [vcpu._c for vcpu in self._vcpus], list(self._gmem),
-                        {k: dict(v) for k, v in self._gmem_bindings.items()})
+        return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
+                        list(self._gmem), {k: dict(v) for k, v in self._gmem_bindings.items()})
 
     def restore(self, snapshot: "Snapshot") -> None:
         """Put the state of ``snapshot`` (taken from this VM) back, exactly.  vCPUs
@@ -481,15 +469,14 @@ class VM:
             raise TypeError(f"snapshot must be a Snapshot, not {type(snapshot).__name__}")
         if snapshot._owner is not self._token:
             raise ValueError("the snapshot was taken from another VM")
-        state = snapshot._state.clone()
-        vcpu_states = state.clone_vcpus(snapshot._vcpus)
+        memory, vcpu_states = snapshot._copy()
         for vcpu in self._vcpus[len(vcpu_states):]:
             vcpu._detach()
         del self._vcpus[len(vcpu_states):]
         for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
             vcpu._attach(vcpu_state)
-        self._state = state
-        state.mmu.set_tracer(self._tracer)
+        self._memory = memory
+        memory.mmu.set_tracer(self._tracer)
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
@@ -511,7 +498,7 @@ class VM:
           MMIO-SPTE emulation skips both), every fast-path fix is a FIXED or SPURIOUS one,
           and every MMIO SPTE created made its fault EMULATE.
         """
-        return _check_invariants(self)
+        return _invariants.check_invariants(self)
 
     def create_vcpu(self) -> "VCPU":
         """KVM_CREATE_VCPU: vCPU ids count from 0."""
@@ -523,19 +510,28 @@ class VM:
 class Snapshot:
     """An opaque, immutable copy of a VM's state (``VM.snapshot``)."""
 
-    __slots__ = ("_owner", "_state", "_vcpus", "_gmem", "_bindings")
+    __slots__ = ("_owner", "_memory", "_vcpus", "_gmem", "_bindings")
 
-    def __init__(self, owner: object, state: Any, vcpus: list[Any], gmem: list[GuestMemfd],
+    def __init__(self, owner: object, memory: VMMemory, vcpus: list[Any],
+                 gmem: list[GuestMemfd],
                  bindings: dict[int, dict[tuple[int, int], tuple[int, int]]]) -> None:
         self._owner = owner
-        self._state = state
-        # Each vCPU state is cloned against the cloned VM state, when restored.
-        self._vcpus = state.clone_vcpus(vcpus)
+        self._memory, self._vcpus = self._clone(memory, vcpus)
         self._gmem = gmem
         self._bindings = bindings
 
+    @staticmethod
+    def _clone(memory: VMMemory, vcpus: list[Any]) -> tuple[VMMemory, list[Any]]:
+        """A copy of the memory state and of the vCPU states, attached to it."""
+        copy = memory.clone()
+        return copy, [vcpu.clone(copy.memslots, copy.mmu) for vcpu in vcpus]
+
+    def _copy(self) -> tuple[VMMemory, list[Any]]:
+        """A fresh copy to restore (the snapshot stays restorable)."""
+        return self._clone(self._memory, self._vcpus)
+
     def __repr__(self) -> str:
-        return f"Snapshot(vcpus={len(self._vcpus)}, memslots={len(self._state.slots(0))})"
+        return f"Snapshot(vcpus={len(self._vcpus)}, memslots={len(self._memory.slots(0))})"
 
 
 class KvmRun:
@@ -588,7 +584,8 @@ class VCPU:
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
-        self._attach(vm._state.new_vcpu())
+        memory = vm._memory
+        self._attach(vm._core.VCPUState(vm._config, memory.memslots, memory.mmu))
 
     def _attach(self, state: Any) -> None:
         self._c = state
@@ -654,16 +651,7 @@ class VCPU:
         tables = self.vm.page_tables
         g = _args.gpa_array(gpas, tables.levels)
         f = _args.access_flags_array(flags, len(g))
-        hpa = np.zeros(len(g), dtype=np.uint64)
-        level = np.zeros(len(g), dtype=np.uint8)
-        count, outcome = self._c.access_many(g, f, hpa, level, ACCESS_LOOP_LIMIT)
-        if isinstance(outcome, int):
-            if outcome == 0:
-                raise RuntimeError(f"access to GPA {int(g[count]):#x} (element {count}) did "
-                                   f"not settle after {ACCESS_LOOP_LIMIT} exits")
-            raise KvmError(-outcome, f"KVM_RUN failed at GPA {int(g[count]):#x} "
-                                     f"(element {count})")
-        return AccessBatch(hpa, level, count, outcome)
+        return self._c.access_many(g, f, ACCESS_LOOP_LIMIT)
 
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
                stage: Any = "final", encrypted: Any = False) -> Any:
@@ -671,16 +659,8 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
         the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
         loop that does not settle raises RuntimeError."""
-        result = self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                        ACCESS_LOOP_LIMIT)
-        if type(result) is Translation:
-            return result
-        if result is None:
-            raise RuntimeError(f"access to GPA {gpa:#x} did not settle after "
-                               f"{ACCESS_LOOP_LIMIT} exits")
-        if isinstance(result, int):
-            raise KvmError(-result, f"KVM_RUN failed at GPA {gpa:#x}")
-        return result
+        return self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                      ACCESS_LOOP_LIMIT)
 
 
 class _DetachedVCPU:
@@ -694,75 +674,26 @@ class _DetachedVCPU:
                            "restored; it no longer exists")
 
 
-def _check_invariants(vm: VM) -> list[str]:
-    problems: list[str] = []
-    state = vm._state
-    found = [0, 0, 0, 0]
-    lpage_info: dict[tuple[int, int], list[int]] = {}   # per (slot id, level), read once
-    roots = [(vm.page_tables, state.mmu.direct.gfn_bits, False)]
-    if vm.private_page_tables is not None:
-        roots.append((vm.private_page_tables, 0, True))
-    addr_mask = ((1 << 52) - 1) & ~0xFFF
-    for tables, gfn_bits, is_mirror in roots:
-        mem = tables.tables
-        seen = {0}
+#: The names each implementation provides; kvmemu re-exports them from the chosen one.
+IMPLEMENTATION_NAMES = ("vmx_error_code", "svm_error_code", "tdx_shared_bit", "PageTables",
+                        "Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "VM",
+                        "MemoryFaultExit", "MmioExit")
 
-        def visit(table: int, level: int, base_gfn: int) -> None:
-            span = 1 << (9 * (level - 1))
-            for index in range(512):
-                spte = int(mem[table, index])
-                if not spte & SPTE.MMU_PRESENT.value:
-                    continue
-                gfn = base_gfn + index * span
-                if level == 1 or spte & PTE.LARGE.value:
-                    check_leaf(tables, gfn - gfn_bits, level, spte, is_mirror)
-                    continue
-                child = ((spte & addr_mask) - PT_BASE_HPA) >> PAGE_SHIFT
-                if not 0 < child < len(mem) or child in seen:
-                    problems.append(f"table {table}[{index}] links table {child} badly")
-                    continue
-                seen.add(child)
-                visit(child, level - 1, gfn)
 
-        def check_leaf(tables: Any, gfn: int, level: int, spte: int, mirror: bool) -> None:
-            where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {level}"
-            found[level] += 1
-            n = 1 << (9 * (level - 1))
-            slot = state.find_slot(0, gfn)
-            if slot is None or gfn + n > slot.base_gfn + slot.npages:
-                problems.append(f"{where} is outside every memslot")
-                return
-            attributes = state.get_attributes(gfn)
-            private = bool(attributes & MemAttr.PRIVATE.value)
-            if not state.range_has_attributes(gfn, gfn + n, ~0, attributes):
-                problems.append(f"{where} spans mixed attributes")
-            if vm.vm_type == VMType.TDX and private != mirror:
-                problems.append(f"{where} maps a {'private' if private else 'shared'} gfn")
-            if level > 1 and (slot.id, level) not in lpage_info:
-                lpage_info[slot.id, level] = state.lpage_info(0, slot.id, level)
-            if level > 1 and lpage_info[slot.id, level][
-                    (gfn >> (9 * (level - 1))) - (slot.base_gfn >> (9 * (level - 1)))]:
-                problems.append(f"{where} is where lpage_info disallows a huge page")
-            if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
-                pfn = state.gmem_pfn(slot, gfn) if slot.gmem_id >= 0 else -1
-            else:
-                pfn = (slot.userspace_addr >> PAGE_SHIFT) + (gfn - slot.base_gfn)
-            if ((spte & addr_mask) >> PAGE_SHIFT) != pfn:
-                problems.append(f"{where} maps frame {(spte & addr_mask) >> PAGE_SHIFT:#x}, "
-                                f"not {pfn:#x}")
-            if spte & PTE.WRITABLE.value and slot.flags & MemFlag.READONLY.value:
-                problems.append(f"{where} is writable in a READONLY memslot")
-
-        visit(0, tables.levels, 0)
-    for vcpu in vm._vcpus:
-        st = vcpu.stats
-        if st["pf_fixed"] + st["pf_spurious"] + st["pf_emulate"] > st["pf_taken"]:
-            problems.append(f"vCPU {vcpu.vcpu_id}: more fault results than faults taken {st}")
-        if st["pf_fast"] > st["pf_fixed"] + st["pf_spurious"]:
-            problems.append(f"vCPU {vcpu.vcpu_id}: more fast fixes than FIXED/SPURIOUS {st}")
-        if st["pf_mmio_spte_created"] > st["pf_emulate"]:
-            problems.append(f"vCPU {vcpu.vcpu_id}: more MMIO SPTEs than EMULATE results {st}")
-    counted = state.mmu.pages
-    if list(counted[1:4]) != found[1:4]:
-        problems.append(f"leaf counts {list(counted[1:4])} differ from the tables {found[1:4]}")
-    return problems
+def bind(core: ModuleType, name: str) -> ModuleType:
+    """The public names of one implementation: the core's functions and PageTables, the
+    result classes, and a ``VM`` class that builds its state from ``core``."""
+    api = ModuleType(f"kvmemu.implementation.{name}",
+                     f"kvmemu's API over the {name} core ({core.__name__}).")
+    vm_class = type("VM", (VM,), {"__doc__": VM.__doc__, "__module__": VM.__module__,
+                                  "__qualname__": "VM", "_core": core})
+    values = {"vmx_error_code": core.vmx_error_code, "svm_error_code": core.svm_error_code,
+              "tdx_shared_bit": core.tdx_shared_bit, "PageTables": core.PageTables,
+              "Translation": Translation, "EptViolation": EptViolation,
+              "EptMisconfig": EptMisconfig, "NestedPageFault": NestedPageFault, "VM": vm_class,
+              "MemoryFaultExit": MemoryFaultExit, "MmioExit": MmioExit}
+    for attr in IMPLEMENTATION_NAMES:
+        setattr(api, attr, values[attr])
+    api.IMPLEMENTATION = name
+    api.core = core
+    return api

@@ -1,4 +1,4 @@
-"""Differential execution of kvmemu call sequences on both cores.
+"""Differential execution of kvmemu call sequences on both cores (the test harness).
 
 A call sequence is a list of operations, plain tuples such as
 ``("slot", slot, gpa, size, uaddr, flags, gmem, offset, host_level)``.
@@ -10,9 +10,11 @@ generation counters, the page-table storage), and when
 ``vm.check_invariants()`` reports a problem on either side.
 
 ``decode(data)`` turns arbitrary bytes into such a list, so a byte fuzzer
-(``fuzz_api.py``, atheris) and the corpus replay test share one decoder; the
-Hypothesis state machine (``tests/test_state_machine.py``) builds the same
-operations from strategies.  Nothing here needs atheris.
+(``fuzz/fuzz_api.py``, atheris), the corpus replay test and the determinism
+test share one decoder; the Hypothesis state machine
+(``tests/test_state_machine.py``) builds the same operations from strategies.
+``main`` replays inputs or runs random ones without atheris
+(``python -m kvmemu.testing``).  Nothing here needs atheris or pytest.
 """
 
 from __future__ import annotations
@@ -521,8 +523,8 @@ __all__ = ["CORES", "Divergence", "Reader", "Side", "Twin", "decode", "norm", "o
 def main(argv: list[str] | None = None) -> int:
     """Without atheris: replay files, or run random inputs for a while.
 
-    ``python fuzz/kvmfuzz.py FILE...`` replays inputs (e.g. one atheris saved);
-    ``python fuzz/kvmfuzz.py --seconds 60 [--seed N]`` runs random byte strings.
+    ``python -m kvmemu.testing FILE...`` replays inputs (e.g. one atheris saved);
+    ``python -m kvmemu.testing --seconds 60 [--seed N]`` runs random byte strings.
     """
     import argparse
     import random

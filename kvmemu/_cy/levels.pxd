@@ -1,0 +1,29 @@
+# Page-level arithmetic shared by the compiled parts (KVM_PAGES_PER_HPAGE and friends,
+# arch/x86/kvm/mmu/mmu_internal.h, include/linux/kvm_host.h); the twin is
+# kvmemu/_pure/levels.py.  Defined here, in the declarations, so every part inlines them.
+
+from libc.stdint cimport uint64_t
+from kvmemu_constants cimport *
+
+
+cdef inline uint64_t pages_per_hpage(int level) noexcept nogil:
+    """KVM_PAGES_PER_HPAGE(level): 1, 512, 262144."""
+    return (<uint64_t>1) << ((level - 1) * PT_LEVEL_BITS)
+
+
+cdef inline uint64_t gfn_round_for_level(uint64_t gfn, int level) noexcept nogil:
+    """gfn_round_for_level: the first gfn of the level-``level`` page holding ``gfn``."""
+    return gfn & ~(pages_per_hpage(level) - 1)
+
+
+cdef inline uint64_t gfn_to_index(uint64_t gfn, uint64_t base_gfn, int level) noexcept nogil:
+    """gfn_to_index: the lpage_info index of ``gfn`` in a slot based at ``base_gfn``."""
+    cdef int shift = (level - 1) * PT_LEVEL_BITS
+    return (gfn >> shift) - (base_gfn >> shift)
+
+
+# C assert: checked in the debug build (KVMEMU_DEBUG_BUILD=1 undefines NDEBUG), where a
+# failed check aborts the process loudly; compiled out otherwise.  The parts use it where
+# a noexcept function reads memory through a raw pointer.
+cdef extern from "assert.h" nogil:
+    void debug_assert "assert" (bint condition)

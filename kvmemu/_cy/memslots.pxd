@@ -1,0 +1,42 @@
+# Declarations of the per-access lookups in a VM's memory state (memslots.pyx).
+
+from libc.stdint cimport uint32_t, uint64_t
+
+# A memslot of address space 0 as the fault path reads it (struct kvm_memory_slot):
+# a copy of a kvmemu._memory.Slot's fields; lpage_2m / lpage_1g point into its
+# lpage_info arrays, and owner is the Slot (kept alive by Memslots.slots).
+cdef struct SlotRecord:
+    uint64_t base_gfn
+    uint64_t npages
+    uint64_t userspace_addr
+    uint64_t gmem_pgoff
+    uint32_t id
+    uint32_t flags
+    int gmem_id
+    int host_level
+    uint32_t* lpage_2m
+    uint32_t* lpage_1g
+    void* owner
+
+cdef class Memslots:
+    cdef readonly uint64_t supported_attributes
+    cdef readonly object counters           # numpy uint64 indexed by VmCounter
+    cdef uint64_t* c                        # counters' memory
+    cdef list slots                         # the published Slot objects, by base gfn
+    cdef SlotRecord* records
+    cdef uint64_t* bases
+    cdef Py_ssize_t nslots
+    cdef tuple attr_arrays                  # the published attribute arrays (kept alive)
+    cdef const uint64_t* attr_start
+    cdef const uint64_t* attr_end
+    cdef const uint64_t* attr_value
+    cdef Py_ssize_t nattr
+    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil
+    cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil
+    cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil
+    cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil
+    cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil
+    cpdef bint mmu_invalidate_retry_gfn(self, uint64_t mmu_seq, uint64_t gfn) noexcept nogil
+
+cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil
+cdef void record_slot(object slot, SlotRecord* rec) except *

@@ -1,0 +1,203 @@
+# The lookups the fault path makes in a VM's memory state, per access.
+#
+# The compiled twin of kvmemu/_pure/memslots.py (which names the Linux 6.18
+# functions).  kvmemu._memory keeps the state and hands it over with publish()
+# after every change; this part turns it into C arrays once (address space 0's
+# slots sorted by base gfn as SlotRecords, their base gfns contiguous for the
+# search) and reads the attribute arrays and the counters array in place.
+
+cimport cython
+from libc.stdint cimport int32_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+from kvmemu import _args
+
+
+cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil:
+    """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
+    upper half of the host physical space, a GMEM_FILE_PAGES window per file."""
+    return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+
+
+cdef void record_slot(object slot, SlotRecord* rec) except *:
+    """A kvmemu._memory.Slot as the fault path reads it."""
+    cdef uint32_t[::1] lpage_2m = slot.lpage[0]
+    cdef uint32_t[::1] lpage_1g = slot.lpage[1]
+    rec.base_gfn = slot.base_gfn
+    rec.npages = slot.npages
+    rec.userspace_addr = slot.userspace_addr
+    rec.gmem_pgoff = slot.gmem_pgoff
+    rec.id = slot.id
+    rec.flags = slot.flags
+    rec.gmem_id = slot.gmem_id
+    rec.host_level = slot.host_level
+    rec.lpage_2m = &lpage_2m[0]
+    rec.lpage_1g = &lpage_1g[0]
+    rec.owner = <void*>slot
+
+
+@cython.final
+cdef class Memslots:
+    """What the fault path reads of a VM's memory: address space 0's memslots by base
+    gfn, the attribute ranges, and the counters (mmu_invalidate_seq and friends, the
+    memslot generations)."""
+
+    def __cinit__(self):
+        self.records = NULL
+        self.bases = NULL
+        self.nslots = 0
+
+    def __dealloc__(self):
+        free(self.records)
+        free(self.bases)
+
+    def __init__(self, config, counters):
+        cdef uint64_t[::1] view = counters
+        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        self.counters = counters
+        self.c = &view[0]
+        self.slots = []
+        empty = np.zeros(1, dtype=np.uint64)
+        self.publish([], empty[:0], empty[:0], empty[:0])
+
+    def publish(self, slots, attr_start, attr_end, attr_value):
+        """Take the state kvmemu._memory keeps: address space 0's slots sorted by base gfn,
+        and the attribute ranges as sorted arrays (never changed in place)."""
+        cdef Py_ssize_t i, n = len(slots)
+        cdef SlotRecord* records = <SlotRecord*>malloc(max(n, 1) * sizeof(SlotRecord))
+        cdef uint64_t* bases = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
+        cdef const uint64_t[::1] starts = attr_start
+        cdef const uint64_t[::1] ends = attr_end
+        cdef const uint64_t[::1] values = attr_value
+        if records == NULL or bases == NULL:
+            free(records)
+            free(bases)
+            raise MemoryError()
+        try:
+            for i in range(n):
+                record_slot(slots[i], &records[i])
+                bases[i] = records[i].base_gfn
+        except BaseException:
+            free(records)
+            free(bases)
+            raise
+        free(self.records)
+        free(self.bases)
+        self.records, self.bases, self.nslots = records, bases, n
+        self.slots = list(slots)
+        # A zero-length view has no element 0: point at a valid dummy instead.
+        self.attr_arrays = (attr_start, attr_end, attr_value)
+        self.nattr = starts.shape[0]
+        self.attr_start = &starts[0] if self.nattr else self.c
+        self.attr_end = &ends[0] if self.nattr else self.c
+        self.attr_value = &values[0] if self.nattr else self.c
+
+    # --- memslots -----------------------------------------------------------------------
+
+    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil:
+        """Index of the address-space-0 slot containing gfn, or -1 (search_memslots).
+
+        A branch-free binary search over the contiguous base gfns: lookups in a
+        batch are random, and a mispredicted branch per step would dominate.
+        """
+        cdef Py_ssize_t lo = 0, n = self.nslots, half
+        if n == 0:
+            return -1
+        while n > 1:
+            half = n >> 1
+            lo = lo + half if self.bases[lo + half] <= gfn else lo
+            n -= half
+        if self.bases[lo] <= gfn and gfn - self.bases[lo] < self.records[lo].npages:
+            return lo
+        return -1
+
+    cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil:
+        """Models __gfn_to_memslot: the address-space-0 memslot holding ``gfn``, or NULL."""
+        cdef Py_ssize_t i = self.search_memslots(gfn)
+        return &self.records[i] if i >= 0 else NULL
+
+    def find_memslot(self, uint64_t gfn):
+        """The id of the address-space-0 memslot holding ``gfn``, or -1."""
+        cdef const SlotRecord* slot = self.gfn_to_memslot(gfn)
+        return -1 if slot == NULL else slot.id
+
+    def find_memslots(self, const uint64_t[::1] gfns):
+        """Slot ids of address space 0 for an array of gfns, -1 where there is none."""
+        cdef Py_ssize_t i, k, n = gfns.shape[0]
+        out = np.empty(n, dtype=np.int32)
+        cdef int32_t[::1] ids = out
+        with nogil:
+            for i in range(n):
+                k = self.search_memslots(gfns[i])
+                ids[i] = -1 if k < 0 else <int32_t>self.records[k].id
+        return out
+
+    def gmem_get_pfn(self, slot, uint64_t gfn):
+        """The frame kvm_gmem_get_pfn gives for ``gfn`` of a guest_memfd-backed slot."""
+        return gmem_frame(slot.gmem_id, slot.gmem_pgoff + (gfn - slot.base_gfn))
+
+    # --- memory attributes ----------------------------------------------------------------
+
+    cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil:
+        """Index of the last attribute range starting at or below ``gfn``, or -1."""
+        cdef Py_ssize_t lo = 0, hi = self.nattr, mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if self.attr_start[mid] <= gfn:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil:
+        """Models kvm_get_memory_attributes."""
+        cdef Py_ssize_t i = self.attribute_index(gfn)
+        if i >= 0 and gfn < self.attr_end[i]:
+            return self.attr_value[i]
+        return 0
+
+    cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil:
+        """Models kvm_mem_is_private."""
+        return (self.get_memory_attributes(gfn) & MEM_ATTR_PRIVATE) != 0
+
+    def range_has_memory_attributes(self, uint64_t start, uint64_t end, mask, uint64_t attrs):
+        """Models kvm_range_has_memory_attributes: every gfn of [start, end) has ``attrs``
+        under ``mask`` (masked by what the VM supports)."""
+        cdef uint64_t m = <uint64_t>(mask & _args.U64_MAX) & self.supported_attributes
+        cdef Py_ssize_t i, k
+        cdef uint64_t gfn
+        if attrs & ~m:
+            return False
+        if end == start + 1:
+            return (self.get_memory_attributes(start) & m) == attrs
+        i = max(self.attribute_index(start), 0)
+        if not attrs:
+            for k in range(i, min(i + 2, self.nattr)):
+                if self.attr_start[k] < end and self.attr_end[k] > start:
+                    return False
+            return True
+        gfn = start
+        for k in range(i, self.nattr):
+            if self.attr_end[k] <= gfn:
+                continue
+            if self.attr_start[k] > gfn or (self.attr_value[k] & m) != attrs:
+                return False
+            gfn = self.attr_end[k]
+            if gfn >= end:
+                return True
+        return False
+
+    # --- the invalidation protocol ----------------------------------------------------------
+
+    cpdef bint mmu_invalidate_retry_gfn(self, uint64_t mmu_seq, uint64_t gfn) noexcept nogil:
+        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h): must a fault that
+        snapshotted ``mmu_seq`` retry?"""
+        if self.c[VM_COUNTER_MMU_INVALIDATE_IN_PROGRESS]:
+            if self.c[VM_COUNTER_MMU_INVALIDATE_RANGE_START] == INVALID_GPA:
+                return True
+            if (self.c[VM_COUNTER_MMU_INVALIDATE_RANGE_START] <= gfn
+                    < self.c[VM_COUNTER_MMU_INVALIDATE_RANGE_END]):
+                return True
+        return self.c[VM_COUNTER_MMU_INVALIDATE_SEQ] != mmu_seq

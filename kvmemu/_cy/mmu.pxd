@@ -1,0 +1,35 @@
+# Declarations of the MMU's fault path (mmu.pyx).
+
+from libc.stdint cimport uint64_t
+
+cdef class Root                 # tdp_mmu.pxd
+cdef class VCPUState            # vcpu.pxd
+
+# struct kvm_page_fault: the facts of one fault, derived once (mmu_internal.h).
+cdef struct FaultRecord:
+    uint64_t addr, error_code, gfn, mmu_seq, pfn
+    bint exec_, write, present, rsvd, user, prefetch, is_private
+    bint nx_huge_page_workaround_enabled, map_writable, huge_page_disallowed
+    int max_level, req_level, goal_level
+    bint has_slot
+    SlotRecord slot         # a copy of the memslot record (refreshed after a stage hook)
+
+cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
+                     const SlotRecord* slot, bint nx) noexcept nogil
+cdef int page_fault(VCPUState vcpu, uint64_t gpa,
+                    uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
+cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept
+cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept
+cdef int do_page_fault(VCPUState vcpu, uint64_t gpa,
+                       uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
+cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept
+cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
+cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept
+cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef void fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index,
+                                  uint64_t new) noexcept
+cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
+cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil
+cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,
+                                     int level) noexcept

@@ -1,0 +1,257 @@
+# The MMU's fault path: from the error code to the TDP map.
+#
+# The compiled twin of kvmemu/_pure/mmu.py, which names the Linux 6.18 functions
+# each step follows (arch/x86/kvm/mmu/mmu.c, mmu_internal.h) and tells how the
+# error code carries the private/shared decision and how the invalidation
+# sequence catches a conversion racing with a fault.  One fault is a C struct
+# (FaultRecord) holding a copy of its memslot's record; handlers return a RET_PF
+# value or a negative errno, and CORE_RETURN_PY_EXCEPTION (neither) when a stage
+# hook or a trace sink raised.
+
+from libc.errno cimport EFAULT
+from libc.stdint cimport uint32_t, uint64_t
+
+
+cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
+                     const SlotRecord* slot, bint nx) noexcept nogil:
+    """struct kvm_page_fault as kvm_mmu_do_page_fault fills it."""
+    f.addr = addr
+    f.error_code = error_code
+    f.exec_ = (error_code & PFERR_FETCH) != 0
+    f.write = (error_code & PFERR_WRITE) != 0
+    f.present = (error_code & PFERR_PRESENT) != 0
+    f.rsvd = (error_code & PFERR_RSVD) != 0
+    f.user = (error_code & PFERR_USER) != 0
+    f.prefetch = False
+    f.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
+    f.nx_huge_page_workaround_enabled = nx
+    f.max_level = KVM_MAX_HUGEPAGE_LEVEL
+    f.req_level = PG_LEVEL_4K
+    f.goal_level = PG_LEVEL_4K
+    f.gfn = gfn
+    f.has_slot = slot != NULL
+    if slot != NULL:
+        f.slot = slot[0]
+    f.mmu_seq = 0
+    f.pfn = 0
+    f.map_writable = False
+    f.huge_page_disallowed = False
+
+
+cdef int page_fault(VCPUState vcpu, uint64_t gpa,
+                    uint64_t error_code) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_mmu_page_fault (mmu.c, 6.18)."""
+    cdef int r
+    if (vcpu.sw_protected and not (error_code & PFERR_RSVD)
+            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
+        error_code |= PFERR_PRIVATE_ACCESS
+    vcpu.stage("fault", NULL)
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD:
+        if error_code & PFERR_PRIVATE_ACCESS:
+            return -EFAULT
+        r = handle_mmio_page_fault(vcpu, gpa)
+        if r == RET_PF_EMULATE:
+            return r
+    if r == RET_PF_INVALID:
+        vcpu.counters[PF_STAT_PF_TAKEN] += 1
+        r = do_page_fault(vcpu, gpa, error_code)
+    if r < 0:
+        return r
+    if r == RET_PF_FIXED:
+        vcpu.counters[PF_STAT_PF_FIXED] += 1
+    elif r == RET_PF_EMULATE:
+        vcpu.counters[PF_STAT_PF_EMULATE] += 1
+    elif r == RET_PF_SPURIOUS:
+        vcpu.counters[PF_STAT_PF_SPURIOUS] += 1
+    return r
+
+
+cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept:
+    """Models handle_mmio_page_fault (mmu.c, 6.18): the vCPU's MMIO cache, then the MMIO
+    SPTE and its generation."""
+    cdef uint64_t generation = vcpu.memslots.c[VM_COUNTER_GENERATION_0]
+    cdef uint64_t gfn = gpa >> PAGE_SHIFT
+    cdef TdpMmu mmu = vcpu.mmu
+    cdef LastSpte last
+    if vcpu.mmio_gen == generation and vcpu.mmio_gfn and vcpu.mmio_gfn == gfn:
+        return RET_PF_EMULATE
+    last = mmu.tdp_mmu_get_walk(mmu.direct, gfn & ~vcpu.direct_bits_gfn)
+    if is_mmio_spte(&mmu.fmt, last.spte):
+        if get_mmio_spte_generation(last.spte) != generation & MMIO_SPTE_GEN_MASK:
+            return RET_PF_INVALID
+        vcpu_cache_mmio_info(vcpu, gfn)
+        return RET_PF_EMULATE
+    return RET_PF_RETRY
+
+
+cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept:
+    """Models vcpu_cache_mmio_info (x86.h; gva 0 for TDP)."""
+    vcpu.mmio_gfn = gfn
+    vcpu.mmio_gen = vcpu.memslots.c[VM_COUNTER_GENERATION_0]
+
+
+cdef int do_page_fault(VCPUState vcpu, uint64_t gpa,
+                       uint64_t error_code) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_mmu_do_page_fault (mmu_internal.h, 6.18): the fault record, then the TDP
+    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
+    cdef uint64_t gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
+    cdef FaultRecord f
+    cdef object keep = None
+    cdef int r
+    init_fault(&f, gpa, error_code, gfn, vcpu.memslots.gfn_to_memslot(gfn),
+               vcpu.nx_huge_pages)
+    if f.has_slot and vcpu.stage_hook is not None:
+        keep = <object>f.slot.owner     # a hook may delete the slot; the fault keeps it
+    r = tdp_mmu_page_fault(vcpu, &f)
+    if r == RET_PF_EMULATE and f.is_private:
+        return prepare_memory_fault_exit(vcpu, &f)
+    return r
+
+
+cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept:
+    """Models kvm_mmu_prepare_memory_fault_exit (mmu.c, 6.18): KVM_EXIT_MEMORY_FAULT with
+    the page and PRIVATE when the access was, and -EFAULT for KVM_RUN."""
+    vcpu.exit_reason = EXIT_REASON_MEMORY_FAULT
+    vcpu.mf_flags = MEMORY_EXIT_FLAG_PRIVATE if f.is_private else 0
+    vcpu.mf_gpa = f.gfn << PAGE_SHIFT
+    vcpu.mf_size = PAGE_SIZE
+    return -EFAULT
+
+
+cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_tdp_mmu_page_fault (mmu.c, 6.18): fast path, faultin, the stale check,
+    then the map under mmu_lock (which counts pf_mmio_spte_created with its EMULATE
+    result: tdp_mmu_map_handle_target_level returns EMULATE exactly for an MMIO SPTE)."""
+    cdef TdpMmu mmu = vcpu.mmu
+    cdef int r = fast_page_fault(vcpu, f)
+    if r != RET_PF_INVALID:
+        return r
+    r = faultin_pfn(vcpu, f)
+    if r != RET_PF_CONTINUE:
+        return r
+    if vcpu.stage("map", f):
+        return RET_PF_RETRY                               # the memslot was deleted or moved
+    if is_page_fault_stale(vcpu, f):
+        return RET_PF_RETRY
+    r = mmu.tdp_mmu_map(f, mmu.get_root_for_fault(f.addr, vcpu.direct_bits_gfn << PAGE_SHIFT),
+                        vcpu.memslots.c[VM_COUNTER_GENERATION_0])
+    if r == RET_PF_EMULATE:
+        vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
+    return r
+
+
+cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept:
+    """Models is_page_fault_stale (mmu.c, 6.18) for the TDP MMU: an invalidation that
+    covers the gfn started or finished since faultin's snapshot."""
+    return f.has_slot and vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn)
+
+
+cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
+    """Models fast_page_fault (mmu.c, 6.18): with A/D bits on, only a write to a present
+    SPTE that the MMU may make writable is fixed locklessly."""
+    cdef TdpMmu mmu = vcpu.mmu
+    cdef LastSpte last
+    cdef int r = RET_PF_INVALID
+    if f.rsvd:
+        return RET_PF_INVALID
+    if vcpu.has_private_mem and f.is_private != vcpu.memslots.mem_is_private(f.gfn):
+        return RET_PF_INVALID
+    if not f.present or not f.write:
+        return RET_PF_INVALID
+    last = mmu.tdp_mmu_get_walk(mmu.direct, f.gfn)
+    if is_shadow_present_pte(last.spte) and is_last_spte(last.spte, last.level):
+        if is_access_allowed(&mmu.fmt, f.exec_, f.write, last.spte):
+            r = RET_PF_SPURIOUS
+        elif last.spte & mmu.fmt.mmu_writable and not (
+                last.level > <int>PG_LEVEL_4K and f.has_slot
+                and f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+            fast_pf_fix_direct_spte(mmu.direct, last.table, last.index,
+                                    last.spte | PTE_WRITABLE)
+            r = RET_PF_FIXED
+    if r != RET_PF_INVALID:
+        vcpu.counters[PF_STAT_PF_FAST] += 1
+    return r
+
+
+cdef void fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index,
+                                  uint64_t new) noexcept:
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
+    (no other writer exists here, so it always succeeds)."""
+    root.pt.write(table, index, new)
+
+
+cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_mmu_faultin_pfn (mmu.c, 6.18): the invalidation snapshot, the
+    private/shared check against the attributes, no memslot, then the frame from
+    guest_memfd (private or gmem-only) or from the host mapping."""
+    cdef Memslots memslots = vcpu.memslots
+    f.mmu_seq = memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
+    if f.is_private != memslots.mem_is_private(f.gfn):
+        return prepare_memory_fault_exit(vcpu, f)
+    if not f.has_slot:
+        return handle_noslot_fault(vcpu, f)
+    if vcpu.stage("faultin", f):
+        return RET_PF_RETRY             # the memslot was deleted or moved
+    if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+        return RET_PF_RETRY
+    if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+        if f.slot.gmem_id < 0:
+            return prepare_memory_fault_exit(vcpu, f)
+        f.pfn = gmem_frame(f.slot.gmem_id, f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
+        f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
+        f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
+    else:
+        if f.slot.flags & MEM_FLAG_READONLY and f.write:
+            return RET_PF_EMULATE   # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+        f.pfn = (f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn)
+        f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
+    if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+        return RET_PF_RETRY
+    return RET_PF_CONTINUE
+
+
+cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept:
+    """Models kvm_handle_noslot_fault (mmu.c, 6.18): private -> memory fault; shared ->
+    MMIO, cached, and an MMIO SPTE unless the gfn is beyond kvm_mmu_max_gfn()."""
+    if f.is_private:
+        return prepare_memory_fault_exit(vcpu, f)
+    vcpu_cache_mmio_info(vcpu, f.gfn)
+    if f.gfn > KVM_MMU_MAX_GFN:
+        return RET_PF_EMULATE               # cannot encode an MMIO SPTE
+    return RET_PF_CONTINUE
+
+
+cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
+    """Models kvm_mmu_hugepage_adjust with kvm_mmu_max_mapping_level (mmu.c, 6.18)."""
+    cdef int level
+    cdef const uint32_t* linfo
+    f.huge_page_disallowed = f.exec_ and nx_huge_pages
+    if f.max_level == PG_LEVEL_4K or not f.has_slot:
+        return
+    if f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES:
+        return
+    level = min(f.max_level, <int>PG_LEVEL_1G)   # max_huge_page_level
+    while level > <int>PG_LEVEL_4K:
+        linfo = f.slot.lpage_2m if level == PG_LEVEL_2M else f.slot.lpage_1g
+        if not linfo[gfn_to_index(f.gfn, f.slot.base_gfn, level)]:
+            break
+        level -= 1
+    if level > <int>PG_LEVEL_4K:
+        level = min(f.slot.host_level, level)
+    f.req_level = level
+    if level == PG_LEVEL_4K or f.huge_page_disallowed:
+        return
+    f.goal_level = level
+    f.pfn &= ~(pages_per_hpage(level) - 1)   # gfn and pfn are congruent (lpage_info)
+
+
+cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,
+                                     int level) noexcept:
+    """Models disallowed_hugepage_adjust (mmu.c, 6.18): a table the NX workaround split
+    stays split, so the fault maps one level lower, with the pfn of its part."""
+    if (level > <int>PG_LEVEL_4K and level == f.goal_level and is_shadow_present_pte(spte)
+            and not (spte & PTE_LARGE)
+            and root.nx_huge_page_disallowed(root.child(spte))):
+        f.pfn |= f.gfn & (pages_per_hpage(level) - pages_per_hpage(level - 1))
+        f.goal_level -= 1

@@ -1,0 +1,89 @@
+# Declarations of the second-stage page tables and the hardware walk (paging.pyx).
+
+from libc.stdint cimport uint64_t
+
+cdef enum WalkStop:
+    STOP_NOT_PRESENT = 0
+    STOP_RESERVED = 1       # EPT misconfiguration / NPT reserved bit
+    STOP_LEAF = 2
+
+cdef enum OutcomeKind:
+    OUT_TRANSLATED = 0
+    OUT_EPT_VIOLATION = 1
+    OUT_EPT_MISCONFIG = 2
+    OUT_NPF = 3
+
+# What the walk needs to know about a PageTables (its fields of the same names).
+cdef struct PagingConfig:
+    bint ept
+    int levels
+    bint ad_bits, exec_only, mbec, huge_1g, host_nx, host_smep
+    uint64_t addr_mask      # entry bits maxphyaddr-1:12
+    uint64_t rsvd_high      # entry bits 51:maxphyaddr
+    uint64_t present_mask   # EPT: R|W|X (|XU with MBEC); NPT: P
+    uint64_t large_bit      # bit 7 of a PDPTE / PDE
+
+cdef struct WalkPath:
+    int n                   # entries read, root first
+    WalkStop stop
+    int level[5]
+    uint64_t entry[5]
+    Py_ssize_t slot[5]      # table * 512 + index; -1 where the address held no table
+
+cdef struct Outcome:
+    OutcomeKind kind
+    int level               # the leaf's level for OUT_TRANSLATED
+    uint64_t value          # hpa, exit qualification or EXITINFO1
+
+cdef class PageTables:
+    cdef PagingConfig cfg
+    cdef object storage                 # numpy uint64 (capacity, 512); resized in place
+    cdef uint64_t* mem                  # storage's memory (moves when the storage grows)
+    cdef Py_ssize_t capacity            # rows of storage
+    cdef readonly Py_ssize_t ntables
+    cdef readonly Py_ssize_t max_tables
+    cdef readonly uint64_t nonleaf      # what set_entry links new tables with
+    cdef readonly uint64_t present_mask, addr_mask, large_bit, rsvd_high
+    cdef readonly str kind
+    cdef readonly int levels, maxphyaddr
+    cdef readonly bint ept, ad_bits, exec_only, mbec, huge_1g, host_nx, host_smep
+    cdef Py_ssize_t* free_list          # KVM's freed tables, a LIFO stack
+    cdef Py_ssize_t nfree, free_cap
+    cdef void set_storage(self, object storage) except *
+    cpdef Py_ssize_t new_table(self) except -1
+    cdef PageTables clone(self)
+    # KVM's use of the storage (the TDP MMU): unchecked.
+    cdef Py_ssize_t alloc(self, uint64_t fill) except -1
+    cdef int free(self, Py_ssize_t table) except -1
+    cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil
+    cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil
+    cpdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept
+    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) noexcept
+    cpdef uint64_t hpa(self, Py_ssize_t table) noexcept
+    cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept
+    cdef Py_ssize_t last_row(self) noexcept nogil
+    cpdef bint is_large(self, int level, uint64_t e) noexcept
+
+cdef Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept nogil
+cdef uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil
+cdef Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil
+cdef uint64_t level_page_mask(int level) noexcept nogil
+cdef Py_ssize_t table_at(uint64_t hpa, Py_ssize_t ntables) noexcept nogil
+cdef bint is_large(const PagingConfig* c, int level, uint64_t e) noexcept nogil
+cdef bint ept_misconfigured(const PagingConfig* c, int level, uint64_t e) noexcept nogil
+cdef bint npt_reserved(const PagingConfig* c, int level, uint64_t e) noexcept nogil
+cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables, uint64_t gpa,
+                  WalkPath* path) noexcept nogil
+cdef Outcome translated(const WalkPath* path, const PagingConfig* c, uint64_t gpa,
+                        uint64_t* mem, uint64_t accessed, uint64_t dirty,
+                        bint write) noexcept nogil
+cdef Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa, uint64_t flags,
+                           const WalkPath* path) noexcept nogil
+cdef Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa, uint64_t flags,
+                           const WalkPath* path) noexcept nogil
+cdef bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
+                             uint64_t gpa, uint64_t flags, Outcome* out,
+                             const int levels) noexcept nogil
+cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
+                           uint64_t gpa, uint64_t flags) noexcept nogil
+cdef object outcome_object(const Outcome* out, uint64_t gpa)

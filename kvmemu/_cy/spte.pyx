@@ -1,0 +1,135 @@
+# KVM's SPTEs: the per-vendor masks, the SPTE makers and predicates.
+#
+# The compiled twin of kvmemu/_pure/spte.py, which names the Linux 6.18 functions
+# each rule follows (arch/x86/kvm/mmu/spte.c and spte.h): C over a struct of masks.
+
+from libc.stdint cimport uint64_t
+
+cdef uint64_t GEN_LOW_MASK = ((<uint64_t>1 << MMIO_SPTE_GEN_LOW_BITS) - 1) << MMIO_SPTE_GEN_LOW_START
+cdef uint64_t GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
+cdef uint64_t GEN_HIGH_MASK = (MMIO_SPTE_GEN_MASK >> MMIO_SPTE_GEN_LOW_BITS) << MMIO_SPTE_GEN_HIGH_START
+
+
+cdef SpteFormat spte_format(bint ept, bint tdx) noexcept:
+    """The SPTE masks KVM sets for the vendor (kvm_mmu_set_ept_masks /
+    kvm_mmu_reset_all_pte_masks, spte.c, 6.18; the twin's docstring lists them)."""
+    cdef SpteFormat f
+    f.ept = ept
+    if ept:
+        f.present = EPTE_SUPPRESS_VE
+        f.user = EPTE_READ
+        f.x, f.nx = EPTE_EXEC, 0
+        f.accessed, f.dirty = EPTE_ACCESSED, EPTE_DIRTY
+        f.host_writable = SPTE_EPT_HOST_WRITABLE
+        f.mmu_writable = SPTE_EPT_MMU_WRITABLE
+        f.memtype = <uint64_t>MEM_TYPE_WB << EPT_MEMTYPE_SHIFT
+        if not tdx:
+            f.memtype |= EPTE_IPAT
+        f.mmio_value = 0 if tdx else EPT_MISCONFIG_WX_VALUE
+        f.mmio_mask, f.mmio_access_mask = EPT_MMIO_MASK, 0
+    else:
+        f.present = PTE_PRESENT
+        f.user = PTE_USER
+        f.x, f.nx = 0, PTE_NX
+        f.accessed, f.dirty = PTE_ACCESSED, PTE_DIRTY
+        f.host_writable = SPTE_HOST_WRITABLE
+        f.mmu_writable = SPTE_MMU_WRITABLE
+        f.memtype = 0
+        f.mmio_value = f.mmio_mask = NPT_MMIO_VALUE
+        f.mmio_access_mask = NPT_MMIO_ACCESS_MASK
+    return f
+
+
+cdef inline uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_writable,
+                               bint nx_huge_pages) noexcept nogil:
+    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, not a prefetch, never
+    write-protected."""
+    cdef uint64_t spte = SPTE_MMU_PRESENT | f.present | f.accessed
+    cdef uint64_t access = ACC_ALL
+    if level > <int>PG_LEVEL_4K and nx_huge_pages:    # huge leaves are never executable
+        access &= ~ACC_EXEC
+    spte |= f.x if access & ACC_EXEC else f.nx
+    spte |= f.user                                   # ACC_USER
+    if level > <int>PG_LEVEL_4K:
+        spte |= PTE_LARGE
+    spte |= f.memtype
+    if host_writable:
+        spte |= f.host_writable
+    else:
+        access &= ~ACC_WRITE
+    spte |= pfn << PAGE_SHIFT
+    if access & ACC_WRITE:                           # D is set together with W
+        spte |= PTE_WRITABLE | f.mmu_writable | f.dirty
+    return spte
+
+
+cdef inline uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil:
+    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set (A/D enabled)."""
+    return SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x | f.accessed
+
+
+cdef inline uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
+                                     uint64_t index, bint nx_huge_pages) noexcept nogil:
+    """Models make_small_spte (spte.c, 6.18): entry ``index`` of the table that replaces a
+    huge leaf."""
+    cdef uint64_t spte = huge_spte | ((index * pages_per_hpage(child_level)) << PAGE_SHIFT)
+    if child_level == PG_LEVEL_4K:
+        spte &= ~PTE_LARGE
+        if nx_huge_pages:                            # make_spte_executable
+            spte = (spte & ~f.nx) | f.x
+    return spte
+
+
+cdef inline uint64_t make_mmio_spte(const SpteFormat* f, uint64_t gfn,
+                                    uint64_t generation) noexcept nogil:
+    """Models make_mmio_spte(vcpu, gfn, ACC_ALL) (spte.c, 6.18): generation bits, the MMIO
+    value, the GPA."""
+    cdef uint64_t gen = generation & MMIO_SPTE_GEN_MASK
+    cdef uint64_t spte = (((gen << MMIO_SPTE_GEN_LOW_START) & GEN_LOW_MASK)
+                          | ((gen << GEN_HIGH_SHIFT) & GEN_HIGH_MASK))
+    return spte | f.mmio_value | (ACC_ALL & f.mmio_access_mask) | (gfn << PAGE_SHIFT)
+
+
+cdef inline bint is_mmio_spte(const SpteFormat* f, uint64_t spte) noexcept nogil:
+    """is_mmio_spte (spte.h)."""
+    return (spte & f.mmio_mask) == f.mmio_value
+
+
+cdef inline bint is_executable_pte(const SpteFormat* f, uint64_t spte) noexcept nogil:
+    """is_executable_pte (spte.h)."""
+    return (spte & (f.x | f.nx)) == f.x
+
+
+cdef inline bint is_access_allowed(const SpteFormat* f, bint exec_, bint write,
+                                   uint64_t spte) noexcept nogil:
+    """is_access_allowed (spte.h)."""
+    if exec_:
+        return is_executable_pte(f, spte)
+    if write:
+        return (spte & PTE_WRITABLE) != 0
+    return (spte & PTE_PRESENT) != 0      # PT_PRESENT_MASK (the R bit for EPT)
+
+
+cdef inline bint is_shadow_present_pte(uint64_t spte) noexcept nogil:
+    """is_shadow_present_pte (spte.h)."""
+    return (spte & SPTE_MMU_PRESENT) != 0
+
+
+cdef inline bint is_last_spte(uint64_t spte, int level) noexcept nogil:
+    """is_last_spte (spte.h)."""
+    return level == PG_LEVEL_4K or (spte & PTE_LARGE) != 0
+
+
+cdef inline uint64_t spte_to_pfn(uint64_t spte) noexcept nogil:
+    """spte_to_pfn (spte.h)."""
+    return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
+
+
+cdef inline uint64_t get_mmio_spte_generation(uint64_t spte) noexcept nogil:
+    """get_mmio_spte_generation (spte.h)."""
+    return ((spte & GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | ((spte & GEN_HIGH_MASK) >> GEN_HIGH_SHIFT)
+
+
+cdef inline Py_ssize_t spte_index(uint64_t gfn, int level) noexcept nogil:
+    """SPTE_INDEX(gfn << 12, level) (spte.h)."""
+    return (gfn >> (PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)

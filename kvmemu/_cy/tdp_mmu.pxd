@@ -1,0 +1,48 @@
+# Declarations of the TDP MMU (tdp_mmu.pyx).
+
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+
+# The deepest SPTE on a gfn's path (kvm_tdp_mmu_get_walk).
+cdef struct LastSpte:
+    Py_ssize_t table, index
+    int level
+    uint64_t spte
+
+cdef class Root:
+    cdef readonly PageTables pt
+    cdef readonly uint64_t gfn_bits         # kvm_gfn_root_bits
+    cdef uint8_t* disallowed                # sp->nx_huge_page_disallowed, by table
+    cdef Py_ssize_t disallowed_cap
+    cdef Root clone(self)
+    cdef Py_ssize_t child(self, uint64_t spte) noexcept
+    cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1
+    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept
+
+cdef class TdpMmu:
+    cdef SpteFormat fmt
+    cdef readonly int levels
+    cdef readonly bint nx_huge_pages
+    cdef readonly Root direct
+    cdef readonly Root mirror               # None unless TDX
+    cdef int64_t npages[4]                  # kvm->stat.pages[level]
+    cdef readonly object tracer             # a kvmemu._trace.Tracer, or None
+    cdef bint tracing                       # tracer is not None
+    cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                      uint64_t new, uint64_t gfn) except -1
+    cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
+                                 uint64_t new) except -1
+    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1
+    cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa)
+    cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
+                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION
+    cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
+                                     Py_ssize_t index, int level, uint64_t old,
+                                     uint64_t generation,
+                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION
+    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept
+    cdef int zap_leafs(self, Root root, uint64_t start, uint64_t end) except -1
+    cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                             uint64_t start, uint64_t end) except -1
+    cpdef int zap_all_fast(self) except -1
+    cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
+                              bint shared) except -1

@@ -1,0 +1,287 @@
+# The TDP MMU: roots, mapping a fault, zapping ranges.
+#
+# The compiled twin of kvmemu/_pure/tdp_mmu.py, which names the Linux 6.18
+# functions each part follows (arch/x86/kvm/mmu/tdp_mmu.c) and says which trace
+# events are emitted where.  KVM's tables live in the VM's PageTables (TDX's
+# mirror of the Secure EPT in a second one), so the hardware walk reads exactly
+# the SPTEs KVM wrote; every SPTE read and write goes through PageTables.read /
+# write.  Table allocation order matches the twin's (a LIFO free list), so table
+# addresses in non-leaf SPTEs match too.  Tracing costs one C flag test per SPTE
+# change and per map when it is off.
+
+cimport cython
+from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+
+@cython.final
+cdef class Root:
+    """One TDP root: its PageTables plus KVM's per-table bookkeeping."""
+
+    def __cinit__(self):
+        self.disallowed = NULL
+        self.disallowed_cap = 0
+
+    def __dealloc__(self):
+        free(self.disallowed)
+
+    def __init__(self, PageTables tables, uint64_t gfn_bits):
+        self.pt = tables
+        self.gfn_bits = gfn_bits
+        tables.fill(0, SHADOW_NONPRESENT_VALUE)
+
+    cdef Root clone(self):
+        cdef Root c = Root.__new__(Root)
+        c.pt = self.pt.clone()
+        c.gfn_bits = self.gfn_bits
+        if self.disallowed_cap:
+            c.disallowed = <uint8_t*>malloc(self.disallowed_cap)
+            if c.disallowed == NULL:
+                raise MemoryError()
+            memcpy(c.disallowed, self.disallowed, self.disallowed_cap)
+            c.disallowed_cap = self.disallowed_cap
+        return c
+
+    cdef Py_ssize_t child(self, uint64_t spte) noexcept:
+        """The table a present non-leaf SPTE points to (spte_to_child_sp).  KVM's own
+        SPTEs always point at a table; one written over with set_entry may not, and then
+        this is the storage's last row, as the twin's is."""
+        cdef Py_ssize_t table = self.pt.table_at(spte & SPTE_BASE_ADDR_MASK)
+        return table if table >= 0 else self.pt.last_row()
+
+    cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1:
+        cdef Py_ssize_t cap
+        cdef uint8_t* grown
+        if table >= self.disallowed_cap:
+            cap = max(2 * self.disallowed_cap, table + 1, 64)
+            grown = <uint8_t*>realloc(self.disallowed, cap)
+            if grown == NULL:
+                raise MemoryError()
+            memset(grown + self.disallowed_cap, 0, cap - self.disallowed_cap)
+            self.disallowed, self.disallowed_cap = grown, cap
+        self.disallowed[table] = value
+        return 0
+
+    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept:
+        return 0 <= table < self.disallowed_cap and self.disallowed[table] != 0
+
+
+@cython.final
+cdef class TdpMmu:
+    """The VM's TDP MMU: its roots and what changes their SPTEs."""
+
+    def __init__(self, config, make_tables):
+        self.fmt = spte_format(config.ept, config.tdx)
+        self.levels = config.levels
+        self.nx_huge_pages = config.nx_huge_pages
+        self.direct = Root(make_tables(), config.direct_bits_gfn)
+        self.mirror = Root(make_tables(), 0) if config.tdx else None
+        memset(self.npages, 0, sizeof(self.npages))
+        self.tracer, self.tracing = None, False
+
+    def set_tracer(self, tracer):
+        self.tracer, self.tracing = tracer, tracer is not None
+
+    def clone(self):
+        """A copy of the roots and counts (for VM snapshots); the tracer is not state."""
+        cdef TdpMmu c = TdpMmu.__new__(TdpMmu)
+        c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
+        c.direct = self.direct.clone()
+        c.mirror = None if self.mirror is None else self.mirror.clone()
+        memcpy(c.npages, self.npages, sizeof(self.npages))
+        c.tracer, c.tracing = None, False
+        return c
+
+    @property
+    def pages(self):
+        """Present leaf SPTEs per level: [unused, 4K, 2M, 1G]."""
+        return [self.npages[i] for i in range(4)]
+
+    # --- changing SPTEs -----------------------------------------------------------------------
+
+    cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                      uint64_t new, uint64_t gfn) except -1:
+        """Models tdp_mmu_set_spte: write, then handle_changed_spte; traced as
+        kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
+        cdef uint64_t old = root.pt.read(table, index)
+        if self.tracing and old != new:
+            self.tracer.spte_changed(0, gfn, level, old, new)
+        root.pt.write(table, index, new)
+        return self.handle_changed_spte(root, level, old, new)
+
+    cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
+                                 uint64_t new) except -1:
+        """Models handle_changed_spte's bookkeeping (its tracepoint is set_spte's): the
+        per-level leaf counts, and a table unlinked by the change is removed."""
+        if is_shadow_present_pte(old) and is_last_spte(old, level):
+            self.npages[level] -= 1
+        if is_shadow_present_pte(new) and is_last_spte(new, level):
+            self.npages[level] += 1
+        if is_shadow_present_pte(old) and not is_last_spte(old, level):
+            self.handle_removed_pt(root, root.child(old), level - 1)
+        return 0
+
+    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1:
+        """Models handle_removed_pt: zap every entry of an unlinked table, free it."""
+        cdef PageTables pt = root.pt
+        cdef Py_ssize_t index
+        cdef uint64_t old
+        for index in range(<Py_ssize_t>PT_ENTRIES):
+            old = pt.read(table, index)
+            if is_shadow_present_pte(old):
+                pt.write(table, index, SHADOW_NONPRESENT_VALUE)
+                self.handle_changed_spte(root, level, old, SHADOW_NONPRESENT_VALUE)
+        if table < root.disallowed_cap:
+            root.disallowed[table] = 0
+        return pt.free(table)
+
+    # --- mapping a fault ----------------------------------------------------------------------
+
+    cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa):
+        """Models tdp_mmu_get_root_for_fault: the mirror root for a TDX private GPA."""
+        if self.mirror is not None and not (addr & direct_bits_gpa):
+            return self.mirror
+        return self.direct
+
+    cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
+                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION:
+        """Models kvm_tdp_mmu_map: hugepage adjust, then walk down from the root, linking a
+        new table where none is and splitting a huge leaf in the way, and map the target
+        level."""
+        cdef PageTables pt = root.pt
+        cdef uint64_t indexed = f.gfn | root.gfn_bits
+        cdef uint64_t old, small
+        cdef Py_ssize_t table = 0, index, child, i
+        cdef int level = self.levels
+        hugepage_adjust(f, self.nx_huge_pages)
+        if self.tracing:
+            self.tracer.spte_requested(
+                f.gfn, (f.pfn if f.has_slot else KVM_PFN_NOSLOT)
+                | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
+        while True:
+            index = spte_index(indexed, level)
+            old = pt.read(table, index)
+            if self.nx_huge_pages:
+                disallowed_hugepage_adjust(f, root, old, level)
+            if level == f.goal_level:
+                return self.map_handle_target_level(f, root, table, index, level, old,
+                                                    generation,
+                                                    indexed & ~(pages_per_hpage(level) - 1))
+            if is_shadow_present_pte(old) and not (old & PTE_LARGE):
+                table, level = root.child(old), level - 1
+                continue
+            child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+            root.set_nx_huge_page_disallowed(child, f.huge_page_disallowed)
+            if is_shadow_present_pte(old):               # a huge leaf in the way: split it
+                for i in range(<Py_ssize_t>PT_ENTRIES):
+                    small = make_small_spte(&self.fmt, old, level - 1, i, self.nx_huge_pages)
+                    pt.write(child, i, small)
+                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, small)
+            # Replacing a huge leaf by a table: the leaf count moves to the children.
+            self.set_spte(root, table, index, level, make_nonleaf_spte(&self.fmt, pt.hpa(child)),
+                          indexed & ~(pages_per_hpage(level) - 1))
+            table, level = child, level - 1
+
+    cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
+                                     Py_ssize_t index, int level, uint64_t old,
+                                     uint64_t generation,
+                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION:
+        """Models tdp_mmu_map_handle_target_level (``iter_gfn``: iter->gfn, with the root's
+        gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or EMULATE."""
+        cdef uint64_t new, gfn
+        cdef int ret
+        if (is_shadow_present_pte(old) and is_access_allowed(&self.fmt, f.exec_, f.write, old)
+                and is_last_spte(old, level)):
+            return RET_PF_SPURIOUS
+        gfn = f.gfn & ~(pages_per_hpage(level) - 1)     # iter->gfn
+        if not f.has_slot:
+            new = make_mmio_spte(&self.fmt, gfn, generation)
+        else:
+            new = make_spte(&self.fmt, level, f.pfn, f.map_writable, self.nx_huge_pages)
+        ret = RET_PF_FIXED
+        if new == old:
+            ret = RET_PF_SPURIOUS
+        else:
+            self.set_spte(root, table, index, level, new, iter_gfn)
+        if is_mmio_spte(&self.fmt, new):
+            ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
+        elif self.tracing:
+            self.tracer.set_spte(level, iter_gfn, new,
+                                 root.pt.hpa(table) + PT_ENTRY_BYTES * <uint64_t>index)
+        return ret
+
+    # --- lockless lookups ---------------------------------------------------------------------
+
+    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept:
+        """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep: the deepest
+        SPTE on gfn's path."""
+        cdef uint64_t indexed = gfn | root.gfn_bits
+        cdef LastSpte out
+        out.table, out.level = 0, self.levels
+        while True:
+            out.index = spte_index(indexed, out.level)
+            out.spte = root.pt.read(out.table, out.index)
+            if (out.level == PG_LEVEL_4K or not is_shadow_present_pte(out.spte)
+                    or out.spte & PTE_LARGE):
+                return out
+            out.table, out.level = root.child(out.spte), out.level - 1
+
+    # --- zapping ------------------------------------------------------------------------------
+
+    cdef int zap_leafs(self, Root root, uint64_t start, uint64_t end) except -1:
+        """Models tdp_mmu_zap_leafs: zap the present leaf SPTEs mapping any gfn of
+        [start, end); tables stay.  Returns 1 if a TLB flush is needed."""
+        return self.zap_table_leafs(root, 0, self.levels, 0, start, end)
+
+    cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                             uint64_t start, uint64_t end) except -1:
+        """zap_leafs below one table (mapping gfns from ``base``)."""
+        cdef uint64_t span = pages_per_hpage(level), spte
+        cdef uint64_t first = (start - base) // span if start > base else 0
+        cdef uint64_t last = 0
+        cdef uint64_t index
+        cdef int flush = 0
+        if end > base:
+            last = min((end - base) // span + ((end - base) % span != 0), <uint64_t>PT_ENTRIES)
+        index = first
+        while index < last:
+            spte = root.pt.read(table, index)
+            if is_shadow_present_pte(spte):
+                if is_last_spte(spte, level):
+                    self.set_spte(root, table, index, level, SHADOW_NONPRESENT_VALUE,
+                                  base + index * span)
+                    flush = 1
+                elif self.zap_table_leafs(root, root.child(spte), level - 1, base + index * span,
+                                          start, end):
+                    flush = 1
+            index += 1
+        return flush
+
+    cpdef int zap_all_fast(self) except -1:
+        """Models kvm_mmu_zap_all_fast (mmu.c): every SPTE of every root goes, MMIO SPTEs
+        included."""
+        cdef Py_ssize_t index
+        cdef Root root
+        for root in (self.direct, self.mirror):
+            if root is not None:
+                for index in range(<Py_ssize_t>PT_ENTRIES):
+                    self.set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE,
+                                  <uint64_t>index * pages_per_hpage(self.levels))
+        return 0
+
+    cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
+                              bint shared) except -1:
+        """Models kvm_unmap_gfn_range with kvm_gfn_range_filter_to_root_types: TDX maps the
+        private filter to the mirror root and the shared one to the direct root; every
+        other VM has only the direct root, zapped for either filter.  The direct root is
+        indexed with the shared bit, so the range is aliased by adding it."""
+        cdef int flush = 0
+        cdef uint64_t bits = self.direct.gfn_bits
+        if self.mirror is None:
+            return self.zap_leafs(self.direct, start + bits, end + bits)
+        if private and self.zap_leafs(self.mirror, start, end):
+            flush = 1
+        if shared and self.zap_leafs(self.direct, start + bits, end + bits):
+            flush = 1
+        return flush

@@ -1,0 +1,31 @@
+# Declarations of a vCPU and its access loop (vcpu.pyx).
+
+from libc.stdint cimport uint64_t
+
+cdef enum AccessStatus:
+    ACCESS_TRANSLATED = 0
+    ACCESS_MEMORY_FAULT = 1
+    ACCESS_MMIO = 2
+    ACCESS_UNSETTLED = 3
+    ACCESS_FAILED = 4
+
+cdef class VCPUState:
+    cdef readonly Memslots memslots
+    cdef readonly TdpMmu mmu
+    cdef readonly bint ept, tdx, snp, sw_protected, has_private_mem, nx_huge_pages
+    cdef readonly uint64_t direct_bits_gfn
+    cdef readonly int levels
+    cdef uint64_t counters[6]               # indexed by PfStat
+    cdef public int exit_reason
+    cdef uint64_t mf_flags, mf_gpa, mf_size # run.memory_fault
+    cdef uint64_t mmio_gpa                  # run.mmio
+    cdef bint mmio_is_write
+    cdef public uint64_t mmio_gfn, mmio_gen # the vCPU's MMIO cache
+    cdef public object stage_hook
+    cdef public unsigned int vcpu_id        # what kvm_page_fault reports
+    cdef public uint64_t rip
+    cdef int stage(self, str name, FaultRecord* f) except -1
+    cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
+                      int* err) except -1
+    cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
+                           str where, int limit)

@@ -1,0 +1,258 @@
+# A vCPU: its state, the stage hook, and the access loop (KVM_RUN for one access).
+#
+# The compiled twin of kvmemu/_pure/vcpu.py.  One fault is a C struct; the counters
+# are C.  Python objects appear only at the edges: the result objects, and the
+# optional stage hook, called only when one is set (after it, the fault's memslot
+# record is re-read from the published records; the fault keeps the Slot object
+# alive meanwhile).  Failures are raised here, as the twin raises them.
+
+from libc.errno cimport EFAULT
+from libc.stdint cimport uint8_t, uint64_t
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from kvmemu import _args
+from kvmemu.constants import PF_STAT_NAMES
+from kvmemu.errors import KvmError
+from kvmemu.results import AccessBatch, MemoryFaultExit, MmioExit, Translation
+
+#: access_many releases the GIL once this many accesses in a row translated.
+cdef int TRANSLATION_STREAK = 8
+
+#: The named points of the pipeline where ``stage_hook`` runs (see the twin's VCPUState).
+STAGES = ("fault", "faultin", "map")
+
+
+cdef class VCPUState:
+    """One vCPU: kvm_run, the MMIO cache, the statistics, and the VM parts it reads.
+
+    ``stage_hook``, when set, is called as ``stage_hook(stage)`` at the named points
+    of the pipeline (see kvmemu._pure.vcpu.VCPUState): "fault", "faultin", "map".
+    """
+
+    def __init__(self, config, Memslots memslots, TdpMmu mmu):
+        self.memslots, self.mmu = memslots, mmu
+        self.ept, self.tdx, self.snp = config.ept, config.tdx, config.snp
+        self.sw_protected, self.has_private_mem = config.sw_protected, config.has_private_mem
+        self.direct_bits_gfn = config.direct_bits_gfn
+        self.nx_huge_pages = config.nx_huge_pages
+        self.levels = config.levels
+        memset(self.counters, 0, sizeof(self.counters))
+        self.exit_reason = EXIT_REASON_UNKNOWN
+        self.mf_flags = self.mf_gpa = self.mf_size = 0
+        self.mmio_gpa, self.mmio_is_write = 0, False
+        self.mmio_gfn = self.mmio_gen = 0
+        self.stage_hook = None
+        self.vcpu_id = 0
+        self.rip = 0
+
+    @property
+    def stats(self):
+        return {name: self.counters[i] for i, name in enumerate(PF_STAT_NAMES)}
+
+    @property
+    def memory_fault(self):
+        return (self.mf_flags, self.mf_gpa, self.mf_size)
+
+    @property
+    def mmio(self):
+        return (self.mmio_gpa, self.mmio_is_write)
+
+    def clone(self, Memslots memslots, TdpMmu mmu):
+        """This vCPU's state, attached to ``memslots`` and ``mmu`` (a VM's copies)."""
+        cdef VCPUState c = VCPUState.__new__(VCPUState)
+        c.memslots, c.mmu = memslots, mmu
+        c.ept, c.tdx, c.snp = self.ept, self.tdx, self.snp
+        c.sw_protected, c.has_private_mem = self.sw_protected, self.has_private_mem
+        c.direct_bits_gfn, c.nx_huge_pages, c.levels = (self.direct_bits_gfn,
+                                                        self.nx_huge_pages, self.levels)
+        memcpy(c.counters, self.counters, sizeof(self.counters))
+        c.exit_reason = self.exit_reason
+        c.mf_flags, c.mf_gpa, c.mf_size = self.mf_flags, self.mf_gpa, self.mf_size
+        c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
+        c.mmio_gfn, c.mmio_gen = self.mmio_gfn, self.mmio_gen
+        c.stage_hook = self.stage_hook
+        c.vcpu_id, c.rip = self.vcpu_id, self.rip
+        return c
+
+    cdef int stage(self, str name, FaultRecord* f) except -1:
+        """Run the stage hook, if set; then re-read the fault's memslot record.  Returns 1
+        if the hook deleted or moved the fault's memslot (the fault then retries), else 0."""
+        cdef const SlotRecord* now
+        cdef void* owner = NULL
+        cdef uint64_t base_gfn = 0
+        if self.stage_hook is None:
+            return 0
+        if f != NULL and f.has_slot:
+            owner, base_gfn = f.slot.owner, f.slot.base_gfn
+        self.stage_hook(name)
+        if owner == NULL:
+            return 0
+        now = self.memslots.gfn_to_memslot(f.gfn)
+        if now == NULL or now.owner != owner or now.base_gfn != base_gfn:
+            return 1
+        f.slot = now[0]
+        return 0
+
+    # --- the exit handlers, as the API calls them ---------------------------------------------
+
+    def handle_ept_violation(self, uint64_t gpa, uint64_t exit_qualification):
+        return handle_ept_violation(self, gpa, exit_qualification)
+
+    def handle_ept_misconfig(self, uint64_t gpa):
+        return handle_ept_misconfig(self, gpa)
+
+    def handle_npf(self, uint64_t gpa, uint64_t exit_info_1):
+        return npf_interception(self, gpa, exit_info_1)
+
+    # --- the access loop ------------------------------------------------------------------------
+
+    cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
+                      int* err) except -1:
+        """Walk, exit, handle, resume until the access translates or leaves to userspace.
+
+        Like KVM_RUN (vcpu_run) it starts with exit_reason KVM_EXIT_UNKNOWN.  Returns an
+        AccessStatus; ``out`` holds the translation, ``err`` the errno of a failure."""
+        cdef uint64_t shared_bit = self.direct_bits_gfn << PAGE_SHIFT
+        cdef PageTables pt
+        cdef int r, i
+        self.exit_reason = EXIT_REASON_UNKNOWN
+        for i in range(limit):
+            if self.tdx and not (gpa & shared_bit):
+                pt = self.mmu.mirror.pt
+            else:
+                pt = self.mmu.direct.pt
+            out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
+            if out.kind == OUT_TRANSLATED:
+                return ACCESS_TRANSLATED
+            if out.kind == OUT_EPT_VIOLATION:
+                r = handle_ept_violation(self, gpa, out.value)
+            elif out.kind == OUT_EPT_MISCONFIG:
+                r = handle_ept_misconfig(self, gpa)
+            else:
+                r = npf_interception(self, gpa, out.value)
+            if r < 0:
+                if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
+                    return ACCESS_MEMORY_FAULT
+                err[0] = r
+                return ACCESS_FAILED
+            if r == RET_PF_EMULATE:
+                self.exit_reason = EXIT_REASON_MMIO
+                self.mmio_gpa = gpa & ~shared_bit
+                self.mmio_is_write = (flags & ACCESS_FLAGS_WRITE) != 0
+                return ACCESS_MMIO
+        return ACCESS_UNSETTLED
+
+    cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
+                           str where, int limit):
+        """The result object of a vcpu_run: Translation, MemoryFaultExit or MmioExit (built
+        directly, without their checking __new__); a failure of KVM_RUN raises KvmError
+        with its errno, a loop that did not settle RuntimeError."""
+        if status == ACCESS_TRANSLATED:
+            return tuple.__new__(Translation, (out.value, out.level))
+        if status == ACCESS_MEMORY_FAULT:
+            return tuple.__new__(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
+        if status == ACCESS_MMIO:
+            return tuple.__new__(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
+        if status == ACCESS_FAILED:
+            raise KvmError(-err, f"KVM_RUN failed at GPA {gpa:#x}{where}")
+        raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
+
+    def access(self, uint64_t gpa, uint64_t flags, int limit):
+        """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
+        cdef Outcome out
+        cdef int err = 0
+        cdef int status = self.vcpu_run(gpa, flags, limit, &out, &err)
+        return self.outcome_of(status, &out, err, gpa, "", limit)
+
+    def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
+        """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain
+        bools, ``stage="final"`` and an int GPA within the walk's reach take a fast path;
+        anything else goes through kvmemu._args, as in the pure-Python twin."""
+        cdef uint64_t g = 0, f
+        cdef bint fast = (type(write) is bool and type(fetch) is bool and type(user) is bool
+                          and type(encrypted) is bool and type(stage) is str
+                          and stage == "final" and type(gpa) is int and gpa >= 0)
+        if fast:
+            try:
+                g = gpa
+            except OverflowError:
+                fast = False
+            else:
+                fast = (g >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels)) == 0
+        if fast:
+            f = ((ACCESS_FLAGS_WRITE if write is True else 0)
+                 | (ACCESS_FLAGS_FETCH if fetch is True else 0)
+                 | (ACCESS_FLAGS_USER if user is True else 0)
+                 | (ACCESS_FLAGS_ENCRYPTED if encrypted is True else 0))
+        else:
+            f = _args.access(write, fetch, user, stage, encrypted)
+            g = _args.gpa(gpa, self.levels)
+        cdef Outcome out
+        cdef int err = 0
+        cdef int status = self.vcpu_run(g, f, limit, &out, &err)
+        return self.outcome_of(status, &out, err, g, "", limit)
+
+    def access_many(self, const uint64_t[::1] gpas, flags, int limit):
+        """``access`` for each GPA in order (checked arrays), stopping at the first access
+        that leaves to userspace (``.exit``); KVM_RUN failing raises KvmError, an access
+        that does not settle RuntimeError, both naming the element.
+
+        Accesses that translate without an exit (mapped pages, the common case) run in
+        a C loop with the GIL released, once a run of them has started; an access that
+        exits goes through the fault pipeline in C with the GIL held (it may grow the
+        table storage or call the stage hook).  No Python object is made per element."""
+        cdef Py_ssize_t i = 0, n = gpas.shape[0]
+        hpa_arr = np.zeros(n, dtype=np.uint64)
+        level_arr = np.zeros(n, dtype=np.uint8)
+        cdef uint64_t[::1] hpa = hpa_arr
+        cdef uint8_t[::1] level = level_arr
+        cdef bint per_element = not isinstance(flags, int)
+        cdef const uint8_t[::1] fl
+        cdef uint64_t f = 0, g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
+        cdef bint tdx = self.tdx
+        cdef PageTables dpt = self.mmu.direct.pt, mpt = self.mmu.mirror.pt if tdx else dpt
+        cdef uint64_t* dmem
+        cdef uint64_t* mmem
+        cdef Py_ssize_t dn, mn
+        cdef Outcome out
+        cdef int status, err = 0, streak = 0
+        # The common case inlined: the one-pass walk of 4-level EPT (translate_one
+        # takes it too; this saves a call per access in the GIL-free loop).
+        cdef bint fast4 = dpt.cfg.ept and dpt.cfg.levels == 4
+        if per_element:
+            fl = flags
+        else:
+            f = flags
+        while i < n:
+            if streak >= TRANSLATION_STREAK:
+                dmem, dn, mmem, mn = dpt.mem, dpt.ntables, mpt.mem, mpt.ntables
+                with nogil:
+                    while i < n:
+                        g = gpas[i]
+                        if per_element:
+                            f = fl[i]
+                        if tdx and not (g & shared_bit):
+                            out = translate_one(&mpt.cfg, mmem, mn, g, f)
+                        elif not (fast4 and ept_fast_translate(&dpt.cfg, dmem, dn, g, f, &out, 4)):
+                            out = translate_one(&dpt.cfg, dmem, dn, g, f)
+                        if out.kind != OUT_TRANSLATED:
+                            break
+                        hpa[i] = out.value
+                        level[i] = out.level
+                        i += 1
+                if i == n:
+                    break
+                streak = 0
+            if per_element:
+                f = fl[i]
+            status = self.vcpu_run(gpas[i], f, limit, &out, &err)
+            if status != ACCESS_TRANSLATED:
+                exit_ = self.outcome_of(status, &out, err, gpas[i], f" (element {i})", limit)
+                return AccessBatch(hpa_arr, level_arr, i, exit_)
+            hpa[i] = out.value
+            level[i] = out.level
+            i += 1
+            streak += 1
+        return AccessBatch(hpa_arr, level_arr, n, None)

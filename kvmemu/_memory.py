@@ -1,0 +1,489 @@
+"""A VM's memory bookkeeping, written once for both cores.
+
+Everything here changes only when userspace changes the VM (an ioctl), never per
+access: memslot create, move, flags change and delete (the tail of
+``kvm_set_memory_region`` and ``kvm_set_memslot``: ``kvm_invalidate_memslot``,
+``kvm_swap_active_memslots``), the x86 memslot metadata
+(``kvm_alloc_memslot_metadata``, x86.c), the memory attribute store
+(``kvm_vm_set_mem_attributes``, kvm_main.c) with the x86 hooks
+``kvm_arch_pre_set_memory_attributes``, ``kvm_arch_post_set_memory_attributes``
+and ``kvm_mmu_init_memslot_memory_attributes`` (mmu.c), the writing side of
+the invalidation protocol (``kvm_mmu_invalidate_begin/range_add/end``), the
+memslot generation, and snapshots.  Linux 6.18 throughout.
+
+What the fault path reads is kept in numpy arrays that the core reads in place:
+
+* ``counters`` (uint64, indexed by ``VmCounter``): the invalidation sequence,
+  the in-progress count, the invalidated gfn range, the generations;
+* each slot's ``lpage`` arrays (uint32 ``lpage_info[level].disallow_lpage``);
+* the attribute ranges (three sorted uint64 arrays, never changed in place:
+  each change makes new ones).
+
+After each change the core's ``Memslots`` is given the sorted address-space-0
+slots and the attribute arrays (``publish``); its hot lookups
+(``gfn_to_memslot``, ``get_memory_attributes``, ``range_has_memory_attributes``,
+``mmu_invalidate_retry_gfn``) are the per-access rules, one per core.  The
+zaps go to the core's ``TdpMmu``.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Any, Iterator, NamedTuple
+
+import numpy as np
+
+from ._pure.levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
+from .constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
+                        KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
+                        PAGE_SHIFT, PG_LEVEL_2M, MemAttr, VmCounter)
+
+_PRIVATE = MemAttr.PRIVATE.value
+_MIXED = np.uint32(KVM_LPAGE_MIXED_FLAG)
+_NOT_MIXED = np.uint32(~KVM_LPAGE_MIXED_FLAG & 0xFFFF_FFFF)
+#: The levels that have lpage_info: 2M .. KVM_MAX_HUGEPAGE_LEVEL.
+HUGE_LEVELS = tuple(range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1))
+_SEQ, _IN_PROGRESS = VmCounter.MMU_INVALIDATE_SEQ, VmCounter.MMU_INVALIDATE_IN_PROGRESS
+_RANGE_START, _RANGE_END = VmCounter.MMU_INVALIDATE_RANGE_START, VmCounter.MMU_INVALIDATE_RANGE_END
+_EMPTY = np.zeros(0, dtype=np.uint64)
+_EMPTY.flags.writeable = False
+
+
+class VMConfig(NamedTuple):
+    """What the cores need to know about a VM, fixed when it is created."""
+
+    ept: bool                  # VMX (EPT) or SVM (NPT)
+    tdx: bool
+    sw_protected: bool
+    snp: bool
+    has_private_mem: bool      # kvm_arch_has_private_mem
+    nr_memslot_as_ids: int     # kvm_arch_nr_memslot_as_ids: 2 with SMM, 1 with private memory
+    levels: int                # the TDP root level, 4 or 5
+    direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
+    nx_huge_pages: bool
+
+
+class Slot:
+    """A user memslot (struct kvm_memory_slot) with its x86 lpage_info."""
+
+    __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_id",
+                 "gmem_pgoff", "host_level", "lpage")
+
+    def __init__(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
+                 userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
+        self.as_id = as_id
+        self.id = slot_id
+        self.base_gfn = base_gfn
+        self.npages = npages
+        self.flags = flags
+        self.userspace_addr = userspace_addr
+        self.gmem_id = gmem_id            # -1: no guest_memfd
+        self.gmem_pgoff = gmem_pgoff
+        self.host_level = host_level
+        #: lpage_info[level - 2].disallow_lpage as uint32 arrays, 2M then 1G: a count of
+        #: reasons in bits 30:0, KVM_LPAGE_MIXED_FLAG in bit 31.
+        self.lpage: list[np.ndarray] = []
+
+    @property
+    def end_gfn(self) -> int:
+        return self.base_gfn + self.npages
+
+    @property
+    def gmem_only(self) -> bool:
+        """KVM_MEMSLOT_GMEM_ONLY: bound to a guest_memfd created with MMAP."""
+        return bool(self.flags & KVM_MEMSLOT_GMEM_ONLY)
+
+    def lpage_entry(self, gfn: int, level: int) -> int:
+        return int(self.lpage[level - PG_LEVEL_2M][gfn_to_index(gfn, self.base_gfn, level)])
+
+    def clone(self) -> "Slot":
+        c = Slot(self.as_id, self.id, self.base_gfn, self.npages, self.flags,
+                 self.userspace_addr, self.gmem_id, self.gmem_pgoff, self.host_level)
+        c.lpage = [linfo.copy() for linfo in self.lpage]
+        return c
+
+    def __repr__(self) -> str:
+        return f"Slot(as_id={self.as_id}, id={self.id}, gfns={self.base_gfn:#x}+{self.npages:#x})"
+
+
+def new_page_tables(core: Any, config: VMConfig) -> Any:
+    """The second-stage paging structures KVM builds on the modelled host: EPT with A/D
+    bits, execute-only and 1G pages, or long-mode NPT with host NX; MAXPHYADDR 48."""
+    return core.PageTables("ept" if config.ept else "npt", config.levels, ad_bits=True,
+                           exec_only=True, mbec=False, maxphyaddr=HOST_MAXPHYADDR,
+                           huge_1g=True, host_nx=True, host_smep=False)
+
+
+class VMMemory:
+    """All of a VM's memory state, over one core's ``Memslots`` and ``TdpMmu``."""
+
+    def __init__(self, core: Any, config: VMConfig) -> None:
+        self.core = core
+        self.config = config
+        self.supported_attributes = _PRIVATE if config.has_private_mem else 0
+        self.nr_as_ids = config.nr_memslot_as_ids
+        self.counters = np.zeros(VmCounter.COUNT, dtype=np.uint64)
+        self.counters[_RANGE_START] = self.counters[_RANGE_END] = INVALID_GPA
+        # kvm_create_vm: address space i starts at generation i.
+        for as_id in range(self.nr_as_ids):
+            self.counters[VmCounter.GENERATION_0 + as_id] = as_id
+        self._slots: list[dict[int, Slot]] = [{} for _ in range(self.nr_as_ids)]
+        # Per address space: slots sorted by base gfn, and their bases for bisect.
+        self._sorted: list[list[Slot]] = [[] for _ in range(self.nr_as_ids)]
+        self._bases: list[list[int]] = [[] for _ in range(self.nr_as_ids)]
+        # Memory attributes: disjoint, sorted, merged ranges [start, end) of non-zero value.
+        self._attr_start = self._attr_end = self._attr_value = _EMPTY
+        self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
+        self.memslots = core.Memslots(config, self.counters)
+        self._publish()
+
+    def _publish(self) -> None:
+        """Hand the core the state its per-access lookups read."""
+        self.memslots.publish(self._sorted[0], self._attr_start, self._attr_end,
+                              self._attr_value)
+
+    def clone(self) -> "VMMemory":
+        """A deep copy, with a copy of the core's MMU (tables included) and a new
+        ``Memslots`` reading the copy.  The tracer is not part of the state."""
+        c = VMMemory.__new__(VMMemory)
+        c.core, c.config = self.core, self.config
+        c.supported_attributes, c.nr_as_ids = self.supported_attributes, self.nr_as_ids
+        c.counters = self.counters.copy()
+        c._slots = [{slot_id: s.clone() for slot_id, s in slots.items()} for slots in self._slots]
+        c._sorted = [[] for _ in range(self.nr_as_ids)]
+        c._bases = [[] for _ in range(self.nr_as_ids)]
+        for as_id in range(self.nr_as_ids):
+            c._reindex(as_id)
+        c._attr_start, c._attr_end, c._attr_value = (self._attr_start, self._attr_end,
+                                                    self._attr_value)
+        c.mmu = self.mmu.clone()
+        c.memslots = self.core.Memslots(self.config, c.counters)
+        c._publish()
+        return c
+
+    # --- the counters (struct kvm) ------------------------------------------------------
+
+    @property
+    def mmu_invalidate_seq(self) -> int:
+        return int(self.counters[_SEQ])
+
+    @property
+    def mmu_invalidate_in_progress(self) -> int:
+        return int(self.counters[_IN_PROGRESS])
+
+    @property
+    def mmu_invalidate_range(self) -> tuple[int, int]:
+        return int(self.counters[_RANGE_START]), int(self.counters[_RANGE_END])
+
+    def generation(self, as_id: int) -> int:
+        return int(self.counters[VmCounter.GENERATION_0 + as_id])
+
+    # --- memslots -----------------------------------------------------------------------
+
+    def _reindex(self, as_id: int) -> None:
+        ordered = sorted(self._slots[as_id].values(), key=lambda s: s.base_gfn)
+        self._sorted[as_id] = ordered
+        self._bases[as_id] = [s.base_gfn for s in ordered]
+
+    def find_slot(self, as_id: int, gfn: int) -> Slot | None:
+        """The memslot of address space ``as_id`` containing ``gfn`` (a binary search)."""
+        i = bisect_right(self._bases[as_id], gfn) - 1
+        if i >= 0:
+            slot = self._sorted[as_id][i]
+            if gfn < slot.end_gfn:
+                return slot
+        return None
+
+    def slot_by_id(self, as_id: int, slot_id: int) -> Slot | None:
+        return self._slots[as_id].get(slot_id)
+
+    def slots(self, as_id: int) -> list[Slot]:
+        return list(self._sorted[as_id])
+
+    def lpage_info(self, as_id: int, slot_id: int, level: int) -> list[int]:
+        return self._slots[as_id][slot_id].lpage[level - PG_LEVEL_2M].tolist()
+
+    def slots_in_range(self, as_id: int, start: int, end: int) -> Iterator[Slot]:
+        """Slots intersecting [start, end), in gfn order (kvm_for_each_memslot_in_gfn_range)."""
+        i = max(bisect_right(self._bases[as_id], start) - 1, 0)
+        for slot in self._sorted[as_id][i:]:
+            if slot.base_gfn >= end:
+                break
+            if slot.end_gfn > start:
+                yield slot
+
+    def overlaps(self, as_id: int, slot_id: int, start: int, end: int) -> bool:
+        """kvm_check_memslot_overlap: another slot of the address space intersects."""
+        return any(s.id != slot_id for s in self.slots_in_range(as_id, start, end))
+
+    def swap_active_memslots(self, as_id: int) -> None:
+        """kvm_swap_active_memslots: the generation advances by the number of address spaces.
+
+        kvm_mmu_invalidate_mmio_sptes: when the MMIO generation wraps to 0, every SPTE
+        goes (kvm_mmu_zap_all_fast) so that no stale MMIO SPTE can match again.
+        """
+        index = VmCounter.GENERATION_0 + as_id
+        self.counters[index] += self.nr_as_ids
+        if not int(self.counters[index]) & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
+            self.mmu.zap_all_fast()
+
+    def _changed(self, as_id: int) -> None:
+        """A memslot of ``as_id`` changed: re-sort, publish, swap (one generation step)."""
+        self._reindex(as_id)
+        if as_id == 0:
+            self._publish()
+        self.swap_active_memslots(as_id)
+
+    def create_slot(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
+                    userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
+        """KVM_MR_CREATE: metadata (kvm_alloc_memslot_metadata), install, one swap."""
+        slot = Slot(as_id, slot_id, base_gfn, npages, flags, userspace_addr, gmem_id, gmem_pgoff,
+                    host_level)
+        self._alloc_metadata(slot)
+        self._slots[as_id][slot_id] = slot
+        self._changed(as_id)
+
+    def invalidate_slot(self, as_id: int, slot_id: int) -> None:
+        """kvm_invalidate_memslot (DELETE / MOVE): swap in the INVALID copy, zap the slot."""
+        slot = self._slots[as_id][slot_id]
+        self.swap_active_memslots(as_id)
+        self.zap_memslot(slot)
+
+    def reactivate_slot(self, as_id: int, slot_id: int) -> None:
+        """A DELETE / MOVE whose prepare step failed: the old slot is swapped back in."""
+        self.swap_active_memslots(as_id)
+
+    def delete_slot(self, as_id: int, slot_id: int) -> None:
+        """KVM_MR_DELETE after kvm_invalidate_memslot."""
+        del self._slots[as_id][slot_id]
+        self._changed(as_id)
+
+    def move_slot(self, as_id: int, slot_id: int, base_gfn: int, flags: int) -> None:
+        """KVM_MR_MOVE after kvm_invalidate_memslot: new metadata at the new base."""
+        slot = self._slots[as_id][slot_id]
+        slot.base_gfn = base_gfn
+        slot.flags = flags
+        self._alloc_metadata(slot)
+        self._changed(as_id)
+
+    def set_slot_flags(self, as_id: int, slot_id: int, flags: int) -> None:
+        """KVM_MR_FLAGS_ONLY: the metadata is kept (memcpy of slot->arch); one swap."""
+        slot = self._slots[as_id][slot_id]
+        slot.flags = flags
+        self._changed(as_id)
+        self.zap_memslot(slot)
+
+    def zap_memslot(self, slot: Slot) -> bool:
+        """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters)."""
+        return self.unmap_gfn_range(slot, slot.base_gfn, slot.end_gfn, private=True, shared=True)
+
+    def unmap_gfn_range(self, slot: Slot, start: int, end: int, *, private: bool,
+                        shared: bool) -> bool:
+        """kvm_unmap_gfn_range over the slot's address space: the core's TDP MMU zaps
+        the roots the attribute filter selects.  SMM's address space has no roots here
+        (no vCPU runs in SMM).  Returns whether to flush TLBs."""
+        if slot.as_id != 0:
+            return False
+        return bool(self.mmu.unmap_gfn_range(start, end, private, shared))
+
+    def _alloc_metadata(self, slot: Slot) -> None:
+        """kvm_alloc_memslot_metadata (x86.c): lpage_info with edge and congruence rules."""
+        slot.lpage = []
+        ugfn = slot.userspace_addr >> PAGE_SHIFT
+        for level in HUGE_LEVELS:
+            mask = pages_per_hpage(level) - 1
+            lpages = gfn_to_index(slot.end_gfn - 1, slot.base_gfn, level) + 1
+            linfo = np.zeros(lpages, dtype=np.uint32)
+            if slot.base_gfn & mask:
+                linfo[0] = 1
+            if slot.end_gfn & mask:
+                linfo[lpages - 1] = 1
+            if (slot.base_gfn ^ ugfn) & mask:
+                linfo[:] = 1
+            slot.lpage.append(linfo)
+        if self.config.has_private_mem:
+            self._init_memslot_memory_attributes(slot)
+
+    # --- mixed hugepage tracking (mmu.c) ---------------------------------------------------
+
+    def _test_mixed(self, slot: Slot, gfn: int, level: int) -> bool:
+        """hugepage_test_mixed."""
+        return bool(slot.lpage_entry(gfn, level) & KVM_LPAGE_MIXED_FLAG)
+
+    def _set_mixed(self, slot: Slot, gfn: int, level: int, mixed: bool) -> None:
+        """hugepage_set_mixed / hugepage_clear_mixed."""
+        i = gfn_to_index(gfn, slot.base_gfn, level)
+        linfo = slot.lpage[level - PG_LEVEL_2M]
+        linfo[i] = (linfo[i] | _MIXED) if mixed else (linfo[i] & _NOT_MIXED)
+
+    def _hugepage_has_attrs(self, slot: Slot, gfn: int, level: int, attrs: int) -> bool:
+        """hugepage_has_attrs: 2M reads the attributes, 1G reads the 2M mixed flags and
+        the attributes at the start of each 2M page (all 512 at once)."""
+        n = pages_per_hpage(level)
+        if level == PG_LEVEL_2M:
+            return bool(self.memslots.range_has_memory_attributes(gfn, gfn + n, ~0, attrs))
+        first = gfn_to_index(gfn, slot.base_gfn, level - 1)
+        step = pages_per_hpage(level - 1)
+        if (slot.lpage[level - 1 - PG_LEVEL_2M][first:first + n // step] & _MIXED).any():
+            return False
+        starts = np.arange(gfn, gfn + n, step, dtype=np.uint64)
+        return bool((self._attributes_at(starts) == attrs).all())
+
+    def _attributes_at(self, gfns: np.ndarray) -> np.ndarray:
+        """kvm_get_memory_attributes for each element of ``gfns``."""
+        i = np.searchsorted(self._attr_start, gfns, side="right").astype(np.int64) - 1
+        found = (i >= 0) & (gfns < self._attr_end[np.maximum(i, 0)] if len(self._attr_end)
+                            else np.zeros(len(gfns), dtype=bool))
+        return np.where(found, self._attr_value[np.maximum(i, 0)] if len(self._attr_value)
+                        else 0, 0)
+
+    def _init_memslot_memory_attributes(self, slot: Slot) -> None:
+        """kvm_mmu_init_memslot_memory_attributes, for every hugepage fully inside the slot.
+
+        A hugepage has uniform attributes (hugepage_has_attrs at 2M, and at 1G given
+        exact 2M flags) exactly when no attribute change point lies strictly inside
+        it, so only the pages around change points are visited.
+        """
+        for level in HUGE_LEVELS:
+            n = pages_per_hpage(level)
+            first = gfn_round_for_level(slot.base_gfn, level)
+            if first < slot.base_gfn:
+                first += n
+            last = gfn_round_for_level(slot.end_gfn, level)
+            for point in self._change_points(slot.base_gfn, slot.end_gfn):
+                gfn = gfn_round_for_level(point, level)
+                if gfn != point and first <= gfn < last:
+                    self._set_mixed(slot, gfn, level, True)
+
+    def _change_points(self, start: int, end: int) -> Iterator[int]:
+        """gfns g in (start, end) where attributes(g - 1) != attributes(g)."""
+        k = max(int(np.searchsorted(self._attr_start, start, side="right")) - 1, 0)
+        stop = int(np.searchsorted(self._attr_start, end, side="left"))
+        for s, e in zip(self._attr_start[k:stop].tolist(), self._attr_end[k:stop].tolist()):
+            for point in (s, e):
+                if start < point < end:
+                    yield point
+
+    def _pre_set_memory_attributes(self, slot: Slot, start: int, end: int, attrs: int) -> bool:
+        """kvm_pre_set_memory_attributes + kvm_arch_pre_set_memory_attributes (the range
+        clipped to the slot): the invalidated range grows to the hugepages that straddle
+        it and are not mixed yet, then the mappings of the old state are zapped."""
+        self.invalidate_range_add(start, end)
+        for level in HUGE_LEVELS:
+            n = pages_per_hpage(level)
+            head = gfn_round_for_level(start, level)
+            tail = gfn_round_for_level(end - 1, level)
+            if ((head != start or head + n > end) and head >= slot.base_gfn
+                    and head + n <= slot.end_gfn and not self._test_mixed(slot, head, level)):
+                self.invalidate_range_add(head, head + n)
+            if tail == head:
+                continue
+            if (tail + n > end and tail + n <= slot.end_gfn
+                    and not self._test_mixed(slot, tail, level)):
+                self.invalidate_range_add(tail, tail + n)
+        # The filter names the *old* state: making memory private unmaps shared mappings.
+        to_private = bool(attrs & _PRIVATE)
+        return self.unmap_gfn_range(slot, start, end, private=not to_private, shared=to_private)
+
+    def _post_set_memory_attributes(self, slot: Slot, start: int, end: int, attrs: int) -> None:
+        """kvm_arch_post_set_memory_attributes: 2M first, 1G reads the 2M results."""
+        for level in HUGE_LEVELS:
+            n = pages_per_hpage(level)
+            gfn = gfn_round_for_level(start, level)
+            if gfn != start or gfn + n > end:  # the head page straddles the range
+                if gfn >= slot.base_gfn and gfn + n <= slot.end_gfn:
+                    self._set_mixed(slot, gfn, level,
+                                    not self._hugepage_has_attrs(slot, gfn, level, attrs))
+                gfn += n
+            if gfn + n <= end:  # pages entirely covered have only the new attributes
+                first = gfn_to_index(gfn, slot.base_gfn, level)
+                count = (end - gfn) // n
+                slot.lpage[level - PG_LEVEL_2M][first:first + count] &= _NOT_MIXED
+                gfn += count * n
+            if gfn < end and gfn + n <= slot.end_gfn:  # the tail page straddles the range
+                self._set_mixed(slot, gfn, level,
+                                not self._hugepage_has_attrs(slot, gfn, level, attrs))
+
+    # --- memory attributes (kvm_main.c) --------------------------------------------------
+
+    def attribute_ranges(self) -> list[tuple[int, int, int]]:
+        return list(zip(self._attr_start.tolist(), self._attr_end.tolist(),
+                        self._attr_value.tolist()))
+
+    def _store_attributes(self, start: int, end: int, attrs: int) -> None:
+        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged.
+
+        New arrays each time (the core may hold the old ones): the ranges left and right
+        of [start, end) survive whole, the two that straddle it are cut, and a new range
+        merges with a neighbour that touches it and has the same value."""
+        starts, ends, values = self._attr_start, self._attr_end, self._attr_value
+        lo = int(np.searchsorted(ends, start, side="right"))
+        hi = int(np.searchsorted(starts, end, side="left"))
+        pieces: list[tuple[int, int, int]] = []
+        if lo < hi and int(starts[lo]) < start:
+            pieces.append((int(starts[lo]), start, int(values[lo])))
+        if attrs:
+            pieces.append((start, end, attrs))
+        if lo < hi and int(ends[hi - 1]) > end:
+            pieces.append((end, int(ends[hi - 1]), int(values[hi - 1])))
+        # Neighbours that touch the pieces with the same value join them.
+        if pieces and lo > 0 and int(ends[lo - 1]) == pieces[0][0] and int(values[lo - 1]) == \
+                pieces[0][2]:
+            lo -= 1
+            pieces[0] = (int(starts[lo]), pieces[0][1], pieces[0][2])
+        if pieces and hi < len(starts) and int(starts[hi]) == pieces[-1][1] and int(values[hi]) == \
+                pieces[-1][2]:
+            pieces[-1] = (pieces[-1][0], int(ends[hi]), pieces[-1][2])
+            hi += 1
+        merged: list[tuple[int, int, int]] = []
+        for piece in pieces:
+            if merged and merged[-1][1] == piece[0] and merged[-1][2] == piece[2]:
+                merged[-1] = (merged[-1][0], piece[1], piece[2])
+            else:
+                merged.append(piece)
+        middle = np.array(merged, dtype=np.uint64).reshape(-1, 3)
+        new = [np.concatenate((old[:lo], middle[:, column], old[hi:]))
+               for column, old in enumerate((starts, ends, values))]
+        for array in new:
+            array.flags.writeable = False
+        self._attr_start, self._attr_end, self._attr_value = new
+
+    def set_memory_attributes(self, start: int, end: int, attrs: int) -> None:
+        """kvm_vm_set_mem_attributes for a validated gfn range [start, end)."""
+        if self.memslots.range_has_memory_attributes(start, end, ~0, attrs):
+            return
+        touched = [(slot, max(start, slot.base_gfn), min(end, slot.end_gfn))
+                   for as_id in range(self.nr_as_ids)
+                   for slot in self.slots_in_range(as_id, start, end)]
+        if touched:
+            self.invalidate_begin()
+            for slot, s, e in touched:
+                self._pre_set_memory_attributes(slot, s, e, attrs)
+        self._store_attributes(start, end, attrs)
+        self._publish()
+        if touched:
+            self.invalidate_end()
+            for slot, s, e in touched:
+                self._post_set_memory_attributes(slot, s, e, attrs)
+
+    # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
+
+    def invalidate_begin(self) -> None:
+        """kvm_mmu_invalidate_begin."""
+        self.counters[_IN_PROGRESS] += 1
+        if self.counters[_IN_PROGRESS] == 1:
+            self.counters[_RANGE_START] = self.counters[_RANGE_END] = INVALID_GPA
+
+    def invalidate_range_add(self, start: int, end: int) -> None:
+        """kvm_mmu_invalidate_range_add."""
+        c = self.counters
+        if c[_RANGE_START] == INVALID_GPA:
+            c[_RANGE_START], c[_RANGE_END] = start, end
+        else:
+            c[_RANGE_START] = min(int(c[_RANGE_START]), start)
+            c[_RANGE_END] = max(int(c[_RANGE_END]), end)
+
+    def invalidate_end(self) -> None:
+        """kvm_mmu_invalidate_end."""
+        self.counters[_SEQ] += 1
+        self.counters[_IN_PROGRESS] -= 1

@@ -1,0 +1,17 @@
+"""The pure-Python twin of the compiled core.
+
+The readable, executable specification of the per-access rules: the same parts
+(``paging``, ``exits``, ``spte``, ``tdp_mmu``, ``mmu``, ``memslots``, ``vcpu``,
+``levels``) with the same function names as ``kvmemu/_cy/``, and the same results
+bit for bit.  Selected by ``KVMEMU_PURE_PYTHON=1`` before ``import kvmemu``; the
+test suite runs every test against both.
+"""
+
+from .exits import svm_error_code, tdx_shared_bit, vmx_error_code
+from .memslots import Memslots, gmem_frame
+from .paging import PageTables
+from .tdp_mmu import TdpMmu
+from .vcpu import VCPUState
+
+__all__ = ["vmx_error_code", "svm_error_code", "tdx_shared_bit", "PageTables", "Memslots",
+           "TdpMmu", "VCPUState", "gmem_frame"]

@@ -1,0 +1,193 @@
+"""Vendor intake and exit handlers: hardware exit information → KVM's error code.
+
+The twin of ``_cy/exits.pyx``.  This is where the private/shared decision is
+made for the vendors whose hardware carries it: TDX (a clear shared-GPA bit)
+and SNP (GUEST_ENC, bit 34).  From here on the error code is the single carrier
+of that decision, as PFERR_PRIVATE_ACCESS (bit 49).
+
+Models, from Linux 6.18: ``__vmx_handle_ept_violation`` (arch/x86/kvm/vmx/common.h),
+``handle_ept_violation`` and ``handle_ept_misconfig`` (vmx/vmx.c),
+``tdx_handle_ept_violation`` (vmx/tdx.c), ``npf_interception`` (svm/svm.c) and
+the ``kvm_page_fault`` tracepoint they fire.
+"""
+
+from __future__ import annotations
+
+import errno
+from itertools import repeat
+from typing import Any
+
+import numpy as np
+
+from .. import _args
+from ..constants import EPT_VIOLATION_PROT_MASK, TDX_GPAW_SHARED_BIT
+from . import mmu
+from .cnames import *  # noqa: F403  (the constants under their C names)
+
+
+def bit(value: int, mask: int) -> int:
+    """1 if the single bit ``mask`` is set in ``value``."""
+    return 1 if value & mask else 0
+
+
+def vmx_ec_access(q: int) -> int:
+    """The part of __vmx_handle_ept_violation that reads only the qualification: EPT
+    read -> USER, write -> WRITE, fetch -> FETCH, any PROT bit -> PRESENT; with a valid
+    guest linear address, GVA_TRANSLATED picks GUEST_FINAL, else GUEST_PAGE."""
+    ec = 0
+    if q & EPT_VIOLATION_ACC_READ:   # an EPT read is reported as a USER access
+        ec |= PFERR_USER
+    if q & EPT_VIOLATION_ACC_WRITE:
+        ec |= PFERR_WRITE
+    if q & EPT_VIOLATION_ACC_INSTR:
+        ec |= PFERR_FETCH
+    if q & EPT_VIOLATION_PROT_MASK:  # the GPA had some permission: the entry was present
+        ec |= PFERR_PRESENT
+    if q & EPT_VIOLATION_GVA_IS_VALID:
+        ec |= PFERR_GUEST_FINAL if q & EPT_VIOLATION_GVA_TRANSLATED else PFERR_GUEST_PAGE
+    return ec
+
+
+def tdx_private_bit(gpa: int, shared_bit: int) -> int:
+    """PFERR_PRIVATE_ACCESS iff vt_is_tdx_private_gpa: a shared bit exists and is clear."""
+    return PFERR_PRIVATE_ACCESS if shared_bit != 0 and gpa & shared_bit == 0 else 0
+
+
+def vmx_ec(q: int, gpa: int, shared_bit: int) -> int:
+    """Models __vmx_handle_ept_violation (arch/x86/kvm/vmx/common.h, Linux 6.18).
+
+    ``shared_bit`` is the TDX shared-GPA mask (kvm_gfn_direct_bits as a GPA), 0 for
+    every VM that is not a TD; a TD GPA with it clear is private.
+    """
+    return vmx_ec_access(q) | tdx_private_bit(gpa, shared_bit)
+
+
+def svm_ec(exit_info_1: int, snp: bool) -> int:
+    """Models the error-code part of npf_interception (arch/x86/kvm/svm/svm.c, 6.18): the
+    synthetic bits (48, 49) are cleared; on an SNP VM GUEST_ENC means private."""
+    ec = exit_info_1 & ~PFERR_SYNTHETIC_MASK
+    if snp and ec & PFERR_GUEST_ENC:
+        ec |= PFERR_PRIVATE_ACCESS
+    return ec
+
+
+def _column(value: Any, n: int) -> Any:
+    return value.tolist() if isinstance(value, np.ndarray) else repeat(value, n)
+
+
+def vmx_ec_loop(q: Any, gpa: Any, shared_bit: Any, out: np.ndarray) -> None:
+    """out[i] = vmx_ec(q[i], gpa[i], shared_bit[i]); an int operand stands for every
+    element."""
+    n = len(out)
+    for i, args in enumerate(zip(_column(q, n), _column(gpa, n), _column(shared_bit, n))):
+        out[i] = vmx_ec(*args)
+
+
+def svm_ec_loop(exit_info_1: Any, snp: bool, out: np.ndarray) -> None:
+    """out[i] = svm_ec(exit_info_1[i], snp); an int operand stands for every element."""
+    for i, e in enumerate(_column(exit_info_1, len(out))):
+        out[i] = svm_ec(e, snp)
+
+
+def vmx_error_code(exit_qualification: Any, gpa: Any, shared_bit: Any = 0, *,
+                   out: Any = None) -> Any:
+    """The error code KVM's VMX/TDX EPT-violation path hands to kvm_mmu_page_fault
+    (__vmx_handle_ept_violation, arch/x86/kvm/vmx/common.h, Linux 6.18).
+
+    ``shared_bit`` is the TDX shared-GPA bit as a GPA mask (``tdx_shared_bit``; 0 for
+    every other VM type): a GPA with it clear is private and gets
+    PFERR.PRIVATE_ACCESS.  Ints give an int; 1-D uint64 arrays (scalars broadcast)
+    give a uint64 array, written into ``out`` when given.
+    """
+    n, (q, g, s), out = _args.operands(out, ("exit_qualification", exit_qualification),
+                                       ("gpa", gpa), ("shared_bit", shared_bit))
+    if n < 0:
+        return vmx_ec(q, g, s)
+    vmx_ec_loop(q, g, s, out)
+    return out
+
+
+def svm_error_code(exit_info_1: Any, snp: Any = False, *, out: Any = None) -> Any:
+    """The error code of KVM's #NPF intercept (npf_interception, arch/x86/kvm/svm/svm.c,
+    Linux 6.18): the synthetic bits 48-49 are cleared from the hardware value;
+    PFERR.PRIVATE_ACCESS is added iff ``snp`` and GUEST_ENC (bit 34) is set.  Ints give
+    an int; a 1-D uint64 array gives a uint64 array, written into ``out`` when given.
+    """
+    is_snp = _args.flag("snp", snp)
+    n, (e,), out = _args.operands(out, ("exit_info_1", exit_info_1))
+    if n < 0:
+        return svm_ec(e, is_snp)
+    svm_ec_loop(e, is_snp, out)
+    return out
+
+
+def tdx_shared_bit(gpaw: Any) -> Any:
+    """The TDX shared-GPA bit for a guest physical-address width (TDX_SHARED_BIT_PWL_4 /
+    _PWL_5, arch/x86/kvm/vmx/tdx.c): ``1 << 47`` for 48, ``1 << 51`` for 52; ValueError
+    for any other width.  A 1-D uint64 array of widths gives an array of bits."""
+    if isinstance(gpaw, np.ndarray):
+        n, (widths,), out = _args.operands(None, ("gpaw", gpaw))
+        bad = (widths != 48) & (widths != 52)
+        if bad.any():
+            raise ValueError(f"gpaw must be 48 or 52, not {int(widths[bad.argmax()])}")
+        out[:] = np.where(widths == 52, np.uint64(TDX_GPAW_SHARED_BIT[52]),
+                          np.uint64(TDX_GPAW_SHARED_BIT[48]))
+        return out
+    return TDX_GPAW_SHARED_BIT[_args.gpaw(gpaw)]
+
+
+# --- exit handlers ------------------------------------------------------------------------
+
+def trace_kvm_page_fault(vcpu: Any, gpa: int, error_code: int) -> None:
+    """The kvm_page_fault tracepoint (arch/x86/kvm/trace.h): VMX passes the raw exit
+    qualification (TDX: 0x2 for a private GPA), SVM the error code with PRIVATE_ACCESS
+    synthesized."""
+    tracer = vcpu.mmu.tracer
+    if tracer is not None:
+        tracer.page_fault(vcpu.vcpu_id, vcpu.rip, gpa, error_code)
+
+
+def handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> int:
+    """Models handle_ept_violation (arch/x86/kvm/vmx/vmx.c, 6.18) on a VMX VM; a TD
+    goes to tdx_handle_ept_violation."""
+    if vcpu.tdx:
+        return tdx_handle_ept_violation(vcpu, gpa, exit_qualification)
+    trace_kvm_page_fault(vcpu, gpa, exit_qualification)
+    return mmu.page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, 0))
+
+
+def tdx_handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> int:
+    """Models tdx_handle_ept_violation (arch/x86/kvm/vmx/tdx.c, 6.18): a private GPA is
+    handled as a write whatever the TDX module reported, and its fault retries inside
+    KVM (up to TDX_LOCAL_RETRY_LIMIT times here); a fetch from shared memory is a KVM
+    bug (-EIO)."""
+    shared_bit = vcpu.direct_bits_gfn << PAGE_SHIFT
+    local_retry = not gpa & shared_bit
+    if local_retry:
+        exit_qualification = EPT_VIOLATION_ACC_WRITE
+    elif exit_qualification & EPT_VIOLATION_ACC_INSTR:
+        return -errno.EIO
+    trace_kvm_page_fault(vcpu, gpa, exit_qualification)
+    r = RET_PF_RETRY
+    for _ in range(TDX_LOCAL_RETRY_LIMIT):
+        r = mmu.page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, shared_bit))
+        if r != RET_PF_RETRY or not local_retry:
+            break
+    return r
+
+
+def handle_ept_misconfig(vcpu: Any, gpa: int) -> int:
+    """Models handle_ept_misconfig (arch/x86/kvm/vmx/vmx.c, 6.18): a reserved-bit fault,
+    i.e. the MMIO path.  A TD never takes one (tdx.c treats it as a KVM bug: -EIO)."""
+    if vcpu.tdx:
+        return -errno.EIO
+    return mmu.page_fault(vcpu, gpa, PFERR_RSVD)
+
+
+def npf_interception(vcpu: Any, gpa: int, exit_info_1: int) -> int:
+    """Models npf_interception (arch/x86/kvm/svm/svm.c, 6.18).  Without an RMP model,
+    sev_handle_rmp_fault finds no assigned RMP entry and does nothing, as KVM does in
+    that case."""
+    error_code = svm_ec(exit_info_1, vcpu.snp)
+    trace_kvm_page_fault(vcpu, gpa, error_code)
+    return mmu.page_fault(vcpu, gpa, error_code)

@@ -1,0 +1,131 @@
+"""The lookups the fault path makes in a VM's memory state, per access.
+
+The twin of ``_cy/memslots.pyx``.  ``kvmemu._memory`` keeps the state (memslots,
+lpage_info, attribute ranges, the ``counters`` array of struct kvm fields) and
+hands it over with ``publish`` after every change; ``Memslots`` answers the
+questions the fault path asks.  Models, from Linux 6.18: ``__gfn_to_memslot`` /
+``search_memslots`` (include/linux/kvm_host.h), ``kvm_get_memory_attributes``,
+``kvm_range_has_memory_attributes`` (virt/kvm/kvm_main.c), ``kvm_mem_is_private``,
+``mmu_invalidate_retry_gfn`` (kvm_host.h), and the frame ``kvm_gmem_get_pfn``
+gives a guest_memfd page.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from typing import Any
+
+import numpy as np
+
+from .. import _args
+from .cnames import *  # noqa: F403  (the constants under their C names)
+
+
+def gmem_frame(gmem_id: int, page: int) -> int:
+    """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
+    upper half of the host physical space, a GMEM_FILE_PAGES window per file."""
+    return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+
+
+class Memslots:
+    """What the fault path reads of a VM's memory: address space 0's memslots by base
+    gfn, the attribute ranges, and the counters (mmu_invalidate_seq and friends, the
+    memslot generations)."""
+
+    def __init__(self, config: Any, counters: np.ndarray) -> None:
+        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        #: The uint64 array kvmemu._memory writes, indexed by VmCounter.
+        self.counters = counters
+        self.slots: list[Any] = []
+        self.bases: list[int] = []
+        self.attr_start = self.attr_end = self.attr_value = np.zeros(0, dtype=np.uint64)
+
+    def publish(self, slots: list[Any], attr_start: np.ndarray, attr_end: np.ndarray,
+                attr_value: np.ndarray) -> None:
+        """Take the state kvmemu._memory keeps: address space 0's slots sorted by base gfn,
+        and the attribute ranges as sorted arrays (never changed in place)."""
+        self.slots = list(slots)
+        self.bases = [s.base_gfn for s in slots]
+        self.attr_start, self.attr_end, self.attr_value = attr_start, attr_end, attr_value
+
+    # --- memslots -----------------------------------------------------------------------
+
+    def gfn_to_memslot(self, gfn: int) -> Any:
+        """Models __gfn_to_memslot / search_memslots: the address-space-0 memslot holding
+        ``gfn`` (a binary search by base gfn), or None."""
+        i = bisect_right(self.bases, gfn) - 1
+        if i >= 0:
+            slot = self.slots[i]
+            if gfn - slot.base_gfn < slot.npages:
+                return slot
+        return None
+
+    def find_memslot(self, gfn: int) -> int:
+        """The id of the address-space-0 memslot holding ``gfn``, or -1."""
+        slot = self.gfn_to_memslot(gfn)
+        return -1 if slot is None else slot.id
+
+    def find_memslots(self, gfns: np.ndarray) -> np.ndarray:
+        """Slot ids of address space 0 for an array of gfns, -1 where there is none."""
+        return np.array([self.find_memslot(gfn) for gfn in gfns.tolist()], dtype=np.int32)
+
+    def gmem_get_pfn(self, slot: Any, gfn: int) -> int:
+        """The frame kvm_gmem_get_pfn gives for ``gfn`` of a guest_memfd-backed slot."""
+        return gmem_frame(slot.gmem_id, slot.gmem_pgoff + (gfn - slot.base_gfn))
+
+    # --- memory attributes ----------------------------------------------------------------
+
+    def attribute_index(self, gfn: int) -> int:
+        """Index of the last attribute range starting at or below ``gfn``, or -1."""
+        return int(np.searchsorted(self.attr_start, gfn, side="right")) - 1
+
+    def get_memory_attributes(self, gfn: int) -> int:
+        """Models kvm_get_memory_attributes."""
+        i = self.attribute_index(gfn)
+        if i >= 0 and gfn < int(self.attr_end[i]):
+            return int(self.attr_value[i])
+        return 0
+
+    def mem_is_private(self, gfn: int) -> bool:
+        """Models kvm_mem_is_private."""
+        return bool(self.get_memory_attributes(gfn) & MEM_ATTR_PRIVATE)
+
+    def range_has_memory_attributes(self, start: int, end: int, mask: int, attrs: int) -> bool:
+        """Models kvm_range_has_memory_attributes: every gfn of [start, end) has ``attrs``
+        under ``mask`` (masked by what the VM supports)."""
+        mask &= self.supported_attributes & _args.U64_MAX
+        if attrs & ~mask:
+            return False
+        if end == start + 1:
+            return (self.get_memory_attributes(start) & mask) == attrs
+        i = max(self.attribute_index(start), 0)
+        n = len(self.attr_start)
+        if not attrs:
+            return not any(int(self.attr_start[k]) < end and int(self.attr_end[k]) > start
+                           for k in range(i, min(i + 2, n)))
+        gfn = start
+        for k in range(i, n):
+            s, e, v = int(self.attr_start[k]), int(self.attr_end[k]), int(self.attr_value[k])
+            if e <= gfn:
+                continue
+            if s > gfn or (v & mask) != attrs:
+                return False
+            gfn = e
+            if gfn >= end:
+                return True
+        return False
+
+    # --- the invalidation protocol ----------------------------------------------------------
+
+    def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
+        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h): must a fault that
+        snapshotted ``mmu_seq`` retry?  Yes while an invalidation covering ``gfn`` (or one
+        whose range is not known yet) is in progress, and when one finished since."""
+        c = self.counters
+        if c[VM_COUNTER_MMU_INVALIDATE_IN_PROGRESS]:
+            start = int(c[VM_COUNTER_MMU_INVALIDATE_RANGE_START])
+            if start == INVALID_GPA:
+                return True
+            if start <= gfn < int(c[VM_COUNTER_MMU_INVALIDATE_RANGE_END]):
+                return True
+        return int(c[VM_COUNTER_MMU_INVALIDATE_SEQ]) != mmu_seq

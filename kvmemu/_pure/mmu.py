@@ -1,0 +1,275 @@
+"""The MMU's fault path: from the error code to the TDP map.
+
+The twin of ``_cy/mmu.pyx``.  Models, from Linux 6.18 (arch/x86/kvm/mmu/mmu.c and
+mmu_internal.h unless named otherwise): ``kvm_mmu_page_fault``,
+``handle_mmio_page_fault``, ``vcpu_cache_mmio_info`` (x86.h),
+``kvm_mmu_do_page_fault`` with ``struct kvm_page_fault``, ``kvm_tdp_mmu_page_fault``,
+``fast_page_fault`` and ``fast_pf_fix_direct_spte``, ``kvm_mmu_faultin_pfn`` and
+its helpers, ``kvm_handle_noslot_fault``, ``is_page_fault_stale``,
+``kvm_mmu_prepare_memory_fault_exit``, ``kvm_mmu_hugepage_adjust`` with
+``kvm_mmu_max_mapping_level``, and ``disallowed_hugepage_adjust``.
+
+The error code is the one carrier of the private/shared decision: the exit
+handlers set PFERR_PRIVATE_ACCESS (TDX: shared bit clear; SNP: GUEST_ENC),
+``page_fault`` sets it for SW_PROTECTED VMs from the attributes, and
+``faultin_pfn`` compares it with the attributes, exiting to userspace with
+KVM_EXIT_MEMORY_FAULT on a mismatch.  A conversion that lands between that
+check and the map is caught by the invalidation sequence: ``faultin_pfn``
+snapshots ``mmu_invalidate_seq`` and ``is_page_fault_stale`` compares it again
+(``mmu_invalidate_retry_gfn``) before anything is mapped.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from . import spte
+from .cnames import *  # noqa: F403  (the constants under their C names)
+from .levels import gfn_to_index, pages_per_hpage
+
+
+class FaultRecord:
+    """struct kvm_page_fault: the facts of one fault, derived once (mmu_internal.h)."""
+
+    __slots__ = ("addr", "error_code", "exec_", "write", "present", "rsvd", "user",
+                 "prefetch", "is_private", "nx_huge_page_workaround_enabled", "max_level",
+                 "req_level", "goal_level", "gfn", "slot", "mmu_seq", "pfn", "map_writable",
+                 "huge_page_disallowed")
+
+
+def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool) -> FaultRecord:
+    """struct kvm_page_fault as kvm_mmu_do_page_fault fills it."""
+    f = FaultRecord()
+    f.addr = addr
+    f.error_code = error_code
+    f.exec_ = bool(error_code & PFERR_FETCH)
+    f.write = bool(error_code & PFERR_WRITE)
+    f.present = bool(error_code & PFERR_PRESENT)
+    f.rsvd = bool(error_code & PFERR_RSVD)
+    f.user = bool(error_code & PFERR_USER)
+    f.prefetch = False
+    f.is_private = bool(error_code & PFERR_PRIVATE_ACCESS)
+    f.nx_huge_page_workaround_enabled = nx
+    f.max_level = KVM_MAX_HUGEPAGE_LEVEL
+    f.req_level = PG_LEVEL_4K
+    f.goal_level = PG_LEVEL_4K
+    f.gfn = gfn
+    f.slot = slot
+    f.mmu_seq = 0
+    f.pfn = 0
+    f.map_writable = False
+    f.huge_page_disallowed = False
+    return f
+
+
+def page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
+    """Models kvm_mmu_page_fault (mmu.c, 6.18): the SW_PROTECTED private bit, the MMIO
+    path for a reserved-bit fault, the fault, and the statistics of its result."""
+    if (vcpu.sw_protected and not error_code & PFERR_RSVD
+            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
+        error_code |= PFERR_PRIVATE_ACCESS
+    vcpu.stage("fault", None)
+    r = RET_PF_INVALID
+    if error_code & PFERR_RSVD:
+        if error_code & PFERR_PRIVATE_ACCESS:
+            return -errno.EFAULT
+        r = handle_mmio_page_fault(vcpu, gpa)
+        if r == RET_PF_EMULATE:
+            return r
+    if r == RET_PF_INVALID:
+        vcpu.counters[PF_STAT_PF_TAKEN] += 1
+        r = do_page_fault(vcpu, gpa, error_code)
+    if r < 0:
+        return r
+    if r == RET_PF_FIXED:
+        vcpu.counters[PF_STAT_PF_FIXED] += 1
+    elif r == RET_PF_EMULATE:
+        vcpu.counters[PF_STAT_PF_EMULATE] += 1
+    elif r == RET_PF_SPURIOUS:
+        vcpu.counters[PF_STAT_PF_SPURIOUS] += 1
+    return r
+
+
+def handle_mmio_page_fault(vcpu: Any, gpa: int) -> int:
+    """Models handle_mmio_page_fault (mmu.c, 6.18): the vCPU's MMIO cache, then the MMIO
+    SPTE and its generation."""
+    generation = int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0])
+    gfn = gpa >> PAGE_SHIFT
+    if vcpu.mmio_gen == generation and vcpu.mmio_gfn and vcpu.mmio_gfn == gfn:
+        return RET_PF_EMULATE
+    mmu = vcpu.mmu
+    _, _, _, value = mmu.tdp_mmu_get_walk(mmu.direct, gfn & ~vcpu.direct_bits_gfn)
+    if spte.is_mmio_spte(mmu.fmt, value):
+        if spte.get_mmio_spte_generation(value) != generation & MMIO_SPTE_GEN_MASK:
+            return RET_PF_INVALID
+        vcpu_cache_mmio_info(vcpu, gfn)
+        return RET_PF_EMULATE
+    return RET_PF_RETRY
+
+
+def vcpu_cache_mmio_info(vcpu: Any, gfn: int) -> None:
+    """Models vcpu_cache_mmio_info (x86.h; gva 0 for TDP)."""
+    vcpu.mmio_gfn = gfn
+    vcpu.mmio_gen = int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0])
+
+
+def do_page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
+    """Models kvm_mmu_do_page_fault (mmu_internal.h, 6.18): the fault record, then the TDP
+    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
+    gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
+    fault = init_fault(gpa, error_code, gfn, vcpu.memslots.gfn_to_memslot(gfn),
+                       vcpu.nx_huge_pages)
+    r = tdp_mmu_page_fault(vcpu, fault)
+    if r == RET_PF_EMULATE and fault.is_private:
+        return prepare_memory_fault_exit(vcpu, fault)
+    return r
+
+
+def prepare_memory_fault_exit(vcpu: Any, fault: FaultRecord) -> int:
+    """Models kvm_mmu_prepare_memory_fault_exit (mmu.c, 6.18): KVM_EXIT_MEMORY_FAULT with
+    the page and PRIVATE when the access was, and -EFAULT for KVM_RUN."""
+    vcpu.exit_reason = EXIT_REASON_MEMORY_FAULT
+    flags = MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+    vcpu.memory_fault = (flags, fault.gfn << PAGE_SHIFT, PAGE_SIZE)
+    return -errno.EFAULT
+
+
+def tdp_mmu_page_fault(vcpu: Any, fault: FaultRecord) -> int:
+    """Models kvm_tdp_mmu_page_fault (mmu.c, 6.18): fast path, faultin, the stale check,
+    then the map under mmu_lock (which counts pf_mmio_spte_created with its EMULATE
+    result: tdp_mmu_map_handle_target_level returns EMULATE exactly for an MMIO SPTE)."""
+    r = fast_page_fault(vcpu, fault)
+    if r != RET_PF_INVALID:
+        return r
+    r = faultin_pfn(vcpu, fault)
+    if r != RET_PF_CONTINUE:
+        return r
+    if vcpu.stage("map", fault):
+        return RET_PF_RETRY                                  # the memslot was deleted or moved
+    if is_page_fault_stale(vcpu, fault):
+        return RET_PF_RETRY
+    mmu = vcpu.mmu
+    root = mmu.get_root_for_fault(fault.addr, vcpu.direct_bits_gfn << PAGE_SHIFT)
+    r = mmu.tdp_mmu_map(fault, root, int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0]))
+    if r == RET_PF_EMULATE:
+        vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
+    return r
+
+
+def is_page_fault_stale(vcpu: Any, fault: FaultRecord) -> bool:
+    """Models is_page_fault_stale (mmu.c, 6.18) for the TDP MMU: an invalidation that
+    covers the gfn started or finished since faultin's snapshot.  A fault without a
+    memslot maps an MMIO SPTE, whose generation guards it instead."""
+    return fault.slot is not None and vcpu.memslots.mmu_invalidate_retry_gfn(fault.mmu_seq,
+                                                                              fault.gfn)
+
+
+def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
+    """Models fast_page_fault (mmu.c, 6.18): with A/D bits on, only a write to a present
+    SPTE that the MMU may make writable is fixed locklessly."""
+    if fault.rsvd:
+        return RET_PF_INVALID
+    if vcpu.has_private_mem and fault.is_private != vcpu.memslots.mem_is_private(fault.gfn):
+        return RET_PF_INVALID
+    if not fault.present or not fault.write:
+        return RET_PF_INVALID
+    mmu = vcpu.mmu
+    table, index, level, value = mmu.tdp_mmu_get_walk(mmu.direct, fault.gfn)
+    r = RET_PF_INVALID
+    if spte.is_shadow_present_pte(value) and spte.is_last_spte(value, level):
+        if spte.is_access_allowed(mmu.fmt, fault.exec_, fault.write, value):
+            r = RET_PF_SPURIOUS
+        elif value & mmu.fmt.mmu_writable and not (
+                level > PG_LEVEL_4K and fault.slot is not None
+                and fault.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+            fast_pf_fix_direct_spte(mmu.direct, table, index, value | PTE_WRITABLE)
+            r = RET_PF_FIXED
+    if r != RET_PF_INVALID:
+        vcpu.counters[PF_STAT_PF_FAST] += 1
+    return r
+
+
+def fast_pf_fix_direct_spte(root: Any, table: int, index: int, new: int) -> None:
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
+    (no other writer exists here, so it always succeeds)."""
+    root.pt.write(table, index, new)
+
+
+def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
+    """Models kvm_mmu_faultin_pfn (mmu.c, 6.18): the invalidation snapshot, the
+    private/shared check against the attributes, no memslot, then the frame from
+    guest_memfd (private or gmem-only) or from the host mapping."""
+    memslots = vcpu.memslots
+    fault.mmu_seq = int(memslots.counters[VM_COUNTER_MMU_INVALIDATE_SEQ])
+    if fault.is_private != memslots.mem_is_private(fault.gfn):
+        return prepare_memory_fault_exit(vcpu, fault)
+    slot = fault.slot
+    if slot is None:
+        return handle_noslot_fault(vcpu, fault)
+    if vcpu.stage("faultin", fault):
+        return RET_PF_RETRY                  # the memslot was deleted or moved
+    if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
+    if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+        if slot.gmem_id < 0:
+            return prepare_memory_fault_exit(vcpu, fault)
+        fault.pfn = memslots.gmem_get_pfn(slot, fault.gfn)
+        fault.map_writable = not slot.flags & MEM_FLAG_READONLY
+        fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
+    else:
+        if slot.flags & MEM_FLAG_READONLY and fault.write:
+            return RET_PF_EMULATE            # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
+        fault.pfn = (slot.userspace_addr >> PAGE_SHIFT) + (fault.gfn - slot.base_gfn)
+        fault.map_writable = not slot.flags & MEM_FLAG_READONLY
+    if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
+        return RET_PF_RETRY
+    return RET_PF_CONTINUE
+
+
+def handle_noslot_fault(vcpu: Any, fault: FaultRecord) -> int:
+    """Models kvm_handle_noslot_fault (mmu.c, 6.18): private -> memory fault; shared ->
+    MMIO, cached, and an MMIO SPTE unless the gfn is beyond kvm_mmu_max_gfn()."""
+    if fault.is_private:
+        return prepare_memory_fault_exit(vcpu, fault)
+    vcpu_cache_mmio_info(vcpu, fault.gfn)
+    if fault.gfn > KVM_MMU_MAX_GFN:
+        return RET_PF_EMULATE                # cannot encode an MMIO SPTE
+    return RET_PF_CONTINUE
+
+
+def hugepage_adjust(fault: FaultRecord, nx_huge_pages: bool) -> None:
+    """Models kvm_mmu_hugepage_adjust with kvm_mmu_max_mapping_level (mmu.c, 6.18): the
+    largest level lpage_info allows (no dirty logging), capped by the host mapping; the
+    NX huge page workaround keeps fetches at 4K."""
+    fault.huge_page_disallowed = fault.exec_ and nx_huge_pages
+    slot = fault.slot
+    if fault.max_level == PG_LEVEL_4K or slot is None:
+        return
+    if slot.flags & MEM_FLAG_LOG_DIRTY_PAGES:
+        return
+    level = min(fault.max_level, PG_LEVEL_1G)       # max_huge_page_level
+    while level > PG_LEVEL_4K and slot.lpage[level - PG_LEVEL_2M][
+            gfn_to_index(fault.gfn, slot.base_gfn, level)]:
+        level -= 1
+    if level > PG_LEVEL_4K:
+        # Private and gmem-only faults reach here only with a guest_memfd order above 0,
+        # which mainline never reports; shared memory is capped by the host level.
+        level = min(slot.host_level, level)
+    fault.req_level = level
+    if level == PG_LEVEL_4K or fault.huge_page_disallowed:
+        return
+    fault.goal_level = level
+    mask = pages_per_hpage(level) - 1
+    assert fault.gfn & mask == fault.pfn & mask, "gfn and pfn not congruent"
+    fault.pfn &= ~mask
+
+
+def disallowed_hugepage_adjust(fault: FaultRecord, root: Any, value: int, level: int) -> None:
+    """Models disallowed_hugepage_adjust (mmu.c, 6.18): a table the NX workaround split
+    stays split, so the fault maps one level lower, with the pfn of its part."""
+    if (level > PG_LEVEL_4K and level == fault.goal_level and spte.is_shadow_present_pte(value)
+            and not value & PTE_LARGE
+            and root.nx_huge_page_disallowed(root.child(value))):
+        fault.pfn |= fault.gfn & (pages_per_hpage(level) - pages_per_hpage(level - 1))
+        fault.goal_level -= 1

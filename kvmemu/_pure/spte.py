@@ -1,0 +1,157 @@
+"""KVM's SPTEs: the per-vendor masks, the SPTE makers and predicates.
+
+The twin of ``_cy/spte.pyx``.  Models, from Linux 6.18: ``kvm_mmu_set_ept_masks``
+and ``kvm_mmu_reset_all_pte_masks`` (arch/x86/kvm/mmu/spte.c), ``make_spte``,
+``make_nonleaf_spte``, ``make_small_spte``, ``make_mmio_spte`` (spte.c) and the
+predicates of spte.h.
+"""
+
+from __future__ import annotations
+
+from .cnames import *  # noqa: F403  (the constants under their C names)
+from .levels import pages_per_hpage
+
+GEN_LOW_MASK = ((1 << MMIO_SPTE_GEN_LOW_BITS) - 1) << MMIO_SPTE_GEN_LOW_START
+GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
+GEN_HIGH_MASK = (MMIO_SPTE_GEN_MASK >> MMIO_SPTE_GEN_LOW_BITS) << MMIO_SPTE_GEN_HIGH_START
+
+
+class SpteFormat:
+    """The per-vendor SPTE masks (struct SpteFormat): shadow_present_mask,
+    shadow_user_mask, shadow_x_mask / shadow_nx_mask, shadow_accessed_mask /
+    shadow_dirty_mask, shadow_host_writable_mask / shadow_mmu_writable_mask,
+    shadow_memtype_mask's value for WB, and the MMIO value, mask and access mask."""
+
+    __slots__ = ("ept", "present", "user", "x", "nx", "accessed", "dirty", "host_writable",
+                 "mmu_writable", "memtype", "mmio_value", "mmio_mask", "mmio_access_mask")
+
+
+def spte_format(ept: bool, tdx: bool) -> SpteFormat:
+    """The SPTE masks KVM sets for the vendor.
+
+    EPT (kvm_mmu_set_ept_masks with A/D bits and execute-only support): present =
+    SUPPRESS_VE, user = R, X for exec, A/D bits 8/9, host/MMU-writable bits 57/58,
+    memtype WB with IPAT (WB without IPAT for TDX, whose IGNORE_GUEST_PAT quirk is off),
+    MMIO value W|X (0 for TDX) under mask RWX|SVE.  NPT (kvm_mmu_reset_all_pte_masks):
+    present = P, user = U, NX for no exec, A/D bits 5/6, host/MMU-writable bits 9/10,
+    no memtype, MMIO value = mask = BIT(51)|P with access bits W|U.
+    """
+    f = SpteFormat()
+    f.ept = ept
+    if ept:
+        f.present = EPTE_SUPPRESS_VE
+        f.user = EPTE_READ
+        f.x, f.nx = EPTE_EXEC, 0
+        f.accessed, f.dirty = EPTE_ACCESSED, EPTE_DIRTY
+        f.host_writable = SPTE_EPT_HOST_WRITABLE
+        f.mmu_writable = SPTE_EPT_MMU_WRITABLE
+        f.memtype = MEM_TYPE_WB << EPT_MEMTYPE_SHIFT
+        if not tdx:
+            f.memtype |= EPTE_IPAT
+        f.mmio_value = 0 if tdx else EPT_MISCONFIG_WX_VALUE
+        f.mmio_mask, f.mmio_access_mask = EPT_MMIO_MASK, 0
+    else:
+        f.present = PTE_PRESENT
+        f.user = PTE_USER
+        f.x, f.nx = 0, PTE_NX
+        f.accessed, f.dirty = PTE_ACCESSED, PTE_DIRTY
+        f.host_writable = SPTE_HOST_WRITABLE
+        f.mmu_writable = SPTE_MMU_WRITABLE
+        f.memtype = 0
+        f.mmio_value = f.mmio_mask = NPT_MMIO_VALUE
+        f.mmio_access_mask = NPT_MMIO_ACCESS_MASK
+    return f
+
+
+def make_spte(f: SpteFormat, level: int, pfn: int, host_writable: bool,
+              nx_huge_pages: bool) -> int:
+    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, not a prefetch, never
+    write-protected."""
+    spte = SPTE_MMU_PRESENT | f.present | f.accessed
+    access = ACC_ALL
+    if level > PG_LEVEL_4K and nx_huge_pages:        # huge leaves are never executable
+        access &= ~ACC_EXEC
+    spte |= f.x if access & ACC_EXEC else f.nx
+    spte |= f.user                                   # ACC_USER
+    if level > PG_LEVEL_4K:
+        spte |= PTE_LARGE
+    spte |= f.memtype
+    if host_writable:
+        spte |= f.host_writable
+    else:
+        access &= ~ACC_WRITE
+    spte |= pfn << PAGE_SHIFT
+    if access & ACC_WRITE:                           # D is set together with W
+        spte |= PTE_WRITABLE | f.mmu_writable | f.dirty
+    return spte
+
+
+def make_nonleaf_spte(f: SpteFormat, child_hpa: int) -> int:
+    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set (A/D enabled)."""
+    return SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x | f.accessed
+
+
+def make_small_spte(f: SpteFormat, huge_spte: int, child_level: int, index: int,
+                    nx_huge_pages: bool) -> int:
+    """Models make_small_spte (spte.c, 6.18): entry ``index`` of the table that replaces
+    a huge leaf."""
+    spte = huge_spte | ((index * pages_per_hpage(child_level)) << PAGE_SHIFT)
+    if child_level == PG_LEVEL_4K:
+        spte &= ~PTE_LARGE
+        if nx_huge_pages:                            # make_spte_executable
+            spte = (spte & ~f.nx) | f.x
+    return spte
+
+
+def make_mmio_spte(f: SpteFormat, gfn: int, generation: int) -> int:
+    """Models make_mmio_spte(vcpu, gfn, ACC_ALL) (spte.c, 6.18): generation bits, the
+    MMIO value, the GPA."""
+    gen = generation & MMIO_SPTE_GEN_MASK
+    spte = ((gen << MMIO_SPTE_GEN_LOW_START) & GEN_LOW_MASK) | (
+        (gen << GEN_HIGH_SHIFT) & GEN_HIGH_MASK)
+    return spte | f.mmio_value | (ACC_ALL & f.mmio_access_mask) | (gfn << PAGE_SHIFT)
+
+
+def is_mmio_spte(f: SpteFormat, spte: int) -> bool:
+    """is_mmio_spte (spte.h)."""
+    return (spte & f.mmio_mask) == f.mmio_value
+
+
+def is_executable_pte(f: SpteFormat, spte: int) -> bool:
+    """is_executable_pte (spte.h)."""
+    return (spte & (f.x | f.nx)) == f.x
+
+
+def is_access_allowed(f: SpteFormat, exec_: bool, write: bool, spte: int) -> bool:
+    """is_access_allowed (spte.h)."""
+    if exec_:
+        return is_executable_pte(f, spte)
+    if write:
+        return bool(spte & PTE_WRITABLE)
+    return bool(spte & PTE_PRESENT)      # PT_PRESENT_MASK (the R bit for EPT)
+
+
+def is_shadow_present_pte(spte: int) -> bool:
+    """is_shadow_present_pte (spte.h)."""
+    return bool(spte & SPTE_MMU_PRESENT)
+
+
+def is_last_spte(spte: int, level: int) -> bool:
+    """is_last_spte (spte.h)."""
+    return level == PG_LEVEL_4K or bool(spte & PTE_LARGE)
+
+
+def spte_to_pfn(spte: int) -> int:
+    """spte_to_pfn (spte.h)."""
+    return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
+
+
+def get_mmio_spte_generation(spte: int) -> int:
+    """get_mmio_spte_generation (spte.h)."""
+    return ((spte & GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | (
+        (spte & GEN_HIGH_MASK) >> GEN_HIGH_SHIFT)
+
+
+def spte_index(gfn: int, level: int) -> int:
+    """SPTE_INDEX(gfn << 12, level) (spte.h)."""
+    return (gfn >> (PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)

@@ -1,0 +1,178 @@
+"""A vCPU: its state, the stage hook, and the access loop (KVM_RUN for one access).
+
+The twin of ``_cy/vcpu.pyx``.  ``vcpu_run`` is what KVM_RUN does for one guest
+access in the model: the hardware walk (paging), the exit it gives, the vendor's
+exit handler (exits), and again, until the access translates or KVM leaves to
+userspace (KVM_EXIT_MEMORY_FAULT, KVM_EXIT_MMIO) or fails.  The exit handlers
+and the fault path take the vCPU as their first argument, as the kernel's take
+``struct kvm_vcpu *``.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+from typing import Any, Callable
+
+import numpy as np
+
+from .. import _args
+from ..constants import PF_STAT_NAMES
+from ..errors import KvmError
+from ..results import AccessBatch, MemoryFaultExit, MmioExit, Translation
+from . import exits, paging
+from .cnames import *  # noqa: F403  (the constants under their C names)
+
+#: The named points of the pipeline where ``stage_hook`` runs (see VCPUState).
+STAGES = ("fault", "faultin", "map")
+# What vcpu_run came to (enum AccessStatus).
+ACCESS_TRANSLATED = 0
+ACCESS_MEMORY_FAULT = 1
+ACCESS_MMIO = 2
+ACCESS_UNSETTLED = 3
+ACCESS_FAILED = 4
+
+
+class VCPUState:
+    """One vCPU: kvm_run, the MMIO cache, the statistics, and the VM parts it reads.
+
+    ``stage_hook``, when set, is called as ``stage_hook(stage)`` at the named points
+    of the pipeline, so a test can change the VM between them:
+
+    * ``"fault"``: the error code is final (intake and the SW_PROTECTED synthesis
+      are done), before kvm_mmu_do_page_fault;
+    * ``"faultin"``: kvm_mmu_faultin_pfn has taken its mmu_invalidate_seq snapshot
+      and passed the private/shared check, before the pfn lookup;
+    * ``"map"``: faultin is done, before the stale check under mmu_lock.
+
+    A hook that deletes or moves the fault's memslot makes the fault retry
+    (RET_PF_RETRY) at ``"faultin"`` and ``"map"``.  In KVM that change cannot
+    finish while the fault holds kvm->srcu (kvm_swap_active_memslots waits for
+    it), and the flush that follows zaps whatever the fault mapped; the model
+    runs the change first, so it must not map from a memslot that is gone or
+    elsewhere.
+    """
+
+    def __init__(self, config: Any, memslots: Any, mmu: Any) -> None:
+        self.memslots = memslots
+        self.mmu = mmu
+        self.ept, self.tdx, self.snp = config.ept, config.tdx, config.snp
+        self.sw_protected, self.has_private_mem = config.sw_protected, config.has_private_mem
+        self.direct_bits_gfn = config.direct_bits_gfn
+        self.nx_huge_pages = config.nx_huge_pages
+        self.levels = config.levels
+        self.counters = [0] * len(PF_STAT_NAMES)
+        self.exit_reason = EXIT_REASON_UNKNOWN
+        self.memory_fault = (0, 0, 0)      # flags, gpa, size
+        self.mmio = (0, False)             # phys_addr, is_write
+        self.mmio_gfn = 0
+        self.mmio_gen = 0
+        self.stage_hook: Callable[[str], Any] | None = None
+        #: What the kvm_page_fault trace event reports: vcpu_id and the guest RIP.
+        self.vcpu_id = 0
+        self.rip = 0
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(zip(PF_STAT_NAMES, self.counters))
+
+    def clone(self, memslots: Any, mmu: Any) -> "VCPUState":
+        """This vCPU's state, attached to ``memslots`` and ``mmu`` (a VM's copies)."""
+        c = copy.copy(self)
+        c.memslots, c.mmu = memslots, mmu
+        c.counters = list(self.counters)
+        return c
+
+    def stage(self, name: str, fault: Any) -> bool:
+        """Run the stage hook, if set; True if it deleted or moved ``fault``'s memslot
+        (the fault then retries)."""
+        if self.stage_hook is None:
+            return False
+        slot = None if fault is None else fault.slot
+        base_gfn = None if slot is None else slot.base_gfn
+        self.stage_hook(name)
+        return slot is not None and (self.memslots.gfn_to_memslot(fault.gfn) is not slot
+                                     or slot.base_gfn != base_gfn)
+
+    # --- the exit handlers, as the API calls them ---------------------------------------------
+
+    def handle_ept_violation(self, gpa: int, exit_qualification: int) -> int:
+        return exits.handle_ept_violation(self, gpa, exit_qualification)
+
+    def handle_ept_misconfig(self, gpa: int) -> int:
+        return exits.handle_ept_misconfig(self, gpa)
+
+    def handle_npf(self, gpa: int, exit_info_1: int) -> int:
+        return exits.npf_interception(self, gpa, exit_info_1)
+
+    # --- the access loop ------------------------------------------------------------------------
+
+    def vcpu_run(self, gpa: int, flags: int, limit: int) -> tuple[int, Any]:
+        """Walk, exit, handle, resume until the access translates or leaves to userspace.
+
+        Like KVM_RUN (vcpu_run) it starts with exit_reason KVM_EXIT_UNKNOWN.  Returns an
+        access status and the translation's Outcome or the errno of a failure."""
+        shared_bit = self.direct_bits_gfn << PAGE_SHIFT
+        self.exit_reason = EXIT_REASON_UNKNOWN
+        for _ in range(limit):
+            pt = self.mmu.mirror.pt if self.tdx and not gpa & shared_bit else self.mmu.direct.pt
+            out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags)
+            if out.kind == paging.OUT_TRANSLATED:
+                return ACCESS_TRANSLATED, out
+            if out.kind == paging.OUT_EPT_VIOLATION:
+                r = exits.handle_ept_violation(self, gpa, out.value)
+            elif out.kind == paging.OUT_EPT_MISCONFIG:
+                r = exits.handle_ept_misconfig(self, gpa)
+            else:
+                r = exits.npf_interception(self, gpa, out.value)
+            if r < 0:
+                if r == -errno.EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
+                    return ACCESS_MEMORY_FAULT, None
+                return ACCESS_FAILED, r
+            if r == RET_PF_EMULATE:
+                self.exit_reason = EXIT_REASON_MMIO
+                self.mmio = (gpa & ~shared_bit, bool(flags & ACCESS_FLAGS_WRITE))
+                return ACCESS_MMIO, None
+        return ACCESS_UNSETTLED, None
+
+    def outcome_of(self, status: int, value: Any, gpa: int, where: str, limit: int) -> Any:
+        """The result object of a vcpu_run: Translation, MemoryFaultExit or MmioExit; a
+        failure of KVM_RUN raises KvmError with its errno, a loop that did not settle
+        RuntimeError (``where`` names the access)."""
+        if status == ACCESS_TRANSLATED:
+            return Translation(value.value, value.level)
+        if status == ACCESS_MEMORY_FAULT:
+            return MemoryFaultExit(*self.memory_fault)
+        if status == ACCESS_MMIO:
+            return MmioExit(*self.mmio)
+        if status == ACCESS_FAILED:
+            raise KvmError(-value, f"KVM_RUN failed at GPA {gpa:#x}{where}")
+        raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
+
+    def access(self, gpa: int, flags: int, limit: int) -> Any:
+        """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
+        status, value = self.vcpu_run(gpa, flags, limit)
+        return self.outcome_of(status, value, gpa, "", limit)
+
+    def access_checked(self, gpa: Any, write: Any, fetch: Any, user: Any, stage: Any,
+                       encrypted: Any, limit: int) -> Any:
+        """``access`` from the keyword arguments of ``VCPU.access``, checked by _args."""
+        flags = _args.access(write, fetch, user, stage, encrypted)
+        return self.access(_args.gpa(gpa, self.levels), flags, limit)
+
+    def access_many(self, gpas: np.ndarray, flags: Any, limit: int) -> AccessBatch:
+        """``access`` for each GPA in order (checked arrays), stopping at the first access
+        that leaves to userspace (``.exit``); KVM_RUN failing raises KvmError, an access
+        that does not settle RuntimeError, both naming the element."""
+        n = len(gpas)
+        hpa = np.zeros(n, dtype=np.uint64)
+        level = np.zeros(n, dtype=np.uint8)
+        per_element = flags.tolist() if isinstance(flags, np.ndarray) else None
+        for i, gpa in enumerate(gpas.tolist()):
+            status, value = self.vcpu_run(gpa, flags if per_element is None else
+                                          per_element[i], limit)
+            if status != ACCESS_TRANSLATED:
+                exit_ = self.outcome_of(status, value, gpa, f" (element {i})", limit)
+                return AccessBatch(hpa, level, i, exit_)
+            hpa[i], level[i] = value.value, value.level
+        return AccessBatch(hpa, level, n, None)
