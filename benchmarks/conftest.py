@@ -5,10 +5,20 @@ figures).  Each benchmark records the element count in ``extra_info`` and, when
 timing is on, the median nanoseconds per element.
 """
 
-import numpy as np
-import pytest
+import sys
+from pathlib import Path
 
-from kvmemu import _select
+# The tests judge the installed package, not the source tree: ``python -m pytest`` puts
+# the working directory (the repository root, whose kvmemu/ holds no compiled core
+# unless it was built in place) first on sys.path, so it is taken off before kvmemu is
+# imported.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from kvmemu import _select  # noqa: E402
 
 
 @pytest.fixture(params=("cython", "python"), scope="session")

@@ -1,4 +1,4 @@
-# Type information for kvmemu's public API (hand-written; see API.md).
+# Type information for kvmemu's public API (hand-written; see docs/api.md).
 from typing import Callable, Final, Literal, Protocol, overload
 
 import numpy as np

@@ -1,7 +1,7 @@
 """``kvmemu replay``: kvm_page_fault events of a host's ftrace, through the model.
 
-Each event goes to the exit handler KVM ran for it (docs/kvm-fault-path.md
-§11.1): on VMX ``handle_ept_violation(address, error_code)``, where the traced
+Each event goes to the exit handler KVM ran for it (docs/reference.md §2 and
+§14): on VMX ``handle_ept_violation(address, error_code)``, where the traced
 error_code is the raw exit qualification (a TD's private faults are traced
 with 0x2, which tdx_handle_ept_violation would substitute anyway); on SVM
 ``handle_npf(address, error_code)``, where the traced code already has

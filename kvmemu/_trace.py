@@ -2,7 +2,7 @@
 
 Both cores call one ``Tracer``, only when a sink is set, so their lines are the
 same character for character.  Each event is formatted exactly as the kernel's
-TP_printk (Linux 6.18; docs/kvm-fault-path.md §11), and the cores emit them in
+TP_printk (Linux 6.18; docs/reference.md §14), and the cores emit them in
 the kernel's order for a fault: ``kvm_page_fault`` (the vendor handler) →
 ``kvm_mmu_spte_requested`` (after hugepage adjust) → ``kvm_tdp_mmu_spte_changed``
 for each SPTE changed, top-down → ``kvm_mmu_set_spte`` (the target level).

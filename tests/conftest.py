@@ -7,11 +7,20 @@ Every test that takes ``kv`` runs twice: against the compiled core
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, settings
+# The tests judge the installed package, not the source tree: ``python -m pytest`` puts
+# the working directory (the repository root, whose kvmemu/ holds no compiled core
+# unless it was built in place) first on sys.path, so it is taken off before kvmemu is
+# imported.
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
-from kvmemu import _select
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from kvmemu import _select  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=200,
                           suppress_health_check=[HealthCheck.too_slow])

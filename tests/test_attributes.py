@@ -1,6 +1,6 @@
 """KVM_SET_MEMORY_ATTRIBUTES, mixed-hugepage tracking and the invalidation protocol.
 
-Rules from docs/linux-6.18-verified.md Q7/Q8 and docs/kvm-fault-path.md §5.6, §6.
+Rules from docs/reference.md §7 (the invalidation sequence) and §13 (attributes).
 The property tests compare against plain per-gfn models: a numpy array of
 attributes, and a brute-force recomputation of every hugepage's mixed flag.
 """
@@ -302,7 +302,7 @@ def test_attribute_state_machine(implementation):
 
 
 def test_invalidation_makes_a_racing_fault_retry(kv):
-    """mmu_invalidate_retry_gfn (§5.6): a fault that snapshotted the sequence before an
+    """mmu_invalidate_retry_gfn (reference §7): a fault that snapshotted the sequence before an
     attribute change, or that targets a gfn inside an invalidation in progress, retries."""
     vm = new_vm(kv)
     memory, gfn = vm._memory, (GIB >> 12) + 1

@@ -1,4 +1,4 @@
-"""VCPU.access_many and VM.snapshot / VM.restore (API.md §5)."""
+"""VCPU.access_many and VM.snapshot / VM.restore (docs/api.md §5)."""
 
 import errno
 

@@ -57,7 +57,7 @@ def test_module_entry_point():
     assert "PFERR.RSVD" in out.stdout
 
 
-# --- decode spte: the §9.6 worked values (docs/kvm-fault-path.md) ------------------------
+# --- decode spte: the worked values of docs/reference.md §10.2 ----------------------------
 
 def test_decode_spte_ept_worked_value(capsys):
     out = run(capsys, "decode", "spte", "0x86000000ABCDEB77", "--ept")
@@ -77,7 +77,7 @@ def test_decode_spte_npt_huge_leaf_and_nx(capsys):
 
 
 def test_decode_spte_mmio_and_nonpresent(capsys):
-    # EPT MMIO SPTE: W|X (0x6), SVE clear, the GPA and generation bits (§9.6).
+    # EPT MMIO SPTE: W|X (0x6), SVE clear, the GPA and generation bits (reference §10.4).
     out = run(capsys, "decode", "spte", "0xc0000006", "--ept")
     assert "present to KVM  no" in out and "MMIO SPTE       yes: gfn 0xc0000" in out
     out = run(capsys, "decode", "spte", str((1 << 51) | 0xc0000007), "--npt")

@@ -1,4 +1,4 @@
-"""The constants equal the kernel's values (docs/kvm-fault-path.md §1, §2.1, §4.4, §5.5, §6.1, §10)."""
+"""The constants equal the kernel's values (docs/reference.md and docs/api.md §1)."""
 
 import errno
 

@@ -25,7 +25,7 @@ def test_unicorn_guest_sums_its_array_through_kvms_fault_path():
     n = 8192
     assert outcome["result"] == sum(3 * i + 1 for i in range(n))
     # The store to the page marked private without guest_memfd: KVM_EXIT_MEMORY_FAULT
-    # with KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (§5.5).
+    # with KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (reference §6).
     assert outcome["exits"] == [MemoryFaultExit(8, 0x300000, 4096)]
     # One code page, 16 data pages, the result page; each mapped once, at 4K.
     assert outcome["mapped"] == [0x1000, *range(0x200000, 0x210000, 4096), 0x300000]

@@ -1,10 +1,9 @@
 """The KVM fault pipeline: handlers, faultin, hugepages, the TDP MMU map, VCPU.access.
 
-Expected values come from docs/kvm-fault-path.md (§2.3 intake, §5 memory-fault
-exits, §7 hugepage rules, §9.6 worked SPTE values), docs/linux-6.18-verified.md
-(Q1 memtype, Q3 make_spte, Q5 target level, Q9–Q11 faultin / noslot / fast path) and
-the selftests private_mem_kvm_exits and private_mem_conversions
-(docs/hardware-exits.md B7).
+Expected values come from docs/reference.md (§2 intake, §5 the fast path, §6
+faultin, memory-fault exits and the noslot path, §8 hugepage rules, §9.3 the
+target level, §10 SPTE masks and worked SPTE values) and from the kernel
+selftests private_mem_kvm_exits and private_mem_conversions.
 """
 
 import errno
@@ -17,7 +16,7 @@ from kvmemu import (PT_BASE_HPA, ExitReason, KvmError, MemFlag, MemoryFaultExit,
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 GMEM = MemFlag.GUEST_MEMFD
 PRIVATE = 8
-EPT_NONLEAF = 0x8000000000000907            # §9.6, A/D on, without the child address
+EPT_NONLEAF = 0x8000000000000907            # reference §10.3, A/D on, without the child address
 NPT_NONLEAF = 0x827
 ADDR = ((1 << 48) - 1) & ~0xFFF
 FIXED, SPURIOUS, RETRY, EMULATE = RetPF.FIXED, RetPF.SPURIOUS, RetPF.RETRY, RetPF.EMULATE
@@ -57,7 +56,7 @@ def leaf(tables, gpa):
     return level, entry
 
 
-# --- §9.6 worked SPTE values ---------------------------------------------------------------------
+# --- reference §10.2 worked SPTE values ----------------------------------------------------------
 
 @pytest.mark.parametrize("vm_type, expected", [
     (VMType.DEFAULT, 0x86000000ABCDEB77),      # WB + IPAT
@@ -106,7 +105,7 @@ def test_npt_huge_leaves(kv):
     assert leaf(nx.page_tables, 0xABC12345) == (2, 0x80000000ABC00EE7)  # huge leaves are NX
 
 
-# --- hugepage adjust (§7.4–7.7) ----------------------------------------------------------------------
+# --- hugepage adjust (reference §8) --------------------------------------------------------------
 
 @pytest.mark.parametrize("host_level, uaddr, flags, level", [
     (3, 0x7F0000000000, 0, 3),                   # 1G host mapping, congruent, aligned slot
@@ -153,7 +152,7 @@ def test_no_nx_workaround_maps_fetches_huge(kv):
     assert leaf(vm.page_tables, GIB)[1] & 0x4
 
 
-# --- the fast path, spurious faults and return values (Q5, Q11) ---------------------------------
+# --- the fast path, spurious faults and return values (reference §5, §9.3) -----------------------
 
 def test_handler_return_values(kv):
     vm, vcpu = vm_with_slot(kv, gpa=0, size=2 * MIB)
@@ -176,7 +175,7 @@ def test_read_only_memslot(kv):
     assert vcpu.stats["pf_emulate"] == 1
 
 
-# --- MMIO (§4.6, §5.4, Q10) ---------------------------------------------------------------------------
+# --- MMIO (reference §3, §6, §10.4) --------------------------------------------------------------
 
 def test_ept_mmio_spte_and_cache(kv):
     vm, vcpu = vm_with_slot(kv, gpa=0, size=GIB)
@@ -218,7 +217,7 @@ def test_tdx_mmio_spte_value_is_zero(kv):
     assert vcpu.handle_ept_misconfig(shared) == -errno.EIO
 
 
-# --- private memory: the selftests and the private/shared decision ---------------------------------
+# --- private memory: the selftests and the private/shared decision -------------------------------
 
 def test_private_access_memslot_not_private(kv):
     """private_mem_kvm_exits: attribute private, memslot without guest_memfd."""
@@ -265,7 +264,8 @@ def test_conversions_map_the_right_frames(kv):
     assert vm.page_tables.get_entry(base + 0x1000, 1) == 1 << 63  # the private leaf zapped
     assert vm.page_tables.get_entry(base, 1) & 0x800               # the shared leaf stays
     # Uniform again: the fault's goal is 2M, where a table now stands; the table is
-    # replaced by a huge leaf (Q11's caveat), not a spurious fault.
+    # replaced by a huge leaf, not a spurious fault (reference §9.3, step 1: only a leaf
+    # at the target level can be spurious).
     assert vcpu.access(base + 0x1000) == Translation(shared_hpa, 2)
     assert leaf(vm.page_tables, base)[0] == 2
 
@@ -290,14 +290,14 @@ def test_snp_enc_is_the_private_signal(kv):
 
 
 def test_private_emulation_is_a_memory_fault(kv):
-    """RET_PF_EMULATE on a private fault becomes KVM_EXIT_MEMORY_FAULT (§4.2)."""
+    """RET_PF_EMULATE on a private fault becomes KVM_EXIT_MEMORY_FAULT (reference §4)."""
     vm, vcpu = vm_with_slot(kv, VMType.SNP, gpa=0, size=2 * MIB, gmem=True)
     vm.set_memory_attributes(0x8000000, 4096, PRIVATE)          # no memslot: noslot + private
     assert vcpu.handle_npf(0x8000000, 0x500000004) == -errno.EFAULT
     assert vcpu.run.memory_fault == (8, 0x8000000, 4096)
 
 
-# --- TDX ------------------------------------------------------------------------------------------------
+# --- TDX -----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gpaw, levels", [(48, 4), (52, 5)])
 def test_tdx_private_and_shared_roots(kv, gpaw, levels):
@@ -347,7 +347,7 @@ def test_tdx_conversion_zaps_only_the_other_root(kv):
     assert leaf(vm.page_tables, 0x2000 | shared)[1] & 0x800
 
 
-# --- stage hooks: the race between the private decision and faultin ----------------------------------
+# --- stage hooks: the race between the private decision and faultin ------------------------------
 
 def snp_private_vm(kv):
     vm, vcpu = vm_with_slot(kv, VMType.SNP, gpa=0, size=2 * MIB, gmem=True)
@@ -432,7 +432,7 @@ def test_a_loop_that_never_settles_raises(kv):
         vcpu.access(0x5000, encrypted=True)
 
 
-# --- boundaries -------------------------------------------------------------------------------------
+# --- boundaries ----------------------------------------------------------------------------------
 
 def test_wrong_vendor_handlers(kv):
     _, vmx = vm_with_slot(kv)

@@ -1,7 +1,7 @@
 """Vendor intake: VMX/TDX exit qualification and SVM EXITINFO1 → KVM error code.
 
-Expected values are the worked examples of docs/kvm-fault-path.md §2.3, §2.7 and
-§3.1 and an independent restatement of the rule of __vmx_handle_ept_violation
+Expected values are the worked examples of docs/reference.md §2.1, §2.3 and
+§2.5 and an independent restatement of the rule of __vmx_handle_ept_violation
 (vmx/common.h, Linux 6.18) written bit by bit below.
 """
 
@@ -15,7 +15,7 @@ BIT47, BIT51 = 1 << 47, 1 << 51
 
 
 def restated_vmx_rule(qual, gpa, shared_bit):
-    """__vmx_handle_ept_violation, restated from the doc's numbered list (§2.3)."""
+    """__vmx_handle_ept_violation, restated from docs/reference.md §2.1."""
     bit = lambda n: (qual >> n) & 1  # noqa: E731
     code = (bit(0) << 2) | (bit(1) << 1) | (bit(2) << 4)          # read→USER, write, fetch
     code |= bit(3) | bit(4) | bit(5)                               # PROT_* → PRESENT (bit 0)
@@ -26,7 +26,7 @@ def restated_vmx_rule(qual, gpa, shared_bit):
     return code
 
 
-# docs/kvm-fault-path.md §2.3 worked values.
+# docs/reference.md §2.1 worked values.
 WORKED_VMX = [(0x182, 0x100000002), (0x181, 0x100000004), (0x18A, 0x100000003),
               (0x19C, 0x100000011)]
 
@@ -37,7 +37,7 @@ def test_vmx_worked_examples(kv, qual, code):
 
 
 def test_vmx_tdx_private_write(kv):
-    # §2.7: a private TD fault is handled as qualification ACC_WRITE → WRITE|PRIVATE_ACCESS.
+    # Reference §2.3: a private TD fault is handled as qualification ACC_WRITE → WRITE|PRIVATE_ACCESS.
     assert kv.vmx_error_code(0x2, 0xc0000000, BIT47) == 0x2000000000002
     assert kv.vmx_error_code(0x2, 0xc0000000 | BIT47, BIT47) == 0x2
     assert kv.vmx_error_code(0x2, BIT47, BIT51) == 0x2000000000002

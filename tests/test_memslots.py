@@ -1,8 +1,8 @@
 """VM types, guest_memfd and KVM_SET_USER_MEMORY_REGION2 (Linux 6.18).
 
-Errnos and check order from docs/linux-6.18-verified.md Q6 and the
-set_memory_region_test expectations in docs/hardware-exits.md B7; lpage_info
-from docs/kvm-fault-path.md §7.2.
+Errnos and check order from docs/reference.md §12.1 (which follows
+kvm_set_memory_region and the kernel selftest set_memory_region_test);
+lpage_info from docs/reference.md §8.3.
 """
 
 import errno

@@ -1,13 +1,13 @@
 """Second-stage page tables: geometry, EPT and NPT exits, A/D bits, large pages.
 
-Expected values come from docs/kvm-fault-path.md (index example, entry
-layouts), docs/hardware-exits.md (rules) and the expectations of
+Expected values come from docs/reference.md §1 (index example, entry
+layouts, the rules) and the expectations of
 kvm-unit-tests' x86/vmx_tests.c (ept_access_test_*) and x86/svm_npt.c.
 """
 
 import pytest
 
-GPA = 0x123456789000          # kvm-fault-path.md 8.1: L1 0x189, L2 0xb3, L3 0xd1, L4 0x24, L5 0
+GPA = 0x123456789000          # docs/reference.md §1.1: L1 0x189, L2 0xb3, L3 0xd1, L4 0x24, L5 0
 DATA_HPA = 0xABCDE000
 WB = 6 << 3                   # EPT memory type WB in bits 5:3
 R, W, X, XU = 0x1, 0x2, 0x4, 0x400

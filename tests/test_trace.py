@@ -1,12 +1,12 @@
 """``vm.trace``: the model's decisions as the kernel's tracepoints.
 
-Formats and event order from docs/kvm-fault-path.md §11 (TP_printk of
+Formats and event order from docs/reference.md §14 (TP_printk of
 kvm_page_fault, kvm_mmu_spte_requested, kvm_tdp_mmu_spte_changed,
-kvm_mmu_set_spte; §11.2's order for a first-touch 4K fault); SPTE values from
-§9.6 (leaf 0x86000000ABCDEB77 / 0xABCDEE67, non-leaf 0x8000000000000907 / 0x827
+kvm_mmu_set_spte; the order for a first-touch 4K fault); SPTE values from
+docs/reference.md §10.2 and §10.3 (leaf 0x86000000ABCDEB77 / 0xABCDEE67, non-leaf 0x8000000000000907 / 0x827
 plus the child table), table addresses from PT_BASE_HPA (table k at
 0x800000000 + k * 4096; a 4K leaf sits in the table the level-2 SPTE links); exit qualification 0x182 / EXITINFO1 0x100000006 for a
-not-present write (kvm-unit-tests, hardware-exits.md).
+not-present write (kvm-unit-tests; docs/reference.md §1.3).
 """
 
 import io
@@ -79,7 +79,7 @@ def test_zap_is_traced_and_the_refault_reuses_the_tables(kv):
 
 
 def test_private_faults_trace_what_the_vendor_passes(kv):
-    # TDX: a private GPA is traced with error_code 0x2 (§2.7); SNP: with bit 49 (§3.1).
+    # TDX: a private GPA is traced with error_code 0x2 (reference §2.3); SNP: with bit 49 (§2.5).
     vm, vcpu, lines = traced_vm(kv, VMType.TDX, gmem=True)
     vm.set_memory_attributes(0, GIB, 8)
     vcpu.access(0x5000)
