@@ -20,6 +20,7 @@ sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _R
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+import kvmemu  # noqa: E402
 from kvmemu import _select  # noqa: E402
 
 settings.register_profile("default", deadline=None, max_examples=200,
@@ -35,3 +36,20 @@ IMPLEMENTATIONS = ("cython", "python")
 def kv(request):
     """The core module under test: ``kvmemu._core`` or ``kvmemu._pure``."""
     return _select.load(request.param)
+
+
+@pytest.fixture
+def run_python(tmp_path):
+    """``run_python(*args, env=None)``: run this interpreter on ``args`` in a fresh process
+    that imports the kvmemu this process imported, not the source tree (it runs in an
+    empty directory, with the package's parent first on its path)."""
+    import subprocess
+
+    def run(*args, env=None):
+        base = {**os.environ, **(env or {})}
+        parent = str(Path(kvmemu.__file__).resolve().parents[1])
+        base["PYTHONPATH"] = os.pathsep.join([parent, base.get("PYTHONPATH", "")])
+        return subprocess.run([sys.executable, *args], env=base, cwd=tmp_path,
+                              capture_output=True, text=True, check=True, timeout=300)
+    return run
+

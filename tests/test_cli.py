@@ -1,7 +1,5 @@
 """The ``kvmemu decode`` command line."""
 
-import subprocess
-import sys
 
 import pytest
 
@@ -51,9 +49,8 @@ def test_bad_values_exit_non_zero(argv):
     assert info.value.code != 0
 
 
-def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "kvmemu", "decode", "pferr", "0x8"],
-                         capture_output=True, text=True, check=True)
+def test_module_entry_point(run_python):
+    out = run_python("-m", "kvmemu", "decode", "pferr", "0x8")
     assert "PFERR.RSVD" in out.stdout
 
 

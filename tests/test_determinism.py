@@ -8,10 +8,7 @@ must print the same text, and no repr may contain an object address.
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import kvmemu
@@ -54,27 +51,14 @@ for side_core in kvmfuzz.CORES:
 """
 
 
-def run(hash_seed: str, cwd: Path) -> str:
-    # The child imports the kvmemu this process imported (an installed package or an
-    # in-place build), not whatever the source tree holds: it runs outside the tree,
-    # with the imported package's parent first on its path.
-    package_parent = str(Path(kvmemu.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed,
-           "PYTHONPATH": os.pathsep.join([package_parent, os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT)], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120, check=True)
-    return done.stdout
-
-
-def test_the_child_imports_the_same_package(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(Path(kvmemu.__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", "import kvmemu; print(kvmemu.__file__)"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+def test_the_child_imports_the_same_package(run_python):
+    done = run_python("-c", "import kvmemu; print(kvmemu.__file__)")
     assert Path(done.stdout.strip()) == Path(kvmemu.__file__)
 
 
-def test_two_fresh_processes_print_the_same(tmp_path):
-    first, second = run("1", tmp_path), run("2", tmp_path)
+def test_two_fresh_processes_print_the_same(run_python):
+    first, second = [run_python("-c", SCRIPT, str(ROOT), env={"PYTHONHASHSEED": seed}).stdout
+                     for seed in ("1", "2")]
     assert first == second
     assert len(first.splitlines()) > 100
     assert not re.search(r" at 0x[0-9a-f]+|object at", first)

@@ -1,8 +1,5 @@
 """Packaging facts: implementation selection, exported names, type information."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,10 +26,9 @@ def test_public_api_uses_the_selected_core():
 
 
 @pytest.mark.parametrize("env, expected", [("1", "python"), ("0", "cython"), ("", "cython")])
-def test_environment_selects_implementation(env, expected):
-    out = subprocess.run([sys.executable, "-c", "import kvmemu; print(kvmemu.IMPLEMENTATION)"],
-                         env={**os.environ, "KVMEMU_PURE_PYTHON": env}, capture_output=True,
-                         text=True, check=True)
+def test_environment_selects_implementation(env, expected, run_python):
+    out = run_python("-c", "import kvmemu; print(kvmemu.IMPLEMENTATION)",
+                     env={"KVMEMU_PURE_PYTHON": env})
     assert out.stdout.strip() == expected
 
 

@@ -124,7 +124,8 @@ cdef void svm_ec_loop(const uint64_t[::1] exit_info_1, bint snp, uint64_t[::1] o
 cdef const uint64_t[::1] _EMPTY = np.empty(0, dtype=np.uint64)
 
 
-cdef inline const uint64_t[::1] _array_or_empty(value):
+cdef inline const uint64_t[::1] _operand(value):
+    """An operand as the loops take it: its array, or an empty view for a scalar."""
     return value if isinstance(value, np.ndarray) else _EMPTY
 
 
@@ -144,9 +145,9 @@ def vmx_error_code(exit_qualification, gpa, shared_bit=0, *, out=None):
                                        ("gpa", gpa), ("shared_bit", shared_bit))
     if n < 0:
         return vmx_ec(q, g, s)
-    cdef const uint64_t[::1] qv = _array_or_empty(q)
-    cdef const uint64_t[::1] gv = _array_or_empty(g)
-    cdef const uint64_t[::1] sv = _array_or_empty(s)
+    cdef const uint64_t[::1] qv = _operand(q)
+    cdef const uint64_t[::1] gv = _operand(g)
+    cdef const uint64_t[::1] sv = _operand(s)
     cdef uint64_t[::1] ov = out
     cdef uint64_t q0 = 0 if isinstance(q, np.ndarray) else q
     cdef uint64_t g0 = 0 if isinstance(g, np.ndarray) else g
@@ -170,7 +171,7 @@ def svm_error_code(exit_info_1, snp=False, *, out=None):
     n, (e,), out = _args.operands(out, ("exit_info_1", exit_info_1))
     if n < 0:
         return svm_ec(e, is_snp)
-    cdef const uint64_t[::1] ev = _array_or_empty(e)
+    cdef const uint64_t[::1] ev = _operand(e)
     cdef uint64_t[::1] ov = out
     cdef uint64_t e0 = 0 if isinstance(e, np.ndarray) else e
     with nogil:

@@ -71,7 +71,8 @@ def svm_ec(exit_info_1: int, snp: bool) -> int:
     return ec
 
 
-def _column(value: Any, n: int) -> Any:
+def _operand(value: Any, n: int) -> Any:
+    """An operand as the loops take it: its elements, or the scalar ``n`` times."""
     return value.tolist() if isinstance(value, np.ndarray) else repeat(value, n)
 
 
@@ -79,13 +80,13 @@ def vmx_ec_loop(q: Any, gpa: Any, shared_bit: Any, out: np.ndarray) -> None:
     """out[i] = vmx_ec(q[i], gpa[i], shared_bit[i]); an int operand stands for every
     element."""
     n = len(out)
-    for i, args in enumerate(zip(_column(q, n), _column(gpa, n), _column(shared_bit, n))):
+    for i, args in enumerate(zip(_operand(q, n), _operand(gpa, n), _operand(shared_bit, n))):
         out[i] = vmx_ec(*args)
 
 
 def svm_ec_loop(exit_info_1: Any, snp: bool, out: np.ndarray) -> None:
     """out[i] = svm_ec(exit_info_1[i], snp); an int operand stands for every element."""
-    for i, e in enumerate(_column(exit_info_1, len(out))):
+    for i, e in enumerate(_operand(exit_info_1, len(out))):
         out[i] = svm_ec(e, snp)
 
 

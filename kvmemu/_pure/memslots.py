@@ -50,15 +50,18 @@ class Memslots:
 
     # --- memslots -----------------------------------------------------------------------
 
-    def gfn_to_memslot(self, gfn: int) -> Any:
-        """Models __gfn_to_memslot / search_memslots: the address-space-0 memslot holding
-        ``gfn`` (a binary search by base gfn), or None."""
+    def search_memslots(self, gfn: int) -> int:
+        """Index of the address-space-0 slot containing ``gfn``, or -1 (search_memslots,
+        a binary search by base gfn)."""
         i = bisect_right(self.bases, gfn) - 1
-        if i >= 0:
-            slot = self.slots[i]
-            if gfn - slot.base_gfn < slot.npages:
-                return slot
-        return None
+        if i >= 0 and gfn - self.bases[i] < self.slots[i].npages:
+            return i
+        return -1
+
+    def gfn_to_memslot(self, gfn: int) -> Any:
+        """Models __gfn_to_memslot: the address-space-0 memslot holding ``gfn``, or None."""
+        i = self.search_memslots(gfn)
+        return self.slots[i] if i >= 0 else None
 
     def find_memslot(self, gfn: int) -> int:
         """The id of the address-space-0 memslot holding ``gfn``, or -1."""

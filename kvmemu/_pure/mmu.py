@@ -130,8 +130,9 @@ def prepare_memory_fault_exit(vcpu: Any, fault: FaultRecord) -> int:
     """Models kvm_mmu_prepare_memory_fault_exit (mmu.c, 6.18): KVM_EXIT_MEMORY_FAULT with
     the page and PRIVATE when the access was, and -EFAULT for KVM_RUN."""
     vcpu.exit_reason = EXIT_REASON_MEMORY_FAULT
-    flags = MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
-    vcpu.memory_fault = (flags, fault.gfn << PAGE_SHIFT, PAGE_SIZE)
+    vcpu.mf_flags = MEMORY_EXIT_FLAG_PRIVATE if fault.is_private else 0
+    vcpu.mf_gpa = fault.gfn << PAGE_SHIFT
+    vcpu.mf_size = PAGE_SIZE
     return -errno.EFAULT
 
 

@@ -346,9 +346,13 @@ class PageTables:
             self.present_mask = PTE_PRESENT
             self.large_bit = PTE_LARGE
             self.nonleaf = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
-        self.mem = np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
+        self.set_storage(np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64))
         self.ntables = 1
         self.free_list: list[int] = []
+
+    def set_storage(self, storage: np.ndarray) -> None:
+        """Use ``storage`` (C-contiguous uint64, (rows, 512)) as the table memory."""
+        self.mem = storage
 
     def __repr__(self) -> str:
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
@@ -385,7 +389,7 @@ class PageTables:
         """A copy of the tables and their configuration (for VM snapshots)."""
         c = PageTables.__new__(PageTables)
         c.__dict__.update(self.__dict__)
-        c.mem = self.mem[:self.ntables].copy()
+        c.set_storage(self.mem[:self.ntables].copy())
         c.free_list = list(self.free_list)
         return c
 

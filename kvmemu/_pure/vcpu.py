@@ -63,8 +63,8 @@ class VCPUState:
         self.levels = config.levels
         self.counters = [0] * len(PF_STAT_NAMES)
         self.exit_reason = EXIT_REASON_UNKNOWN
-        self.memory_fault = (0, 0, 0)      # flags, gpa, size
-        self.mmio = (0, False)             # phys_addr, is_write
+        self.mf_flags = self.mf_gpa = self.mf_size = 0     # run.memory_fault
+        self.mmio_gpa, self.mmio_is_write = 0, False        # run.mmio
         self.mmio_gfn = 0
         self.mmio_gen = 0
         self.stage_hook: Callable[[str], Any] | None = None
@@ -75,6 +75,14 @@ class VCPUState:
     @property
     def stats(self) -> dict[str, int]:
         return dict(zip(PF_STAT_NAMES, self.counters))
+
+    @property
+    def memory_fault(self) -> tuple[int, int, int]:
+        return (self.mf_flags, self.mf_gpa, self.mf_size)
+
+    @property
+    def mmio(self) -> tuple[int, bool]:
+        return (self.mmio_gpa, self.mmio_is_write)
 
     def clone(self, memslots: Any, mmu: Any) -> "VCPUState":
         """This vCPU's state, attached to ``memslots`` and ``mmu`` (a VM's copies)."""
@@ -131,7 +139,8 @@ class VCPUState:
                 return ACCESS_FAILED, r
             if r == RET_PF_EMULATE:
                 self.exit_reason = EXIT_REASON_MMIO
-                self.mmio = (gpa & ~shared_bit, bool(flags & ACCESS_FLAGS_WRITE))
+                self.mmio_gpa = gpa & ~shared_bit
+                self.mmio_is_write = bool(flags & ACCESS_FLAGS_WRITE)
                 return ACCESS_MMIO, None
         return ACCESS_UNSETTLED, None
 

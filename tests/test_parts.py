@@ -1,0 +1,154 @@
+"""The shape of the house: both cores have the same parts and the same function names,
+and the layers point one way (the API layer above the cores, imported by none).
+
+The compiled parts are read as text (``kvmemu/_cy/<part>.pyx`` and ``.pxd``: module
+functions, classes, structs, enums, and the methods of each class), the twin's
+(``kvmemu/_pure/<part>.py``) through ``ast``.  A function or method that exists in one
+core and not in the other fails here, with the few compiled-only helpers below named
+and explained.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import kvmemu
+
+PACKAGE = Path(kvmemu.__file__).resolve().parent
+COMPILED = PACKAGE / "_cy"
+TWIN = PACKAGE / "_pure"
+#: Twin modules that are not parts: the package and the constants under their C names
+#: (which the compiled parts get from the generated kvmemu_constants.pxd).
+NOT_PARTS = {"__init__", "cnames"}
+#: Compiled-only names, each with the reason the twin has no counterpart.
+COMPILED_ONLY = {
+    ("memslots", "record_slot"): "copies a Slot into a C SlotRecord; the twin reads Slots",
+}
+#: C memory management of extension types: no Python class needs it.
+C_LIFECYCLE = {"__cinit__", "__dealloc__"}
+
+_TOP = re.compile(r"^(?:cdef|cpdef|def)\b(?!\s+(?:class|struct|enum|extern)\b)[^=(]*?"
+                  r"\b(\w+)\s*\(")
+_METHOD = re.compile(r"^    (?:cdef|cpdef|def)\b[^=(]*?\b(\w+)\s*\(")
+_TYPE = re.compile(r"^(?:cdef|ctypedef)\s+(class|struct|enum)\s+(\w+)\s*(:)?")
+
+
+def compiled_part(part: str) -> tuple[set[str], dict[str, set[str]], set[str]]:
+    """(module functions, {class: methods}, struct and enum names) of a compiled part."""
+    functions: set[str] = set()
+    classes: dict[str, set[str]] = {}
+    records: set[str] = set()
+    for path in (COMPILED / f"{part}.pyx", COMPILED / f"{part}.pxd"):
+        if not path.exists():
+            continue
+        current = None
+        for line in path.read_text().splitlines():
+            line = line.split("#", 1)[0].rstrip()
+            if line and not line[0].isspace():
+                current = None
+                match = _TYPE.match(line)
+                if match and match.group(1) == "class":
+                    if match.group(3):           # a definition, not a forward declaration
+                        current = classes.setdefault(match.group(2), set())
+                elif match:
+                    records.add(match.group(2))
+                elif (function := _TOP.match(line)) is not None:
+                    functions.add(function.group(1))
+            elif current is not None and (method := _METHOD.match(line)) is not None:
+                current.add(method.group(1))
+    return functions, classes, records
+
+
+def twin_part(part: str) -> tuple[set[str], dict[str, set[str]]]:
+    """(module functions, {class: methods}) of a twin part."""
+    tree = ast.parse((TWIN / f"{part}.py").read_text())
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    classes = {n.name: {m.name for m in n.body if isinstance(m, ast.FunctionDef)}
+               for n in tree.body if isinstance(n, ast.ClassDef)}
+    return functions, classes
+
+
+def parts(directory: Path, suffixes: tuple[str, ...]) -> set[str]:
+    return {p.stem for p in directory.iterdir() if p.suffix in suffixes} - NOT_PARTS
+
+
+def test_both_cores_have_the_same_parts():
+    assert parts(COMPILED, (".pyx", ".pxd")) == parts(TWIN, (".py",))
+    core = (PACKAGE / "_core.pyx").read_text() + (PACKAGE / "_core.pxd").read_text()
+    for part in parts(COMPILED, (".pyx",)):
+        assert f'include "_cy/{part}.pyx"' in core, part
+    for part in parts(COMPILED, (".pxd",)):
+        assert f'include "_cy/{part}.pxd"' in core, part
+
+
+@pytest.mark.parametrize("part", sorted(parts(TWIN, (".py",))))
+def test_a_part_has_the_same_functions_in_both_cores(part):
+    c_functions, c_classes, c_records = compiled_part(part)
+    py_functions, py_classes = twin_part(part)
+    only_compiled = {f for f in c_functions - py_functions if (part, f) not in COMPILED_ONLY}
+    assert not only_compiled, f"{part}: only in the compiled core: {sorted(only_compiled)}"
+    assert not py_functions - c_functions, (
+        f"{part}: only in the twin: {sorted(py_functions - c_functions)}")
+    # Every extension type has a twin class; a twin class may stand for a C struct.
+    assert set(c_classes) <= set(py_classes), part
+    assert set(py_classes) <= set(c_classes) | c_records, (
+        f"{part}: twin classes without a compiled class or struct: "
+        f"{sorted(set(py_classes) - set(c_classes) - c_records)}")
+    for name, methods in c_classes.items():
+        twin_methods = py_classes[name]
+        assert methods - C_LIFECYCLE == twin_methods, (
+            f"{part}.{name}: only compiled {sorted(methods - C_LIFECYCLE - twin_methods)}, "
+            f"only twin {sorted(twin_methods - methods)}")
+
+
+def test_the_compiled_only_helpers_exist():
+    for part, name in COMPILED_ONLY:
+        assert name in compiled_part(part)[0], (part, name)
+
+
+def test_the_checker_sees_cdef_cpdef_and_methods():
+    functions, classes, records = compiled_part("tdp_mmu")
+    assert {"tdp_mmu_map", "map_handle_target_level", "zap_all_fast",
+            "handle_changed_spte"} <= classes["TdpMmu"]
+    assert "LastSpte" in records
+    functions, _, _ = compiled_part("memslots")
+    assert {"gmem_frame", "record_slot"} <= functions
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+_API_LAYER = ("_vm", "_select", "_invariants", "testing", "cli", "_demo", "_replay")
+
+
+def _imports(text: str) -> set[str]:
+    found = set()
+    for match in re.finditer(r"^\s*(?:from\s+([\w.]+)\s+(?:c?import)|import\s+([\w.]+))",
+                             text, re.MULTILINE):
+        found.add(match.group(1) or match.group(2))
+    for match in re.finditer(r"^\s*from\s+(\.+|kvmemu)\s+import\s+([\w, ]+)", text,
+                             re.MULTILINE):
+        found.update(f"{match.group(1)}.{name.strip()}" for name in match.group(2).split(","))
+    return found
+
+
+CORE_FILES = sorted(str(p.relative_to(PACKAGE)) for p in
+                    [*COMPILED.iterdir(), *TWIN.iterdir(), PACKAGE / "_core.pyx",
+                     PACKAGE / "_core.pxd", PACKAGE / "_memory.py", PACKAGE / "_tables.py"]
+                    if p.suffix in (".py", ".pyx", ".pxd"))
+
+
+@pytest.mark.parametrize("path", CORE_FILES)
+def test_no_core_imports_the_api_layer(path):
+    """The cores and the written-once bookkeeping sit below the API layer."""
+    for module in _imports((PACKAGE / path).read_text()):
+        assert module.rsplit(".", 1)[-1] not in _API_LAYER, f"{path} imports {module}"
+
+
+def test_the_import_check_sees_an_api_import():
+    assert "._vm" in _imports("from ._vm import VM\n") or "_vm" in {
+        m.rsplit(".", 1)[-1] for m in _imports("from ._vm import VM\n")}
+    assert {m.rsplit(".", 1)[-1] for m in _imports("from .. import _vm, _args\n")} >= {"_vm"}
