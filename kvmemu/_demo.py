@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from .constants import (MEMORY_EXIT_FLAG_PRIVATE, PG_LEVEL_1G, PG_LEVEL_2M, PG_LEVEL_4K,
-                        AccessFlags, ExitReason, MemAttr, MemFlag, VMType)
+from .constants import (MEMORY_EXIT_FLAG_PRIVATE, PAGE_SIZE, PG_LEVEL_1G, PG_LEVEL_2M,
+                        PG_LEVEL_4K, AccessFlags, ExitReason, MemAttr, MemFlag, VMType)
 
 MIB, GIB = 1 << 20, 1 << 30
 #: (gpa, size, host level) of the demo's memslots.
@@ -92,8 +92,8 @@ def _stream(rng: Any, count: int, ranges: Any) -> Any:
     sizes = np.array([size for _, size in ranges], dtype=np.float64)
     which = rng.choice(len(ranges), size=count, p=sizes / sizes.sum())
     starts = np.array([gpa for gpa, _ in ranges], dtype=np.uint64)[which]
-    pages = (rng.random(count) * (sizes[which] // 4096)).astype(np.uint64)
-    return starts + pages * np.uint64(4096) + rng.integers(0, 4096, count, dtype=np.uint64)
+    pages = (rng.random(count) * (sizes[which] // PAGE_SIZE)).astype(np.uint64)
+    return starts + pages * np.uint64(PAGE_SIZE) + rng.integers(0, PAGE_SIZE, count, dtype=np.uint64)
 
 
 def run_vm(vm_type: VMType, accesses: int) -> dict[str, Any]:
@@ -112,7 +112,7 @@ def run_vm(vm_type: VMType, accesses: int) -> dict[str, Any]:
     # 2. and 3. To private and back: every page once in order, then at random.
     if vm.has_private_mem:
         region = [(PRIVATE_GPA, PRIVATE_SIZE)]
-        pages = np.arange(PRIVATE_GPA, PRIVATE_GPA + PRIVATE_SIZE, 4096, dtype=np.uint64)
+        pages = np.arange(PRIVATE_GPA, PRIVATE_GPA + PRIVATE_SIZE, PAGE_SIZE, dtype=np.uint64)
         for private in (True, False):
             if vm_type == VMType.SW_PROTECTED or (vm_type == VMType.SNP and not private):
                 guest.convert(PRIVATE_GPA, PRIVATE_SIZE, private)   # asked for explicitly
@@ -122,7 +122,7 @@ def run_vm(vm_type: VMType, accesses: int) -> dict[str, Any]:
             encrypted = AccessFlags.ENCRYPTED if vm_type == VMType.SNP and private else 0
             guest.run(sequence, encrypted | AccessFlags.WRITE)
     # 4. MMIO, each page twice, reads then writes.
-    mmio = (np.arange(MMIO_PAGES, dtype=np.uint64) * np.uint64(4096) + np.uint64(MMIO_GPA)) | shared
+    mmio = (np.arange(MMIO_PAGES, dtype=np.uint64) * np.uint64(PAGE_SIZE) + np.uint64(MMIO_GPA)) | shared
     guest.run(mmio, 0)
     guest.run(mmio, int(AccessFlags.WRITE))
     stats = vm.stats

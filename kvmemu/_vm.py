@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from types import ModuleType
 
 from . import _args, _invariants
-from ._memory import VMConfig, VMMemory
+from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
@@ -245,7 +245,7 @@ class VM:
         if not size:
             if old is None:
                 raise _einval(f"slot {slot:#x} does not exist")
-            self._delete_slot(as_id, slot_id)
+            self._delete_slot(as_id, slot_id, old)
             return
         base_gfn = gpa >> PAGE_SHIFT
         if old is None:
@@ -311,8 +311,7 @@ class VM:
         bindings[key] = (first, first + npages)
         return gmem.index, first
 
-    def _delete_slot(self, as_id: int, slot_id: int) -> None:
-        old = self._memory.slot_by_id(as_id, slot_id)
+    def _delete_slot(self, as_id: int, slot_id: int, old: Slot) -> None:
         self._memory.invalidate_slot(as_id, slot_id)
         self._memory.delete_slot(as_id, slot_id)
         if old.gmem_id >= 0:
@@ -694,6 +693,6 @@ def bind(core: ModuleType, name: str) -> ModuleType:
               "MemoryFaultExit": MemoryFaultExit, "MmioExit": MmioExit}
     for attr in IMPLEMENTATION_NAMES:
         setattr(api, attr, values[attr])
-    api.IMPLEMENTATION = name
-    api.core = core
+    setattr(api, "IMPLEMENTATION", name)
+    setattr(api, "core", core)
     return api

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 from . import _args
 from .constants import (EPT_MEMTYPE_MASK, EPT_MEMTYPE_SHIFT, EPT_MISCONFIG_WX_VALUE,
                         EPT_MMIO_MASK, EPT_VIOLATION, EPTE, NPT_MMIO_VALUE, PFERR, PTE,
-                        SHADOW_NONPRESENT_VALUE, SPTE, SPTE_BASE_ADDR_MASK, MemType, VMType)
+                        PAGE_SHIFT, SHADOW_NONPRESENT_VALUE, SPTE, SPTE_BASE_ADDR_MASK, MemType,
+                        VMType)
 
 
 def _u64(text: str) -> int:
@@ -87,7 +88,7 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
         name = MemType(memtype).name if memtype in MemType._value2member_map_ else "reserved"
         rows.append(("memory type", f"{memtype} ({name})"))
     frame = spte & SPTE_BASE_ADDR_MASK
-    rows.append(("frame", f"pfn {frame >> 12:#x}  (address {frame:#x})"))
+    rows.append(("frame", f"pfn {frame >> PAGE_SHIFT:#x}  (address {frame:#x})"))
     if ns.ept:
         mmio = (spte & EPT_MMIO_MASK) == EPT_MISCONFIG_WX_VALUE
         readable, executable = spte & EPTE.READ, spte & EPTE.EXEC
@@ -99,7 +100,7 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
     if spte == SHADOW_NONPRESENT_VALUE:
         rows.append(("meaning", "SHADOW_NONPRESENT_VALUE: an empty or zapped entry"))
     elif mmio and not present:
-        gfn = (frame & ~NPT_MMIO_VALUE if ns.npt else frame) >> 12    # not NPT's bit 51
+        gfn = (frame & ~NPT_MMIO_VALUE if ns.npt else frame) >> PAGE_SHIFT    # not NPT's bit 51
         rows.append(("MMIO SPTE", f"yes: gfn {gfn:#x}, memslot generation "
                                   f"{get_mmio_spte_generation(spte):#x}"))
     else:

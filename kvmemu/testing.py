@@ -20,12 +20,14 @@ test share one decoder; the Hypothesis state machine
 from __future__ import annotations
 
 from enum import Enum
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
 
 from kvmemu import _select
 from kvmemu._vm import GuestMemfd, MemSlot, Snapshot
+from kvmemu.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from kvmemu.results import AccessBatch
 
 CORES = (_select.load("cython"), _select.load("python"))
@@ -73,14 +75,13 @@ def vm_state(side: "Side") -> Any:
     if vm is None:
         return None
     slots = vm.memslots
-    lpage = [outcome(lambda s=s, lv=lv: vm.lpage_info(s.slot, lv))
-             for s in slots for lv in (2, 3)]
+    lpage = [outcome(partial(vm.lpage_info, s.slot, lv))
+             for s in slots for lv in range(PG_LEVEL_2M, PG_LEVEL_1G + 1)]
     private = vm.private_page_tables
     return {
         "vm": repr(vm),
         "stats": vm.stats,
-        "vcpus": [outcome(lambda v=v: (v.run.exit_reason, v.run.memory_fault, v.run.mmio,
-                                       v.stats)) for v in side.vcpus],
+        "vcpus": [outcome(partial(_vcpu_state, v)) for v in side.vcpus],
         "memslots": [norm(s) for s in slots],
         "attributes": vm.memory_attribute_ranges(),
         "lpage_info": lpage,
@@ -90,6 +91,10 @@ def vm_state(side: "Side") -> Any:
         "tables": _tables(vm.page_tables),
         "private_tables": None if private is None else _tables(private),
     }
+
+
+def _vcpu_state(vcpu: Any) -> Any:
+    return (vcpu.run.exit_reason, vcpu.run.memory_fault, vcpu.run.mmio, vcpu.stats)
 
 
 def _tables(pt: Any) -> tuple[Any, bytes]:

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
-# The tests judge the installed package, not the source tree: ``python -m pytest`` puts
-# the working directory (the repository root, whose kvmemu/ holds no compiled core
-# unless it was built in place) first on sys.path, so it is taken off before kvmemu is
-# imported.
+# The tests judge the installed package, not the bare source tree: ``python -m pytest``
+# puts the working directory (the repository root) first on sys.path, and its kvmemu/
+# has no compiled core unless one was built in place (``setup.py build_ext --inplace``),
+# so without one the root is taken off before kvmemu is imported.
 _ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
+if not any((_ROOT / "kvmemu" / f"_core{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

@@ -1,12 +1,14 @@
 """The constants equal the kernel's values (docs/reference.md and docs/api.md §1)."""
 
 import errno
+from pathlib import Path
 
 import pytest
 
 import kvmemu
 from kvmemu import (EPT_VIOLATION, PFERR, ExitReason, KvmError, MemAttr, MemFlag, RetPF,
                     VMType)
+from kvmemu.constants import c_constants
 
 PFERR_VALUES = {
     "PRESENT": 0x1, "WRITE": 0x2, "USER": 0x4, "RSVD": 0x8, "FETCH": 0x10, "PK": 0x20,
@@ -78,3 +80,26 @@ def test_kvm_error_carries_errno():
     assert err.errno == errno.EEXIST
     assert "slot overlaps slot 3" in str(err)
     assert repr(err) == "KvmError(EEXIST, 'slot overlaps slot 3')"
+
+
+def test_c_names_follow_the_rule():
+    """Flag members are <CLASS>_<MEMBER> in upper snake case, uint64_t; enum members int;
+    module-level ints keep their name (what the generated C header and pxd declare)."""
+    names = c_constants()
+    assert names["PFERR_PRIVATE_ACCESS"] == ("uint64_t", 1 << 49)
+    assert names["ACCESS_FLAGS_WRITE"] == ("uint64_t", 1)
+    assert names["MEM_ATTR_PRIVATE"] == ("uint64_t", 8)
+    assert names["RET_PF_SPURIOUS"] == ("int", 6)
+    assert names["EXIT_REASON_MEMORY_FAULT"] == ("int", 39)
+    assert names["SPTE_BASE_ADDR_MASK"] == ("uint64_t", 0x000F_FFFF_FFFF_F000)
+    assert names["KVM_MMU_MAX_GFN"] == ("uint64_t", (1 << 36) - 1)
+    # The compiled core's exception signal is neither a RetPF nor a negative errno.
+    signal = names["CORE_RETURN_PY_EXCEPTION"][1]
+    assert signal > max(RetPF) and signal > 0
+
+
+def test_the_twins_c_names_stub_is_current():
+    from kvmemu._pure import cnames
+    stub = Path(cnames.__file__).with_suffix(".pyi")
+    assert stub.read_text() == cnames.stub(), (
+        "regenerate it: python -m kvmemu._pure.cnames > kvmemu/_pure/cnames.pyi")

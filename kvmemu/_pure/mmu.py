@@ -36,6 +36,25 @@ class FaultRecord:
                  "prefetch", "is_private", "nx_huge_page_workaround_enabled", "max_level",
                  "req_level", "goal_level", "gfn", "slot", "mmu_seq", "pfn", "map_writable",
                  "huge_page_disallowed")
+    addr: int
+    error_code: int
+    exec_: bool
+    write: bool
+    present: bool
+    rsvd: bool
+    user: bool
+    prefetch: bool
+    is_private: bool
+    nx_huge_page_workaround_enabled: bool
+    max_level: int
+    req_level: int
+    goal_level: int
+    gfn: int
+    slot: Any                      # a kvmemu._memory.Slot, or None
+    mmu_seq: int
+    pfn: int
+    map_writable: bool
+    huge_page_disallowed: bool
 
 
 def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool) -> FaultRecord:

@@ -24,6 +24,19 @@ class SpteFormat:
 
     __slots__ = ("ept", "present", "user", "x", "nx", "accessed", "dirty", "host_writable",
                  "mmu_writable", "memtype", "mmio_value", "mmio_mask", "mmio_access_mask")
+    ept: bool
+    present: int
+    user: int
+    x: int
+    nx: int
+    accessed: int
+    dirty: int
+    host_writable: int
+    mmu_writable: int
+    memtype: int
+    mmio_value: int
+    mmio_mask: int
+    mmio_access_mask: int
 
 
 def spte_format(ept: bool, tdx: bool) -> SpteFormat:
