@@ -7,7 +7,6 @@ import numpy as np
 
 from . import PageTables as PageTables
 from . import svm_error_code as svm_error_code
-from . import tdx_shared_bit as tdx_shared_bit
 from . import vmx_error_code as vmx_error_code
 from .results import AccessBatch
 

@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 from types import ModuleType
 
+import numpy as np
+
 from . import _args, _invariants
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
@@ -679,6 +681,25 @@ IMPLEMENTATION_NAMES = ("vmx_error_code", "svm_error_code", "tdx_shared_bit", "P
                         "MemoryFaultExit", "MmioExit")
 
 
+def tdx_shared_bit(gpaw: Any) -> Any:
+    """tdx_shared_bit(gpaw)
+
+    The TDX shared-GPA bit for a guest physical-address width (TDX_SHARED_BIT_PWL_4 /
+    _PWL_5, arch/x86/kvm/vmx/tdx.c, 6.18): ``1 << 47`` for 48, ``1 << 51`` for 52;
+    ValueError for any other width.  A 1-D uint64 array of widths gives an array of
+    bits.  A table lookup, not a per-access rule: one function serves both cores.
+    """
+    if isinstance(gpaw, np.ndarray):
+        _, (widths,), out = _args.operands(None, ("gpaw", gpaw))
+        bad = (widths != 48) & (widths != 52)
+        if bad.any():
+            raise ValueError(f"gpaw must be 48 or 52, not {int(widths[bad.argmax()])}")
+        out[:] = np.where(widths == 52, np.uint64(TDX_GPAW_SHARED_BIT[52]),
+                          np.uint64(TDX_GPAW_SHARED_BIT[48]))
+        return out
+    return TDX_GPAW_SHARED_BIT[_args.gpaw(gpaw)]
+
+
 def bind(core: ModuleType, name: str) -> ModuleType:
     """The public names of one implementation: the core's functions and PageTables, the
     result classes, and a ``VM`` class that builds its state from ``core``."""
@@ -687,7 +708,7 @@ def bind(core: ModuleType, name: str) -> ModuleType:
     vm_class = type("VM", (VM,), {"__doc__": VM.__doc__, "__module__": VM.__module__,
                                   "__qualname__": "VM", "_core": core})
     values = {"vmx_error_code": core.vmx_error_code, "svm_error_code": core.svm_error_code,
-              "tdx_shared_bit": core.tdx_shared_bit, "PageTables": core.PageTables,
+              "tdx_shared_bit": tdx_shared_bit, "PageTables": core.PageTables,
               "Translation": Translation, "EptViolation": EptViolation,
               "EptMisconfig": EptMisconfig, "NestedPageFault": NestedPageFault, "VM": vm_class,
               "MemoryFaultExit": MemoryFaultExit, "MmioExit": MmioExit}

@@ -12,7 +12,6 @@ from libc.stdint cimport uint64_t
 import numpy as np
 
 from kvmemu import _args
-from kvmemu.constants import TDX_GPAW_SHARED_BIT
 
 
 cdef inline uint64_t bit(uint64_t value, uint64_t mask) noexcept nogil:
@@ -177,25 +176,6 @@ def svm_error_code(exit_info_1, snp=False, *, out=None):
     with nogil:
         svm_ec_loop(ev, is_snp, ov, e0)
     return out
-
-
-def tdx_shared_bit(gpaw):
-    """tdx_shared_bit(gpaw)
-
-    The TDX shared-GPA bit for a guest physical-address width
-    (TDX_SHARED_BIT_PWL_4 / _PWL_5, arch/x86/kvm/vmx/tdx.c): ``1 << 47`` for
-    48, ``1 << 51`` for 52; ValueError for any other width.  A 1-D uint64
-    array of widths gives an array of bits.
-    """
-    if isinstance(gpaw, np.ndarray):
-        n, (widths,), out = _args.operands(None, ("gpaw", gpaw))
-        bad = (widths != 48) & (widths != 52)
-        if bad.any():
-            raise ValueError(f"gpaw must be 48 or 52, not {int(widths[bad.argmax()])}")
-        out[:] = np.where(widths == 52, np.uint64(TDX_GPAW_SHARED_BIT[52]),
-                          np.uint64(TDX_GPAW_SHARED_BIT[48]))
-        return out
-    return TDX_GPAW_SHARED_BIT[_args.gpaw(gpaw)]
 
 
 # --- exit handlers ------------------------------------------------------------------------

@@ -7,11 +7,11 @@ bit for bit.  Selected by ``KVMEMU_PURE_PYTHON=1`` before ``import kvmemu``; the
 test suite runs every test against both.
 """
 
-from .exits import svm_error_code, tdx_shared_bit, vmx_error_code
+from .exits import svm_error_code, vmx_error_code
 from .memslots import Memslots, gmem_frame
 from .paging import PageTables
 from .tdp_mmu import TdpMmu
 from .vcpu import VCPUState
 
-__all__ = ["vmx_error_code", "svm_error_code", "tdx_shared_bit", "PageTables", "Memslots",
+__all__ = ["vmx_error_code", "svm_error_code", "PageTables", "Memslots",
            "TdpMmu", "VCPUState", "gmem_frame"]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import _args
-from ..constants import EPT_VIOLATION_PROT_MASK, TDX_GPAW_SHARED_BIT
+from ..constants import EPT_VIOLATION_PROT_MASK
 from . import mmu
 from .cnames import *  # noqa: F403  (the constants under their C names)
 
@@ -120,21 +120,6 @@ def svm_error_code(exit_info_1: Any, snp: Any = False, *, out: Any = None) -> An
         return svm_ec(e, is_snp)
     svm_ec_loop(e, is_snp, out)
     return out
-
-
-def tdx_shared_bit(gpaw: Any) -> Any:
-    """The TDX shared-GPA bit for a guest physical-address width (TDX_SHARED_BIT_PWL_4 /
-    _PWL_5, arch/x86/kvm/vmx/tdx.c): ``1 << 47`` for 48, ``1 << 51`` for 52; ValueError
-    for any other width.  A 1-D uint64 array of widths gives an array of bits."""
-    if isinstance(gpaw, np.ndarray):
-        n, (widths,), out = _args.operands(None, ("gpaw", gpaw))
-        bad = (widths != 48) & (widths != 52)
-        if bad.any():
-            raise ValueError(f"gpaw must be 48 or 52, not {int(widths[bad.argmax()])}")
-        out[:] = np.where(widths == 52, np.uint64(TDX_GPAW_SHARED_BIT[52]),
-                          np.uint64(TDX_GPAW_SHARED_BIT[48]))
-        return out
-    return TDX_GPAW_SHARED_BIT[_args.gpaw(gpaw)]
 
 
 # --- exit handlers ------------------------------------------------------------------------
