@@ -16,6 +16,7 @@ trap 'rm -rf "$WORK"' EXIT
 
 mkdir -p "$WORK/tree"
 cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/kvmemu" "$ROOT/tests" \
+      "$ROOT/examples" "$ROOT/docs" \
       "$ROOT/fuzz" "$WORK/tree/"
 find "$WORK/tree/kvmemu" -name '*.so' -delete
 cd "$WORK/tree"

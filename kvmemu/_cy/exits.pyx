@@ -181,7 +181,7 @@ def svm_error_code(exit_info_1, snp=False, *, out=None):
 # --- exit handlers ------------------------------------------------------------------------
 
 cdef int trace_kvm_page_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code) except -1:
-    """The kvm_page_fault tracepoint (arch/x86/kvm/trace.h): VMX passes the raw exit
+    """Models the kvm_page_fault tracepoint (arch/x86/kvm/trace.h, 6.18): VMX passes the raw exit
     qualification (TDX: 0x2 for a private GPA), SVM the error code with PRIVATE_ACCESS
     synthesized."""
     if vcpu.mmu.tracing:

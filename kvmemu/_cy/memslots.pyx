@@ -114,7 +114,8 @@ cdef class Memslots:
         return -1
 
     cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil:
-        """Models __gfn_to_memslot: the address-space-0 memslot holding ``gfn``, or NULL."""
+        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the address-space-0
+        memslot holding ``gfn``, or NULL."""
         cdef Py_ssize_t i = self.search_memslots(gfn)
         return &self.records[i] if i >= 0 else NULL
 
@@ -152,19 +153,19 @@ cdef class Memslots:
         return lo - 1
 
     cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil:
-        """Models kvm_get_memory_attributes."""
+        """Models kvm_get_memory_attributes (include/linux/kvm_host.h, 6.18)."""
         cdef Py_ssize_t i = self.attribute_index(gfn)
         if i >= 0 and gfn < self.attr_end[i]:
             return self.attr_value[i]
         return 0
 
     cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil:
-        """Models kvm_mem_is_private."""
+        """Models kvm_mem_is_private (include/linux/kvm_host.h, 6.18)."""
         return (self.get_memory_attributes(gfn) & MEM_ATTR_PRIVATE) != 0
 
     def range_has_memory_attributes(self, uint64_t start, uint64_t end, mask, uint64_t attrs):
-        """Models kvm_range_has_memory_attributes: every gfn of [start, end) has ``attrs``
-        under ``mask`` (masked by what the VM supports)."""
+        """Models kvm_range_has_memory_attributes (virt/kvm/kvm_main.c, 6.18): every gfn of
+        [start, end) has ``attrs`` under ``mask`` (masked by what the VM supports)."""
         cdef uint64_t m = <uint64_t>(mask & _args.U64_MAX) & self.supported_attributes
         cdef Py_ssize_t i, k
         cdef uint64_t gfn
@@ -192,7 +193,7 @@ cdef class Memslots:
     # --- the invalidation protocol ----------------------------------------------------------
 
     cpdef bint mmu_invalidate_retry_gfn(self, uint64_t mmu_seq, uint64_t gfn) noexcept nogil:
-        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h): must a fault that
+        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h, 6.18): must a fault that
         snapshotted ``mmu_seq`` retry?"""
         if self.c[VM_COUNTER_MMU_INVALIDATE_IN_PROGRESS]:
             if self.c[VM_COUNTER_MMU_INVALIDATE_RANGE_START] == INVALID_GPA:

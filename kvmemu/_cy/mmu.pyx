@@ -14,7 +14,8 @@ from libc.stdint cimport uint32_t, uint64_t
 
 cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
                      const SlotRecord* slot, bint nx) noexcept nogil:
-    """struct kvm_page_fault as kvm_mmu_do_page_fault fills it."""
+    """Models the struct kvm_page_fault that kvm_mmu_do_page_fault fills
+    (mmu_internal.h, 6.18)."""
     f.addr = addr
     f.error_code = error_code
     f.exec_ = (error_code & PFERR_FETCH) != 0
@@ -86,7 +87,7 @@ cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept:
 
 
 cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept:
-    """Models vcpu_cache_mmio_info (x86.h; gva 0 for TDP)."""
+    """Models vcpu_cache_mmio_info (arch/x86/kvm/x86.h, 6.18; gva 0 for TDP)."""
     vcpu.mmio_gfn = gfn
     vcpu.mmio_gen = vcpu.memslots.c[VM_COUNTER_GENERATION_0]
 

@@ -91,18 +91,18 @@ cdef inline uint64_t make_mmio_spte(const SpteFormat* f, uint64_t gfn,
 
 
 cdef inline bint is_mmio_spte(const SpteFormat* f, uint64_t spte) noexcept nogil:
-    """is_mmio_spte (spte.h)."""
+    """is_mmio_spte (spte.h, 6.18)."""
     return (spte & f.mmio_mask) == f.mmio_value
 
 
 cdef inline bint is_executable_pte(const SpteFormat* f, uint64_t spte) noexcept nogil:
-    """is_executable_pte (spte.h)."""
+    """is_executable_pte (spte.h, 6.18)."""
     return (spte & (f.x | f.nx)) == f.x
 
 
 cdef inline bint is_access_allowed(const SpteFormat* f, bint exec_, bint write,
                                    uint64_t spte) noexcept nogil:
-    """is_access_allowed (spte.h)."""
+    """is_access_allowed (spte.h, 6.18)."""
     if exec_:
         return is_executable_pte(f, spte)
     if write:
@@ -111,25 +111,25 @@ cdef inline bint is_access_allowed(const SpteFormat* f, bint exec_, bint write,
 
 
 cdef inline bint is_shadow_present_pte(uint64_t spte) noexcept nogil:
-    """is_shadow_present_pte (spte.h)."""
+    """is_shadow_present_pte (spte.h, 6.18)."""
     return (spte & SPTE_MMU_PRESENT) != 0
 
 
 cdef inline bint is_last_spte(uint64_t spte, int level) noexcept nogil:
-    """is_last_spte (spte.h)."""
+    """is_last_spte (spte.h, 6.18)."""
     return level == PG_LEVEL_4K or (spte & PTE_LARGE) != 0
 
 
 cdef inline uint64_t spte_to_pfn(uint64_t spte) noexcept nogil:
-    """spte_to_pfn (spte.h)."""
+    """spte_to_pfn (spte.h, 6.18)."""
     return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
 
 
 cdef inline uint64_t get_mmio_spte_generation(uint64_t spte) noexcept nogil:
-    """get_mmio_spte_generation (spte.h)."""
+    """get_mmio_spte_generation (spte.h, 6.18)."""
     return ((spte & GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | ((spte & GEN_HIGH_MASK) >> GEN_HIGH_SHIFT)
 
 
 cdef inline Py_ssize_t spte_index(uint64_t gfn, int level) noexcept nogil:
-    """SPTE_INDEX(gfn << 12, level) (spte.h)."""
+    """SPTE_INDEX(gfn << 12, level) (spte.h, 6.18)."""
     return (gfn >> (PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)

@@ -102,8 +102,8 @@ cdef class TdpMmu:
 
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1:
-        """Models tdp_mmu_set_spte: write, then handle_changed_spte; traced as
-        kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
+        """Models tdp_mmu_set_spte (tdp_mmu.c, 6.18): write, then handle_changed_spte;
+        traced as kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
         cdef uint64_t old = root.pt.read(table, index)
         if self.tracing and old != new:
             self.tracer.spte_changed(0, gfn, level, old, new)
@@ -112,8 +112,9 @@ cdef class TdpMmu:
 
     cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
                                  uint64_t new) except -1:
-        """Models handle_changed_spte's bookkeeping (its tracepoint is set_spte's): the
-        per-level leaf counts, and a table unlinked by the change is removed."""
+        """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
+        set_spte emits: the per-level leaf counts, and a table
+        unlinked by the change is removed."""
         if is_shadow_present_pte(old) and is_last_spte(old, level):
             self.npages[level] -= 1
         if is_shadow_present_pte(new) and is_last_spte(new, level):
@@ -123,7 +124,8 @@ cdef class TdpMmu:
         return 0
 
     cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1:
-        """Models handle_removed_pt: zap every entry of an unlinked table, free it."""
+        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table,
+        free it."""
         cdef PageTables pt = root.pt
         cdef Py_ssize_t index
         cdef uint64_t old
@@ -139,16 +141,17 @@ cdef class TdpMmu:
     # --- mapping a fault ----------------------------------------------------------------------
 
     cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa):
-        """Models tdp_mmu_get_root_for_fault: the mirror root for a TDX private GPA."""
+        """Models tdp_mmu_get_root_for_fault (tdp_mmu.h, 6.18): the mirror root for a TDX
+        private GPA."""
         if self.mirror is not None and not (addr & direct_bits_gpa):
             return self.mirror
         return self.direct
 
     cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
                          uint64_t generation) except CORE_RETURN_PY_EXCEPTION:
-        """Models kvm_tdp_mmu_map: hugepage adjust, then walk down from the root, linking a
-        new table where none is and splitting a huge leaf in the way, and map the target
-        level."""
+        """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
+        the root, linking a new table where none is and splitting a huge leaf in the way,
+        and map the target level."""
         cdef PageTables pt = root.pt
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old, small
@@ -187,8 +190,9 @@ cdef class TdpMmu:
                                      Py_ssize_t index, int level, uint64_t old,
                                      uint64_t generation,
                                      uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION:
-        """Models tdp_mmu_map_handle_target_level (``iter_gfn``: iter->gfn, with the root's
-        gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or EMULATE."""
+        """Models tdp_mmu_map_handle_target_level (tdp_mmu.c, 6.18; ``iter_gfn``: iter->gfn,
+        with the root's gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or
+        EMULATE."""
         cdef uint64_t new, gfn
         cdef int ret
         if (is_shadow_present_pte(old) and is_access_allowed(&self.fmt, f.exec_, f.write, old)
@@ -214,8 +218,8 @@ cdef class TdpMmu:
     # --- lockless lookups ---------------------------------------------------------------------
 
     cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept:
-        """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep: the deepest
-        SPTE on gfn's path."""
+        """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep (tdp_mmu.c,
+        6.18): the deepest SPTE on gfn's path."""
         cdef uint64_t indexed = gfn | root.gfn_bits
         cdef LastSpte out
         out.table, out.level = 0, self.levels
@@ -230,8 +234,8 @@ cdef class TdpMmu:
     # --- zapping ------------------------------------------------------------------------------
 
     cdef int zap_leafs(self, Root root, uint64_t start, uint64_t end) except -1:
-        """Models tdp_mmu_zap_leafs: zap the present leaf SPTEs mapping any gfn of
-        [start, end); tables stay.  Returns 1 if a TLB flush is needed."""
+        """Models tdp_mmu_zap_leafs (tdp_mmu.c, 6.18): zap the present leaf SPTEs mapping
+        any gfn of [start, end); tables stay.  Returns 1 if a TLB flush is needed."""
         return self.zap_table_leafs(root, 0, self.levels, 0, start, end)
 
     cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
@@ -259,7 +263,7 @@ cdef class TdpMmu:
         return flush
 
     cpdef int zap_all_fast(self) except -1:
-        """Models kvm_mmu_zap_all_fast (mmu.c): every SPTE of every root goes, MMIO SPTEs
+        """Models kvm_mmu_zap_all_fast (mmu.c, 6.18): every SPTE of every root goes, MMIO SPTEs
         included."""
         cdef Py_ssize_t index
         cdef Root root
@@ -272,10 +276,10 @@ cdef class TdpMmu:
 
     cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
                               bint shared) except -1:
-        """Models kvm_unmap_gfn_range with kvm_gfn_range_filter_to_root_types: TDX maps the
-        private filter to the mirror root and the shared one to the direct root; every
-        other VM has only the direct root, zapped for either filter.  The direct root is
-        indexed with the shared bit, so the range is aliased by adding it."""
+        """Models kvm_unmap_gfn_range (mmu.c, 6.18) with kvm_gfn_range_filter_to_root_types:
+        TDX maps the private filter to the mirror root and the shared one to the direct
+        root; every other VM has only the direct root, zapped for either filter.  The direct
+        root is indexed with the shared bit, so the range is aliased by adding it."""
         cdef int flush = 0
         cdef uint64_t bits = self.direct.gfn_bits
         if self.mirror is None:

@@ -125,7 +125,7 @@ def svm_error_code(exit_info_1: Any, snp: Any = False, *, out: Any = None) -> An
 # --- exit handlers ------------------------------------------------------------------------
 
 def trace_kvm_page_fault(vcpu: Any, gpa: int, error_code: int) -> None:
-    """The kvm_page_fault tracepoint (arch/x86/kvm/trace.h): VMX passes the raw exit
+    """Models the kvm_page_fault tracepoint (arch/x86/kvm/trace.h, 6.18): VMX passes the raw exit
     qualification (TDX: 0x2 for a private GPA), SVM the error code with PRIVATE_ACCESS
     synthesized."""
     tracer = vcpu.mmu.tracer

@@ -59,7 +59,8 @@ class Memslots:
         return -1
 
     def gfn_to_memslot(self, gfn: int) -> Any:
-        """Models __gfn_to_memslot: the address-space-0 memslot holding ``gfn``, or None."""
+        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the address-space-0
+        memslot holding ``gfn``, or None."""
         i = self.search_memslots(gfn)
         return self.slots[i] if i >= 0 else None
 
@@ -83,19 +84,19 @@ class Memslots:
         return int(np.searchsorted(self.attr_start, gfn, side="right")) - 1
 
     def get_memory_attributes(self, gfn: int) -> int:
-        """Models kvm_get_memory_attributes."""
+        """Models kvm_get_memory_attributes (include/linux/kvm_host.h, 6.18)."""
         i = self.attribute_index(gfn)
         if i >= 0 and gfn < int(self.attr_end[i]):
             return int(self.attr_value[i])
         return 0
 
     def mem_is_private(self, gfn: int) -> bool:
-        """Models kvm_mem_is_private."""
+        """Models kvm_mem_is_private (include/linux/kvm_host.h, 6.18)."""
         return bool(self.get_memory_attributes(gfn) & MEM_ATTR_PRIVATE)
 
     def range_has_memory_attributes(self, start: int, end: int, mask: int, attrs: int) -> bool:
-        """Models kvm_range_has_memory_attributes: every gfn of [start, end) has ``attrs``
-        under ``mask`` (masked by what the VM supports)."""
+        """Models kvm_range_has_memory_attributes (virt/kvm/kvm_main.c, 6.18): every gfn of
+        [start, end) has ``attrs`` under ``mask`` (masked by what the VM supports)."""
         mask &= self.supported_attributes & _args.U64_MAX
         if attrs & ~mask:
             return False
@@ -121,7 +122,7 @@ class Memslots:
     # --- the invalidation protocol ----------------------------------------------------------
 
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
-        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h): must a fault that
+        """Models mmu_invalidate_retry_gfn (include/linux/kvm_host.h, 6.18): must a fault that
         snapshotted ``mmu_seq`` retry?  Yes while an invalidation covering ``gfn`` (or one
         whose range is not known yet) is in progress, and when one finished since."""
         c = self.counters

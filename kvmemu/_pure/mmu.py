@@ -58,7 +58,8 @@ class FaultRecord:
 
 
 def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool) -> FaultRecord:
-    """struct kvm_page_fault as kvm_mmu_do_page_fault fills it."""
+    """Models the struct kvm_page_fault that kvm_mmu_do_page_fault fills
+    (mmu_internal.h, 6.18)."""
     f = FaultRecord()
     f.addr = addr
     f.error_code = error_code
@@ -128,7 +129,7 @@ def handle_mmio_page_fault(vcpu: Any, gpa: int) -> int:
 
 
 def vcpu_cache_mmio_info(vcpu: Any, gfn: int) -> None:
-    """Models vcpu_cache_mmio_info (x86.h; gva 0 for TDP)."""
+    """Models vcpu_cache_mmio_info (arch/x86/kvm/x86.h, 6.18; gva 0 for TDP)."""
     vcpu.mmio_gfn = gfn
     vcpu.mmio_gen = int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0])
 

@@ -126,17 +126,17 @@ def make_mmio_spte(f: SpteFormat, gfn: int, generation: int) -> int:
 
 
 def is_mmio_spte(f: SpteFormat, spte: int) -> bool:
-    """is_mmio_spte (spte.h)."""
+    """is_mmio_spte (spte.h, 6.18)."""
     return (spte & f.mmio_mask) == f.mmio_value
 
 
 def is_executable_pte(f: SpteFormat, spte: int) -> bool:
-    """is_executable_pte (spte.h)."""
+    """is_executable_pte (spte.h, 6.18)."""
     return (spte & (f.x | f.nx)) == f.x
 
 
 def is_access_allowed(f: SpteFormat, exec_: bool, write: bool, spte: int) -> bool:
-    """is_access_allowed (spte.h)."""
+    """is_access_allowed (spte.h, 6.18)."""
     if exec_:
         return is_executable_pte(f, spte)
     if write:
@@ -145,26 +145,26 @@ def is_access_allowed(f: SpteFormat, exec_: bool, write: bool, spte: int) -> boo
 
 
 def is_shadow_present_pte(spte: int) -> bool:
-    """is_shadow_present_pte (spte.h)."""
+    """is_shadow_present_pte (spte.h, 6.18)."""
     return bool(spte & SPTE_MMU_PRESENT)
 
 
 def is_last_spte(spte: int, level: int) -> bool:
-    """is_last_spte (spte.h)."""
+    """is_last_spte (spte.h, 6.18)."""
     return level == PG_LEVEL_4K or bool(spte & PTE_LARGE)
 
 
 def spte_to_pfn(spte: int) -> int:
-    """spte_to_pfn (spte.h)."""
+    """spte_to_pfn (spte.h, 6.18)."""
     return (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
 
 
 def get_mmio_spte_generation(spte: int) -> int:
-    """get_mmio_spte_generation (spte.h)."""
+    """get_mmio_spte_generation (spte.h, 6.18)."""
     return ((spte & GEN_LOW_MASK) >> MMIO_SPTE_GEN_LOW_START) | (
         (spte & GEN_HIGH_MASK) >> GEN_HIGH_SHIFT)
 
 
 def spte_index(gfn: int, level: int) -> int:
-    """SPTE_INDEX(gfn << 12, level) (spte.h)."""
+    """SPTE_INDEX(gfn << 12, level) (spte.h, 6.18)."""
     return (gfn >> (PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)

@@ -94,8 +94,8 @@ class TdpMmu:
 
     def set_spte(self, root: Root, table: int, index: int, level: int, new: int,
                  gfn: int) -> None:
-        """Models tdp_mmu_set_spte: write, then handle_changed_spte; traced as
-        kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
+        """Models tdp_mmu_set_spte (tdp_mmu.c, 6.18): write, then handle_changed_spte;
+        traced as kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
         old = root.pt.read(table, index)
         if self.tracer is not None and old != new:
             self.tracer.spte_changed(0, gfn, level, old, new)
@@ -103,9 +103,9 @@ class TdpMmu:
         self.handle_changed_spte(root, level, old, new)
 
     def handle_changed_spte(self, root: Root, level: int, old: int, new: int) -> None:
-        """Models handle_changed_spte's bookkeeping (its tracepoint is set_spte's): the
-        per-level leaf counts (kvm_update_page_stats), and a table unlinked by the change
-        is removed."""
+        """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
+        set_spte emits: the per-level leaf counts (kvm_update_page_stats), and a table
+        unlinked by the change is removed."""
         if spte.is_shadow_present_pte(old) and spte.is_last_spte(old, level):
             self.npages[level] -= 1
         if spte.is_shadow_present_pte(new) and spte.is_last_spte(new, level):
@@ -114,7 +114,8 @@ class TdpMmu:
             self.handle_removed_pt(root, root.child(old), level - 1)
 
     def handle_removed_pt(self, root: Root, table: int, level: int) -> None:
-        """Models handle_removed_pt: zap every entry of an unlinked table, free it."""
+        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table,
+        free it."""
         pt = root.pt
         for index in range(PT_ENTRIES):
             old = pt.read(table, index)
@@ -127,15 +128,16 @@ class TdpMmu:
     # --- mapping a fault ----------------------------------------------------------------------
 
     def get_root_for_fault(self, addr: int, direct_bits_gpa: int) -> Root:
-        """Models tdp_mmu_get_root_for_fault: the mirror root for a TDX private GPA."""
+        """Models tdp_mmu_get_root_for_fault (tdp_mmu.h, 6.18): the mirror root for a TDX
+        private GPA."""
         if self.mirror is not None and not addr & direct_bits_gpa:
             return self.mirror
         return self.direct
 
     def tdp_mmu_map(self, fault: Any, root: Root, generation: int) -> int:
-        """Models kvm_tdp_mmu_map: hugepage adjust, then walk down from the root, linking a
-        new table where none is and splitting a huge leaf in the way, and map the target
-        level."""
+        """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
+        the root, linking a new table where none is and splitting a huge leaf in the way,
+        and map the target level."""
         mmu.hugepage_adjust(fault, self.nx_huge_pages)
         pt, gfn = root.pt, fault.gfn
         indexed = gfn | root.gfn_bits
@@ -171,8 +173,9 @@ class TdpMmu:
 
     def map_handle_target_level(self, fault: Any, root: Root, table: int, index: int,
                                 level: int, old: int, generation: int, iter_gfn: int) -> int:
-        """Models tdp_mmu_map_handle_target_level (``iter_gfn``: iter->gfn, with the root's
-        gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or EMULATE."""
+        """Models tdp_mmu_map_handle_target_level (tdp_mmu.c, 6.18; ``iter_gfn``: iter->gfn,
+        with the root's gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or
+        EMULATE."""
         fmt = self.fmt
         if (spte.is_shadow_present_pte(old)
                 and spte.is_access_allowed(fmt, fault.exec_, fault.write, old)
@@ -198,8 +201,8 @@ class TdpMmu:
     # --- lockless lookups ---------------------------------------------------------------------
 
     def tdp_mmu_get_walk(self, root: Root, gfn: int) -> tuple[int, int, int, int]:
-        """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep: the deepest
-        SPTE on gfn's path, as ``(table, index, level, spte)``."""
+        """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep (tdp_mmu.c,
+        6.18): the deepest SPTE on gfn's path, as ``(table, index, level, spte)``."""
         indexed = gfn | root.gfn_bits
         table, level = 0, self.levels
         while True:
@@ -213,8 +216,8 @@ class TdpMmu:
     # --- zapping ------------------------------------------------------------------------------
 
     def zap_leafs(self, root: Root, start: int, end: int) -> bool:
-        """Models tdp_mmu_zap_leafs: zap the present leaf SPTEs mapping any gfn of
-        [start, end); tables stay.  Returns whether a TLB flush is needed."""
+        """Models tdp_mmu_zap_leafs (tdp_mmu.c, 6.18): zap the present leaf SPTEs mapping
+        any gfn of [start, end); tables stay.  Returns whether a TLB flush is needed."""
         return self.zap_table_leafs(root, 0, self.levels, 0, start, end)
 
     def zap_table_leafs(self, root: Root, table: int, level: int, base: int, start: int,
@@ -238,7 +241,7 @@ class TdpMmu:
         return flush
 
     def zap_all_fast(self) -> None:
-        """Models kvm_mmu_zap_all_fast (mmu.c): every SPTE of every root goes, MMIO SPTEs
+        """Models kvm_mmu_zap_all_fast (mmu.c, 6.18): every SPTE of every root goes, MMIO SPTEs
         included."""
         for root in (self.direct, self.mirror):
             if root is not None:
@@ -247,11 +250,11 @@ class TdpMmu:
                                   index * pages_per_hpage(self.levels))
 
     def unmap_gfn_range(self, start: int, end: int, private: bool, shared: bool) -> bool:
-        """Models kvm_unmap_gfn_range with kvm_gfn_range_filter_to_root_types: TDX maps the
-        private filter to the mirror root and the shared one to the direct root; every
-        other VM has only the direct root, zapped for either filter.  The direct root is
-        indexed with the shared bit (kvm_gfn_root_bits), so the range is aliased by adding
-        it.  Returns whether a TLB flush is needed."""
+        """Models kvm_unmap_gfn_range (mmu.c, 6.18) with kvm_gfn_range_filter_to_root_types:
+        TDX maps the private filter to the mirror root and the shared one to the direct
+        root; every other VM has only the direct root, zapped for either filter.  The direct
+        root is indexed with the shared bit (kvm_gfn_root_bits), so the range is aliased by
+        adding it.  Returns whether a TLB flush is needed."""
         bits = self.direct.gfn_bits
         if self.mirror is None:
             return self.zap_leafs(self.direct, start + bits, end + bits)
