@@ -218,9 +218,13 @@ cdef class VCPUState:
         cdef Py_ssize_t dn, mn
         cdef Outcome out
         cdef int status, err = 0, streak = 0
+        # Local copies of the walks' configuration: the loop stores into table memory
+        # (A/D bits) through uint64_t pointers, which the compiler must otherwise assume
+        # may change the PageTables' fields.
+        cdef PagingConfig dcfg = dpt.cfg, mcfg = mpt.cfg
         # The common case inlined: the one-pass walk of 4-level EPT (translate_one
         # takes it too; this saves a call per access in the GIL-free loop).
-        cdef bint fast4 = dpt.cfg.ept and dpt.cfg.levels == 4
+        cdef bint fast4 = dcfg.ept and dcfg.levels == 4
         if per_element:
             fl = flags
         else:
@@ -234,9 +238,9 @@ cdef class VCPUState:
                         if per_element:
                             f = fl[i]
                         if tdx and not (g & shared_bit):
-                            out = translate_one(&mpt.cfg, mmem, mn, g, f)
-                        elif not (fast4 and ept_fast_translate(&dpt.cfg, dmem, dn, g, f, &out, 4)):
-                            out = translate_one(&dpt.cfg, dmem, dn, g, f)
+                            out = translate_one(&mcfg, mmem, mn, g, f)
+                        elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4)):
+                            out = translate_one(&dcfg, dmem, dn, g, f)
                         if out.kind != OUT_TRANSLATED:
                             break
                         hpa[i] = out.value
