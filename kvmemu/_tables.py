@@ -2,10 +2,12 @@
 
 ``PageTables.set_entry`` / ``get_entry`` are not something the hardware or KVM
 does: they are how a test or an embedder builds second-stage tables by hand.
-Both cores' ``PageTables`` call these functions, which use only the table
-methods each core provides (``entry``, ``write``, ``new_table``,
+Both cores' ``PageTables`` call these functions, which use only the checked
+table methods each core provides (``entry``, ``store``, ``new_table``,
 ``table_at``, ``is_large``) and its ``present_mask`` / ``addr_mask`` /
 ``nonleaf`` values (and the twin's ``gpa_index``, the one pure rule it needs).
+The tables of a VM's TDP MMU (``kvm_owned``) take no writes from outside: KVM
+alone decides what they hold, so ``set_entry`` refuses them.
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def set_entry(pt: Any, gpa: Any, level: Any, value: Any) -> None:
     g = _args.gpa(gpa, pt.levels)
     lvl = _args.level("level", level, 1, pt.levels)
     v = _args.u64("value", value)
+    if pt.kvm_owned:
+        raise ValueError("these are the tables of a VM's TDP MMU: only KVM writes them "
+                         "(read them with get_entry, walk or translate)")
     table, at = descend(pt, g, lvl)
     if at != lvl:
         e = pt.entry(table, _paging.gpa_index(g, at))
@@ -50,9 +55,9 @@ def set_entry(pt: Any, gpa: Any, level: Any, value: Any) -> None:
                              f"level-{at} entry {e:#x} {what}")
         while at != lvl:
             child = pt.new_table()
-            pt.write(table, _paging.gpa_index(g, at), pt.hpa(child) | pt.nonleaf)
+            pt.store(table, _paging.gpa_index(g, at), pt.hpa(child) | pt.nonleaf)
             table, at = child, at - 1
-    pt.write(table, _paging.gpa_index(g, lvl), v)
+    pt.store(table, _paging.gpa_index(g, lvl), v)
 
 
 def get_entry(pt: Any, gpa: Any, level: Any) -> int:

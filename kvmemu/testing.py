@@ -19,6 +19,7 @@ test share one decoder; the Hypothesis state machine
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from enum import Enum
 from functools import partial
 from typing import Any, Callable
@@ -91,6 +92,17 @@ def vm_state(side: "Side") -> Any:
         "tables": _tables(vm.page_tables),
         "private_tables": None if private is None else _tables(private),
     }
+
+
+@contextmanager
+def writable(tables: Any) -> Any:
+    """Let ``set_entry`` write a VM's tables inside the block, which KVM alone writes
+    otherwise: for tests of ``check_invariants``, which must see what KVM never would."""
+    tables._set_kvm_owned(False)
+    try:
+        yield tables
+    finally:
+        tables._set_kvm_owned(True)
 
 
 def _vcpu_state(vcpu: Any) -> Any:

@@ -125,16 +125,7 @@ CASES = [
     ("walk", lambda w: w["pt"].walk(1 << 48), ValueError, "gpa"),
     ("translate", lambda w: w["pt"].translate(0, user=None), TypeError, "user"),
     ("translate_many", lambda w: w["pt"].translate_many(ARRAY, 0x80), ValueError, "flags"),
-    ("kvm_get", lambda w: w["pt"].kvm_get(-1, 0), IndexError, "table"),
-    ("kvm_get", lambda w: w["pt"].kvm_get(0, 512), IndexError, "index"),
-    ("kvm_get", lambda w: w["pt"].kvm_get(True, 0), TypeError, "table"),
-    ("kvm_set", lambda w: w["pt"].kvm_set(0, 0, 1.5), TypeError, "value"),
-    ("kvm_fill", lambda w: w["pt"].kvm_fill(99, 0), IndexError, "table"),
-    ("kvm_alloc", lambda w: w["pt"].kvm_alloc(-1), OverflowError, "fill"),
-    ("kvm_free", lambda w: w["pt"].kvm_free(0), ValueError, "root"),
-    ("kvm_free", lambda w: w["pt"].kvm_free(U64_OVER), IndexError, "table"),
-    ("kvm_hpa", lambda w: w["pt"].kvm_hpa(-1), IndexError, "table"),
-    ("kvm_table_at", lambda w: w["pt"].kvm_table_at(-4096), OverflowError, "hpa"),
+    ("set_entry", lambda w: w["vm"].page_tables.set_entry(0, 1, 7), ValueError, "only KVM"),
 ]
 
 
@@ -153,22 +144,38 @@ def test_bad_argument_is_rejected_and_changes_nothing(kv, name, call, error, wor
     assert fingerprint(w) == before
 
 
-def test_a_table_freed_twice_is_refused(kv):
-    """A second kvm_free would put the table on the free list twice, so two later
-    allocations would share it: refused, and the free list stays as it was."""
-    pt = kv.PageTables("ept")
-    pt.set_entry(0, 1, 7)                        # tables 1..3
-    pt.kvm_free(3)
-    with pytest.raises(ValueError, match="table 3 is already free"):
-        pt.kvm_free(3)
-    assert pt.kvm_alloc(0) == 3
-    assert pt.kvm_alloc(0) == 4
+def test_kvms_tables_take_no_writes_from_outside(kv):
+    """A VM's tables hold what KVM wrote and nothing else: set_entry refuses them (a
+    non-leaf entry pointing at no table, then a fault over it and a snapshot, once made
+    the next table allocation write past the storage), and the PageTables offers no
+    unchecked storage mutators."""
+    vm = kv.VM()
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=1 << 21,
+                              userspace_addr=1 << 40)
+    vm.create_vcpu().access(0x1000, write=True)
+    before = vm.page_tables.tables
+    for level in (1, 2, 3, 4):
+        with pytest.raises(ValueError, match="only KVM writes them"):
+            vm.page_tables.set_entry(0x1000, level, 0x7)
+    assert (vm.page_tables.tables == before).all()
+    assert vm.page_tables.get_entry(0x1000, 1) == before[3, 1]
+    with pytest.raises(ValueError, match="only KVM writes them"):
+        vm.page_tables.store(3, 1, 0x7)
+    for name in ("kvm_alloc", "kvm_free", "kvm_fill", "kvm_set"):
+        assert not hasattr(kv.PageTables, name)
+    assert vm.check_invariants() == []
 
 
-def test_storage_helpers_agree_with_the_layout(kv):
+def test_checked_table_access(kv):
     pt = kv.PageTables("npt")
-    assert pt.kvm_hpa(0) == pt.root_hpa
-    assert pt.kvm_table_at(pt.root_hpa) == 0
-    assert pt.kvm_table_at(pt.root_hpa + 4096) == -1
-    pt.kvm_set(0, 511, 0x1234)
-    assert pt.kvm_get(0, 511) == 0x1234 == pt.tables[0, 511]
+    assert pt.hpa(0) == pt.root_hpa
+    assert pt.table_at(pt.root_hpa) == 0
+    assert pt.table_at(pt.root_hpa + 4096) == -1
+    assert pt.entry(-1, 3) == 0
+    pt.store(0, 511, 0x1234)
+    assert pt.entry(0, 511) == 0x1234 == pt.tables[0, 511]
+    for table, index in ((1, 0), (0, 512), (-2, 0)):
+        with pytest.raises(IndexError):
+            pt.entry(table, index)
+        with pytest.raises(IndexError):
+            pt.store(table, index, 0)

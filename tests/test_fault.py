@@ -12,6 +12,7 @@ import pytest
 
 from kvmemu import (PT_BASE_HPA, ExitReason, KvmError, MemFlag, MemoryFaultExit, MmioExit,
                     RetPF, Translation, VMType)
+from kvmemu.testing import writable
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 GMEM = MemFlag.GUEST_MEMFD
@@ -484,14 +485,16 @@ def test_check_invariants_reports_a_bad_leaf(kv):
     vm, vcpu = vm_with_slot(kv, size=MIB)
     vcpu.access(0x1000)
     good = vm.page_tables.get_entry(0x1000, 1)
-    vm.page_tables.set_entry(0x1000, 1, good + (1 << 12))             # wrong frame
-    vm.page_tables.set_entry(0x100000, 1, good)                       # outside the slot
+    with writable(vm.page_tables) as tables:
+        tables.set_entry(0x1000, 1, good + (1 << 12))                   # wrong frame
+        tables.set_entry(0x100000, 1, good)                             # outside the slot
     problems = vm.check_invariants()
     assert any("maps frame" in p for p in problems)
     assert any("outside every memslot" in p for p in problems)
     assert any("leaf counts" in p for p in problems)
-    vm.page_tables.set_entry(0x1000, 1, good)
-    vm.page_tables.set_entry(0x100000, 1, 1 << 63)
+    with writable(vm.page_tables) as tables:
+        tables.set_entry(0x1000, 1, good)
+        tables.set_entry(0x100000, 1, 1 << 63)
     assert vm.check_invariants() == []
 
 

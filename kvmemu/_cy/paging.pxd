@@ -37,10 +37,10 @@ cdef struct Outcome:
 
 cdef class PageTables:
     cdef PagingConfig cfg
-    cdef object storage                 # numpy uint64 (capacity, 512); resized in place
-    cdef uint64_t* mem                  # storage's memory (moves when the storage grows)
-    cdef Py_ssize_t capacity            # rows of storage
+    cdef uint64_t* mem                  # RESERVED_TABLES tables, mapped once: never moves
+    cdef Py_ssize_t reserved            # tables the mapping holds
     cdef readonly Py_ssize_t ntables
+    cdef readonly bint kvm_owned        # the tables of a VM's TDP MMU: no writes from outside
     cdef readonly Py_ssize_t max_tables
     cdef readonly uint64_t nonleaf      # what set_entry links new tables with
     cdef readonly uint64_t present_mask, addr_mask, large_bit, rsvd_high
@@ -49,7 +49,7 @@ cdef class PageTables:
     cdef readonly bint ept, ad_bits, exec_only, mbec, huge_1g, host_nx, host_smep
     cdef Py_ssize_t* free_list          # KVM's freed tables, a LIFO stack
     cdef Py_ssize_t nfree, free_cap
-    cdef void set_storage(self, object storage) except *
+    cdef int init_storage(self) except -1
     cpdef Py_ssize_t new_table(self) except -1
     cdef PageTables clone(self)
     # KVM's use of the storage (the TDP MMU): unchecked.
@@ -57,14 +57,14 @@ cdef class PageTables:
     cdef int free(self, Py_ssize_t table) except -1
     cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil
     cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil
-    cpdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept
-    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) noexcept
+    cdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept nogil
+    # Checked access for the written-once set_entry / get_entry (kvmemu/_tables.py).
+    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) except? 0
+    cpdef int store(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) except -1
     cpdef uint64_t hpa(self, Py_ssize_t table) noexcept
     cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept
-    cdef Py_ssize_t last_row(self) noexcept nogil
     cpdef bint is_large(self, int level, uint64_t e) noexcept
 
-cdef Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept nogil
 cdef uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil
 cdef Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil
 cdef uint64_t level_page_mask(int level) noexcept nogil

@@ -9,29 +9,32 @@
 # this is the same rule set over raw table memory, without the GIL, so that
 # batch loops can run it per element.
 #
-# Storage: one 2-D uint64 numpy array of 512-entry tables, grown in place.
+# Storage: 512-entry tables in one anonymous mapping reserved when the PageTables
+# is made (RESERVED_TABLES tables of address space, committed by the kernel page
+# by page as tables are used) and unmapped only when it is freed: table memory
+# never moves, so a loop that reads it without the GIL never reads freed memory.
 # Table k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is
 # the root.  Invariant: the walk reads only through table_at(), which maps an
 # address that holds no table to -1, and -1 reads as a zero entry -- so a walk
-# never reads outside rows 0 .. ntables-1 whatever the entries say.
+# never reads outside tables 0 .. ntables-1 whatever the entries say.
 
 cimport cython
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
+
+cdef extern from "sys/mman.h":
+    int MAP_NORESERVE
 
 import numpy as np
 
 from kvmemu import _args, _tables
 from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translation
 
-cdef Py_ssize_t INITIAL_TABLES = 4
-cdef Py_ssize_t GROWTH_TABLES = 256
-
-
-cdef inline Py_ssize_t grown_capacity(Py_ssize_t ntables, Py_ssize_t max_tables) noexcept nogil:
-    """Double while small, then GROWTH_TABLES (1 MiB of tables) at a time."""
-    return min(ntables + min(ntables, GROWTH_TABLES), max_tables)
+#: Tables of address space each PageTables reserves (16 GiB; memory is committed only
+#: as tables are used).  MAXPHYADDR may allow more: new_table raises MemoryError here.
+cdef Py_ssize_t RESERVED_TABLES = 1 << 22
 
 
 cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
@@ -314,9 +317,13 @@ cdef class PageTables:
     def __cinit__(self):
         self.free_list = NULL
         self.nfree = self.free_cap = 0
+        self.mem = NULL
+        self.reserved = 0
 
     def __dealloc__(self):
         free(self.free_list)
+        if self.mem != NULL:
+            munmap(self.mem, <size_t>self.reserved * PAGE_SIZE)
 
     def __init__(self, kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False,
                  maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False):
@@ -342,15 +349,18 @@ cdef class PageTables:
         self.cfg.host_nx, self.cfg.host_smep = self.host_nx, self.host_smep
         self.cfg.addr_mask, self.cfg.rsvd_high = self.addr_mask, self.rsvd_high
         self.cfg.present_mask, self.cfg.large_bit = self.present_mask, self.large_bit
-        self.set_storage(np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64))
+        self.init_storage()
         self.ntables = 1
 
-    cdef void set_storage(self, object storage) except *:
-        """Use ``storage`` (C-contiguous uint64, (rows, 512)) as the table memory."""
-        cdef uint64_t[:, ::1] view = storage
-        self.storage = storage
-        self.mem = &view[0, 0]
-        self.capacity = view.shape[0]
+    cdef int init_storage(self) except -1:
+        """Reserve the table memory: zeroed, never moved, unmapped with the object."""
+        cdef size_t size = <size_t>RESERVED_TABLES * PAGE_SIZE
+        cdef void* mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if mem == MAP_FAILED:
+            raise MemoryError(f"cannot reserve {size >> 30} GiB of address space for tables")
+        self.mem, self.reserved = <uint64_t*>mem, RESERVED_TABLES
+        return 0
 
     def __repr__(self):
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
@@ -365,8 +375,9 @@ cdef class PageTables:
     @property
     def tables(self):
         """A read-only copy of the tables, (ntables, 512) uint64; row k is at
-        root_hpa + k * 4096.  (A copy: the storage is resized in place as it grows.)"""
-        copy = self.storage[:self.ntables].copy()
+        root_hpa + k * 4096."""
+        cdef uint64_t[:, ::1] view = <uint64_t[:self.ntables, :PT_ENTRIES]> self.mem
+        copy = np.array(view, dtype=np.uint64)
         copy.flags.writeable = False
         return copy
 
@@ -375,12 +386,8 @@ cdef class PageTables:
         if self.ntables == self.max_tables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
-        if self.ntables == self.capacity:
-            # Resized in place (realloc, mremap when large): new rows are zero, and the
-            # spare capacity stays below GROWTH_TABLES tables whatever the size.
-            self.storage.resize((grown_capacity(self.ntables, self.max_tables), PT_ENTRIES),
-                                refcheck=False)
-            self.set_storage(self.storage)
+        if self.ntables == self.reserved:
+            raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
         self.ntables += 1
         return self.ntables - 1
 
@@ -389,7 +396,9 @@ cdef class PageTables:
         is copied as one numpy array, the free list as one block."""
         cdef PageTables c = PageTables.__new__(PageTables)
         c.cfg = self.cfg
-        c.set_storage(self.storage[:self.ntables].copy())
+        c.init_storage()
+        memcpy(c.mem, self.mem, <size_t>self.ntables * PAGE_SIZE)
+        c.kvm_owned = self.kvm_owned
         c.ntables, c.max_tables, c.nonleaf = self.ntables, self.max_tables, self.nonleaf
         c.present_mask, c.addr_mask = self.present_mask, self.addr_mask
         c.large_bit, c.rsvd_high = self.large_bit, self.rsvd_high
@@ -405,8 +414,8 @@ cdef class PageTables:
         return c
 
     # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables -------
-    # The MMU calls the unchecked methods; the public kvm_* ones check their arguments
-    # through _args first, as the twin's do.
+    # Unchecked: the MMU passes only tables it allocated.  entry() and store() are the
+    # checked access that set_entry / get_entry use.
 
     cdef Py_ssize_t alloc(self, uint64_t fill) except -1:
         """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
@@ -436,21 +445,36 @@ cdef class PageTables:
     cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil:
         cdef Py_ssize_t i
         cdef uint64_t* row = self.mem + table * PT_ENTRIES
-        debug_assert(0 <= table < self.capacity)
+        debug_assert(0 <= table < self.ntables)
         for i in range(<Py_ssize_t>PT_ENTRIES):
             row[i] = value
 
     cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil:
-        debug_assert(0 <= table < self.capacity and 0 <= index < <Py_ssize_t>PT_ENTRIES)
+        debug_assert(0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES)
         return self.mem[table * PT_ENTRIES + index]
 
-    cpdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept:
-        debug_assert(0 <= table < self.capacity and 0 <= index < <Py_ssize_t>PT_ENTRIES)
+    cdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept nogil:
+        debug_assert(0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES)
         self.mem[table * PT_ENTRIES + index] = value
 
-    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) noexcept:
-        """An entry, or 0 for table -1 (an address that holds no table)."""
-        return self.read(table, index) if table >= 0 else 0
+    cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) except? 0:
+        """An entry, or 0 for table -1 (an address that holds no table); IndexError for
+        a table or index that does not exist."""
+        if table == -1:
+            return 0
+        if not (0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES):
+            raise IndexError(f"no entry {index} of table {table}")
+        return self.read(table, index)
+
+    cpdef int store(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) except -1:
+        """Write an entry; IndexError for a table or index that does not exist,
+        ValueError for a VM's tables (only KVM writes them)."""
+        if self.kvm_owned:
+            raise ValueError("these are the tables of a VM's TDP MMU: only KVM writes them")
+        if not (0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES):
+            raise IndexError(f"no entry {index} of table {table}")
+        self.write(table, index, value)
+        return 0
 
     cpdef uint64_t hpa(self, Py_ssize_t table) noexcept:
         return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
@@ -458,48 +482,13 @@ cdef class PageTables:
     cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept:
         return table_at(hpa, self.ntables)
 
-    cdef Py_ssize_t last_row(self) noexcept nogil:
-        """The storage's last row (its capacity - 1): what a non-leaf SPTE that points at
-        no table reads (spte_to_child_sp on an entry written over with set_entry)."""
-        return self.capacity - 1
-
     cpdef bint is_large(self, int level, uint64_t e) noexcept:
         return is_large(&self.cfg, level, e)
 
-    def kvm_alloc(self, fill):
-        """A table for the TDP MMU, every entry ``fill`` (u64); freed tables first, last
-        freed first."""
-        return self.alloc(_args.u64("fill", fill))
-
-    def kvm_free(self, table):
-        """Give a table back.  IndexError for no such table; ValueError for the root or a
-        table already free (a second free would hand it out twice)."""
-        cdef Py_ssize_t t = _args.table(table, self.ntables), i
-        cdef bint freed = False
-        for i in range(self.nfree):
-            freed |= self.free_list[i] == t
-        if t == 0 or freed:
-            raise ValueError(f"table {t} is {'the root' if t == 0 else 'already free'}")
-        self.free(t)
-
-    def kvm_fill(self, table, value):
-        cdef Py_ssize_t t = _args.table(table, self.ntables)
-        self.fill(t, _args.u64("value", value))
-
-    def kvm_get(self, table, index):
-        cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
-        return self.read(t, i)
-
-    def kvm_set(self, table, index, value):
-        cdef Py_ssize_t t = _args.table(table, self.ntables), i = _args.entry_index(index)
-        self.write(t, i, _args.u64("value", value))
-
-    def kvm_hpa(self, table):
-        return self.hpa(_args.table(table, self.ntables))
-
-    def kvm_table_at(self, hpa):
-        """The table at host-physical ``hpa`` (page aligned), or -1 if none is there."""
-        return self.table_at(_args.u64("hpa", hpa))
+    def _set_kvm_owned(self, bint owned):
+        """For kvmemu.testing.writable only: tests of check_invariants write what KVM
+        never would."""
+        self.kvm_owned = owned
 
     # --- the public interface -----------------------------------------------------------
 

@@ -29,6 +29,7 @@ cdef class Root:
     def __init__(self, PageTables tables, uint64_t gfn_bits):
         self.pt = tables
         self.gfn_bits = gfn_bits
+        tables.kvm_owned = True
         tables.fill(0, SHADOW_NONPRESENT_VALUE)
 
     cdef Root clone(self):
@@ -44,11 +45,12 @@ cdef class Root:
         return c
 
     cdef Py_ssize_t child(self, uint64_t spte) noexcept:
-        """The table a present non-leaf SPTE points to (spte_to_child_sp).  KVM's own
-        SPTEs always point at a table; one written over with set_entry may not, and then
-        this is the storage's last row, as the twin's is."""
+        """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
+        writes these tables, and its non-leaf SPTEs always point at a table (a release
+        build reads the root rather than outside the tables if one did not)."""
         cdef Py_ssize_t table = self.pt.table_at(spte & SPTE_BASE_ADDR_MASK)
-        return table if table >= 0 else self.pt.last_row()
+        debug_assert(table > 0)
+        return table if table > 0 else 0
 
     cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1:
         cdef Py_ssize_t cap

@@ -26,6 +26,8 @@ from .cnames import *  # noqa: F403  (the constants under their C names)
 
 INITIAL_TABLES = 4
 GROWTH_TABLES = 256
+#: Tables each PageTables may hold (the compiled core's reservation).
+RESERVED_TABLES = 1 << 22
 
 # Why a hardware walk stopped at the last entry it read (enum WalkStop).
 STOP_NOT_PRESENT = 0
@@ -76,11 +78,6 @@ def gpa_index(gpa: int, level: int) -> int:
 def level_page_mask(level: int) -> int:
     """The GPA bits a level-``level`` leaf passes through (4K: 11:0, 2M: 20:0, 1G: 29:0)."""
     return (1 << (PAGE_SHIFT + PT_LEVEL_BITS * (level - 1))) - 1
-
-
-def grown_capacity(ntables: int, max_tables: int) -> int:
-    """Double while small, then GROWTH_TABLES (1 MiB of tables) at a time."""
-    return min(ntables + min(ntables, GROWTH_TABLES), max_tables)
 
 
 def table_at(hpa: int, ntables: int) -> int:
@@ -346,13 +343,15 @@ class PageTables:
             self.present_mask = PTE_PRESENT
             self.large_bit = PTE_LARGE
             self.nonleaf = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
-        self.set_storage(np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64))
+        self.init_storage()
         self.ntables = 1
         self.free_list: list[int] = []
+        self.kvm_owned = False      # the tables of a VM's TDP MMU: no writes from outside
 
-    def set_storage(self, storage: np.ndarray) -> None:
-        """Use ``storage`` (C-contiguous uint64, (rows, 512)) as the table memory."""
-        self.mem = storage
+    def init_storage(self) -> None:
+        """The table memory: a numpy array grown in place (the twin never releases the
+        GIL, so no reader holds its address across a growth)."""
+        self.mem = np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
 
     def __repr__(self) -> str:
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
@@ -367,7 +366,7 @@ class PageTables:
     @property
     def tables(self) -> np.ndarray:
         """A read-only copy of the tables, ``(ntables, 512)`` uint64; row k is at
-        ``root_hpa + k * 4096``.  (A copy: the storage is resized in place as it grows.)"""
+        ``root_hpa + k * 4096``."""
         copy = self.mem[:self.ntables].copy()
         copy.flags.writeable = False
         return copy
@@ -377,11 +376,13 @@ class PageTables:
         if self.ntables == self.max_tables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
+        if self.ntables == RESERVED_TABLES:
+            raise MemoryError(f"all {RESERVED_TABLES} tables of the reservation are in use")
         if self.ntables == len(self.mem):
             # Resized in place: new rows are zero, and the spare capacity stays below
             # GROWTH_TABLES tables whatever the size.
-            self.mem.resize((grown_capacity(self.ntables, self.max_tables), PT_ENTRIES),
-                            refcheck=False)
+            capacity = min(self.ntables + min(self.ntables, GROWTH_TABLES), self.max_tables)
+            self.mem.resize((capacity, PT_ENTRIES), refcheck=False)
         self.ntables += 1
         return self.ntables - 1
 
@@ -389,13 +390,13 @@ class PageTables:
         """A copy of the tables and their configuration (for VM snapshots)."""
         c = PageTables.__new__(PageTables)
         c.__dict__.update(self.__dict__)
-        c.set_storage(self.mem[:self.ntables].copy())
+        c.mem = self.mem[:self.ntables].copy()
         c.free_list = list(self.free_list)
         return c
 
     # --- KVM's use of the storage: the TDP MMU allocates, links and frees tables ----------
-    # The MMU calls the unchecked methods; the public kvm_* ones check their arguments
-    # through _args first.
+    # Unchecked: the MMU passes only tables it allocated.  entry() and store() are the
+    # checked access that set_entry / get_entry use.
 
     def alloc(self, fill: int) -> int:
         """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
@@ -417,8 +418,23 @@ class PageTables:
         self.mem[table, index] = value
 
     def entry(self, table: int, index: int) -> int:
-        """An entry, or 0 for table -1 (an address that holds no table)."""
-        return int(self.mem[table, index]) if table >= 0 else 0
+        """An entry, or 0 for table -1 (an address that holds no table); IndexError for
+        a table or index that does not exist."""
+        if table == -1:
+            return 0
+        if not (0 <= table < self.ntables and 0 <= index < PT_ENTRIES):
+            raise IndexError(f"no entry {index} of table {table}")
+        return self.read(table, index)
+
+    def store(self, table: int, index: int, value: int) -> int:
+        """Write an entry; IndexError for a table or index that does not exist,
+        ValueError for a VM's tables (only KVM writes them)."""
+        if self.kvm_owned:
+            raise ValueError("these are the tables of a VM's TDP MMU: only KVM writes them")
+        if not (0 <= table < self.ntables and 0 <= index < PT_ENTRIES):
+            raise IndexError(f"no entry {index} of table {table}")
+        self.write(table, index, value)
+        return 0
 
     def hpa(self, table: int) -> int:
         return PT_BASE_HPA + (table << PAGE_SHIFT)
@@ -426,43 +442,13 @@ class PageTables:
     def table_at(self, hpa: int) -> int:
         return table_at(hpa, self.ntables)
 
-    def last_row(self) -> int:
-        """The storage's last row (its capacity - 1): what a non-leaf SPTE that points at
-        no table reads (spte_to_child_sp on an entry written over with set_entry)."""
-        return len(self.mem) - 1
-
     def is_large(self, level: int, e: int) -> bool:
         return is_large(self, level, e)
 
-    def kvm_alloc(self, fill: Any) -> int:
-        """A table for the TDP MMU, every entry ``fill`` (u64); freed tables first, last
-        freed first."""
-        return self.alloc(_args.u64("fill", fill))
-
-    def kvm_free(self, table: Any) -> None:
-        """Give table ``table`` back.  IndexError for no such table; ValueError for the
-        root or a table already free (a second free would hand it out twice)."""
-        t = _args.table(table, self.ntables)
-        if t == 0 or t in self.free_list:
-            raise ValueError(f"table {t} is {'the root' if t == 0 else 'already free'}")
-        self.free(t)
-
-    def kvm_fill(self, table: Any, value: Any) -> None:
-        self.fill(_args.table(table, self.ntables), _args.u64("value", value))
-
-    def kvm_get(self, table: Any, index: Any) -> int:
-        return self.read(_args.table(table, self.ntables), _args.entry_index(index))
-
-    def kvm_set(self, table: Any, index: Any, value: Any) -> None:
-        t, i = _args.table(table, self.ntables), _args.entry_index(index)
-        self.write(t, i, _args.u64("value", value))
-
-    def kvm_hpa(self, table: Any) -> int:
-        return self.hpa(_args.table(table, self.ntables))
-
-    def kvm_table_at(self, hpa: Any) -> int:
-        """The table at host-physical ``hpa`` (page aligned), or -1 if none is there."""
-        return self.table_at(_args.u64("hpa", hpa))
+    def _set_kvm_owned(self, owned: bool) -> None:
+        """For kvmemu.testing.writable only: tests of check_invariants write what KVM
+        never would."""
+        self.kvm_owned = owned
 
     # --- the public interface -----------------------------------------------------------
 

@@ -37,6 +37,7 @@ class Root:
         self.pt = tables
         self.gfn_bits = gfn_bits                        # kvm_gfn_root_bits
         self.disallowed: dict[int, bool] = {}          # sp->nx_huge_page_disallowed
+        tables.kvm_owned = True
         tables.fill(0, SHADOW_NONPRESENT_VALUE)
 
     def clone(self) -> "Root":
@@ -45,11 +46,11 @@ class Root:
         return c
 
     def child(self, spte_value: int) -> int:
-        """The table a present non-leaf SPTE points to (spte_to_child_sp).  KVM's own
-        SPTEs always point at a table; one written over with set_entry may not, and then
-        this is the storage's last row."""
+        """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
+        writes these tables, and its non-leaf SPTEs always point at a table."""
         table = self.pt.table_at(spte_value & SPTE_BASE_ADDR_MASK)
-        return table if table >= 0 else self.pt.last_row()
+        assert table > 0, f"non-leaf SPTE {spte_value:#x} points at no table"
+        return table
 
     def set_nx_huge_page_disallowed(self, table: int, value: bool) -> None:
         self.disallowed[table] = value
