@@ -6,6 +6,7 @@
 from kvmemu_constants cimport *
 
 include "_cy/levels.pxd"
+include "_cy/locking.pxd"
 include "_cy/paging.pxd"
 include "_cy/spte.pxd"
 include "_cy/memslots.pxd"

@@ -6,6 +6,7 @@
 # to the compiler), and kvmemu/_pure/<part>.py is its pure-Python twin, with the
 # same function names.  One module, so that the walk inlines into the batch loop.
 
+include "_cy/locking.pyx"
 include "_cy/paging.pyx"
 include "_cy/exits.pyx"
 include "_cy/spte.pyx"

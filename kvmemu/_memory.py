@@ -29,6 +29,7 @@ zaps go to the core's ``TdpMmu``.
 from __future__ import annotations
 
 from bisect import bisect_right
+from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -133,14 +134,32 @@ class VMMemory:
         self._bases: list[list[int]] = [[] for _ in range(self.nr_as_ids)]
         # Memory attributes: disjoint, sorted, merged ranges [start, end) of non-zero value.
         self._attr_start = self._attr_end = self._attr_value = _EMPTY
+        # Slots being deleted or moved (KVM_MEMSLOT_INVALID): no fault finds them.
+        self._invalid: set[tuple[int, int]] = set()
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
-        self._publish()
+        self._publish_slots(synchronize=False)
+        self._publish_attributes()
 
-    def _publish(self) -> None:
-        """Hand the core the state its per-access lookups read."""
-        self.memslots.publish(self._sorted[0], self._attr_start, self._attr_end,
-                              self._attr_value)
+    def _publish_slots(self, synchronize: bool = True) -> None:
+        """Hand the core address space 0's usable slots; with ``synchronize``, return
+        when no fault reads the slots it replaced (synchronize_srcu)."""
+        usable = [s for s in self._sorted[0] if (0, s.id) not in self._invalid]
+        self.memslots.publish_slots(usable, synchronize)
+
+    def _publish_attributes(self) -> None:
+        self.memslots.publish_attributes(self._attr_start, self._attr_end, self._attr_value)
+
+    @contextmanager
+    def mmu_write_locked(self) -> Iterator[None]:
+        """write_lock(&kvm->mmu_lock) ... write_unlock: no fault maps and no walk reads
+        the tables meanwhile."""
+        lock = self.mmu.mmu_lock
+        lock.acquire_write()
+        try:
+            yield
+        finally:
+            lock.release_write()
 
     def clone(self) -> "VMMemory":
         """A deep copy, with a copy of the core's MMU (tables included) and a new
@@ -148,7 +167,10 @@ class VMMemory:
         c = VMMemory.__new__(VMMemory)
         c.core, c.config = self.core, self.config
         c.supported_attributes, c.nr_as_ids = self.supported_attributes, self.nr_as_ids
-        c.counters = self.counters.copy()
+        with self.mmu_write_locked():
+            c.counters = self.counters.copy()
+            c.mmu = self.mmu.clone()
+        c._invalid = set(self._invalid)
         c._slots = [{slot_id: s.clone() for slot_id, s in slots.items()} for slots in self._slots]
         c._sorted = [[] for _ in range(self.nr_as_ids)]
         c._bases = [[] for _ in range(self.nr_as_ids)]
@@ -156,9 +178,9 @@ class VMMemory:
             c._reindex(as_id)
         c._attr_start, c._attr_end, c._attr_value = (self._attr_start, self._attr_end,
                                                     self._attr_value)
-        c.mmu = self.mmu.clone()
         c.memslots = self.core.Memslots(self.config, c.counters)
-        c._publish()
+        c._publish_slots(synchronize=False)
+        c._publish_attributes()
         return c
 
     # --- the counters (struct kvm) ------------------------------------------------------
@@ -225,13 +247,15 @@ class VMMemory:
         index = VmCounter.GENERATION_0 + as_id
         self.counters[index] += self.nr_as_ids
         if not int(self.counters[index]) & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
-            self.mmu.zap_all_fast()
+            with self.mmu_write_locked():
+                self.mmu.zap_all_fast()
 
     def _changed(self, as_id: int) -> None:
-        """A memslot of ``as_id`` changed: re-sort, publish, swap (one generation step)."""
+        """A memslot of ``as_id`` changed: re-sort, publish (waiting for the faults that
+        read the old slots), swap (one generation step)."""
         self._reindex(as_id)
         if as_id == 0:
-            self._publish()
+            self._publish_slots()
         self.swap_active_memslots(as_id)
 
     def create_slot(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
@@ -244,18 +268,26 @@ class VMMemory:
         self._changed(as_id)
 
     def invalidate_slot(self, as_id: int, slot_id: int) -> None:
-        """kvm_invalidate_memslot (DELETE / MOVE): swap in the INVALID copy, zap the slot."""
+        """kvm_invalidate_memslot (DELETE / MOVE): swap in the INVALID copy (faults no
+        longer find the slot, and those that did have finished), then zap the slot."""
         slot = self._slots[as_id][slot_id]
+        self._invalid.add((as_id, slot_id))
+        if as_id == 0:
+            self._publish_slots()
         self.swap_active_memslots(as_id)
         self.zap_memslot(slot)
 
     def reactivate_slot(self, as_id: int, slot_id: int) -> None:
         """A DELETE / MOVE whose prepare step failed: the old slot is swapped back in."""
+        self._invalid.discard((as_id, slot_id))
+        if as_id == 0:
+            self._publish_slots()
         self.swap_active_memslots(as_id)
 
     def delete_slot(self, as_id: int, slot_id: int) -> None:
         """KVM_MR_DELETE after kvm_invalidate_memslot."""
         del self._slots[as_id][slot_id]
+        self._invalid.discard((as_id, slot_id))
         self._changed(as_id)
 
     def move_slot(self, as_id: int, slot_id: int, base_gfn: int, flags: int) -> None:
@@ -264,6 +296,7 @@ class VMMemory:
         slot.base_gfn = base_gfn
         slot.flags = flags
         self._alloc_metadata(slot)
+        self._invalid.discard((as_id, slot_id))
         self._changed(as_id)
 
     def set_slot_flags(self, as_id: int, slot_id: int, flags: int) -> None:
@@ -274,14 +307,18 @@ class VMMemory:
         self.zap_memslot(slot)
 
     def zap_memslot(self, slot: Slot) -> bool:
-        """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters)."""
-        return self.unmap_gfn_range(slot, slot.base_gfn, slot.end_gfn, private=True, shared=True)
+        """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters), under
+        mmu_lock for write."""
+        with self.mmu_write_locked():
+            return self.unmap_gfn_range(slot, slot.base_gfn, slot.end_gfn, private=True,
+                                        shared=True)
 
     def unmap_gfn_range(self, slot: Slot, start: int, end: int, *, private: bool,
                         shared: bool) -> bool:
         """kvm_unmap_gfn_range over the slot's address space: the core's TDP MMU zaps
         the roots the attribute filter selects.  SMM's address space has no roots here
-        (no vCPU runs in SMM).  Returns whether to flush TLBs."""
+        (no vCPU runs in SMM).  The caller holds mmu_lock for write.  Returns whether to
+        flush TLBs."""
         if slot.as_id != 0:
             return False
         return bool(self.mmu.unmap_gfn_range(start, end, private, shared))
@@ -456,15 +493,17 @@ class VMMemory:
                    for as_id in range(self.nr_as_ids)
                    for slot in self.slots_in_range(as_id, start, end)]
         if touched:
-            self.invalidate_begin()
-            for slot, s, e in touched:
-                self._pre_set_memory_attributes(slot, s, e, attrs)
+            with self.mmu_write_locked():
+                self.invalidate_begin()
+                for slot, s, e in touched:
+                    self._pre_set_memory_attributes(slot, s, e, attrs)
         self._store_attributes(start, end, attrs)
-        self._publish()
+        self._publish_attributes()
         if touched:
-            self.invalidate_end()
-            for slot, s, e in touched:
-                self._post_set_memory_attributes(slot, s, e, attrs)
+            with self.mmu_write_locked():
+                self.invalidate_end()
+                for slot, s, e in touched:
+                    self._post_set_memory_attributes(slot, s, e, attrs)
 
     # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
 

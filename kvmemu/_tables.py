@@ -45,6 +45,14 @@ def set_entry(pt: Any, gpa: Any, level: Any, value: Any) -> None:
     if pt.kvm_owned:
         raise ValueError("these are the tables of a VM's TDP MMU: only KVM writes them "
                          "(read them with get_entry, walk or translate)")
+    pt.lock.acquire_write()
+    try:
+        _set_entry(pt, g, lvl, v)
+    finally:
+        pt.lock.release_write()
+
+
+def _set_entry(pt: Any, g: int, lvl: int, v: int) -> None:
     table, at = descend(pt, g, lvl)
     if at != lvl:
         e = pt.entry(table, _paging.gpa_index(g, at))
@@ -65,5 +73,9 @@ def get_entry(pt: Any, gpa: Any, level: Any) -> int:
     exist."""
     g = _args.gpa(gpa, pt.levels)
     lvl = _args.level("level", level, 1, pt.levels)
-    table, at = descend(pt, g, lvl)
-    return pt.entry(table, _paging.gpa_index(g, lvl)) if at == lvl else 0
+    pt.lock.acquire_read()
+    try:
+        table, at = descend(pt, g, lvl)
+        return pt.entry(table, _paging.gpa_index(g, lvl)) if at == lvl else 0
+    finally:
+        pt.lock.release_read()

@@ -18,21 +18,32 @@ cdef struct SlotRecord:
     uint32_t* lpage_1g
     void* owner
 
+# One published set of address-space-0 memslots (struct kvm_memslots): never changed
+# after publication, kept alive by whoever reads it.  ``readers`` counts the faults in
+# flight that read it (their kvm->srcu read-side sections); a memslot change waits
+# for it to drop to 0 before it zaps (synchronize_srcu).
+cdef class SlotTable:
+    cdef SlotRecord* records
+    cdef uint64_t* bases
+    cdef readonly Py_ssize_t nslots
+    cdef list slots                         # the Slot objects, by base gfn
+    cdef list lpage                         # their lpage_info arrays (kept alive)
+    cdef long readers
+    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil
+    cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil
+
 cdef class Memslots:
     cdef readonly uint64_t supported_attributes
     cdef readonly object counters           # numpy uint64 indexed by VmCounter
     cdef uint64_t* c                        # counters' memory
-    cdef list slots                         # the published Slot objects, by base gfn
-    cdef SlotRecord* records
-    cdef uint64_t* bases
-    cdef Py_ssize_t nslots
+    cdef readonly SlotTable table           # the current memslots
     cdef tuple attr_arrays                  # the published attribute arrays (kept alive)
     cdef const uint64_t* attr_start
     cdef const uint64_t* attr_end
     cdef const uint64_t* attr_value
     cdef Py_ssize_t nattr
-    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil
-    cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil
+    cdef SlotTable srcu_read_lock(self)
+    cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil
     cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil
     cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil
     cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil

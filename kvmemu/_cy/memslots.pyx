@@ -1,10 +1,11 @@
 # The lookups the fault path makes in a VM's memory state, per access.
 #
 # The compiled twin of kvmemu/_pure/memslots.py (which names the Linux 6.18
-# functions).  kvmemu._memory keeps the state and hands it over with publish()
-# after every change; this part turns it into C arrays once (address space 0's
-# slots sorted by base gfn as SlotRecords, their base gfns contiguous for the
-# search) and reads the attribute arrays and the counters array in place.
+# functions).  kvmemu._memory keeps the state and hands it over after every change:
+# publish_slots turns address space 0's slots into a SlotTable (SlotRecords by base
+# gfn, the base gfns contiguous for the search), never changed afterwards, so a
+# reader that holds one reads valid memory whatever other threads publish;
+# publish_attributes and the counters array are read in place.
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
@@ -39,65 +40,40 @@ cdef void record_slot(object slot, SlotRecord* rec) except *:
 
 
 @cython.final
-cdef class Memslots:
-    """What the fault path reads of a VM's memory: address space 0's memslots by base
-    gfn, the attribute ranges, and the counters (mmu_invalidate_seq and friends, the
-    memslot generations)."""
+cdef class SlotTable:
+    """One published set of address-space-0 memslots, by base gfn (struct kvm_memslots);
+    never changed after it is made."""
 
     def __cinit__(self):
         self.records = NULL
         self.bases = NULL
         self.nslots = 0
+        self.readers = 0
 
     def __dealloc__(self):
         free(self.records)
         free(self.bases)
 
-    def __init__(self, config, counters):
-        cdef uint64_t[::1] view = counters
-        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
-        self.counters = counters
-        self.c = &view[0]
-        self.slots = []
-        empty = np.zeros(1, dtype=np.uint64)
-        self.publish([], empty[:0], empty[:0], empty[:0])
-
-    def publish(self, slots, attr_start, attr_end, attr_value):
-        """Take the state kvmemu._memory keeps: address space 0's slots sorted by base gfn,
-        and the attribute ranges as sorted arrays (never changed in place)."""
+    def __init__(self, slots):
         cdef Py_ssize_t i, n = len(slots)
-        cdef SlotRecord* records = <SlotRecord*>malloc(max(n, 1) * sizeof(SlotRecord))
-        cdef uint64_t* bases = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
-        cdef const uint64_t[::1] starts = attr_start
-        cdef const uint64_t[::1] ends = attr_end
-        cdef const uint64_t[::1] values = attr_value
-        if records == NULL or bases == NULL:
-            free(records)
-            free(bases)
+        self.records = <SlotRecord*>malloc(max(n, 1) * sizeof(SlotRecord))
+        self.bases = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
+        if self.records == NULL or self.bases == NULL:
             raise MemoryError()
-        try:
-            for i in range(n):
-                record_slot(slots[i], &records[i])
-                bases[i] = records[i].base_gfn
-        except BaseException:
-            free(records)
-            free(bases)
-            raise
-        free(self.records)
-        free(self.bases)
-        self.records, self.bases, self.nslots = records, bases, n
         self.slots = list(slots)
-        # A zero-length view has no element 0: point at a valid dummy instead.
-        self.attr_arrays = (attr_start, attr_end, attr_value)
-        self.nattr = starts.shape[0]
-        self.attr_start = &starts[0] if self.nattr else self.c
-        self.attr_end = &ends[0] if self.nattr else self.c
-        self.attr_value = &values[0] if self.nattr else self.c
+        self.lpage = [array for slot in self.slots for array in slot.lpage]
+        for i in range(n):
+            record_slot(self.slots[i], &self.records[i])
+            self.bases[i] = self.records[i].base_gfn
+        self.nslots = n
 
-    # --- memslots -----------------------------------------------------------------------
+    @property
+    def in_flight(self):
+        """Faults in flight that read this table."""
+        return atomic_load(&self.readers)
 
     cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil:
-        """Index of the address-space-0 slot containing gfn, or -1 (search_memslots).
+        """Index of the slot containing gfn, or -1 (search_memslots).
 
         A branch-free binary search over the contiguous base gfns: lookups in a
         batch are random, and a mispredicted branch per step would dominate.
@@ -114,25 +90,81 @@ cdef class Memslots:
         return -1
 
     cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil:
-        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the address-space-0
-        memslot holding ``gfn``, or NULL."""
+        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the memslot holding
+        ``gfn``, or NULL."""
         cdef Py_ssize_t i = self.search_memslots(gfn)
         return &self.records[i] if i >= 0 else NULL
 
+
+@cython.final
+cdef class Memslots:
+    """What the fault path reads of a VM's memory: address space 0's memslots (one
+    SlotTable at a time), the attribute ranges, and the counters (mmu_invalidate_seq and
+    friends, the memslot generations)."""
+
+    def __init__(self, config, counters):
+        cdef uint64_t[::1] view = counters
+        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        self.counters = counters
+        self.c = &view[0]
+        self.table = SlotTable([])
+        empty = np.zeros(1, dtype=np.uint64)
+        self.publish_attributes(empty[:0], empty[:0], empty[:0])
+
+    def publish_slots(self, slots, bint synchronize):
+        """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots
+        (rcu_assign_pointer in kvm_swap_active_memslots); with ``synchronize``, wait for
+        the faults that read the old ones to finish (synchronize_srcu_expedited)."""
+        cdef SlotTable old = self.table
+        self.table = SlotTable(slots)
+        if synchronize:
+            self.synchronize_srcu(old)
+
+    def synchronize_srcu(self, SlotTable old):
+        """Wait, without the GIL, until no fault reads ``old`` any more."""
+        with nogil:
+            while atomic_load(&old.readers) != 0:
+                sched_yield()
+
+    def publish_attributes(self, attr_start, attr_end, attr_value):
+        """Take the attribute ranges as sorted arrays (never changed in place)."""
+        cdef const uint64_t[::1] starts = attr_start
+        cdef const uint64_t[::1] ends = attr_end
+        cdef const uint64_t[::1] values = attr_value
+        # A zero-length view has no element 0: point at a valid dummy instead.
+        self.attr_arrays = (attr_start, attr_end, attr_value)
+        self.nattr = starts.shape[0]
+        self.attr_start = &starts[0] if self.nattr else self.c
+        self.attr_end = &ends[0] if self.nattr else self.c
+        self.attr_value = &values[0] if self.nattr else self.c
+
+    cdef SlotTable srcu_read_lock(self):
+        """srcu_read_lock(&kvm->srcu): the current memslots, held until the unlock."""
+        cdef SlotTable table = self.table
+        atomic_add(&table.readers, 1)
+        return table
+
+    cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil:
+        atomic_add(&table.readers, -1)
+
+    # --- memslots -----------------------------------------------------------------------
+
     def find_memslot(self, uint64_t gfn):
         """The id of the address-space-0 memslot holding ``gfn``, or -1."""
-        cdef const SlotRecord* slot = self.gfn_to_memslot(gfn)
+        cdef const SlotRecord* slot = self.table.gfn_to_memslot(gfn)
         return -1 if slot == NULL else slot.id
 
     def find_memslots(self, const uint64_t[::1] gfns):
-        """Slot ids of address space 0 for an array of gfns, -1 where there is none."""
+        """Slot ids of address space 0 for an array of gfns, -1 where there is none (the
+        loop holds the table it started with)."""
         cdef Py_ssize_t i, k, n = gfns.shape[0]
+        cdef SlotTable table = self.table
         out = np.empty(n, dtype=np.int32)
         cdef int32_t[::1] ids = out
         with nogil:
             for i in range(n):
-                k = self.search_memslots(gfns[i])
-                ids[i] = -1 if k < 0 else <int32_t>self.records[k].id
+                k = table.search_memslots(gfns[i])
+                ids[i] = -1 if k < 0 else <int32_t>table.records[k].id
         return out
 
     def gmem_get_pfn(self, slot, uint64_t gfn):

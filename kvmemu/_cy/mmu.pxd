@@ -26,7 +26,7 @@ cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcep
 cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept
 cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept
-cdef void fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index,
+cdef bint fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index, uint64_t old,
                                   uint64_t new) noexcept
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept

@@ -77,7 +77,9 @@ cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept:
     cdef LastSpte last
     if vcpu.mmio_gen == generation and vcpu.mmio_gfn and vcpu.mmio_gfn == gfn:
         return RET_PF_EMULATE
+    mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
     last = mmu.tdp_mmu_get_walk(mmu.direct, gfn & ~vcpu.direct_bits_gfn)
+    mmu.mmu_lock.release_read()
     if is_mmio_spte(&mmu.fmt, last.spte):
         if get_mmio_spte_generation(last.spte) != generation & MMIO_SPTE_GEN_MASK:
             return RET_PF_INVALID
@@ -98,12 +100,8 @@ cdef int do_page_fault(VCPUState vcpu, uint64_t gpa,
     handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
     cdef uint64_t gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
     cdef FaultRecord f
-    cdef object keep = None
     cdef int r
-    init_fault(&f, gpa, error_code, gfn, vcpu.memslots.gfn_to_memslot(gfn),
-               vcpu.nx_huge_pages)
-    if f.has_slot and vcpu.stage_hook is not None:
-        keep = <object>f.slot.owner     # a hook may delete the slot; the fault keeps it
+    init_fault(&f, gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages)
     r = tdp_mmu_page_fault(vcpu, &f)
     if r == RET_PF_EMULATE and f.is_private:
         return prepare_memory_fault_exit(vcpu, &f)
@@ -133,10 +131,15 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
         return r
     if vcpu.stage("map", f):
         return RET_PF_RETRY                               # the memslot was deleted or moved
-    if is_page_fault_stale(vcpu, f):
-        return RET_PF_RETRY
-    r = mmu.tdp_mmu_map(f, mmu.get_root_for_fault(f.addr, vcpu.direct_bits_gfn << PAGE_SHIFT),
-                        vcpu.memslots.c[VM_COUNTER_GENERATION_0])
+    mmu.mmu_lock.acquire_read()
+    try:
+        if is_page_fault_stale(vcpu, f):
+            return RET_PF_RETRY
+        r = mmu.tdp_mmu_map(f, mmu.get_root_for_fault(f.addr,
+                                                      vcpu.direct_bits_gfn << PAGE_SHIFT),
+                            vcpu.memslots.c[VM_COUNTER_GENERATION_0])
+    finally:
+        mmu.mmu_lock.release_read()
     if r == RET_PF_EMULATE:
         vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
     return r
@@ -144,7 +147,10 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
 
 cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept:
     """Models is_page_fault_stale (mmu.c, 6.18) for the TDP MMU: an invalidation that
-    covers the gfn started or finished since faultin's snapshot."""
+    covers the gfn started or finished since faultin's snapshot.  (The TdpMmu's
+    skip_stale_check debug switch turns it off, to show what it guards.)"""
+    if vcpu.mmu.skip_stale_check:
+        return False
     return f.has_slot and vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn)
 
 
@@ -160,26 +166,33 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
         return RET_PF_INVALID
     if not f.present or not f.write:
         return RET_PF_INVALID
-    last = mmu.tdp_mmu_get_walk(mmu.direct, f.gfn)
-    if is_shadow_present_pte(last.spte) and is_last_spte(last.spte, last.level):
+    mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
+    for attempt in range(4):          # fast_page_fault gives up after 4 lost races
+        last = mmu.tdp_mmu_get_walk(mmu.direct, f.gfn)
+        if not (is_shadow_present_pte(last.spte) and is_last_spte(last.spte, last.level)):
+            break
         if is_access_allowed(&mmu.fmt, f.exec_, f.write, last.spte):
             r = RET_PF_SPURIOUS
-        elif last.spte & mmu.fmt.mmu_writable and not (
+            break
+        if not (last.spte & mmu.fmt.mmu_writable) or (
                 last.level > <int>PG_LEVEL_4K and f.has_slot
                 and f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
-            fast_pf_fix_direct_spte(mmu.direct, last.table, last.index,
-                                    last.spte | PTE_WRITABLE)
+            break
+        if fast_pf_fix_direct_spte(mmu.direct, last.table, last.index, last.spte,
+                                   last.spte | PTE_WRITABLE):
             r = RET_PF_FIXED
+            break
+    mmu.mmu_lock.release_read()
     if r != RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_FAST] += 1
     return r
 
 
-cdef void fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index,
+cdef bint fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index, uint64_t old,
                                   uint64_t new) noexcept:
-    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
-    (no other writer exists here, so it always succeeds)."""
-    root.pt.write(table, index, new)
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path;
+    False if the SPTE changed meanwhile (a walk set A/D bits, or a fault replaced it)."""
+    return cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new)
 
 
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION:

@@ -41,6 +41,7 @@ cdef class PageTables:
     cdef Py_ssize_t reserved            # tables the mapping holds
     cdef readonly Py_ssize_t ntables
     cdef readonly bint kvm_owned        # the tables of a VM's TDP MMU: no writes from outside
+    cdef public RwLock lock             # its own, or the VM's mmu_lock (TdpMmu shares it)
     cdef readonly Py_ssize_t max_tables
     cdef readonly uint64_t nonleaf      # what set_entry links new tables with
     cdef readonly uint64_t present_mask, addr_mask, large_bit, rsvd_high

@@ -126,16 +126,17 @@ cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint
                                uint64_t* mem, uint64_t accessed, uint64_t dirty,
                                bint write) noexcept nogil:
     """The leaf's address, after setting accessed in every entry used and dirty in the
-    leaf for a write.  Every slot is >= 0: the walk reached a present leaf."""
+    leaf for a write, with a locked OR as the CPU does (a fault may be changing the same
+    entry).  Every slot is >= 0: the walk reached a present leaf."""
     cdef int i, last = path.n - 1
     cdef int level = path.level[last]
     cdef uint64_t mask = level_page_mask(level)
     cdef Outcome out
     for i in range(path.n):          # a store only where the bit is not yet set
         if not (path.entry[i] & accessed):
-            mem[path.slot[i]] |= accessed
+            atomic_or64(&mem[path.slot[i]], accessed)
     if write and not (path.entry[last] & dirty):
-        mem[path.slot[last]] |= dirty
+        atomic_or64(&mem[path.slot[last]], dirty)
     out.kind = OUT_TRANSLATED
     out.level = level
     out.value = (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask)
@@ -266,9 +267,9 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     if c.ad_bits:
         for i in range(n):
             if not (used[i][0] & EPTE_ACCESSED):
-                used[i][0] |= EPTE_ACCESSED
+                atomic_or64(used[i], EPTE_ACCESSED)
         if (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
-            used[n - 1][0] |= EPTE_DIRTY
+            atomic_or64(used[n - 1], EPTE_DIRTY)
     page_mask = level_page_mask(level)
     out.kind = OUT_TRANSLATED
     out.level = level
@@ -351,6 +352,7 @@ cdef class PageTables:
         self.cfg.present_mask, self.cfg.large_bit = self.present_mask, self.large_bit
         self.init_storage()
         self.ntables = 1
+        self.lock = RwLock()
 
     cdef int init_storage(self) except -1:
         """Reserve the table memory: zeroed, never moved, unmapped with the object."""
@@ -397,6 +399,7 @@ cdef class PageTables:
         cdef PageTables c = PageTables.__new__(PageTables)
         c.cfg = self.cfg
         c.init_storage()
+        c.lock = RwLock()
         memcpy(c.mem, self.mem, <size_t>self.ntables * PAGE_SIZE)
         c.kvm_owned = self.kvm_owned
         c.ntables, c.max_tables, c.nonleaf = self.ntables, self.max_tables, self.nonleaf
@@ -517,7 +520,10 @@ cdef class PageTables:
         stops: not present, a leaf, or reserved / misconfigured.
         """
         cdef WalkPath path
-        hw_walk(&self.cfg, self.mem, self.ntables, _args.gpa(gpa, self.levels), &path)
+        cdef uint64_t g = _args.gpa(gpa, self.levels)
+        self.lock.acquire_read()
+        hw_walk(&self.cfg, self.mem, self.ntables, g, &path)
+        self.lock.release_read()
         return [(path.level[i], path.entry[i]) for i in range(path.n)]
 
     def translate(self, gpa, *, write=False, fetch=False, user=False, stage="final",
@@ -531,7 +537,10 @@ cdef class PageTables:
         """
         cdef uint64_t g = _args.gpa(gpa, self.levels)
         cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
-        cdef Outcome out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
+        cdef Outcome out
+        self.lock.acquire_read()
+        out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
+        self.lock.release_read()
         return outcome_object(&out, g)
 
     def translate_many(self, gpas, flags=0):
@@ -552,15 +561,19 @@ cdef class PageTables:
         cdef uint64_t f0 = 0 if isinstance(f, np.ndarray) else f
         cdef uint64_t[::1] hpa = hpa_arr
         cdef uint8_t[::1] level = level_arr
-        cdef Py_ssize_t i, n = g.shape[0], ntables = self.ntables
+        cdef Py_ssize_t i, n = g.shape[0], ntables
         cdef uint64_t* mem = self.mem
         cdef PagingConfig cfg = self.cfg
         cdef Outcome out
         cdef bint per_element = fv is not None
+        cdef RwLock lock = self.lock
         with nogil:
+            lock.read_lock()
+            ntables = self.ntables
             for i in range(n):
                 out = translate_one(&cfg, mem, ntables, g[i], fv[i] if per_element else f0)
                 if out.kind == OUT_TRANSLATED:
                     hpa[i] = out.value
                     level[i] = <uint8_t>out.level
+            lock.read_unlock()
         return hpa_arr, level_arr

@@ -24,11 +24,15 @@ cdef class TdpMmu:
     cdef readonly bint nx_huge_pages
     cdef readonly Root direct
     cdef readonly Root mirror               # None unless TDX
+    cdef readonly RwLock mmu_lock           # kvm->mmu_lock, shared by the roots' tables
+    cdef public bint skip_stale_check       # a debug switch: is_page_fault_stale says no
     cdef int64_t npages[4]                  # kvm->stat.pages[level]
     cdef readonly object tracer             # a kvmemu._trace.Tracer, or None
     cdef bint tracing                       # tracer is not None
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1
+    cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                             uint64_t old, uint64_t new, uint64_t gfn) except -1
     cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
                                  uint64_t new) except -1
     cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1

@@ -79,8 +79,17 @@ cdef class TdpMmu:
         self.nx_huge_pages = config.nx_huge_pages
         self.direct = Root(make_tables(), config.direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if config.tdx else None
+        self.share_lock(RwLock())
+        self.skip_stale_check = False
         memset(self.npages, 0, sizeof(self.npages))
         self.tracer, self.tracing = None, False
+
+    def share_lock(self, RwLock lock):
+        """Make ``lock`` kvm->mmu_lock, the lock of every root's tables."""
+        self.mmu_lock = lock
+        self.direct.pt.lock = lock
+        if self.mirror is not None:
+            self.mirror.pt.lock = lock
 
     def set_tracer(self, tracer):
         self.tracer, self.tracing = tracer, tracer is not None
@@ -91,6 +100,8 @@ cdef class TdpMmu:
         c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
         c.direct = self.direct.clone()
         c.mirror = None if self.mirror is None else self.mirror.clone()
+        c.share_lock(RwLock())
+        c.skip_stale_check = self.skip_stale_check
         memcpy(c.npages, self.npages, sizeof(self.npages))
         c.tracer, c.tracing = None, False
         return c
@@ -111,6 +122,18 @@ cdef class TdpMmu:
             self.tracer.spte_changed(0, gfn, level, old, new)
         root.pt.write(table, index, new)
         return self.handle_changed_spte(root, level, old, new)
+
+    cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                             uint64_t old, uint64_t new, uint64_t gfn) except -1:
+        """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18): a fault, under mmu_lock for
+        read, installs an SPTE with a compare-and-exchange; 0 if the SPTE is no longer
+        ``old`` (another writer came first: the fault retries), else 1."""
+        if not cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new):
+            return 0
+        if self.tracing and old != new:
+            self.tracer.spte_changed(0, gfn, level, old, new)
+        self.handle_changed_spte(root, level, old, new)
+        return 1
 
     cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
                                  uint64_t new) except -1:
@@ -153,10 +176,11 @@ cdef class TdpMmu:
                          uint64_t generation) except CORE_RETURN_PY_EXCEPTION:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
-        and map the target level."""
+        and map the target level; every link is a compare-and-exchange, and a lost one
+        frees the new table and retries the fault."""
         cdef PageTables pt = root.pt
         cdef uint64_t indexed = f.gfn | root.gfn_bits
-        cdef uint64_t old, small
+        cdef uint64_t old
         cdef Py_ssize_t table = 0, index, child, i
         cdef int level = self.levels
         hugepage_adjust(f, self.nx_huge_pages)
@@ -177,15 +201,20 @@ cdef class TdpMmu:
                 table, level = root.child(old), level - 1
                 continue
             child = pt.alloc(SHADOW_NONPRESENT_VALUE)
-            root.set_nx_huge_page_disallowed(child, f.huge_page_disallowed)
             if is_shadow_present_pte(old):               # a huge leaf in the way: split it
                 for i in range(<Py_ssize_t>PT_ENTRIES):
-                    small = make_small_spte(&self.fmt, old, level - 1, i, self.nx_huge_pages)
-                    pt.write(child, i, small)
-                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, small)
-            # Replacing a huge leaf by a table: the leaf count moves to the children.
-            self.set_spte(root, table, index, level, make_nonleaf_spte(&self.fmt, pt.hpa(child)),
-                          indexed & ~(pages_per_hpage(level) - 1))
+                    pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i,
+                                                       self.nx_huge_pages))
+            if not self.set_spte_atomic(root, table, index, level, old,
+                                        make_nonleaf_spte(&self.fmt, pt.hpa(child)),
+                                        indexed & ~(pages_per_hpage(level) - 1)):
+                pt.free(child)
+                return RET_PF_RETRY
+            root.set_nx_huge_page_disallowed(child, f.huge_page_disallowed)
+            if is_shadow_present_pte(old):               # the leaf count moves to the children
+                for i in range(<Py_ssize_t>PT_ENTRIES):
+                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE,
+                                             pt.read(child, i))
             table, level = child, level - 1
 
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
@@ -208,8 +237,8 @@ cdef class TdpMmu:
         ret = RET_PF_FIXED
         if new == old:
             ret = RET_PF_SPURIOUS
-        else:
-            self.set_spte(root, table, index, level, new, iter_gfn)
+        elif not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
+            return RET_PF_RETRY
         if is_mmio_spte(&self.fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracing:

@@ -24,6 +24,9 @@ cdef class VCPUState:
     cdef public object stage_hook
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
+    cdef SlotTable srcu                     # the memslots an exit's handling reads
+    cdef int handle_exit(self, int kind, uint64_t gpa,
+                         uint64_t value) except CORE_RETURN_PY_EXCEPTION
     cdef int stage(self, str name, FaultRecord* f) except -1
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1

@@ -19,6 +19,8 @@ from kvmemu.results import AccessBatch, MemoryFaultExit, MmioExit, Translation
 
 #: access_many releases the GIL once this many accesses in a row translated.
 cdef int TRANSLATION_STREAK = 8
+#: ... and holds mmu_lock for read for at most this many accesses at a time.
+cdef Py_ssize_t LOCKED_RUN = 4096
 
 #: The named points of the pipeline where ``stage_hook`` runs (see the twin's VCPUState).
 STAGES = ("fault", "faultin", "map")
@@ -76,9 +78,25 @@ cdef class VCPUState:
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
         return c
 
+    cdef int handle_exit(self, int kind, uint64_t gpa,
+                         uint64_t value) except CORE_RETURN_PY_EXCEPTION:
+        """The exit's handler, inside a kvm->srcu read-side section (vcpu_run holds it
+        while it handles exits): a memslot change waits for it to end."""
+        self.srcu = self.memslots.srcu_read_lock()
+        try:
+            if kind == OUT_EPT_VIOLATION:
+                return handle_ept_violation(self, gpa, value)
+            if kind == OUT_EPT_MISCONFIG:
+                return handle_ept_misconfig(self, gpa)
+            return npf_interception(self, gpa, value)
+        finally:
+            self.memslots.srcu_read_unlock(self.srcu)
+            self.srcu = None
+
     cdef int stage(self, str name, FaultRecord* f) except -1:
-        """Run the stage hook, if set; then re-read the fault's memslot record.  Returns 1
-        if the hook deleted or moved the fault's memslot (the fault then retries), else 0."""
+        """Run the stage hook, if set, outside the srcu read-side section (so that the hook
+        may change memslots); then re-read the fault's memslot record.  Returns 1 if the
+        hook deleted or moved the fault's memslot (the fault then retries), else 0."""
         cdef const SlotRecord* now
         cdef void* owner = NULL
         cdef uint64_t base_gfn = 0
@@ -86,10 +104,14 @@ cdef class VCPUState:
             return 0
         if f != NULL and f.has_slot:
             owner, base_gfn = f.slot.owner, f.slot.base_gfn
-        self.stage_hook(name)
+        self.memslots.srcu_read_unlock(self.srcu)
+        try:
+            self.stage_hook(name)
+        finally:
+            self.srcu = self.memslots.srcu_read_lock()
         if owner == NULL:
             return 0
-        now = self.memslots.gfn_to_memslot(f.gfn)
+        now = self.srcu.gfn_to_memslot(f.gfn)
         if now == NULL or now.owner != owner or now.base_gfn != base_gfn:
             return 1
         f.slot = now[0]
@@ -98,13 +120,13 @@ cdef class VCPUState:
     # --- the exit handlers, as the API calls them ---------------------------------------------
 
     def handle_ept_violation(self, uint64_t gpa, uint64_t exit_qualification):
-        return handle_ept_violation(self, gpa, exit_qualification)
+        return self.handle_exit(OUT_EPT_VIOLATION, gpa, exit_qualification)
 
     def handle_ept_misconfig(self, uint64_t gpa):
-        return handle_ept_misconfig(self, gpa)
+        return self.handle_exit(OUT_EPT_MISCONFIG, gpa, 0)
 
     def handle_npf(self, uint64_t gpa, uint64_t exit_info_1):
-        return npf_interception(self, gpa, exit_info_1)
+        return self.handle_exit(OUT_NPF, gpa, exit_info_1)
 
     # --- the access loop ------------------------------------------------------------------------
 
@@ -123,15 +145,12 @@ cdef class VCPUState:
                 pt = self.mmu.mirror.pt
             else:
                 pt = self.mmu.direct.pt
+            pt.lock.acquire_read()
             out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
+            pt.lock.release_read()
             if out.kind == OUT_TRANSLATED:
                 return ACCESS_TRANSLATED
-            if out.kind == OUT_EPT_VIOLATION:
-                r = handle_ept_violation(self, gpa, out.value)
-            elif out.kind == OUT_EPT_MISCONFIG:
-                r = handle_ept_misconfig(self, gpa)
-            else:
-                r = npf_interception(self, gpa, out.value)
+            r = self.handle_exit(out.kind, gpa, out.value)
             if r < 0:
                 if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
                     return ACCESS_MEMORY_FAULT
@@ -215,7 +234,8 @@ cdef class VCPUState:
         cdef PageTables dpt = self.mmu.direct.pt, mpt = self.mmu.mirror.pt if tdx else dpt
         cdef uint64_t* dmem
         cdef uint64_t* mmem
-        cdef Py_ssize_t dn, mn
+        cdef Py_ssize_t dn, mn, stop
+        cdef RwLock lock = dpt.lock
         cdef Outcome out
         cdef int status, err = 0, streak = 0
         # Local copies of the walks' configuration: the loop stores into table memory
@@ -231,9 +251,17 @@ cdef class VCPUState:
             f = flags
         while i < n:
             if streak >= TRANSLATION_STREAK:
-                dmem, dn, mmem, mn = dpt.mem, dpt.ntables, mpt.mem, mpt.ntables
+                dmem, mmem = dpt.mem, mpt.mem
                 with nogil:
+                    lock.read_lock()
+                    dn, mn = dpt.ntables, mpt.ntables
+                    stop = min(n, i + LOCKED_RUN)
                     while i < n:
+                        if i == stop:        # let a waiting writer in now and then
+                            lock.read_unlock()
+                            lock.read_lock()
+                            dn, mn = dpt.ntables, mpt.ntables
+                            stop = min(n, i + LOCKED_RUN)
                         g = gpas[i]
                         if per_element:
                             f = fl[i]
@@ -246,6 +274,7 @@ cdef class VCPUState:
                         hpa[i] = out.value
                         level[i] = out.level
                         i += 1
+                    lock.read_unlock()
                 if i == n:
                     break
                 streak = 0

@@ -12,6 +12,7 @@ gives a guest_memfd page.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
 from typing import Any
 
@@ -27,51 +28,95 @@ def gmem_frame(gmem_id: int, page: int) -> int:
     return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
 
-class Memslots:
-    """What the fault path reads of a VM's memory: address space 0's memslots by base
-    gfn, the attribute ranges, and the counters (mmu_invalidate_seq and friends, the
-    memslot generations)."""
+class SlotTable:
+    """One published set of address-space-0 memslots, by base gfn (struct kvm_memslots);
+    never changed after it is made.  ``readers`` counts the faults in flight that read
+    it (their kvm->srcu read-side sections)."""
 
-    def __init__(self, config: Any, counters: np.ndarray) -> None:
-        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
-        #: The uint64 array kvmemu._memory writes, indexed by VmCounter.
-        self.counters = counters
-        self.slots: list[Any] = []
-        self.bases: list[int] = []
-        self.attr_start = self.attr_end = self.attr_value = np.zeros(0, dtype=np.uint64)
-
-    def publish(self, slots: list[Any], attr_start: np.ndarray, attr_end: np.ndarray,
-                attr_value: np.ndarray) -> None:
-        """Take the state kvmemu._memory keeps: address space 0's slots sorted by base gfn,
-        and the attribute ranges as sorted arrays (never changed in place)."""
+    def __init__(self, slots: list[Any]) -> None:
         self.slots = list(slots)
-        self.bases = [s.base_gfn for s in slots]
-        self.attr_start, self.attr_end, self.attr_value = attr_start, attr_end, attr_value
+        self.bases = [s.base_gfn for s in self.slots]
+        self.nslots = len(self.slots)
+        self.readers = 0
 
-    # --- memslots -----------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Faults in flight that read this table."""
+        return self.readers
 
     def search_memslots(self, gfn: int) -> int:
-        """Index of the address-space-0 slot containing ``gfn``, or -1 (search_memslots,
-        a binary search by base gfn)."""
+        """Index of the slot containing ``gfn``, or -1 (search_memslots, a binary search by
+        base gfn)."""
         i = bisect_right(self.bases, gfn) - 1
         if i >= 0 and gfn - self.bases[i] < self.slots[i].npages:
             return i
         return -1
 
     def gfn_to_memslot(self, gfn: int) -> Any:
-        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the address-space-0
-        memslot holding ``gfn``, or None."""
+        """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the memslot holding
+        ``gfn``, or None."""
         i = self.search_memslots(gfn)
         return self.slots[i] if i >= 0 else None
 
+
+class Memslots:
+    """What the fault path reads of a VM's memory: address space 0's memslots (one
+    SlotTable at a time), the attribute ranges, and the counters (mmu_invalidate_seq and
+    friends, the memslot generations)."""
+
+    def __init__(self, config: Any, counters: np.ndarray) -> None:
+        self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        #: The uint64 array kvmemu._memory writes, indexed by VmCounter.
+        self.counters = counters
+        self.table = SlotTable([])
+        self._srcu = threading.Condition(threading.Lock())
+        self.attr_start = self.attr_end = self.attr_value = np.zeros(0, dtype=np.uint64)
+
+    def publish_slots(self, slots: list[Any], synchronize: bool) -> None:
+        """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots
+        (rcu_assign_pointer in kvm_swap_active_memslots); with ``synchronize``, wait for
+        the faults that read the old ones to finish (synchronize_srcu_expedited)."""
+        old, self.table = self.table, SlotTable(slots)
+        if synchronize:
+            self.synchronize_srcu(old)
+
+    def synchronize_srcu(self, old: SlotTable) -> None:
+        """Wait until no fault reads ``old`` any more."""
+        with self._srcu:
+            while old.readers:
+                self._srcu.wait()
+
+    def publish_attributes(self, attr_start: np.ndarray, attr_end: np.ndarray,
+                           attr_value: np.ndarray) -> None:
+        """Take the attribute ranges as sorted arrays (never changed in place)."""
+        self.attr_start, self.attr_end, self.attr_value = attr_start, attr_end, attr_value
+
+    def srcu_read_lock(self) -> SlotTable:
+        """srcu_read_lock(&kvm->srcu): the current memslots, held until the unlock."""
+        with self._srcu:
+            table = self.table
+            table.readers += 1
+        return table
+
+    def srcu_read_unlock(self, table: SlotTable) -> None:
+        with self._srcu:
+            table.readers -= 1
+            if not table.readers:
+                self._srcu.notify_all()
+
+    # --- memslots -----------------------------------------------------------------------
+
     def find_memslot(self, gfn: int) -> int:
         """The id of the address-space-0 memslot holding ``gfn``, or -1."""
-        slot = self.gfn_to_memslot(gfn)
+        slot = self.table.gfn_to_memslot(gfn)
         return -1 if slot is None else slot.id
 
     def find_memslots(self, gfns: np.ndarray) -> np.ndarray:
-        """Slot ids of address space 0 for an array of gfns, -1 where there is none."""
-        return np.array([self.find_memslot(gfn) for gfn in gfns.tolist()], dtype=np.int32)
+        """Slot ids of address space 0 for an array of gfns, -1 where there is none (the
+        loop holds the table it started with)."""
+        table = self.table
+        return np.array([-1 if (s := table.gfn_to_memslot(gfn)) is None else s.id
+                         for gfn in gfns.tolist()], dtype=np.int32)
 
     def gmem_get_pfn(self, slot: Any, gfn: int) -> int:
         """The frame kvm_gmem_get_pfn gives for ``gfn`` of a guest_memfd-backed slot."""

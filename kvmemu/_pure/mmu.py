@@ -26,6 +26,7 @@ from typing import Any
 
 from . import spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
+from .locking import cmpxchg64
 from .levels import gfn_to_index, pages_per_hpage
 
 
@@ -119,7 +120,11 @@ def handle_mmio_page_fault(vcpu: Any, gpa: int) -> int:
     if vcpu.mmio_gen == generation and vcpu.mmio_gfn and vcpu.mmio_gfn == gfn:
         return RET_PF_EMULATE
     mmu = vcpu.mmu
-    _, _, _, value = mmu.tdp_mmu_get_walk(mmu.direct, gfn & ~vcpu.direct_bits_gfn)
+    mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
+    try:
+        _, _, _, value = mmu.tdp_mmu_get_walk(mmu.direct, gfn & ~vcpu.direct_bits_gfn)
+    finally:
+        mmu.mmu_lock.release_read()
     if spte.is_mmio_spte(mmu.fmt, value):
         if spte.get_mmio_spte_generation(value) != generation & MMIO_SPTE_GEN_MASK:
             return RET_PF_INVALID
@@ -138,8 +143,7 @@ def do_page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
     """Models kvm_mmu_do_page_fault (mmu_internal.h, 6.18): the fault record, then the TDP
     handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
     gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
-    fault = init_fault(gpa, error_code, gfn, vcpu.memslots.gfn_to_memslot(gfn),
-                       vcpu.nx_huge_pages)
+    fault = init_fault(gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages)
     r = tdp_mmu_page_fault(vcpu, fault)
     if r == RET_PF_EMULATE and fault.is_private:
         return prepare_memory_fault_exit(vcpu, fault)
@@ -168,11 +172,15 @@ def tdp_mmu_page_fault(vcpu: Any, fault: FaultRecord) -> int:
         return r
     if vcpu.stage("map", fault):
         return RET_PF_RETRY                                  # the memslot was deleted or moved
-    if is_page_fault_stale(vcpu, fault):
-        return RET_PF_RETRY
     mmu = vcpu.mmu
-    root = mmu.get_root_for_fault(fault.addr, vcpu.direct_bits_gfn << PAGE_SHIFT)
-    r = mmu.tdp_mmu_map(fault, root, int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0]))
+    mmu.mmu_lock.acquire_read()
+    try:
+        if is_page_fault_stale(vcpu, fault):
+            return RET_PF_RETRY
+        root = mmu.get_root_for_fault(fault.addr, vcpu.direct_bits_gfn << PAGE_SHIFT)
+        r = mmu.tdp_mmu_map(fault, root, int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0]))
+    finally:
+        mmu.mmu_lock.release_read()
     if r == RET_PF_EMULATE:
         vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
     return r
@@ -181,7 +189,10 @@ def tdp_mmu_page_fault(vcpu: Any, fault: FaultRecord) -> int:
 def is_page_fault_stale(vcpu: Any, fault: FaultRecord) -> bool:
     """Models is_page_fault_stale (mmu.c, 6.18) for the TDP MMU: an invalidation that
     covers the gfn started or finished since faultin's snapshot.  A fault without a
-    memslot maps an MMIO SPTE, whose generation guards it instead."""
+    memslot maps an MMIO SPTE, whose generation guards it instead.  (The TdpMmu's
+    skip_stale_check debug switch turns it off, to show what it guards.)"""
+    if vcpu.mmu.skip_stale_check:
+        return False
     return fault.slot is not None and vcpu.memslots.mmu_invalidate_retry_gfn(fault.mmu_seq,
                                                                               fault.gfn)
 
@@ -196,25 +207,34 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     if not fault.present or not fault.write:
         return RET_PF_INVALID
     mmu = vcpu.mmu
-    table, index, level, value = mmu.tdp_mmu_get_walk(mmu.direct, fault.gfn)
     r = RET_PF_INVALID
-    if spte.is_shadow_present_pte(value) and spte.is_last_spte(value, level):
-        if spte.is_access_allowed(mmu.fmt, fault.exec_, fault.write, value):
-            r = RET_PF_SPURIOUS
-        elif value & mmu.fmt.mmu_writable and not (
-                level > PG_LEVEL_4K and fault.slot is not None
-                and fault.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
-            fast_pf_fix_direct_spte(mmu.direct, table, index, value | PTE_WRITABLE)
-            r = RET_PF_FIXED
+    mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
+    try:
+        for _ in range(4):            # fast_page_fault gives up after 4 lost races
+            table, index, level, value = mmu.tdp_mmu_get_walk(mmu.direct, fault.gfn)
+            if not (spte.is_shadow_present_pte(value) and spte.is_last_spte(value, level)):
+                break
+            if spte.is_access_allowed(mmu.fmt, fault.exec_, fault.write, value):
+                r = RET_PF_SPURIOUS
+                break
+            if not value & mmu.fmt.mmu_writable or (
+                    level > PG_LEVEL_4K and fault.slot is not None
+                    and fault.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+                break
+            if fast_pf_fix_direct_spte(mmu.direct, table, index, value, value | PTE_WRITABLE):
+                r = RET_PF_FIXED
+                break
+    finally:
+        mmu.mmu_lock.release_read()
     if r != RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_FAST] += 1
     return r
 
 
-def fast_pf_fix_direct_spte(root: Any, table: int, index: int, new: int) -> None:
-    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
-    (no other writer exists here, so it always succeeds)."""
-    root.pt.write(table, index, new)
+def fast_pf_fix_direct_spte(root: Any, table: int, index: int, old: int, new: int) -> bool:
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path;
+    False if the SPTE changed meanwhile (a walk set A/D bits, or a fault replaced it)."""
+    return cmpxchg64(root.pt.mem, (table, index), old, new)
 
 
 def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:

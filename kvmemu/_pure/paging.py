@@ -23,6 +23,7 @@ import numpy as np
 from .. import _args, _tables
 from ..results import EptMisconfig, EptViolation, NestedPageFault, Translation
 from .cnames import *  # noqa: F403  (the constants under their C names)
+from .locking import RwLock, atomic_or64
 
 INITIAL_TABLES = 4
 GROWTH_TABLES = 256
@@ -147,13 +148,14 @@ def hw_walk(c: Any, mem: np.ndarray, ntables: int, gpa: int, path: WalkPath) -> 
 def translated(path: WalkPath, c: Any, gpa: int, mem: np.ndarray, accessed: int, dirty: int,
                write: bool) -> Outcome:
     """The leaf's address, after setting accessed in every entry used and dirty in the
-    leaf for a write (a store only where the bit is not yet set)."""
+    leaf for a write (a store only where the bit is not yet set), with a locked OR as
+    the CPU does (a fault may be changing the same entry)."""
     last = path.n - 1
     for i in range(path.n):
         if not path.entry[i] & accessed:
-            mem[path.slot[i]] |= np.uint64(accessed)
+            atomic_or64(mem, path.slot[i], accessed)
     if write and not path.entry[last] & dirty:
-        mem[path.slot[last]] |= np.uint64(dirty)
+        atomic_or64(mem, path.slot[last], dirty)
     level = path.level[last]
     mask = level_page_mask(level)
     return Outcome(OUT_TRANSLATED, level, (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask))
@@ -265,9 +267,9 @@ def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: i
     if c.ad_bits:
         for where in used:
             if not int(mem[where]) & EPTE_ACCESSED:
-                mem[where] |= np.uint64(EPTE_ACCESSED)
+                atomic_or64(mem, where, EPTE_ACCESSED)
         if flags & ACCESS_FLAGS_WRITE and not e & EPTE_DIRTY:
-            mem[used[-1]] |= np.uint64(EPTE_DIRTY)
+            atomic_or64(mem, used[-1], EPTE_DIRTY)
     page_mask = level_page_mask(level)
     out.kind, out.level = OUT_TRANSLATED, level
     out.value = (e & c.addr_mask & ~page_mask) | (gpa & page_mask)
@@ -345,6 +347,7 @@ class PageTables:
             self.nonleaf = PTE_PRESENT | PTE_WRITABLE | PTE_USER | PTE_ACCESSED
         self.init_storage()
         self.ntables = 1
+        self.lock = RwLock()        # its own, or the VM's mmu_lock (TdpMmu shares it)
         self.free_list: list[int] = []
         self.kvm_owned = False      # the tables of a VM's TDP MMU: no writes from outside
 
@@ -391,6 +394,7 @@ class PageTables:
         c = PageTables.__new__(PageTables)
         c.__dict__.update(self.__dict__)
         c.mem = self.mem[:self.ntables].copy()
+        c.lock = RwLock()
         c.free_list = list(self.free_list)
         return c
 
@@ -471,7 +475,12 @@ class PageTables:
         """``(level, entry)`` from the root down to the entry at which the hardware
         walk stops: not present, a leaf, or reserved / misconfigured."""
         path = WalkPath()
-        hw_walk(self, self.mem, self.ntables, _args.gpa(gpa, self.levels), path)
+        g = _args.gpa(gpa, self.levels)
+        self.lock.acquire_read()
+        try:
+            hw_walk(self, self.mem, self.ntables, g, path)
+        finally:
+            self.lock.release_read()
         return list(zip(path.level, path.entry))
 
     def translate(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
@@ -482,7 +491,12 @@ class PageTables:
         the leaf for a write (EPT only with ``ad_bits``); an exit changes nothing."""
         g = _args.gpa(gpa, self.levels)
         flags = _args.access(write, fetch, user, stage, encrypted)
-        return outcome_object(translate_one(self, self.mem, self.ntables, g, flags), g)
+        self.lock.acquire_read()
+        try:
+            out = translate_one(self, self.mem, self.ntables, g, flags)
+        finally:
+            self.lock.release_read()
+        return outcome_object(out, g)
 
     def translate_many(self, gpas: Any, flags: Any = 0) -> tuple[np.ndarray, np.ndarray]:
         """Translate each element of ``gpas`` (1-D uint64) in order, with ``flags``
@@ -497,8 +511,12 @@ class PageTables:
         hpa = np.zeros(len(g), dtype=np.uint64)
         level = np.zeros(len(g), dtype=np.uint8)
         per_element = f.tolist() if isinstance(f, np.ndarray) else [f] * len(g)
-        for i, (gpa, fl) in enumerate(zip(g.tolist(), per_element)):
-            out = translate_one(self, self.mem, self.ntables, gpa, fl)
-            if out.kind == OUT_TRANSLATED:
-                hpa[i], level[i] = out.value, out.level
+        self.lock.acquire_read()
+        try:
+            for i, (gpa, fl) in enumerate(zip(g.tolist(), per_element)):
+                out = translate_one(self, self.mem, self.ntables, gpa, fl)
+                if out.kind == OUT_TRANSLATED:
+                    hpa[i], level[i] = out.value, out.level
+        finally:
+            self.lock.release_read()
         return hpa, level

@@ -28,6 +28,7 @@ from typing import Any
 from . import mmu, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
 from .levels import pages_per_hpage
+from .locking import RwLock, cmpxchg64
 
 
 class Root:
@@ -68,10 +69,20 @@ class TdpMmu:
         self.nx_huge_pages = config.nx_huge_pages
         self.direct = Root(make_tables(), config.direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if config.tdx else None
+        self.share_lock(RwLock())
+        #: A debug switch: is_page_fault_stale always says no.
+        self.skip_stale_check = False
         #: kvm->stat.pages[level]: present leaf SPTEs per level (4K, 2M, 1G).
         self.npages = [0, 0, 0, 0]
         #: The VM's Tracer, or None when tracing is off.
         self.tracer: Any = None
+
+    def share_lock(self, lock: RwLock) -> None:
+        """Make ``lock`` kvm->mmu_lock, the lock of every root's tables."""
+        self.mmu_lock = lock
+        self.direct.pt.lock = lock
+        if self.mirror is not None:
+            self.mirror.pt.lock = lock
 
     def set_tracer(self, tracer: Any) -> None:
         self.tracer = tracer
@@ -82,6 +93,8 @@ class TdpMmu:
         c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
         c.direct = self.direct.clone()
         c.mirror = None if self.mirror is None else self.mirror.clone()
+        c.share_lock(RwLock())
+        c.skip_stale_check = self.skip_stale_check
         c.npages = list(self.npages)
         c.tracer = None
         return c
@@ -102,6 +115,18 @@ class TdpMmu:
             self.tracer.spte_changed(0, gfn, level, old, new)
         root.pt.write(table, index, new)
         self.handle_changed_spte(root, level, old, new)
+
+    def set_spte_atomic(self, root: Root, table: int, index: int, level: int, old: int,
+                        new: int, gfn: int) -> int:
+        """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18): a fault, under mmu_lock for
+        read, installs an SPTE with a compare-and-exchange; 0 if the SPTE is no longer
+        ``old`` (another writer came first: the fault retries), else 1."""
+        if not cmpxchg64(root.pt.mem, (table, index), old, new):
+            return 0
+        if self.tracer is not None and old != new:
+            self.tracer.spte_changed(0, gfn, level, old, new)
+        self.handle_changed_spte(root, level, old, new)
+        return 1
 
     def handle_changed_spte(self, root: Root, level: int, old: int, new: int) -> None:
         """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
@@ -138,7 +163,8 @@ class TdpMmu:
     def tdp_mmu_map(self, fault: Any, root: Root, generation: int) -> int:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
-        and map the target level."""
+        and map the target level; every link is a compare-and-exchange, and a lost one
+        frees the new table and retries the fault."""
         mmu.hugepage_adjust(fault, self.nx_huge_pages)
         pt, gfn = root.pt, fault.gfn
         indexed = gfn | root.gfn_bits
@@ -160,16 +186,20 @@ class TdpMmu:
                 table, level = root.child(old), level - 1
                 continue
             child = pt.alloc(SHADOW_NONPRESENT_VALUE)
-            root.set_nx_huge_page_disallowed(child, fault.huge_page_disallowed)
             if spte.is_shadow_present_pte(old):       # a huge leaf in the way: split it
                 for i in range(PT_ENTRIES):
-                    small = spte.make_small_spte(self.fmt, old, level - 1, i, self.nx_huge_pages)
-                    pt.write(child, i, small)
-                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, small)
-            # Replacing a huge leaf by a table: the leaf count moves to the children.
-            self.set_spte(root, table, index, level,
-                          spte.make_nonleaf_spte(self.fmt, pt.hpa(child)),
-                          indexed & ~(pages_per_hpage(level) - 1))
+                    pt.write(child, i, spte.make_small_spte(self.fmt, old, level - 1, i,
+                                                            self.nx_huge_pages))
+            if not self.set_spte_atomic(root, table, index, level, old,
+                                        spte.make_nonleaf_spte(self.fmt, pt.hpa(child)),
+                                        indexed & ~(pages_per_hpage(level) - 1)):
+                pt.free(child)
+                return RET_PF_RETRY
+            root.set_nx_huge_page_disallowed(child, fault.huge_page_disallowed)
+            if spte.is_shadow_present_pte(old):       # the leaf count moves to the children
+                for i in range(PT_ENTRIES):
+                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE,
+                                             pt.read(child, i))
             table, level = child, level - 1
 
     def map_handle_target_level(self, fault: Any, root: Root, table: int, index: int,
@@ -190,8 +220,8 @@ class TdpMmu:
         ret = RET_PF_FIXED
         if new == old:
             ret = RET_PF_SPURIOUS
-        else:
-            self.set_spte(root, table, index, level, new, iter_gfn)
+        elif not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
+            return RET_PF_RETRY
         if spte.is_mmio_spte(fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracer is not None:

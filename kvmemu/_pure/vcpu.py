@@ -71,6 +71,8 @@ class VCPUState:
         #: What the kvm_page_fault trace event reports: vcpu_id and the guest RIP.
         self.vcpu_id = 0
         self.rip = 0
+        #: The memslots an exit's handling reads (its kvm->srcu read-side section).
+        self.srcu: Any = None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -89,29 +91,49 @@ class VCPUState:
         c = copy.copy(self)
         c.memslots, c.mmu = memslots, mmu
         c.counters = list(self.counters)
+        c.srcu = None
         return c
 
+    def handle_exit(self, kind: int, gpa: int, value: int) -> int:
+        """The exit's handler, inside a kvm->srcu read-side section (vcpu_run holds it
+        while it handles exits): a memslot change waits for it to end."""
+        self.srcu = self.memslots.srcu_read_lock()
+        try:
+            if kind == paging.OUT_EPT_VIOLATION:
+                return exits.handle_ept_violation(self, gpa, value)
+            if kind == paging.OUT_EPT_MISCONFIG:
+                return exits.handle_ept_misconfig(self, gpa)
+            return exits.npf_interception(self, gpa, value)
+        finally:
+            self.memslots.srcu_read_unlock(self.srcu)
+            self.srcu = None
+
     def stage(self, name: str, fault: Any) -> bool:
-        """Run the stage hook, if set; True if it deleted or moved ``fault``'s memslot
-        (the fault then retries)."""
+        """Run the stage hook, if set, outside the srcu read-side section (so that the hook
+        may change memslots); True if it deleted or moved ``fault``'s memslot (the fault
+        then retries)."""
         if self.stage_hook is None:
             return False
         slot = None if fault is None else fault.slot
         base_gfn = None if slot is None else slot.base_gfn
-        self.stage_hook(name)
-        return slot is not None and (self.memslots.gfn_to_memslot(fault.gfn) is not slot
+        self.memslots.srcu_read_unlock(self.srcu)
+        try:
+            self.stage_hook(name)
+        finally:
+            self.srcu = self.memslots.srcu_read_lock()
+        return slot is not None and (self.srcu.gfn_to_memslot(fault.gfn) is not slot
                                      or slot.base_gfn != base_gfn)
 
     # --- the exit handlers, as the API calls them ---------------------------------------------
 
     def handle_ept_violation(self, gpa: int, exit_qualification: int) -> int:
-        return exits.handle_ept_violation(self, gpa, exit_qualification)
+        return self.handle_exit(paging.OUT_EPT_VIOLATION, gpa, exit_qualification)
 
     def handle_ept_misconfig(self, gpa: int) -> int:
-        return exits.handle_ept_misconfig(self, gpa)
+        return self.handle_exit(paging.OUT_EPT_MISCONFIG, gpa, 0)
 
     def handle_npf(self, gpa: int, exit_info_1: int) -> int:
-        return exits.npf_interception(self, gpa, exit_info_1)
+        return self.handle_exit(paging.OUT_NPF, gpa, exit_info_1)
 
     # --- the access loop ------------------------------------------------------------------------
 
@@ -124,15 +146,14 @@ class VCPUState:
         self.exit_reason = EXIT_REASON_UNKNOWN
         for _ in range(limit):
             pt = self.mmu.mirror.pt if self.tdx and not gpa & shared_bit else self.mmu.direct.pt
-            out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags)
+            pt.lock.acquire_read()
+            try:
+                out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags)
+            finally:
+                pt.lock.release_read()
             if out.kind == paging.OUT_TRANSLATED:
                 return ACCESS_TRANSLATED, out
-            if out.kind == paging.OUT_EPT_VIOLATION:
-                r = exits.handle_ept_violation(self, gpa, out.value)
-            elif out.kind == paging.OUT_EPT_MISCONFIG:
-                r = exits.handle_ept_misconfig(self, gpa)
-            else:
-                r = exits.npf_interception(self, gpa, out.value)
+            r = self.handle_exit(out.kind, gpa, out.value)
             if r < 0:
                 if r == -errno.EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
                     return ACCESS_MEMORY_FAULT, None

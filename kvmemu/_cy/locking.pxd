@@ -1,0 +1,57 @@
+# Declarations of the locking primitives the model's KVM uses (locking.pyx).
+
+from libc.stdint cimport uint64_t
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_rwlock_t:
+        pass
+    ctypedef struct pthread_rwlockattr_t:
+        pass
+    int pthread_rwlock_init(pthread_rwlock_t* lock, const pthread_rwlockattr_t* attr)
+    int pthread_rwlock_destroy(pthread_rwlock_t* lock)
+    int pthread_rwlock_rdlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_wrlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_unlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_tryrdlock(pthread_rwlock_t* lock)
+    int pthread_rwlock_trywrlock(pthread_rwlock_t* lock)
+    int pthread_rwlockattr_init(pthread_rwlockattr_t* attr)
+    int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t* attr, int pref)
+    int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
+
+cdef extern from "sched.h" nogil:
+    int sched_yield()
+
+# Sequentially consistent atomics on a long (the reader counts of an SRCU-like grace
+# period; see SlotTable in memslots.pxd).
+cdef extern from *:
+    """
+    static inline long kvmemu_atomic_add(long *p, long v) {
+        return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+    }
+    static inline long kvmemu_atomic_load(long *p) {
+        return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    }
+    static inline void kvmemu_atomic_or64(uint64_t *p, uint64_t v) {
+        __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
+    }
+    static inline int kvmemu_cmpxchg64(uint64_t *p, uint64_t old, uint64_t new_) {
+        return __atomic_compare_exchange_n(p, &old, new_, 0, __ATOMIC_SEQ_CST,
+                                           __ATOMIC_SEQ_CST);
+    }
+    """
+    long atomic_add "kvmemu_atomic_add" (long* p, long v) nogil
+    long atomic_load "kvmemu_atomic_load" (long* p) nogil
+    # The hardware's locked OR of accessed/dirty bits, and KVM's try_cmpxchg64.
+    void atomic_or64 "kvmemu_atomic_or64" (uint64_t* p, uint64_t v) nogil
+    bint cmpxchg64 "kvmemu_cmpxchg64" (uint64_t* p, uint64_t old, uint64_t new) nogil
+
+cdef class RwLock:
+    cdef pthread_rwlock_t lock
+    cdef void read_lock(self) noexcept nogil
+    cdef void read_unlock(self) noexcept nogil
+    cdef void write_lock(self) noexcept nogil
+    cdef void write_unlock(self) noexcept nogil
+    cpdef void acquire_read(self) noexcept
+    cpdef void release_read(self) noexcept
+    cpdef void acquire_write(self) noexcept
+    cpdef void release_write(self) noexcept

@@ -1,0 +1,59 @@
+# The locking primitives the model's KVM uses, as the kernel names them.
+#
+# The compiled twin of kvmemu/_pure/locking.py.  RwLock is kvm->mmu_lock (an
+# rwlock_t on x86, include/linux/rwlock.h): the TDP MMU's faults take it for read
+# and install SPTEs with a compare-and-exchange; zaps take it for write.  It
+# prefers writers, so a stream of faults cannot starve a conversion; a thread must
+# therefore never take it for read twice.  The C entry points (read_lock, ...)
+# block without the GIL and are for callers that released it; the Python entry
+# points (acquire_read, ...) release the GIL while they wait, so a thread that
+# holds the lock and needs the GIL can always finish.
+
+cimport cython
+
+
+@cython.final
+cdef class RwLock:
+    """A reader-writer lock that prefers writers (kvm->mmu_lock)."""
+
+    def __cinit__(self):
+        cdef pthread_rwlockattr_t attr
+        pthread_rwlockattr_init(&attr)
+        pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP)
+        if pthread_rwlock_init(&self.lock, &attr) != 0:
+            raise MemoryError("cannot initialise a reader-writer lock")
+
+    def __dealloc__(self):
+        pthread_rwlock_destroy(&self.lock)
+
+    cdef void read_lock(self) noexcept nogil:
+        pthread_rwlock_rdlock(&self.lock)
+
+    cdef void read_unlock(self) noexcept nogil:
+        pthread_rwlock_unlock(&self.lock)
+
+    cdef void write_lock(self) noexcept nogil:
+        pthread_rwlock_wrlock(&self.lock)
+
+    cdef void write_unlock(self) noexcept nogil:
+        pthread_rwlock_unlock(&self.lock)
+
+    cpdef void acquire_read(self) noexcept:
+        """read_lock(&kvm->mmu_lock) for a caller that holds the GIL: it is released
+        only if the lock is not free at once."""
+        if pthread_rwlock_tryrdlock(&self.lock) != 0:
+            with nogil:
+                pthread_rwlock_rdlock(&self.lock)
+
+    cpdef void release_read(self) noexcept:
+        pthread_rwlock_unlock(&self.lock)
+
+    cpdef void acquire_write(self) noexcept:
+        """write_lock(&kvm->mmu_lock) for a caller that holds the GIL: it is released
+        only if the lock is not free at once."""
+        if pthread_rwlock_trywrlock(&self.lock) != 0:
+            with nogil:
+                pthread_rwlock_wrlock(&self.lock)
+
+    cpdef void release_write(self) noexcept:
+        pthread_rwlock_unlock(&self.lock)
