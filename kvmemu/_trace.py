@@ -9,6 +9,11 @@ for each SPTE changed, top-down → ``kvm_mmu_set_spte`` (the target level).
 
 The sink is a callable, called as ``sink(event, text)``, or an object with a
 ``write`` method (a text file), which receives ``"event: text\\n"`` lines.
+
+The model never calls the sink in the middle of an operation: events are kept
+and handed over when the public call that made them returns (``flush``), with
+the VM consistent and no lock held.  A sink may therefore call back into the
+VM, and a sink that raises makes the call raise after its work is done.
 """
 
 from __future__ import annotations
@@ -38,15 +43,35 @@ class Tracer:
     since shadow_present_mask is non-zero in both formats.
     """
 
-    __slots__ = ("sink", "emit", "x", "nx", "user")
+    __slots__ = ("sink", "write", "pending", "x", "nx", "user")
 
     def __init__(self, sink: Any, ept: bool) -> None:
         self.sink = sink
-        self.emit = sink_writer(sink)
+        self.write = sink_writer(sink)
+        self.pending: list[tuple[str, str]] = []
         if ept:
             self.x, self.nx, self.user = EPTE.EXEC.value, 0, EPTE.READ.value
         else:
             self.x, self.nx, self.user = 0, PTE.NX.value, PTE.USER.value
+
+    def emit(self, event: str, text: str) -> None:
+        """Keep an event for the next flush."""
+        self.pending.append((event, text))
+
+    def flush(self, raise_errors: bool = True) -> None:
+        """Hand the kept events to the sink, in order; the first exception the sink
+        raises is raised after all of them were offered (unless ``raise_errors`` is off,
+        when the call that made them is failing anyway)."""
+        error: BaseException | None = None
+        while self.pending:
+            batch, self.pending = self.pending, []
+            for event, text in batch:
+                try:
+                    self.write(event, text)
+                except Exception as exc:  # noqa: BLE001 - reported once, below
+                    error = error or exc
+        if error is not None and raise_errors:
+            raise error
 
     def page_fault(self, vcpu_id: int, rip: int, address: int, error_code: int) -> None:
         """kvm:kvm_page_fault (trace.h)."""

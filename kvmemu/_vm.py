@@ -14,9 +14,10 @@ result.
 from __future__ import annotations
 
 import errno
-from typing import Any, NamedTuple
-
+import functools
+import threading
 from types import ModuleType
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -38,6 +39,25 @@ _PROTECTED_STATE_TYPES = (VMType.SEV_ES, VMType.SNP, VMType.TDX)
 _PAGE_MASK = PAGE_SIZE - 1
 _U64 = (1 << 64) - 1
 _LOFF_MAX = (1 << 63) - 1
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _ioctl(method: _F) -> _F:
+    """A VM ioctl: one at a time per VM (kvm->slots_lock), then the trace events it made
+    go to the sink."""
+    @functools.wraps(method)
+    def locked(self: "VM", *args: Any, **kwargs: Any) -> Any:
+        try:
+            with self._lock:
+                result = method(self, *args, **kwargs)
+        except BaseException:
+            self._flush_trace(raise_errors=False)
+            raise
+        self._flush_trace()
+        return result
+    return locked  # type: ignore[return-value]
 
 
 def _einval(message: str) -> KvmError:
@@ -149,6 +169,8 @@ class VM:
         self._memory = VMMemory(self._core, self._config)
         self._vcpus: list[VCPU] = []
         self._tracer: Tracer | None = None
+        #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
@@ -168,6 +190,7 @@ class VM:
 
     # --- KVM_CREATE_GUEST_MEMFD ---------------------------------------------------------
 
+    @_ioctl
     def create_guest_memfd(self, size: Any, flags: Any = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD (kvm_gmem_create, Linux 6.18).
 
@@ -192,6 +215,7 @@ class VM:
 
     # --- KVM_SET_USER_MEMORY_REGION2 ------------------------------------------------------
 
+    @_ioctl
     def set_user_memory_region(self, *, slot: Any, guest_phys_addr: Any, memory_size: Any,
                                userspace_addr: Any, flags: Any = 0, guest_memfd: Any = None,
                                guest_memfd_offset: Any = 0, host_level: Any = PG_LEVEL_4K) -> None:
@@ -321,6 +345,7 @@ class VM:
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ---------------------------------------------------------
 
+    @_ioctl
     def set_memory_attributes(self, address: Any, size: Any, attributes: Any, flags: Any = 0) -> None:
         """KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_ioctl_set_mem_attributes, Linux 6.18).
 
@@ -377,6 +402,7 @@ class VM:
             raise TypeError("gfns must be a 1-D numpy.uint64 array")
         return self._memory.memslots.find_memslots(values)
 
+    @_ioctl
     def lpage_info(self, slot: Any, level: Any) -> list[int]:
         """lpage_info[level].disallow_lpage of a memslot, as u32 (bit 31: mixed attributes)."""
         slot = _args.u32("slot", slot)
@@ -386,6 +412,7 @@ class VM:
             raise ValueError(f"slot {slot:#x} does not exist")
         return self._memory.lpage_info(as_id, slot_id, level)
 
+    @_ioctl
     def memory_attribute_ranges(self) -> list[tuple[int, int, int]]:
         """The attribute store as merged ``(start_gfn, end_gfn, attributes)`` ranges."""
         return self._memory.attribute_ranges()
@@ -403,6 +430,7 @@ class VM:
         """(mmu_invalidate_range_start, mmu_invalidate_range_end) in gfns; INVALID_GPA if none."""
         return self._memory.mmu_invalidate_range
 
+    @_ioctl
     def memslots_generation(self, as_id: Any = 0) -> int:
         """The memslot generation of an address space (kvm_memslots(kvm)->generation)."""
         as_id = _args.u64("as_id", as_id)
@@ -453,16 +481,33 @@ class VM:
 
     @trace.setter
     def trace(self, sink: Any) -> None:
-        self._tracer = None if sink is None else Tracer(sink, self.vendor == "vmx")
-        self._memory.mmu.set_tracer(self._tracer)
+        tracer = None if sink is None else Tracer(sink, self.vendor == "vmx")
+        with self._lock:
+            self._flush_trace()
+            self._tracer = tracer
+            self._memory.mmu.set_tracer(tracer)
 
+    def _flush_trace(self, raise_errors: bool = True) -> None:
+        """Give the trace events made so far to the sink (see kvmemu._trace)."""
+        tracer = self._tracer
+        if tracer is not None and tracer.pending:
+            tracer.flush(raise_errors)
+
+    def _running(self) -> "_AllVCPUs":
+        """Every vCPU's mutex, taken in vCPU order: no access runs meanwhile."""
+        return _AllVCPUs(self._vcpus)
+
+    @_ioctl
     def snapshot(self) -> "Snapshot":
         """The whole VM state: memslots, guest_memfd files and bindings, attributes,
         lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
         kvm_run, MMIO cache).  Copies of numpy storage; restorable any number of times."""
-        return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
-                        list(self._gmem), {k: dict(v) for k, v in self._gmem_bindings.items()})
+        with self._running():
+            return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
+                            list(self._gmem),
+                            {k: dict(v) for k, v in self._gmem_bindings.items()})
 
+    @_ioctl
     def restore(self, snapshot: "Snapshot") -> None:
         """Put the state of ``snapshot`` (taken from this VM) back, exactly.  vCPUs
         created after the snapshot no longer exist afterwards: using them raises."""
@@ -471,16 +516,18 @@ class VM:
         if snapshot._owner is not self._token:
             raise ValueError("the snapshot was taken from another VM")
         memory, vcpu_states = snapshot._copy()
-        for vcpu in self._vcpus[len(vcpu_states):]:
-            vcpu._detach()
+        with self._running():
+            for vcpu in self._vcpus[len(vcpu_states):]:
+                vcpu._detach()
+            for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
+                vcpu._attach(vcpu_state)
+            self._memory = memory
+            memory.mmu.set_tracer(self._tracer)
         del self._vcpus[len(vcpu_states):]
-        for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
-            vcpu._attach(vcpu_state)
-        self._memory = memory
-        memory.mmu.set_tracer(self._tracer)
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
+    @_ioctl
     def check_invariants(self) -> list[str]:
         """What must hold between the MMU's tables and the memory model, checked from
         scratch; returns the violations found (an empty list when all hold):
@@ -499,8 +546,10 @@ class VM:
           MMIO-SPTE emulation skips both), every fast-path fix is a FIXED or SPURIOUS one,
           and every MMIO SPTE created made its fault EMULATE.
         """
-        return _invariants.check_invariants(self)
+        with self._running(), self._memory.mmu_write_locked():
+            return _invariants.check_invariants(self)
 
+    @_ioctl
     def create_vcpu(self) -> "VCPU":
         """KVM_CREATE_VCPU: vCPU ids count from 0."""
         vcpu = VCPU(self, len(self._vcpus))
@@ -585,6 +634,8 @@ class VCPU:
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
+        #: vcpu->mutex: one call at a time on this vCPU (a second thread waits).
+        self._mutex = vm._core.Mutex()
         memory = vm._memory
         self._attach(vm._core.VCPUState(vm._config, memory.memslots, memory.mmu))
 
@@ -631,18 +682,35 @@ class VCPU:
     def handle_ept_violation(self, gpa: Any, exit_qualification: Any) -> int:
         """handle_ept_violation (VMX) or tdx_handle_ept_violation (TDX)."""
         self._vendor("vmx", "handle_ept_violation")
-        return self._c.handle_ept_violation(_args.u64("gpa", gpa),
-                                            _args.u64("exit_qualification", exit_qualification))
+        g, q = _args.u64("gpa", gpa), _args.u64("exit_qualification", exit_qualification)
+        return self._run(lambda state: state.handle_ept_violation(g, q))
 
     def handle_ept_misconfig(self, gpa: Any) -> int:
         """handle_ept_misconfig: the MMIO path (a KVM bug, -EIO, for a TD)."""
         self._vendor("vmx", "handle_ept_misconfig")
-        return self._c.handle_ept_misconfig(_args.u64("gpa", gpa))
+        g = _args.u64("gpa", gpa)
+        return self._run(lambda state: state.handle_ept_misconfig(g))
 
     def handle_npf(self, gpa: Any, exit_info_1: Any) -> int:
         """npf_interception: synthetic bits cleared, GUEST_ENC private on SNP."""
         self._vendor("svm", "handle_npf")
-        return self._c.handle_npf(_args.u64("gpa", gpa), _args.u64("exit_info_1", exit_info_1))
+        g, e = _args.u64("gpa", gpa), _args.u64("exit_info_1", exit_info_1)
+        return self._run(lambda state: state.handle_npf(g, e))
+
+    def _run(self, call: Callable[[Any], Any]) -> Any:
+        """``call(state)`` holding this vCPU's mutex, then the trace events go out."""
+        mutex = self._mutex
+        mutex.acquire()
+        try:
+            result = call(self._c)
+        except BaseException:
+            mutex.release()
+            self.vm._flush_trace(raise_errors=False)
+            raise
+        mutex.release()
+        if self.vm._tracer is not None:
+            self.vm._flush_trace()
+        return result
 
     def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:
         """``access`` for each element of ``gpas`` (1-D uint64) in order, ``flags`` an
@@ -652,7 +720,7 @@ class VCPU:
         tables = self.vm.page_tables
         g = _args.gpa_array(gpas, tables.levels)
         f = _args.access_flags_array(flags, len(g))
-        return self._c.access_many(g, f, ACCESS_LOOP_LIMIT)
+        return self._run(lambda state: state.access_many(g, f, ACCESS_LOOP_LIMIT))
 
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
                stage: Any = "final", encrypted: Any = False) -> Any:
@@ -660,8 +728,40 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
         the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
         loop that does not settle raises RuntimeError."""
-        return self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                      ACCESS_LOOP_LIMIT)
+        mutex = self._mutex
+        mutex.acquire()
+        try:
+            result = self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                            ACCESS_LOOP_LIMIT)
+        except BaseException:
+            mutex.release()
+            self.vm._flush_trace(raise_errors=False)
+            raise
+        mutex.release()
+        if self.vm._tracer is not None:
+            self.vm._flush_trace()
+        return result
+
+
+class _AllVCPUs:
+    """Holds the mutex of each vCPU of a list, taken in order and given back in reverse."""
+
+    def __init__(self, vcpus: list["VCPU"]) -> None:
+        self._vcpus = list(vcpus)
+        self._held: list[Any] = []
+
+    def __enter__(self) -> None:
+        try:
+            for vcpu in self._vcpus:
+                vcpu._mutex.acquire()
+                self._held.append(vcpu._mutex)
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        while self._held:
+            self._held.pop().release()
 
 
 class _DetachedVCPU:

@@ -434,6 +434,10 @@ ACC_ALL = ACC_EXEC | ACC_WRITE | ACC_USER
 TDX_LOCAL_RETRY_LIMIT = 16
 #: How many exits ``VCPU.access`` takes before it declares the loop unsettled.
 ACCESS_LOOP_LIMIT = 16
+#: How many RET_PF_RETRY exits a vCPU without a stage hook takes before they count
+#: towards ACCESS_LOOP_LIMIT: such retries come from other threads' invalidations
+#: (KVM's vCPU simply faults again), and the vCPU yields to those threads meanwhile.
+ACCESS_RETRY_LIMIT = 1 << 16
 
 
 class PfStat(IntEnum):

@@ -21,6 +21,18 @@ cdef extern from "pthread.h" nogil:
 cdef extern from "sched.h" nogil:
     int sched_yield()
 
+cdef extern from "pythread.h":
+    unsigned long PyThread_get_thread_ident()
+
+cdef extern from "pthread.h" nogil:
+    ctypedef struct pthread_mutex_t:
+        pass
+    int pthread_mutex_init(pthread_mutex_t* mutex, void* attr)
+    int pthread_mutex_destroy(pthread_mutex_t* mutex)
+    int pthread_mutex_lock(pthread_mutex_t* mutex)
+    int pthread_mutex_trylock(pthread_mutex_t* mutex)
+    int pthread_mutex_unlock(pthread_mutex_t* mutex)
+
 # Sequentially consistent atomics on a long (the reader counts of an SRCU-like grace
 # period; see SlotTable in memslots.pxd).
 cdef extern from *:
@@ -44,6 +56,12 @@ cdef extern from *:
     # The hardware's locked OR of accessed/dirty bits, and KVM's try_cmpxchg64.
     void atomic_or64 "kvmemu_atomic_or64" (uint64_t* p, uint64_t v) nogil
     bint cmpxchg64 "kvmemu_cmpxchg64" (uint64_t* p, uint64_t old, uint64_t new) nogil
+
+cdef class Mutex:
+    cdef pthread_mutex_t mutex
+    cdef unsigned long owner                # the thread that holds it, 0 if none
+    cpdef int acquire(self) except -1
+    cpdef void release(self) noexcept
 
 cdef class RwLock:
     cdef pthread_rwlock_t lock

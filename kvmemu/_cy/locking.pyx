@@ -13,6 +13,36 @@ cimport cython
 
 
 @cython.final
+cdef class Mutex:
+    """vcpu->mutex: calls on one vCPU run one at a time, as KVM_RUN on one vCPU fd does.
+    A second thread waits (without the GIL); the thread that holds it and calls again,
+    from a callback of its own call, gets a RuntimeError instead of a deadlock."""
+
+    def __cinit__(self):
+        if pthread_mutex_init(&self.mutex, NULL) != 0:
+            raise MemoryError("cannot initialise a mutex")
+        self.owner = 0
+
+    def __dealloc__(self):
+        pthread_mutex_destroy(&self.mutex)
+
+    cpdef int acquire(self) except -1:
+        cdef unsigned long me = PyThread_get_thread_ident()
+        if pthread_mutex_trylock(&self.mutex) != 0:
+            if self.owner == me:
+                raise RuntimeError("this vCPU is already running on this thread (a callback "
+                                   "of its own call cannot enter it again)")
+            with nogil:
+                pthread_mutex_lock(&self.mutex)
+        self.owner = me
+        return 0
+
+    cpdef void release(self) noexcept:
+        self.owner = 0
+        pthread_mutex_unlock(&self.mutex)
+
+
+@cython.final
 cdef class RwLock:
     """A reader-writer lock that prefers writers (kvm->mmu_lock)."""
 

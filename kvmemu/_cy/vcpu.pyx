@@ -138,9 +138,9 @@ cdef class VCPUState:
         AccessStatus; ``out`` holds the translation, ``err`` the errno of a failure."""
         cdef uint64_t shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         cdef PageTables pt
-        cdef int r, i
+        cdef int r, exits = 0, retries = 0
         self.exit_reason = EXIT_REASON_UNKNOWN
-        for i in range(limit):
+        while exits < limit:
             if self.tdx and not (gpa & shared_bit):
                 pt = self.mmu.mirror.pt
             else:
@@ -161,6 +161,12 @@ cdef class VCPUState:
                 self.mmio_gpa = gpa & ~shared_bit
                 self.mmio_is_write = (flags & ACCESS_FLAGS_WRITE) != 0
                 return ACCESS_MMIO
+            if r == RET_PF_RETRY and self.stage_hook is None and retries < ACCESS_RETRY_LIMIT:
+                retries += 1                 # another thread's invalidation: let it finish
+                with nogil:
+                    sched_yield()
+                continue
+            exits += 1
         return ACCESS_UNSETTLED
 
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,

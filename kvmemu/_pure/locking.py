@@ -34,6 +34,30 @@ def cmpxchg64(mem: Any, where: Any, old: int, new: int) -> bool:
         return True
 
 
+class Mutex:
+    """vcpu->mutex: calls on one vCPU run one at a time, as KVM_RUN on one vCPU fd does.
+    A second thread waits; the thread that holds it and calls again, from a callback of
+    its own call, gets a RuntimeError instead of a deadlock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0
+
+    def acquire(self) -> int:
+        me = threading.get_ident()
+        if not self._lock.acquire(blocking=False):
+            if self._owner == me:
+                raise RuntimeError("this vCPU is already running on this thread (a callback "
+                                   "of its own call cannot enter it again)")
+            self._lock.acquire()
+        self._owner = me
+        return 0
+
+    def release(self) -> None:
+        self._owner = 0
+        self._lock.release()
+
+
 class RwLock:
     """A reader-writer lock that prefers writers (kvm->mmu_lock)."""
 

@@ -70,7 +70,10 @@ class Memslots:
         self.counters = counters
         self.table = SlotTable([])
         self._srcu = threading.Condition(threading.Lock())
-        self.attr_start = self.attr_end = self.attr_value = np.zeros(0, dtype=np.uint64)
+        empty = np.zeros(0, dtype=np.uint64)
+        #: The attribute ranges (starts, ends, values), replaced as one: a reader takes
+        #: the tuple once and sees one consistent set whatever other threads publish.
+        self.attrs = (empty, empty, empty)
 
     def publish_slots(self, slots: list[Any], synchronize: bool) -> None:
         """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots
@@ -89,7 +92,7 @@ class Memslots:
     def publish_attributes(self, attr_start: np.ndarray, attr_end: np.ndarray,
                            attr_value: np.ndarray) -> None:
         """Take the attribute ranges as sorted arrays (never changed in place)."""
-        self.attr_start, self.attr_end, self.attr_value = attr_start, attr_end, attr_value
+        self.attrs = (attr_start, attr_end, attr_value)
 
     def srcu_read_lock(self) -> SlotTable:
         """srcu_read_lock(&kvm->srcu): the current memslots, held until the unlock."""
@@ -124,15 +127,16 @@ class Memslots:
 
     # --- memory attributes ----------------------------------------------------------------
 
-    def attribute_index(self, gfn: int) -> int:
+    def attribute_index(self, starts: np.ndarray, gfn: int) -> int:
         """Index of the last attribute range starting at or below ``gfn``, or -1."""
-        return int(np.searchsorted(self.attr_start, gfn, side="right")) - 1
+        return int(np.searchsorted(starts, gfn, side="right")) - 1
 
     def get_memory_attributes(self, gfn: int) -> int:
         """Models kvm_get_memory_attributes (include/linux/kvm_host.h, 6.18)."""
-        i = self.attribute_index(gfn)
-        if i >= 0 and gfn < int(self.attr_end[i]):
-            return int(self.attr_value[i])
+        starts, ends, values = self.attrs
+        i = self.attribute_index(starts, gfn)
+        if i >= 0 and gfn < int(ends[i]):
+            return int(values[i])
         return 0
 
     def mem_is_private(self, gfn: int) -> bool:
@@ -147,14 +151,15 @@ class Memslots:
             return False
         if end == start + 1:
             return (self.get_memory_attributes(start) & mask) == attrs
-        i = max(self.attribute_index(start), 0)
-        n = len(self.attr_start)
+        starts, ends, values = self.attrs
+        i = max(self.attribute_index(starts, start), 0)
+        n = len(starts)
         if not attrs:
-            return not any(int(self.attr_start[k]) < end and int(self.attr_end[k]) > start
+            return not any(int(starts[k]) < end and int(ends[k]) > start
                            for k in range(i, min(i + 2, n)))
         gfn = start
         for k in range(i, n):
-            s, e, v = int(self.attr_start[k]), int(self.attr_end[k]), int(self.attr_value[k])
+            s, e, v = int(starts[k]), int(ends[k]), int(values[k])
             if e <= gfn:
                 continue
             if s > gfn or (v & mask) != attrs:

@@ -9,13 +9,16 @@ exit, and the accessed/dirty bits it sets on success (Intel SDM vol. 3C
 hardware walk").
 
 Storage: the paging-structure memory is one 2-D ``numpy.uint64`` array of
-512-entry tables; table k lives at host-physical address
+512-entry tables over a mapping reserved once (never moved, committed as
+tables are used), as in the compiled core; table k lives at host-physical address
 ``PT_BASE_HPA + k * PAGE_SIZE`` and table 0 is the root.  A non-leaf entry
 holds its child's address; an address that holds no table reads as zeros.
 """
 
 from __future__ import annotations
 
+import mmap
+import sys
 from typing import Any
 
 import numpy as np
@@ -25,10 +28,11 @@ from ..results import EptMisconfig, EptViolation, NestedPageFault, Translation
 from .cnames import *  # noqa: F403  (the constants under their C names)
 from .locking import RwLock, atomic_or64
 
-INITIAL_TABLES = 4
-GROWTH_TABLES = 256
-#: Tables each PageTables may hold (the compiled core's reservation).
+#: Tables of address space each PageTables reserves (16 GiB; memory is committed only
+#: as tables are used).  MAXPHYADDR may allow more: new_table raises MemoryError here.
 RESERVED_TABLES = 1 << 22
+#: mmap's MAP_NORESERVE (the mmap module names it from Python 3.12 on).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)
 
 # Why a hardware walk stopped at the last entry it read (enum WalkStop).
 STOP_NOT_PRESENT = 0
@@ -352,9 +356,12 @@ class PageTables:
         self.kvm_owned = False      # the tables of a VM's TDP MMU: no writes from outside
 
     def init_storage(self) -> None:
-        """The table memory: a numpy array grown in place (the twin never releases the
-        GIL, so no reader holds its address across a growth)."""
-        self.mem = np.zeros((INITIAL_TABLES, PT_ENTRIES), dtype=np.uint64)
+        """Reserve the table memory: zeroed, never moved (numpy releases the GIL while
+        it fills a table, so a growing array could move under another thread)."""
+        reservation = mmap.mmap(-1, RESERVED_TABLES * PAGE_SIZE,
+                                flags=mmap.MAP_PRIVATE | MAP_NORESERVE)
+        self.mem = np.frombuffer(reservation, dtype=np.uint64).reshape(RESERVED_TABLES,
+                                                                        PT_ENTRIES)
 
     def __repr__(self) -> str:
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
@@ -381,11 +388,6 @@ class PageTables:
                               "for another table")
         if self.ntables == RESERVED_TABLES:
             raise MemoryError(f"all {RESERVED_TABLES} tables of the reservation are in use")
-        if self.ntables == len(self.mem):
-            # Resized in place: new rows are zero, and the spare capacity stays below
-            # GROWTH_TABLES tables whatever the size.
-            capacity = min(self.ntables + min(self.ntables, GROWTH_TABLES), self.max_tables)
-            self.mem.resize((capacity, PT_ENTRIES), refcheck=False)
         self.ntables += 1
         return self.ntables - 1
 
@@ -393,7 +395,8 @@ class PageTables:
         """A copy of the tables and their configuration (for VM snapshots)."""
         c = PageTables.__new__(PageTables)
         c.__dict__.update(self.__dict__)
-        c.mem = self.mem[:self.ntables].copy()
+        c.init_storage()
+        c.mem[:self.ntables] = self.mem[:self.ntables]
         c.lock = RwLock()
         c.free_list = list(self.free_list)
         return c

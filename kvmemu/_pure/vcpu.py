@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -144,7 +145,8 @@ class VCPUState:
         access status and the translation's Outcome or the errno of a failure."""
         shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         self.exit_reason = EXIT_REASON_UNKNOWN
-        for _ in range(limit):
+        exits = retries = 0
+        while exits < limit:
             pt = self.mmu.mirror.pt if self.tdx and not gpa & shared_bit else self.mmu.direct.pt
             pt.lock.acquire_read()
             try:
@@ -163,6 +165,11 @@ class VCPUState:
                 self.mmio_gpa = gpa & ~shared_bit
                 self.mmio_is_write = bool(flags & ACCESS_FLAGS_WRITE)
                 return ACCESS_MMIO, None
+            if r == RET_PF_RETRY and self.stage_hook is None and retries < ACCESS_RETRY_LIMIT:
+                retries += 1                 # another thread's invalidation: let it finish
+                time.sleep(0)
+                continue
+            exits += 1
         return ACCESS_UNSETTLED, None
 
     def outcome_of(self, status: int, value: Any, gpa: int, where: str, limit: int) -> Any:
