@@ -29,7 +29,6 @@ zaps go to the core's ``TdpMmu``.
 from __future__ import annotations
 
 from bisect import bisect_right
-from contextlib import contextmanager
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -115,6 +114,21 @@ def new_page_tables(core: Any, config: VMConfig) -> Any:
                            huge_1g=True, host_nx=True, host_smep=False)
 
 
+class _WriteLocked:
+    """``with`` a lock held for write."""
+
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: Any) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        self.lock.acquire_write()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.lock.release_write()
+
+
 class VMMemory:
     """All of a VM's memory state, over one core's ``Memslots`` and ``TdpMmu``."""
 
@@ -150,16 +164,10 @@ class VMMemory:
     def _publish_attributes(self) -> None:
         self.memslots.publish_attributes(self._attr_start, self._attr_end, self._attr_value)
 
-    @contextmanager
-    def mmu_write_locked(self) -> Iterator[None]:
-        """write_lock(&kvm->mmu_lock) ... write_unlock: no fault maps and no walk reads
-        the tables meanwhile."""
-        lock = self.mmu.mmu_lock
-        lock.acquire_write()
-        try:
-            yield
-        finally:
-            lock.release_write()
+    def mmu_write_locked(self) -> "_WriteLocked":
+        """write_lock(&kvm->mmu_lock) ... write_unlock, as a ``with`` block: no fault maps
+        and no walk reads the tables meanwhile."""
+        return _WriteLocked(self.mmu.mmu_lock)
 
     def clone(self) -> "VMMemory":
         """A deep copy, with a copy of the core's MMU (tables included) and a new

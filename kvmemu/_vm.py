@@ -640,6 +640,7 @@ class VCPU:
         self._attach(vm._core.VCPUState(vm._config, memory.memslots, memory.mmu))
 
     def _attach(self, state: Any) -> None:
+        state.mutex = self._mutex
         self._c = state
         state.vcpu_id = self.vcpu_id
         self.run = KvmRun(state)
@@ -698,16 +699,12 @@ class VCPU:
         return self._run(lambda state: state.handle_npf(g, e))
 
     def _run(self, call: Callable[[Any], Any]) -> Any:
-        """``call(state)`` holding this vCPU's mutex, then the trace events go out."""
-        mutex = self._mutex
-        mutex.acquire()
+        """``call(state)`` (the core takes the vCPU's mutex), then the trace events go out."""
         try:
             result = call(self._c)
         except BaseException:
-            mutex.release()
             self.vm._flush_trace(raise_errors=False)
             raise
-        mutex.release()
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result
@@ -728,16 +725,12 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
         the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
         loop that does not settle raises RuntimeError."""
-        mutex = self._mutex
-        mutex.acquire()
         try:
             result = self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
                                             ACCESS_LOOP_LIMIT)
         except BaseException:
-            mutex.release()
             self.vm._flush_trace(raise_errors=False)
             raise
-        mutex.release()
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result

@@ -30,6 +30,8 @@ COMPILED_ONLY = {
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
+    ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
+    ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",
     ("locking", "RwLock.read_unlock"): "entry points for callers without the GIL",
     ("locking", "RwLock.write_lock"): "entry points for callers without the GIL",

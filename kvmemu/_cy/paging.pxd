@@ -35,6 +35,9 @@ cdef struct Outcome:
     int level               # the leaf's level for OUT_TRANSLATED
     uint64_t value          # hpa, exit qualification or EXITINFO1
 
+cdef void* take_reservation() noexcept nogil
+cdef void give_back_reservation(void* mem) noexcept nogil
+
 cdef class PageTables:
     cdef PagingConfig cfg
     cdef uint64_t* mem                  # RESERVED_TABLES tables, mapped once: never moves

@@ -21,7 +21,7 @@
 cimport cython
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 cdef extern from "sys/mman.h":
@@ -35,6 +35,41 @@ from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translat
 #: Tables of address space each PageTables reserves (16 GiB; memory is committed only
 #: as tables are used).  MAXPHYADDR may allow more: new_table raises MemoryError here.
 cdef Py_ssize_t RESERVED_TABLES = 1 << 22
+#: Reservations of freed PageTables kept for the next ones (a snapshot's copy then
+#: writes into memory the kernel has already mapped, instead of faulting it in page
+#: by page); their tables are zeroed again as they are handed out.
+DEF POOL_SIZE = 16
+cdef void* reservation_pool[POOL_SIZE]
+cdef int pooled = 0
+cdef pthread_mutex_t pool_lock
+pthread_mutex_init(&pool_lock, NULL)
+
+
+cdef void* take_reservation() noexcept nogil:
+    """A pooled reservation, or a new mapping (MAP_FAILED if none can be made)."""
+    global pooled
+    cdef void* mem = NULL
+    pthread_mutex_lock(&pool_lock)
+    if pooled:
+        pooled -= 1
+        mem = reservation_pool[pooled]
+    pthread_mutex_unlock(&pool_lock)
+    if mem != NULL:
+        return mem
+    return mmap(NULL, <size_t>RESERVED_TABLES * PAGE_SIZE, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+
+
+cdef void give_back_reservation(void* mem) noexcept nogil:
+    global pooled
+    pthread_mutex_lock(&pool_lock)
+    if pooled < POOL_SIZE:
+        reservation_pool[pooled] = mem
+        pooled += 1
+        mem = NULL
+    pthread_mutex_unlock(&pool_lock)
+    if mem != NULL:
+        munmap(mem, <size_t>RESERVED_TABLES * PAGE_SIZE)
 
 
 cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
@@ -324,7 +359,7 @@ cdef class PageTables:
     def __dealloc__(self):
         free(self.free_list)
         if self.mem != NULL:
-            munmap(self.mem, <size_t>self.reserved * PAGE_SIZE)
+            give_back_reservation(self.mem)
 
     def __init__(self, kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False,
                  maxphyaddr=52, huge_1g=True, host_nx=True, host_smep=False):
@@ -355,13 +390,14 @@ cdef class PageTables:
         self.lock = RwLock()
 
     cdef int init_storage(self) except -1:
-        """Reserve the table memory: zeroed, never moved, unmapped with the object."""
-        cdef size_t size = <size_t>RESERVED_TABLES * PAGE_SIZE
-        cdef void* mem = mmap(NULL, size, PROT_READ | PROT_WRITE,
-                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        """Reserve the table memory (never moved; given back with the object), the root
+        table zeroed."""
+        cdef void* mem = take_reservation()
         if mem == MAP_FAILED:
-            raise MemoryError(f"cannot reserve {size >> 30} GiB of address space for tables")
+            raise MemoryError(f"cannot reserve {(RESERVED_TABLES * PAGE_SIZE) >> 30} GiB of "
+                              "address space for tables")
         self.mem, self.reserved = <uint64_t*>mem, RESERVED_TABLES
+        memset(self.mem, 0, PAGE_SIZE)
         return 0
 
     def __repr__(self):
@@ -390,6 +426,7 @@ cdef class PageTables:
                               "for another table")
         if self.ntables == self.reserved:
             raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
+        memset(self.mem + self.ntables * PT_ENTRIES, 0, PAGE_SIZE)
         self.ntables += 1
         return self.ntables - 1
 

@@ -1,6 +1,6 @@
 # Declarations of a vCPU and its access loop (vcpu.pyx).
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 
 cdef enum AccessStatus:
     ACCESS_TRANSLATED = 0
@@ -25,6 +25,7 @@ cdef class VCPUState:
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
     cdef SlotTable srcu                     # the memslots an exit's handling reads
+    cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)
     cdef int handle_exit(self, int kind, uint64_t gpa,
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION
     cdef int stage(self, str name, FaultRecord* f) except -1
@@ -32,3 +33,5 @@ cdef class VCPUState:
                       int* err) except -1
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
                            str where, int limit)
+    cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,
+                          bint per_element, object hpa_arr, object level_arr, int limit)

@@ -120,13 +120,25 @@ cdef class VCPUState:
     # --- the exit handlers, as the API calls them ---------------------------------------------
 
     def handle_ept_violation(self, uint64_t gpa, uint64_t exit_qualification):
-        return self.handle_exit(OUT_EPT_VIOLATION, gpa, exit_qualification)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(OUT_EPT_VIOLATION, gpa, exit_qualification)
+        finally:
+            self.mutex.release()
 
     def handle_ept_misconfig(self, uint64_t gpa):
-        return self.handle_exit(OUT_EPT_MISCONFIG, gpa, 0)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(OUT_EPT_MISCONFIG, gpa, 0)
+        finally:
+            self.mutex.release()
 
     def handle_npf(self, uint64_t gpa, uint64_t exit_info_1):
-        return self.handle_exit(OUT_NPF, gpa, exit_info_1)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(OUT_NPF, gpa, exit_info_1)
+        finally:
+            self.mutex.release()
 
     # --- the access loop ------------------------------------------------------------------------
 
@@ -145,9 +157,9 @@ cdef class VCPUState:
                 pt = self.mmu.mirror.pt
             else:
                 pt = self.mmu.direct.pt
-            pt.lock.acquire_read()
+            # No mmu_lock: every writer of table memory writes it holding the GIL, as this
+            # walk does (walks without the GIL, in access_many, take the lock).
             out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
-            pt.lock.release_read()
             if out.kind == OUT_TRANSLATED:
                 return ACCESS_TRANSLATED
             r = self.handle_exit(out.kind, gpa, out.value)
@@ -187,8 +199,12 @@ cdef class VCPUState:
     def access(self, uint64_t gpa, uint64_t flags, int limit):
         """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
         cdef Outcome out
-        cdef int err = 0
-        cdef int status = self.vcpu_run(gpa, flags, limit, &out, &err)
+        cdef int err = 0, status
+        self.mutex.acquire()
+        try:
+            status = self.vcpu_run(gpa, flags, limit, &out, &err)
+        finally:
+            self.mutex.release()
         return self.outcome_of(status, &out, err, gpa, "", limit)
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
@@ -215,8 +231,12 @@ cdef class VCPUState:
             f = _args.access(write, fetch, user, stage, encrypted)
             g = _args.gpa(gpa, self.levels)
         cdef Outcome out
-        cdef int err = 0
-        cdef int status = self.vcpu_run(g, f, limit, &out, &err)
+        cdef int err = 0, status
+        self.mutex.acquire()
+        try:
+            status = self.vcpu_run(g, f, limit, &out, &err)
+        finally:
+            self.mutex.release()
         return self.outcome_of(status, &out, err, g, "", limit)
 
     def access_many(self, const uint64_t[::1] gpas, flags, int limit):
@@ -225,17 +245,28 @@ cdef class VCPUState:
         that does not settle RuntimeError, both naming the element.
 
         Accesses that translate without an exit (mapped pages, the common case) run in
-        a C loop with the GIL released, once a run of them has started; an access that
-        exits goes through the fault pipeline in C with the GIL held (it may grow the
-        table storage or call the stage hook).  No Python object is made per element."""
-        cdef Py_ssize_t i = 0, n = gpas.shape[0]
+        a C loop with the GIL released and mmu_lock held for read, once a run of them
+        has started; an access that exits goes through the fault pipeline in C with the
+        GIL held (it may call the stage hook).  No Python object is made per element."""
+        cdef Py_ssize_t n = gpas.shape[0]
         hpa_arr = np.zeros(n, dtype=np.uint64)
         level_arr = np.zeros(n, dtype=np.uint8)
+        cdef bint per_element = not isinstance(flags, int)
+        cdef const uint8_t[::1] fl = flags if per_element else None
+        cdef uint64_t f = 0 if per_element else flags
+        self.mutex.acquire()
+        try:
+            return self.run_batch(gpas, fl, f, per_element, hpa_arr, level_arr, limit)
+        finally:
+            self.mutex.release()
+
+    cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,
+                          bint per_element, object hpa_arr, object level_arr, int limit):
+        """access_many's loop, holding the vCPU's mutex."""
+        cdef Py_ssize_t i = 0, n = gpas.shape[0]
         cdef uint64_t[::1] hpa = hpa_arr
         cdef uint8_t[::1] level = level_arr
-        cdef bint per_element = not isinstance(flags, int)
-        cdef const uint8_t[::1] fl
-        cdef uint64_t f = 0, g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
+        cdef uint64_t g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         cdef bint tdx = self.tdx
         cdef PageTables dpt = self.mmu.direct.pt, mpt = self.mmu.mirror.pt if tdx else dpt
         cdef uint64_t* dmem
@@ -251,10 +282,6 @@ cdef class VCPUState:
         # The common case inlined: the one-pass walk of 4-level EPT (translate_one
         # takes it too; this saves a call per access in the GIL-free loop).
         cdef bint fast4 = dcfg.ept and dcfg.levels == 4
-        if per_element:
-            fl = flags
-        else:
-            f = flags
         while i < n:
             if streak >= TRANSLATION_STREAK:
                 dmem, mmem = dpt.mem, mpt.mem

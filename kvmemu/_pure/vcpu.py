@@ -74,6 +74,8 @@ class VCPUState:
         self.rip = 0
         #: The memslots an exit's handling reads (its kvm->srcu read-side section).
         self.srcu: Any = None
+        #: vcpu->mutex (the API's VCPU owns it).
+        self.mutex: Any = None
 
     @property
     def stats(self) -> dict[str, int]:
@@ -128,13 +130,25 @@ class VCPUState:
     # --- the exit handlers, as the API calls them ---------------------------------------------
 
     def handle_ept_violation(self, gpa: int, exit_qualification: int) -> int:
-        return self.handle_exit(paging.OUT_EPT_VIOLATION, gpa, exit_qualification)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(paging.OUT_EPT_VIOLATION, gpa, exit_qualification)
+        finally:
+            self.mutex.release()
 
     def handle_ept_misconfig(self, gpa: int) -> int:
-        return self.handle_exit(paging.OUT_EPT_MISCONFIG, gpa, 0)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(paging.OUT_EPT_MISCONFIG, gpa, 0)
+        finally:
+            self.mutex.release()
 
     def handle_npf(self, gpa: int, exit_info_1: int) -> int:
-        return self.handle_exit(paging.OUT_NPF, gpa, exit_info_1)
+        self.mutex.acquire()
+        try:
+            return self.handle_exit(paging.OUT_NPF, gpa, exit_info_1)
+        finally:
+            self.mutex.release()
 
     # --- the access loop ------------------------------------------------------------------------
 
@@ -148,7 +162,7 @@ class VCPUState:
         exits = retries = 0
         while exits < limit:
             pt = self.mmu.mirror.pt if self.tdx and not gpa & shared_bit else self.mmu.direct.pt
-            pt.lock.acquire_read()
+            pt.lock.acquire_read()           # the twin's writers yield the GIL anywhere
             try:
                 out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags)
             finally:
@@ -188,7 +202,11 @@ class VCPUState:
 
     def access(self, gpa: int, flags: int, limit: int) -> Any:
         """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
-        status, value = self.vcpu_run(gpa, flags, limit)
+        self.mutex.acquire()
+        try:
+            status, value = self.vcpu_run(gpa, flags, limit)
+        finally:
+            self.mutex.release()
         return self.outcome_of(status, value, gpa, "", limit)
 
     def access_checked(self, gpa: Any, write: Any, fetch: Any, user: Any, stage: Any,
@@ -204,10 +222,21 @@ class VCPUState:
         n = len(gpas)
         hpa = np.zeros(n, dtype=np.uint64)
         level = np.zeros(n, dtype=np.uint8)
-        per_element = flags.tolist() if isinstance(flags, np.ndarray) else None
+        per_element = isinstance(flags, np.ndarray)
+        self.mutex.acquire()
+        try:
+            return self.run_batch(gpas, flags if per_element else None,
+                                  0 if per_element else flags, per_element, hpa, level, limit)
+        finally:
+            self.mutex.release()
+
+    def run_batch(self, gpas: np.ndarray, fl: Any, f: int, per_element: bool, hpa: np.ndarray,
+                  level: np.ndarray, limit: int) -> AccessBatch:
+        """access_many's loop, holding the vCPU's mutex."""
+        n = len(gpas)
+        flags_list = fl.tolist() if per_element else None
         for i, gpa in enumerate(gpas.tolist()):
-            status, value = self.vcpu_run(gpa, flags if per_element is None else
-                                          per_element[i], limit)
+            status, value = self.vcpu_run(gpa, flags_list[i] if per_element else f, limit)
             if status != ACCESS_TRANSLATED:
                 exit_ = self.outcome_of(status, value, gpa, f" (element {i})", limit)
                 return AccessBatch(hpa, level, i, exit_)
