@@ -56,7 +56,9 @@ def _u64_array(name: str, value: np.ndarray) -> np.ndarray:
         raise ValueError(f"{name} must be a 1-D array, not {value.ndim}-D")
     if value.dtype != np.uint64:
         raise TypeError(f"{name} must have dtype uint64, not {value.dtype}")
-    return np.ascontiguousarray(value)
+    # A misaligned view (np.frombuffer at an odd offset) is copied: the cores load
+    # whole uint64 words.
+    return np.require(value, requirements=("C", "A"))
 
 
 def operands(out: Any, *named: tuple[str, Any]) -> tuple[int, list[Any], Any]:
@@ -91,8 +93,8 @@ def operands(out: Any, *named: tuple[str, Any]) -> tuple[int, list[Any], Any]:
         raise TypeError(f"out must be a 1-D numpy.uint64 array, not {type(out).__name__}")
     if out.ndim != 1 or out.dtype != np.uint64:
         raise TypeError(f"out must be a 1-D numpy.uint64 array, not {out.ndim}-D {out.dtype}")
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise ValueError("out must be C-contiguous and writable")
+    if not out.flags.c_contiguous or not out.flags.writeable or not out.flags.aligned:
+        raise ValueError("out must be C-contiguous, aligned and writable")
     if n >= 0 and len(out) != n:
         raise ValueError(f"out has {len(out)} elements but {n_from} has {n}")
     start = out.ctypes.data

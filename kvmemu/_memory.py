@@ -500,18 +500,26 @@ class VMMemory:
         touched = [(slot, max(start, slot.base_gfn), min(end, slot.end_gfn))
                    for as_id in range(self.nr_as_ids)
                    for slot in self.slots_in_range(as_id, start, end)]
-        if touched:
-            with self.mmu_write_locked():
-                self.invalidate_begin()
-                for slot, s, e in touched:
-                    self._pre_set_memory_attributes(slot, s, e, attrs)
-        self._store_attributes(start, end, attrs)
-        self._publish_attributes()
-        if touched:
-            with self.mmu_write_locked():
-                self.invalidate_end()
-                for slot, s, e in touched:
-                    self._post_set_memory_attributes(slot, s, e, attrs)
+        begun = stored = False
+        try:
+            if touched:
+                with self.mmu_write_locked():
+                    self.invalidate_begin()
+                    begun = True
+                    for slot, s, e in touched:
+                        self._pre_set_memory_attributes(slot, s, e, attrs)
+            self._store_attributes(start, end, attrs)
+            stored = True
+            self._publish_attributes()
+        finally:
+            # Even when interrupted (Ctrl-C): the invalidation ends, and the mixed flags
+            # follow what was stored, so no fault is left retrying for good.
+            if begun:
+                with self.mmu_write_locked():
+                    self.invalidate_end()
+                    if stored:
+                        for slot, s, e in touched:
+                            self._post_set_memory_attributes(slot, s, e, attrs)
 
     # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
 

@@ -24,7 +24,7 @@ import numpy as np
 from . import _args, _invariants
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
-from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
+from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX, ExitReason,
@@ -172,6 +172,10 @@ class VM:
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
         self._lock = threading.RLock()
 
+    def __reduce__(self) -> Any:
+        raise TypeError("a VM cannot be copied or pickled (it owns vCPUs and tables); "
+                        "use snapshot() and restore()")
+
     def __repr__(self) -> str:
         return (f"VM({self.vm_type.name}, vendor={self.vendor!r}, gpaw={self.gpaw}, "
                 f"memslots={len(self._memory.slots(0))})")
@@ -208,6 +212,9 @@ class VM:
                           f"{flags & ~supported:#x}")
         if size == 0 or size > _LOFF_MAX or size & _PAGE_MASK:
             raise _einval(f"guest_memfd size {size:#x} is not a positive multiple of the page size")
+        if len(self._gmem) * GMEM_FILE_PAGES >= GMEM_PFN_BASE:
+            raise KvmError(errno.ENOSPC, f"the model's guest_memfd frames hold "
+                                         f"{GMEM_PFN_BASE // GMEM_FILE_PAGES} files per VM")
         gmem = GuestMemfd(self._token, len(self._gmem), size, flags, self._core.gmem_frame)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
@@ -322,6 +329,9 @@ class VM:
             raise KvmError(errno.EBADF, "GUEST_MEMFD memslot without a guest_memfd")
         if not isinstance(gmem, GuestMemfd) or gmem._owner is not self._token:
             raise _einval("guest_memfd is not a guest_memfd of this VM")
+        if gmem.index >= len(self._gmem) or self._gmem[gmem.index] is not gmem:
+            raise _einval("guest_memfd no longer exists (it was made after the snapshot that "
+                          "was restored)")
         # loff_t arithmetic, as the kernel does it (wrapping into the negative).
         signed_offset = offset - (1 << 64) if offset >> 63 else offset
         end = signed_offset + (npages << PAGE_SHIFT)
@@ -520,6 +530,7 @@ class VM:
             for vcpu in self._vcpus[len(vcpu_states):]:
                 vcpu._detach()
             for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
+                vcpu_state.stage_hook = vcpu._c.stage_hook   # a setting, not state
                 vcpu._attach(vcpu_state)
             self._memory = memory
             memory.mmu.set_tracer(self._tracer)
@@ -649,6 +660,9 @@ class VCPU:
         self._c = _DetachedVCPU(self.vcpu_id)
         self.run = KvmRun(self._c)
 
+    def __reduce__(self) -> Any:
+        raise TypeError("a VCPU cannot be copied or pickled; use VM.snapshot()")
+
     def __repr__(self) -> str:
         return f"VCPU(id={self.vcpu_id}, {self.vm.vm_type.name})"
 
@@ -717,6 +731,11 @@ class VCPU:
         tables = self.vm.page_tables
         g = _args.gpa_array(gpas, tables.levels)
         f = _args.access_flags_array(flags, len(g))
+        if self._c.stage_hook is not None:
+            # The hook could write into the caller's arrays during the batch: the core
+            # reads a copy of what was checked.
+            g = g.copy()
+            f = f.copy() if isinstance(f, np.ndarray) else f
         return self._run(lambda state: state.access_many(g, f, ACCESS_LOOP_LIMIT))
 
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,

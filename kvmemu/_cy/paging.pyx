@@ -400,6 +400,9 @@ cdef class PageTables:
         memset(self.mem, 0, PAGE_SIZE)
         return 0
 
+    def __reduce__(self):
+        raise TypeError("PageTables cannot be copied or pickled")
+
     def __repr__(self):
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
 

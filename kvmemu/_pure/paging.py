@@ -363,6 +363,9 @@ class PageTables:
         self.mem = np.frombuffer(reservation, dtype=np.uint64).reshape(RESERVED_TABLES,
                                                                         PT_ENTRIES)
 
+    def __reduce__(self) -> Any:
+        raise TypeError("PageTables cannot be copied or pickled")
+
     def __repr__(self) -> str:
         return f"PageTables({self.kind!r}, levels={self.levels}, tables={self.ntables})"
 

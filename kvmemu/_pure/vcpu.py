@@ -234,7 +234,7 @@ class VCPUState:
                   level: np.ndarray, limit: int) -> AccessBatch:
         """access_many's loop, holding the vCPU's mutex."""
         n = len(gpas)
-        flags_list = fl.tolist() if per_element else None
+        flags_list = fl.tolist() if per_element else []
         for i, gpa in enumerate(gpas.tolist()):
             status, value = self.vcpu_run(gpa, flags_list[i] if per_element else f, limit)
             if status != ACCESS_TRANSLATED:

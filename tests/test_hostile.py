@@ -1,0 +1,123 @@
+"""Callers that fight back, on one thread: each gets a clear error, a copy, or a correct
+result, the same on both cores, and the VM stays whole."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import pickle
+
+import numpy as np
+import pytest
+
+from kvmemu import GMEM_FILE_PAGES, GMEM_PFN_BASE, KvmError, MemAttr, MemFlag, VMType
+
+MIB = 1 << 20
+
+
+def vm_with_vcpu(kv, vm_type=VMType.DEFAULT):
+    vm = kv.VM(vm_type)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=8 * MIB,
+                              userspace_addr=1 << 40)
+    return vm, vm.create_vcpu()
+
+
+def test_misaligned_arrays_are_read_whole(kv):
+    buffer = np.zeros(9, dtype=np.uint64).view(np.uint8)
+    gpas = np.frombuffer(buffer.data, dtype=np.uint64, count=8, offset=1).copy()
+    gpas[:] = np.arange(8, dtype=np.uint64) << np.uint64(12)
+    raw = bytearray(8 * 9)
+    raw[1:65] = gpas.tobytes()
+    misaligned = np.frombuffer(raw, dtype=np.uint64, count=8, offset=1)
+    assert not misaligned.flags.aligned
+    vm, vcpu = vm_with_vcpu(kv)
+    assert vcpu.access_many(misaligned).hpa.tolist() == [(1 << 40) + (i << 12) for i in range(8)]
+    assert kv.vmx_error_code(misaligned, 0).tolist() == [0] * 8
+    out = np.frombuffer(bytearray(8 * 9), dtype=np.uint64, count=8, offset=1)
+    with pytest.raises(ValueError, match="aligned"):
+        kv.vmx_error_code(gpas, 0, out=out)
+
+
+def test_vms_vcpus_and_tables_are_not_copied_or_pickled(kv):
+    vm, vcpu = vm_with_vcpu(kv)
+    for thing, words in ((vm, "use snapshot"), (vcpu, "VM.snapshot"),
+                         (vm.page_tables, "cannot be copied"), (kv.PageTables("ept"), "cannot")):
+        for action in (copy.copy, copy.deepcopy, pickle.dumps):
+            with pytest.raises(TypeError, match=words):
+                action(thing)
+    assert vm.check_invariants() == []
+
+
+def test_restore_keeps_the_stage_hook_the_user_set(kv):
+    vm, vcpu = vm_with_vcpu(kv)
+    seen = []
+    vcpu.stage_hook = seen.append
+    snapshot = vm.snapshot()
+    vcpu.stage_hook = None
+    vm.restore(snapshot)
+    vcpu.access(0x1000)
+    assert seen == [] and vcpu.stage_hook is None
+
+
+def test_a_guest_memfd_made_after_the_snapshot_is_gone_after_restore(kv):
+    vm = kv.VM(VMType.SW_PROTECTED)
+    snapshot = vm.snapshot()
+    late = vm.create_guest_memfd(1 << 30)
+    vm.restore(snapshot)
+    vm.create_guest_memfd(2 * MIB)                     # takes the same index
+    with pytest.raises(KvmError, match="no longer exists") as info:
+        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=1 << 30,
+                                  userspace_addr=1 << 40, flags=MemFlag.GUEST_MEMFD,
+                                  guest_memfd=late)
+    assert info.value.errno == errno.EINVAL and vm.memslots == []
+
+
+def test_guest_memfd_frames_never_alias(kv):
+    vm = kv.VM(VMType.SW_PROTECTED)
+    files = GMEM_PFN_BASE // GMEM_FILE_PAGES
+    frames = {vm.create_guest_memfd(4096).pfn(0) for _ in range(files)}
+    assert len(frames) == files
+    with pytest.raises(KvmError) as info:
+        vm.create_guest_memfd(4096)
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_a_hook_cannot_change_a_batch_under_the_core(kv):
+    """The hook writes a GPA beyond the walk's reach into the caller's array: the batch
+    runs what was checked."""
+    vm, vcpu = vm_with_vcpu(kv)
+    gpas = np.arange(4, dtype=np.uint64) << np.uint64(12)
+
+    def scribble(stage):
+        gpas[:] = np.uint64(1 << 60 | 0x5000)
+
+    vcpu.stage_hook = scribble
+    result = vcpu.access_many(gpas)
+    assert result.count == 4 and result.hpa.tolist() == [(1 << 40) + (i << 12) for i in range(4)]
+    assert vm.check_invariants() == []
+
+
+def test_an_interrupted_conversion_leaves_no_invalidation_behind(kv, monkeypatch):
+    """Ctrl-C inside set_memory_attributes (here: in the attribute store) used to leave
+    mmu_invalidate_in_progress at 1 for good, and every later fault in the range retried
+    until it 'did not settle'."""
+    vm = kv.VM(VMType.SW_PROTECTED)
+    gmem = vm.create_guest_memfd(8 * MIB)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=8 * MIB,
+                              userspace_addr=1 << 40, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=gmem)
+    vcpu = vm.create_vcpu()
+    vcpu.access(0x1000)
+    memory = vm._memory
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(memory, "_store_attributes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        vm.set_memory_attributes(0, 2 * MIB, MemAttr.PRIVATE)
+    monkeypatch.undo()
+    assert vm.mmu_invalidate_in_progress == 0
+    assert vm.memory_attribute_ranges() == []
+    assert vcpu.access(0x1000).hpa == (1 << 40) + 0x1000
+    assert vm.check_invariants() == []
