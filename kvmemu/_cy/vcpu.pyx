@@ -21,6 +21,12 @@ from kvmemu.results import AccessBatch, MemoryFaultExit, MmioExit, Translation
 cdef int TRANSLATION_STREAK = 8
 #: ... and holds mmu_lock for read for at most this many accesses at a time.
 cdef Py_ssize_t LOCKED_RUN = 4096
+#: ... and looks for a pending signal (Ctrl-C) every this many of those runs (~1 ms).
+cdef Py_ssize_t SIGNAL_RUNS = 16
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals()
+    void PyErr_Clear()
 
 #: The named points of the pipeline where ``stage_hook`` runs (see the twin's VCPUState).
 STAGES = ("fault", "faultin", "map")
@@ -275,6 +281,8 @@ cdef class VCPUState:
         cdef RwLock lock = dpt.lock
         cdef Outcome out
         cdef int status, err = 0, streak = 0
+        cdef bint interrupted = False
+        cdef Py_ssize_t runs = 0
         # Local copies of the walks' configuration: the loop stores into table memory
         # (A/D bits) through uint64_t pointers, which the compiler must otherwise assume
         # may change the PageTables' fields.
@@ -290,8 +298,15 @@ cdef class VCPUState:
                     dn, mn = dpt.ntables, mpt.ntables
                     stop = min(n, i + LOCKED_RUN)
                     while i < n:
-                        if i == stop:        # let a waiting writer in now and then
-                            lock.read_unlock()
+                        if i == stop:        # let a waiting writer in now and then,
+                            lock.read_unlock()   # and look for Ctrl-C
+                            runs += 1
+                            if runs % SIGNAL_RUNS == 0:
+                                with gil:
+                                    interrupted = PyErr_CheckSignals() != 0
+                                if interrupted:
+                                    lock.read_lock()
+                                    break
                             lock.read_lock()
                             dn, mn = dpt.ntables, mpt.ntables
                             stop = min(n, i + LOCKED_RUN)
@@ -308,6 +323,10 @@ cdef class VCPUState:
                         level[i] = out.level
                         i += 1
                     lock.read_unlock()
+                if interrupted:
+                    PyErr_Clear()
+                    raise KeyboardInterrupt(f"access_many stopped at element {i}: the {i} "
+                                            "before it translated")
                 if i == n:
                     break
                 streak = 0
