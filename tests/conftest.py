@@ -55,3 +55,12 @@ def run_python(tmp_path):
                               capture_output=True, text=True, check=True, timeout=300)
     return run
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-run-parallel (``--parallel-threads``), tests that Hypothesis drives
+    run on one thread: Hypothesis itself is not thread-safe."""
+    for item in items:
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False) or \
+                "hypothesis" in getattr(getattr(item, "obj", None), "__module__", ""):
+            item.add_marker(pytest.mark.thread_unsafe)

@@ -293,6 +293,7 @@ class AttributeMachine(RuleBasedStateMachine):
         check_against_models(self.vm, self.attrs, self.slots)
 
 
+@pytest.mark.thread_unsafe          # Hypothesis is not thread-safe
 @pytest.mark.parametrize("implementation", ["cython", "python"])
 def test_attribute_state_machine(implementation):
     from kvmemu import _select

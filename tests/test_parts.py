@@ -18,6 +18,10 @@ import pytest
 
 import kvmemu
 
+#: ast.parse is not thread-safe in CPython 3.11 (its recursion counter is shared): these
+#: tests run on one thread under pytest-run-parallel.
+pytestmark = pytest.mark.thread_unsafe
+
 PACKAGE = Path(kvmemu.__file__).resolve().parent
 COMPILED = PACKAGE / "_cy"
 TWIN = PACKAGE / "_pure"
