@@ -61,6 +61,10 @@ class VMConfig(NamedTuple):
     levels: int                # the TDP root level, 4 or 5
     direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
     nx_huge_pages: bool
+    # kvm_memslot_flush_zap_all (mmu.c): a DEFAULT VM with KVM_X86_QUIRK_SLOT_ZAP_ALL, which
+    # is among the default quirks; kvmemu has no KVM_CAP_DISABLE_QUIRKS2 yet, so the quirk
+    # holds for every DEFAULT VM.
+    slot_zap_all: bool = False
 
 
 class Slot:
@@ -277,13 +281,26 @@ class VMMemory:
 
     def invalidate_slot(self, as_id: int, slot_id: int) -> None:
         """kvm_invalidate_memslot (DELETE / MOVE): swap in the INVALID copy (faults no
-        longer find the slot, and those that did have finished), then zap the slot."""
+        longer find the slot, and those that did have finished), then
+        kvm_arch_flush_shadow_memslot.  Both run before the prepare step, so a MOVE that
+        then fails has zapped too."""
         slot = self._slots[as_id][slot_id]
         self._invalid.add((as_id, slot_id))
         if as_id == 0:
             self._publish_slots()
         self.swap_active_memslots(as_id)
-        self.zap_memslot(slot)
+        self.flush_shadow_memslot(slot)
+
+    def flush_shadow_memslot(self, slot: Slot) -> None:
+        """kvm_arch_flush_shadow_memslot (mmu.c, 6.18): kvm_mmu_zap_all_fast when
+        kvm_memslot_flush_zap_all() holds (a DEFAULT VM with the SLOT_ZAP_ALL quirk), which
+        takes every mapping of every slot and address space; otherwise
+        kvm_mmu_zap_memslot, only the slot's own gfns."""
+        if self.config.slot_zap_all:
+            with self.mmu_write_locked():
+                self.mmu.zap_all_fast()
+        else:
+            self.zap_memslot(slot)
 
     def reactivate_slot(self, as_id: int, slot_id: int) -> None:
         """A DELETE / MOVE whose prepare step failed: the old slot is swapped back in."""

@@ -165,7 +165,8 @@ class VM:
         self._config = VMConfig(self.vendor == "vmx", vm_type == VMType.TDX,
                                 vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
                                 self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
-                                self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages)
+                                self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages,
+                                slot_zap_all=vm_type == VMType.DEFAULT)
         self._memory = VMMemory(self._core, self._config)
         self._vcpus: list[VCPU] = []
         self._tracer: Tracer | None = None

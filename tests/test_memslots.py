@@ -247,6 +247,40 @@ def test_failed_move_is_undone_but_bumps_the_generation(kv):
     assert vm.memslots_generation() == gen + 2 * 2     # invalidate swap + reactivate swap
 
 
+def _mapped(vm, gpa):
+    """Whether the TDP MMU holds a present leaf for ``gpa`` (bits 2:0 of an EPT entry,
+    bit 0 of an NPT one)."""
+    level, entry = vm.page_tables.walk(gpa)[-1]
+    return bool(entry & (0x7 if vm.vendor == "vmx" else 0x1))
+
+
+@pytest.mark.parametrize("vm_type, zap_all", [
+    (VMType.DEFAULT, True), (VMType.SW_PROTECTED, False), (VMType.SEV, False)])
+@pytest.mark.parametrize("change", ["delete", "move", "failed move"])
+def test_slot_delete_or_move_zaps_every_mapping_on_default_vms(kv, vm_type, zap_all, change):
+    """kvm_invalidate_memslot (kvm_main.c, 6.18) calls kvm_arch_flush_shadow_memslot after
+    the INVALID swap and before the prepare step; that calls kvm_mmu_zap_all_fast when
+    kvm_memslot_flush_zap_all() holds (mmu.c: a KVM_X86_DEFAULT_VM with
+    KVM_X86_QUIRK_SLOT_ZAP_ALL, a default quirk) and kvm_mmu_zap_memslot otherwise.  So on
+    a DEFAULT VM a page of *another* slot loses its SPTE, even when the MOVE then fails."""
+    vm = kv.VM(vm_type)
+    region(vm, slot=1, gpa=0)
+    region(vm, slot=2, gpa=GIB, uaddr=UADDR + GIB)
+    cpu = vm.create_vcpu()
+    cpu.access(0x1000, write=True)
+    cpu.access(GIB + 0x1000, write=True)
+    assert _mapped(vm, 0x1000) and _mapped(vm, GIB + 0x1000)
+    if change == "delete":
+        region(vm, slot=2, gpa=GIB, size=0, uaddr=0)
+    elif change == "move":
+        region(vm, slot=2, gpa=2 * GIB, uaddr=UADDR + GIB)
+    else:                                   # beyond kvm_mmu_max_gfn: EINVAL from prepare
+        assert kvm_errno(region, vm, slot=2, gpa=1 << 48, uaddr=UADDR + GIB) == errno.EINVAL
+    assert _mapped(vm, 0x1000) is not zap_all
+    assert not _mapped(vm, GIB + 0x1000)     # the changed slot goes either way
+    assert vm.check_invariants() == []
+
+
 @pytest.mark.parametrize("vm_type, step", [(VMType.DEFAULT, 2), (VMType.SNP, 1)])
 def test_memslot_generation(kv, vm_type, step):
     vm = kv.VM(vm_type)
