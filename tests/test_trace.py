@@ -141,3 +141,22 @@ def test_both_cores_trace_the_same_lines():
         outputs.append(text.getvalue())
     assert outputs[0] == outputs[1]
     assert outputs[0].count("kvm_page_fault: ") >= 12
+
+
+def test_tdx_shared_root_traces_gfns_without_the_shared_bit(kv):
+    """tdp_iter (tdp_iter.c, 6.18) keeps iter->gfn canonical and ORs gfn_bits in only to
+    index the table (tdp_iter_refresh_sptep); trace_kvm_tdp_mmu_spte_changed
+    (handle_changed_spte) and trace_kvm_mmu_set_spte (tdp_mmu_map_handle_target_level)
+    print iter->gfn.  A shared fault at GPA 1 << 47 | 0x5000 on a TD with GPAW 48 is
+    traced at gfn 5, and so is the zap of that shared leaf."""
+    vm, vcpu, lines = traced_vm(kv, VMType.TDX, gmem=True)
+    vcpu.access((1 << 47) | 0x5000, write=True)
+    gfns = [line.split(" gfn ")[1].split()[0] for line in lines[1:]]
+    assert gfns == ["5", "0", "0", "0", "5", "5"]    # requested, levels 4..1, set_spte
+    assert [line.split(":")[0] for line in lines[2:6]] == ["kvm_tdp_mmu_spte_changed"] * 4
+    assert lines[-1].startswith("kvm_mmu_set_spte: gfn 5 ")
+    del lines[:]
+    vm.set_memory_attributes(0x5000, 4096, 8)             # private: the shared leaf goes
+    assert len(lines) == 1
+    assert lines[0].startswith("kvm_tdp_mmu_spte_changed: as id 0 gfn 5 level 1 ")
+    assert lines[0].endswith(f"new_spte {NONPRESENT}")

@@ -116,10 +116,12 @@ cdef class TdpMmu:
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1:
         """Models tdp_mmu_set_spte (tdp_mmu.c, 6.18): write, then handle_changed_spte;
-        traced as kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
+        traced as kvm_tdp_mmu_spte_changed with iter->gfn: ``gfn`` indexes the root (with
+        its gfn bits, as tdp_iter_refresh_sptep does), the trace drops them (iter->gfn is
+        canonical, tdp_iter.c)."""
         cdef uint64_t old = root.pt.read(table, index)
         if self.tracing and old != new:
-            self.tracer.spte_changed(0, gfn, level, old, new)
+            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         root.pt.write(table, index, new)
         return self.handle_changed_spte(root, level, old, new)
 
@@ -131,7 +133,7 @@ cdef class TdpMmu:
         if not cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new):
             return 0
         if self.tracing and old != new:
-            self.tracer.spte_changed(0, gfn, level, old, new)
+            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         self.handle_changed_spte(root, level, old, new)
         return 1
 
@@ -242,7 +244,7 @@ cdef class TdpMmu:
         if is_mmio_spte(&self.fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracing:
-            self.tracer.set_spte(level, iter_gfn, new,
+            self.tracer.set_spte(level, iter_gfn & ~root.gfn_bits, new,
                                  root.pt.hpa(table) + PT_ENTRY_BYTES * <uint64_t>index)
         return ret
 

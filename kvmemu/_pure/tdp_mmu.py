@@ -109,10 +109,12 @@ class TdpMmu:
     def set_spte(self, root: Root, table: int, index: int, level: int, new: int,
                  gfn: int) -> None:
         """Models tdp_mmu_set_spte (tdp_mmu.c, 6.18): write, then handle_changed_spte;
-        traced as kvm_tdp_mmu_spte_changed with iter->gfn (``gfn``)."""
+        traced as kvm_tdp_mmu_spte_changed with iter->gfn: ``gfn`` indexes the root (with
+        its gfn bits, as tdp_iter_refresh_sptep does), the trace drops them (iter->gfn is
+        canonical, tdp_iter.c)."""
         old = root.pt.read(table, index)
         if self.tracer is not None and old != new:
-            self.tracer.spte_changed(0, gfn, level, old, new)
+            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         root.pt.write(table, index, new)
         self.handle_changed_spte(root, level, old, new)
 
@@ -124,7 +126,7 @@ class TdpMmu:
         if not cmpxchg64(root.pt.mem, (table, index), old, new):
             return 0
         if self.tracer is not None and old != new:
-            self.tracer.spte_changed(0, gfn, level, old, new)
+            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         self.handle_changed_spte(root, level, old, new)
         return 1
 
@@ -225,7 +227,7 @@ class TdpMmu:
         if spte.is_mmio_spte(fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracer is not None:
-            self.tracer.set_spte(level, iter_gfn, new,
+            self.tracer.set_spte(level, iter_gfn & ~root.gfn_bits, new,
                                  root.pt.hpa(table) + index * PT_ENTRY_BYTES)
         return ret
 
