@@ -37,14 +37,25 @@ def _private(ec: int) -> str:
 
 
 def _decode_ept(ns: argparse.Namespace) -> list[tuple[str, str]]:
+    """The VMX rule (__vmx_handle_ept_violation, vmx/common.h, 6.18); with ``--tdx-gpaw``
+    first what tdx_handle_ept_violation (vmx/tdx.c) does: a private GPA's qualification
+    is replaced by EPT_VIOLATION_ACC_WRITE, a shared fetch is -EIO (KVM_BUG_ON)."""
     import kvmemu
 
     shared_bit = kvmemu.tdx_shared_bit(ns.tdx_gpaw) if ns.tdx_gpaw else 0
-    ec = kvmemu.vmx_error_code(ns.value, ns.gpa, shared_bit)
-    rows = [("exit qualification", f"{ns.value:#x}  {EPT_VIOLATION(ns.value)!r}")]
+    qual = ns.value
+    rows = [("exit qualification", f"{qual:#x}  {EPT_VIOLATION(qual)!r}")]
     if ns.tdx_gpaw:
-        state = "set: shared" if ns.gpa & shared_bit else "clear: private"
+        private = not ns.gpa & shared_bit
+        state = "clear: private" if private else "set: shared"
         rows.append(("gpa", f"{ns.gpa:#x}  (TDX shared bit {shared_bit.bit_length() - 1} {state})"))
+        if private:
+            qual = EPT_VIOLATION.ACC_WRITE.value
+            rows.append(("TDX handler", f"qualification replaced by {qual:#x} (ACC_WRITE)"))
+        elif qual & EPT_VIOLATION.ACC_INSTR:
+            return rows + [("TDX handler", "-EIO: a fetch from shared memory is a KVM bug "
+                                           "(KVM_BUG_ON)")]
+    ec = kvmemu.vmx_error_code(qual, ns.gpa, shared_bit)
     rows += [("error code", f"{ec:#x}  {PFERR(ec)!r}"), ("private", _private(ec))]
     return rows
 
@@ -80,9 +91,18 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
     spte, kind = ns.value, "ept" if ns.ept else "npt"
     hw_flag: Any = EPTE if ns.ept else PTE
     hw = hw_flag(spte & sum(m.value for m in hw_flag))
-    soft = SPTE(spte & _SPTE_SOFT[kind].value)
+    present = spte & SPTE.MMU_PRESENT
+    if ns.ept:
+        mmio = (spte & EPT_MMIO_MASK) == EPT_MISCONFIG_WX_VALUE
+    else:
+        mmio = (spte & NPT_MMIO_VALUE) == NPT_MMIO_VALUE
+    mmio = mmio and not present and spte != SHADOW_NONPRESENT_VALUE
+    # An MMIO SPTE keeps the memslot generation where a present SPTE keeps KVM's flags
+    # (bits 3-10 and 52-62, spte.h): none of those flags apply to it.
+    soft = "none (bits 3-10 and 52-62 hold the MMIO generation)" if mmio else \
+        repr(SPTE(spte & _SPTE_SOFT[kind].value))
     rows = [("spte", f"{spte:#x}  ({kind.upper()})"), ("hardware bits", repr(hw)),
-            ("KVM bits", repr(soft))]
+            ("KVM bits", soft)]
     if ns.ept and spte & SPTE.MMU_PRESENT:
         memtype = (spte & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT
         name = MemType(memtype).name if memtype in MemType._value2member_map_ else "reserved"
@@ -90,16 +110,13 @@ def _decode_spte(ns: argparse.Namespace) -> list[tuple[str, str]]:
     frame = spte & SPTE_BASE_ADDR_MASK
     rows.append(("frame", f"pfn {frame >> PAGE_SHIFT:#x}  (address {frame:#x})"))
     if ns.ept:
-        mmio = (spte & EPT_MMIO_MASK) == EPT_MISCONFIG_WX_VALUE
         readable, executable = spte & EPTE.READ, spte & EPTE.EXEC
     else:
-        mmio = (spte & NPT_MMIO_VALUE) == NPT_MMIO_VALUE
         readable, executable = spte & PTE.PRESENT, not spte & PTE.NX
-    present = spte & SPTE.MMU_PRESENT
     rows.append(("present to KVM", f"{_yes(present)}  (is_shadow_present_pte: bit 11)"))
     if spte == SHADOW_NONPRESENT_VALUE:
         rows.append(("meaning", "SHADOW_NONPRESENT_VALUE: an empty or zapped entry"))
-    elif mmio and not present:
+    elif mmio:
         gfn = (frame & ~NPT_MMIO_VALUE if ns.npt else frame) >> PAGE_SHIFT    # not NPT's bit 51
         rows.append(("MMIO SPTE", f"yes: gfn {gfn:#x}, memslot generation "
                                   f"{get_mmio_spte_generation(spte):#x}"))
@@ -129,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     ept.add_argument("value", metavar="QUAL", type=_u64)
     ept.add_argument("--gpa", type=_u64, default=0, help="faulting GPA (default 0)")
     ept.add_argument("--tdx-gpaw", type=int, choices=(48, 52),
-                     help="the VM is a TD with this guest physical-address width")
+                     help="the VM is a TD with this guest physical-address width: "
+                          "decode as tdx_handle_ept_violation does")
     ept.set_defaults(decode=_decode_ept)
 
     npf = kinds.add_parser("npf", help="AMD #NPF EXITINFO1",

@@ -20,12 +20,26 @@ def test_decode_ept_worked_example(capsys):
 
 
 def test_decode_ept_tdx_private(capsys):
-    out = run(capsys, "decode", "ept", "386", "--gpa", "0xc0000000", "--tdx-gpaw", "48")
-    assert "0x2000100000002  PFERR.WRITE|GUEST_FINAL|PRIVATE_ACCESS" in out
-    assert "shared bit 47 clear: private" in out
+    """tdx_handle_ept_violation (vmx/tdx.c, 6.18) replaces a private GPA's qualification
+    with EPT_VIOLATION_ACC_WRITE (0x2) before __vmx_handle_ept_violation: the error code
+    is PFERR_WRITE_MASK | PFERR_PRIVATE_ACCESS whatever the TDX module reported."""
+    for qual in ("386", "0x683", "0x1"):
+        out = run(capsys, "decode", "ept", qual, "--gpa", "0xc0000000", "--tdx-gpaw", "48")
+        assert "0x2000000000002  PFERR.WRITE|PRIVATE_ACCESS" in out
+        assert "shared bit 47 clear: private" in out
+        assert "replaced by 0x2 (ACC_WRITE)" in out
     out = run(capsys, "decode", "ept", "0x182", "--gpa", hex((1 << 51) | 0x1000),
               "--tdx-gpaw", "52")
-    assert "private             no" in out
+    assert "0x100000002  PFERR.WRITE|GUEST_FINAL" in out        # shared: the VMX rule
+    assert "private             no" in out and "replaced" not in out
+
+
+def test_decode_ept_tdx_shared_fetch_is_eio(capsys):
+    """tdx_handle_ept_violation: a shared GPA whose qualification has ACC_INSTR is
+    KVM_BUG_ON, -EIO, before any error code is derived."""
+    out = run(capsys, "decode", "ept", "0x184", "--gpa", hex((1 << 47) | 0x1000),
+              "--tdx-gpaw", "48")
+    assert "-EIO" in out and "error code" not in out
 
 
 def test_decode_npf(capsys):
@@ -81,6 +95,19 @@ def test_decode_spte_mmio_and_nonpresent(capsys):
     assert "MMIO SPTE       yes: gfn 0xc0000" in out
     out = run(capsys, "decode", "spte", "0x8000000000000000", "--ept")
     assert "SHADOW_NONPRESENT_VALUE" in out
+
+
+def test_decode_spte_mmio_generation_bits_are_not_kvm_flags(capsys):
+    """An MMIO SPTE keeps the memslot generation in bits 3-10 and 52-62
+    (MMIO_SPTE_GEN_LOW_START/END, MMIO_SPTE_GEN_HIGH_START/END, spte.h, 6.18), so bit 52
+    there is generation bit 8, not SPTE_TDP_AD_DISABLED.  Generation 0x300 puts bits 52
+    and 53 (AD_DISABLED and AD_WRPROT_ONLY in a present SPTE)."""
+    out = run(capsys, "decode", "spte", hex(0x00300000C0000006), "--ept")
+    assert "MMIO SPTE       yes: gfn 0xc0000, memslot generation 0x300\n" in out
+    assert "AD_DISABLED" not in out and "AD_WRPROT_ONLY" not in out
+    out = run(capsys, "decode", "spte", hex((1 << 52) | (1 << 51) | 0xc0000207), "--npt")
+    assert "memslot generation 0x140\n" in out               # bit 9: generation bit 6
+    assert "AD_DISABLED" not in out and "HOST_WRITABLE" not in out
 
 
 @pytest.mark.parametrize("argv", [["decode", "spte", "0x1" + "0" * 16, "--ept"],
