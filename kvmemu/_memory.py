@@ -36,7 +36,7 @@ import numpy as np
 from ._pure.levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
 from .constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
                         KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
-                        PAGE_SHIFT, PG_LEVEL_2M, MemAttr, VmCounter)
+                        PAGE_SHIFT, PG_LEVEL_2M, MemAttr, Quirk, VmCounter)
 
 _PRIVATE = MemAttr.PRIVATE.value
 _MIXED = np.uint32(KVM_LPAGE_MIXED_FLAG)
@@ -61,10 +61,7 @@ class VMConfig(NamedTuple):
     levels: int                # the TDP root level, 4 or 5
     direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
     nx_huge_pages: bool
-    # kvm_memslot_flush_zap_all (mmu.c): a DEFAULT VM with KVM_X86_QUIRK_SLOT_ZAP_ALL, which
-    # is among the default quirks; kvmemu has no KVM_CAP_DISABLE_QUIRKS2 yet, so the quirk
-    # holds for every DEFAULT VM.
-    slot_zap_all: bool = False
+    default_vm: bool = False   # KVM_X86_DEFAULT_VM (kvm_memslot_flush_zap_all asks)
 
 
 class Slot:
@@ -154,6 +151,9 @@ class VMMemory:
         self._attr_start = self._attr_end = self._attr_value = _EMPTY
         # Slots being deleted or moved (KVM_MEMSLOT_INVALID): no fault finds them.
         self._invalid: set[tuple[int, int]] = set()
+        #: kvm->arch.disabled_quirks (the VM layer sets it at creation and on
+        #: KVM_CAP_DISABLE_QUIRKS2).
+        self.disabled_quirks = 0
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
@@ -183,6 +183,7 @@ class VMMemory:
             c.counters = self.counters.copy()
             c.mmu = self.mmu.clone()
         c._invalid = set(self._invalid)
+        c.disabled_quirks = self.disabled_quirks
         c._slots = [{slot_id: s.clone() for slot_id, s in slots.items()} for slots in self._slots]
         c._sorted = [[] for _ in range(self.nr_as_ids)]
         c._bases = [[] for _ in range(self.nr_as_ids)]
@@ -291,12 +292,25 @@ class VMMemory:
         self.swap_active_memslots(as_id)
         self.flush_shadow_memslot(slot)
 
+    def disable_quirks(self, mask: int) -> None:
+        """kvm->arch.disabled_quirks |= mask (KVM_CAP_DISABLE_QUIRKS2, x86.c, 6.18; the
+        caller checked ``mask``), and what the MMU reads of it: the IGNORE_GUEST_PAT quirk
+        for the leaves made from now on (vmx_get_mt_mask)."""
+        with self.mmu_write_locked():
+            self.disabled_quirks |= mask
+            self.mmu.set_ignore_guest_pat(not self.disabled_quirks & Quirk.IGNORE_GUEST_PAT)
+
+    def memslot_flush_zap_all(self) -> bool:
+        """kvm_memslot_flush_zap_all (mmu.c, 6.18): a DEFAULT VM whose SLOT_ZAP_ALL quirk
+        is on (kvm_check_has_quirk)."""
+        return self.config.default_vm and not self.disabled_quirks & Quirk.SLOT_ZAP_ALL
+
     def flush_shadow_memslot(self, slot: Slot) -> None:
         """kvm_arch_flush_shadow_memslot (mmu.c, 6.18): kvm_mmu_zap_all_fast when
         kvm_memslot_flush_zap_all() holds (a DEFAULT VM with the SLOT_ZAP_ALL quirk), which
         takes every mapping of every slot and address space; otherwise
         kvm_mmu_zap_memslot, only the slot's own gfns."""
-        if self.config.slot_zap_all:
+        if self.memslot_flush_zap_all():
             with self.mmu_write_locked():
                 self.mmu.zap_all_fast()
         else:

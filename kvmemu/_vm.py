@@ -28,7 +28,7 @@ from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, KVM_I
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX, ExitReason,
-                        GuestMemfdFlag, MemAttr, MemFlag, VMType)
+                        GuestMemfdFlag, KVM_X86_VALID_QUIRKS, MemAttr, MemFlag, Quirk, VMType)
 from .errors import KvmError
 from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
                       NestedPageFault, Translation)
@@ -166,8 +166,17 @@ class VM:
                                 vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
                                 self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
                                 self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages,
-                                slot_zap_all=vm_type == VMType.DEFAULT)
+                                default_vm=vm_type == VMType.DEFAULT)
         self._memory = VMMemory(self._core, self._config)
+        # kvm_arch_init_vm (x86.c, 6.18): disabled_quirks = inapplicable_quirks &
+        # supported_quirks.  Inapplicable are KVM_X86_CONDITIONAL_QUIRKS (CD_NW_CLEARED,
+        # IGNORE_GUEST_PAT) less what the vendor applies: vmx_hardware_setup keeps
+        # IGNORE_GUEST_PAT (the modelled host has self-snoop), svm_hardware_setup
+        # CD_NW_CLEARED.  tdx_vm_init then disables IGNORE_GUEST_PAT for a TD.
+        initial = Quirk.CD_NW_CLEARED if self.vendor == "vmx" else Quirk.IGNORE_GUEST_PAT
+        if vm_type == VMType.TDX:
+            initial |= Quirk.IGNORE_GUEST_PAT
+        self._memory.disable_quirks(initial.value)
         self._vcpus: list[VCPU] = []
         self._tracer: Tracer | None = None
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
@@ -187,6 +196,24 @@ class VM:
     def supported_memory_attributes(self) -> int:
         """kvm_supported_mem_attributes: PRIVATE for VMs with private memory, else 0."""
         return MemAttr.PRIVATE.value if self.has_private_mem else 0
+
+    @_ioctl
+    def disable_quirks(self, mask: Any) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DISABLE_QUIRKS2) (kvm_vm_ioctl_enable_cap, x86.c, 6.18):
+        EINVAL for a bit outside kvm_caps.supported_quirks (KVM_X86_VALID_QUIRKS here),
+        else the bits join ``disabled_quirks``; a quirk cannot be enabled again.  What
+        the model reads: SLOT_ZAP_ALL (memslot delete/move on DEFAULT VMs) and
+        IGNORE_GUEST_PAT (IPAT in EPT leaves made from now on)."""
+        value = _args.u64("mask", mask)
+        if value & ~KVM_X86_VALID_QUIRKS:
+            raise KvmError(errno.EINVAL, f"quirk bits {value & ~KVM_X86_VALID_QUIRKS:#x} "
+                                         f"are not supported")
+        self._memory.disable_quirks(value)
+
+    @property
+    def disabled_quirks(self) -> Quirk:
+        """kvm->arch.disabled_quirks."""
+        return Quirk(self._memory.disabled_quirks)
 
     @property
     def readonly_mem(self) -> bool:

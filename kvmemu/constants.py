@@ -21,7 +21,7 @@ from enum import IntEnum, IntFlag
 
 __all__ = [
     "PFERR", "PFERR_SYNTHETIC_MASK", "EPT_VIOLATION", "EPT_VIOLATION_PROT_MASK",
-    "VMType", "RetPF", "ExitReason", "MemAttr", "MemFlag", "GuestMemfdFlag",
+    "VMType", "RetPF", "ExitReason", "Quirk", "KVM_X86_VALID_QUIRKS", "MemAttr", "MemFlag", "GuestMemfdFlag",
     "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
     "PG_LEVEL_512G", "PG_LEVEL_256T", "KVM_MAX_HUGEPAGE_LEVEL", "PAGE_SHIFT",
     "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
@@ -188,6 +188,29 @@ class ExitReason(IntEnum):
 
 #: KVM_MEMORY_EXIT_FLAG_PRIVATE, in ``run.memory_fault.flags``.
 MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
+
+# --- quirks (uapi asm/kvm.h; asm/kvm_host.h, 6.18) ------------------------------------------
+
+class Quirk(_Flag):
+    """KVM_X86_QUIRK_*: behaviours KVM keeps for old userspace unless a VMM disables them
+    with KVM_CAP_DISABLE_QUIRKS2."""
+
+    LINT0_REENABLED = 1 << 0
+    CD_NW_CLEARED = 1 << 1
+    LAPIC_MMIO_HOLE = 1 << 2
+    OUT_7E_INC_RIP = 1 << 3
+    MISC_ENABLE_NO_MWAIT = 1 << 4
+    FIX_HYPERCALL_INSN = 1 << 5
+    MWAIT_NEVER_UD_FAULTS = 1 << 6
+    SLOT_ZAP_ALL = 1 << 7
+    STUFF_FEATURE_MSRS = 1 << 8
+    IGNORE_GUEST_PAT = 1 << 9
+    VMCS12_ALLOW_FREEZE_IN_SMM = 1 << 10
+
+
+#: KVM_X86_VALID_QUIRKS (asm/kvm_host.h, 6.18): every quirk above.
+KVM_X86_VALID_QUIRKS = (1 << 11) - 1
 
 
 # --- 6.1 memory attributes, memslot and guest_memfd flags (uapi kvm.h) -----------------

@@ -89,6 +89,7 @@ def vm_state(side: "Side") -> Any:
         "invalidate": (vm.mmu_invalidate_seq, vm.mmu_invalidate_in_progress,
                        vm.mmu_invalidate_range),
         "generations": [vm.memslots_generation(a) for a in range(vm.nr_memslot_as_ids)],
+        "disabled_quirks": int(vm.disabled_quirks),
         "tables": _tables(vm.page_tables),
         "private_tables": None if private is None else _tables(private),
     }
@@ -221,6 +222,8 @@ def _run(side: Side, op: tuple) -> Any:
         return vm.find_memslots(args[0])
     if kind == "lpage":
         return vm.lpage_info(*args)
+    if kind == "disable_quirks":
+        return vm.disable_quirks(args[0])
     if kind == "vcpu":
         vcpu = vm.create_vcpu()
         side.vcpus.append(vcpu)

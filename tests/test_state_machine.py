@@ -98,6 +98,10 @@ class TwinVMs(RuleBasedStateMachine):
     def move_or_flag_memslot(self, which, gpa, flip):
         self.apply("dirty", which, gpa, flip)
 
+    @rule(mask=st.sampled_from((0x80, 0x200, 0x280, 0, 1 << 11, -1, 1 << 64, "0x80")))
+    def disable_quirks(self, mask):
+        self.apply("disable_quirks", mask)
+
     @rule(address=BASES, offset=st.sampled_from((0, 0x1000, 0x1FF000, 2 * MIB)),
           size=st.sampled_from((0x1000, 0x2000, 2 * MIB, 2 * MIB + 0x1000, GIB, 0, 0x800)),
           attributes=st.sampled_from((0, 8, 8, 1)), flags=st.sampled_from((0, 0, 0, 1)))

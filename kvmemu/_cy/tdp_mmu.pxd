@@ -48,5 +48,6 @@ cdef class TdpMmu:
     cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
                              uint64_t start, uint64_t end) except -1
     cpdef int zap_all_fast(self) except -1
+    cpdef int set_ignore_guest_pat(self, bint ignore) except -1
     cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
                               bint shared) except -1

@@ -307,6 +307,18 @@ cdef class TdpMmu:
                                   <uint64_t>index * pages_per_hpage(self.levels))
         return 0
 
+    cpdef int set_ignore_guest_pat(self, bint ignore) except -1:
+        """vmx_get_mt_mask (vmx.c, 6.18) for every leaf made from now on: WB, with IPAT
+        while vmx_ignore_guest_pat() holds.  No non-coherent DMA is modelled, so the
+        IGNORE_GUEST_PAT quirk alone decides; KVM does not rewrite existing SPTEs when the
+        quirk is disabled.  NPT SPTEs carry no memory type."""
+        if self.fmt.ept:
+            if ignore:
+                self.fmt.memtype |= EPTE_IPAT
+            else:
+                self.fmt.memtype &= ~(<uint64_t>EPTE_IPAT)
+        return 0
+
     cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
                               bint shared) except -1:
         """Models kvm_unmap_gfn_range (mmu.c, 6.18) with kvm_gfn_range_filter_to_root_types:

@@ -282,6 +282,18 @@ class TdpMmu:
                     self.set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE,
                                   index * pages_per_hpage(self.levels))
 
+    def set_ignore_guest_pat(self, ignore: bool) -> None:
+        """vmx_get_mt_mask (vmx.c, 6.18) for every leaf made from now on: WB, with IPAT
+        while vmx_ignore_guest_pat() holds.  No non-coherent DMA is modelled, so the
+        IGNORE_GUEST_PAT quirk alone decides; KVM does not rewrite existing SPTEs when the
+        quirk is disabled.  NPT SPTEs carry no memory type."""
+        if self.fmt.ept:
+            fmt = spte.SpteFormat()          # a new one: clones share the old
+            for name in spte.SpteFormat.__slots__:
+                setattr(fmt, name, getattr(self.fmt, name))
+            fmt.memtype = fmt.memtype | EPTE_IPAT if ignore else fmt.memtype & ~EPTE_IPAT
+            self.fmt = fmt
+
     def unmap_gfn_range(self, start: int, end: int, private: bool, shared: bool) -> bool:
         """Models kvm_unmap_gfn_range (mmu.c, 6.18) with kvm_gfn_range_filter_to_root_types:
         TDX maps the private filter to the mirror root and the shared one to the direct
