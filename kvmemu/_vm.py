@@ -772,15 +772,8 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
         the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
         loop that does not settle raises RuntimeError."""
-        try:
-            result = self._c.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                            ACCESS_LOOP_LIMIT)
-        except BaseException:
-            self.vm._flush_trace(raise_errors=False)
-            raise
-        if self.vm._tracer is not None:
-            self.vm._flush_trace()
-        return result
+        return self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
+                                                            encrypted, ACCESS_LOOP_LIMIT))
 
 
 class _AllVCPUs:
