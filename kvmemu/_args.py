@@ -23,14 +23,20 @@ from .constants import (MAXPHYADDR_MAX, MAXPHYADDR_MIN, PAGE_SHIFT, PT_ENTRIES, 
 U64_MAX = (1 << 64) - 1
 
 
+def _index(name: str, value: Any, what: str) -> int:
+    """``operator.index(value)``; a TypeError naming ``name`` and ``what`` it must be
+    for an array or a value that is not an integer."""
+    if isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be {what}, not an array")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be {what}, not {type(value).__name__}") from None
+
+
 def u64(name: str, value: Any) -> int:
     """``value`` as a Python int in u64 range, or a clear error naming ``name``."""
-    if isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be an integer, not an array")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    v = _index(name, value, "an integer")
     if v < 0 or v > U64_MAX:
         raise OverflowError(f"{name} = {v:#x} is outside the u64 range 0..2**64-1")
     return v
@@ -40,12 +46,7 @@ def flag(name: str, value: Any) -> bool:
     """A boolean switch: bool, numpy bool, or the integers 0 and 1."""
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
-    if isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a bool, not an array")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a bool, not {type(value).__name__}") from None
+    v = _index(name, value, "a bool")
     if v not in (0, 1):
         raise ValueError(f"{name} must be True or False, not {v}")
     return bool(v)
