@@ -36,7 +36,8 @@ import numpy as np
 from ._pure.levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
 from .constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
                         KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
-                        PAGE_SHIFT, PG_LEVEL_2M, MemAttr, Quirk, VmCounter)
+                        PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLogManual, MemAttr,
+                        MemFlag, Quirk, VmCounter)
 
 _PRIVATE = MemAttr.PRIVATE.value
 _MIXED = np.uint32(KVM_LPAGE_MIXED_FLAG)
@@ -47,6 +48,9 @@ _SEQ, _IN_PROGRESS = VmCounter.MMU_INVALIDATE_SEQ, VmCounter.MMU_INVALIDATE_IN_P
 _RANGE_START, _RANGE_END = VmCounter.MMU_INVALIDATE_RANGE_START, VmCounter.MMU_INVALIDATE_RANGE_END
 _EMPTY = np.zeros(0, dtype=np.uint64)
 _EMPTY.flags.writeable = False
+_LOG = MemFlag.LOG_DIRTY_PAGES.value
+_READONLY = MemFlag.READONLY.value
+_ALL_ONES = (1 << 64) - 1
 
 
 class VMConfig(NamedTuple):
@@ -62,13 +66,15 @@ class VMConfig(NamedTuple):
     direct_bits_gfn: int       # kvm_gfn_direct_bits: the TDX shared bit as a gfn mask
     nx_huge_pages: bool
     default_vm: bool = False   # KVM_X86_DEFAULT_VM (kvm_memslot_flush_zap_all asks)
+    pml: bool = False          # kvm->arch.cpu_dirty_log_size != 0 (VMX with enable_pml)
+    eager_page_split: bool = True   # the eager_page_split module parameter (x86.c)
 
 
 class Slot:
     """A user memslot (struct kvm_memory_slot) with its x86 lpage_info."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_id",
-                 "gmem_pgoff", "host_level", "lpage")
+                 "gmem_pgoff", "host_level", "lpage", "dirty_bitmap")
 
     def __init__(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
                  userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
@@ -84,6 +90,8 @@ class Slot:
         #: lpage_info[level - 2].disallow_lpage as uint32 arrays, 2M then 1G: a count of
         #: reasons in bits 30:0, KVM_LPAGE_MIXED_FLAG in bit 31.
         self.lpage: list[np.ndarray] = []
+        #: memslot->dirty_bitmap: uint64 words, bit i = page i; None without dirty logging.
+        self.dirty_bitmap: np.ndarray | None = None
 
     @property
     def end_gfn(self) -> int:
@@ -101,6 +109,7 @@ class Slot:
         c = Slot(self.as_id, self.id, self.base_gfn, self.npages, self.flags,
                  self.userspace_addr, self.gmem_id, self.gmem_pgoff, self.host_level)
         c.lpage = [linfo.copy() for linfo in self.lpage]
+        c.dirty_bitmap = None if self.dirty_bitmap is None else self.dirty_bitmap.copy()
         return c
 
     def __repr__(self) -> str:
@@ -154,6 +163,8 @@ class VMMemory:
         #: kvm->arch.disabled_quirks (the VM layer sets it at creation and on
         #: KVM_CAP_DISABLE_QUIRKS2).
         self.disabled_quirks = 0
+        #: kvm->manual_dirty_log_protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's argument).
+        self.manual_dirty_log_protect = 0
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
@@ -184,6 +195,7 @@ class VMMemory:
             c.mmu = self.mmu.clone()
         c._invalid = set(self._invalid)
         c.disabled_quirks = self.disabled_quirks
+        c.manual_dirty_log_protect = self.manual_dirty_log_protect
         c._slots = [{slot_id: s.clone() for slot_id, s in slots.items()} for slots in self._slots]
         c._sorted = [[] for _ in range(self.nr_as_ids)]
         c._bases = [[] for _ in range(self.nr_as_ids)]
@@ -277,8 +289,10 @@ class VMMemory:
         slot = Slot(as_id, slot_id, base_gfn, npages, flags, userspace_addr, gmem_id, gmem_pgoff,
                     host_level)
         self._alloc_metadata(slot)
+        slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         self._slots[as_id][slot_id] = slot
         self._changed(as_id)
+        self._count_dirty_logging(0, flags)
 
     def invalidate_slot(self, as_id: int, slot_id: int) -> None:
         """kvm_invalidate_memslot (DELETE / MOVE): swap in the INVALID copy (faults no
@@ -325,25 +339,129 @@ class VMMemory:
 
     def delete_slot(self, as_id: int, slot_id: int) -> None:
         """KVM_MR_DELETE after kvm_invalidate_memslot."""
-        del self._slots[as_id][slot_id]
+        old = self._slots[as_id].pop(slot_id)
         self._invalid.discard((as_id, slot_id))
         self._changed(as_id)
+        self._count_dirty_logging(old.flags, 0)
 
     def move_slot(self, as_id: int, slot_id: int, base_gfn: int, flags: int) -> None:
         """KVM_MR_MOVE after kvm_invalidate_memslot: new metadata at the new base."""
         slot = self._slots[as_id][slot_id]
+        old_flags = slot.flags
         slot.base_gfn = base_gfn
+        slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         slot.flags = flags
         self._alloc_metadata(slot)
         self._invalid.discard((as_id, slot_id))
         self._changed(as_id)
+        self._count_dirty_logging(old_flags, flags)
 
     def set_slot_flags(self, as_id: int, slot_id: int, flags: int) -> None:
-        """KVM_MR_FLAGS_ONLY: the metadata is kept (memcpy of slot->arch); one swap."""
+        """KVM_MR_FLAGS_ONLY (only LOG_DIRTY_PAGES can change): the metadata is kept (memcpy
+        of slot->arch), the dirty bitmap made or dropped, one swap, then
+        kvm_mmu_slot_apply_flags.  Nothing is zapped."""
         slot = self._slots[as_id][slot_id]
+        old_flags = slot.flags
+        slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         slot.flags = flags
         self._changed(as_id)
-        self.zap_memslot(slot)
+        self._count_dirty_logging(old_flags, flags)
+        self._slot_apply_flags(slot, old_flags, flags)
+
+    # --- dirty logging -------------------------------------------------------------------
+
+    def _prepare_dirty_bitmap(self, slot: Slot, flags: int) -> np.ndarray | None:
+        """The dirty bitmap kvm_prepare_memory_region (kvm_main.c, 6.18) gives the new slot:
+        none without LOG_DIRTY_PAGES; the old one, bits and all, if the slot logged
+        already (a MOVE too); else a new one (kvm_alloc_dirty_bitmap: zeroed, one bit per
+        page in 64-bit words), with every page's bit set under INITIALLY_SET."""
+        if not flags & _LOG:
+            return None
+        if slot.dirty_bitmap is not None:
+            return slot.dirty_bitmap
+        bitmap = np.zeros((slot.npages + 63) // 64, dtype=np.uint64)
+        if self.manual_dirty_log_protect & DirtyLogManual.INITIALLY_SET:
+            bitmap[:slot.npages // 64] = _ALL_ONES
+            if slot.npages % 64:
+                bitmap[-1] = (1 << slot.npages % 64) - 1
+        return bitmap
+
+    def _count_dirty_logging(self, old_flags: int, new_flags: int) -> None:
+        """kvm_commit_memory_region (kvm_main.c, 6.18): kvm->nr_memslots_dirty_logging
+        follows LOG_DIRTY_PAGES (while it is not 0, PML is on in the vCPUs' VMCS)."""
+        if (old_flags ^ new_flags) & _LOG:
+            index = VmCounter.NR_MEMSLOTS_DIRTY_LOGGING
+            self.counters[index] = int(self.counters[index]) + (1 if new_flags & _LOG else -1)
+
+    def _slot_apply_flags(self, slot: Slot, old_flags: int, new_flags: int) -> None:
+        """kvm_mmu_slot_apply_flags for KVM_MR_FLAGS_ONLY (x86.c, 6.18), under mmu_lock.
+        Nothing for a READONLY slot.  Logging stops: the huge pages come back
+        (kvm_mmu_recover_huge_pages).  Logging starts: nothing under INITIALLY_SET (every
+        page counts as dirty); else eager_page_split splits huge pages to 4K, then with
+        PML the leaves' dirty bits are cleared and huge leaves write-protected, without
+        PML every leaf is write-protected.  Address space 1 (SMM) has no roots here."""
+        if new_flags & _READONLY or slot.as_id != 0:
+            return
+        start, end = slot.base_gfn, slot.end_gfn
+        with self.mmu_write_locked():
+            if not new_flags & _LOG:
+                self.mmu.recover_huge_pages(slot, start, end)
+                return
+            if self.manual_dirty_log_protect & DirtyLogManual.INITIALLY_SET:
+                return
+            if self.config.eager_page_split:
+                self.mmu.try_split_huge_pages(start, end, PG_LEVEL_4K)
+            if self.config.pml:
+                self.mmu.clear_dirty_slot(start, end)
+                self.mmu.wrprot_slot(start, end, PG_LEVEL_2M)
+            else:
+                self.mmu.wrprot_slot(start, end, PG_LEVEL_4K)
+
+    def enable_log_dirty_pt_masked(self, slot: Slot, offset: int, mask: int) -> None:
+        """kvm_arch_mmu_enable_log_dirty_pt_masked (mmu.c, 6.18), mmu_lock held for write:
+        the pages of ``mask`` (64 pages from page ``offset`` of the slot) are protected
+        again.  Under INITIALLY_SET the huge pages at the mask's first and last page are
+        split (eager_page_split) and write-protected with MMU-writable cleared first.
+        With PML their dirty bits are cleared, else W."""
+        if slot.as_id != 0:
+            return
+        gfn = slot.base_gfn + offset
+        if self.manual_dirty_log_protect & DirtyLogManual.INITIALLY_SET:
+            start = gfn + ((mask & -mask).bit_length() - 1)
+            end = gfn + (mask.bit_length() - 1)
+            if self.config.eager_page_split:
+                self.mmu.try_split_huge_pages(start, end + 1, PG_LEVEL_4K)
+            self.mmu.write_protect_gfn(start, PG_LEVEL_2M)
+            if -(-start // 512) != -(-end // 512):          # ALIGN to PMD_SIZE differs
+                self.mmu.write_protect_gfn(end, PG_LEVEL_2M)
+        self.mmu.clear_dirty_pt_masked(gfn, mask, not self.config.pml)
+
+    def get_dirty_log(self, slot: Slot) -> np.ndarray:
+        """kvm_get_dirty_log_protect (kvm_main.c, 6.18) for a slot with a dirty bitmap: with
+        manual protection a copy of the bitmap; else each non-zero word is taken (xchg with
+        0) and its pages protected again, under mmu_lock.  (kvm_arch_sync_dirty_log only
+        kicks running vCPUs; the model's vCPUs flush their PML log when a call ends.)"""
+        bitmap = slot.dirty_bitmap
+        assert bitmap is not None
+        if self.manual_dirty_log_protect:
+            return bitmap.copy()
+        with self.mmu_write_locked():
+            taken = self.core.fetch_andnot_words(bitmap, 0,
+                                                 np.full(len(bitmap), _ALL_ONES, np.uint64))
+            for i in np.flatnonzero(taken).tolist():
+                self.enable_log_dirty_pt_masked(slot, i * 64, int(taken[i]))
+        return taken
+
+    def clear_dirty_log(self, slot: Slot, first_page: int, words: np.ndarray) -> None:
+        """The clearing part of kvm_clear_dirty_log_protect (kvm_main.c, 6.18), arguments
+        checked: under mmu_lock, each word's bits that were set in the bitmap too are
+        cleared (atomic_long_fetch_andnot) and those pages protected again."""
+        bitmap = slot.dirty_bitmap
+        assert bitmap is not None
+        with self.mmu_write_locked():
+            cleared = self.core.fetch_andnot_words(bitmap, first_page // 64, words)
+            for i in np.flatnonzero(cleared).tolist():
+                self.enable_log_dirty_pt_masked(slot, first_page + i * 64, int(cleared[i]))
 
     def zap_memslot(self, slot: Slot) -> bool:
         """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters), under

@@ -28,7 +28,8 @@ from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, KVM_I
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX, ExitReason,
-                        GuestMemfdFlag, KVM_X86_VALID_QUIRKS, MemAttr, MemFlag, Quirk, VMType)
+                        GuestMemfdFlag, KVM_X86_VALID_QUIRKS, DirtyLogManual, MemAttr, MemFlag,
+                        Quirk, VMType)
 from .errors import KvmError
 from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
                       NestedPageFault, Translation)
@@ -135,7 +136,7 @@ class VM:
     _core: Any = None  # the core module; set by each implementation's subclass (bind)
 
     def __init__(self, vm_type: Any = VMType.DEFAULT, *, vendor: Any = None, gpaw: Any = 48,
-                 nx_huge_pages: Any = False) -> None:
+                 nx_huge_pages: Any = False, eager_page_split: Any = True) -> None:
         vm_type = _args.enum_member("vm_type", vm_type, VMType)
         implied = "svm" if vm_type in _SVM_TYPES else "vmx" if vm_type == VMType.TDX else None
         if vendor is not None and not isinstance(vendor, str):
@@ -149,6 +150,8 @@ class VM:
         self.vendor: str = vendor or implied or "vmx"
         self.gpaw: int = _args.gpaw(gpaw)
         self.nx_huge_pages: bool = _args.flag("nx_huge_pages", nx_huge_pages)
+        #: The eager_page_split module parameter (x86.c, default on).
+        self.eager_page_split: bool = _args.flag("eager_page_split", eager_page_split)
         self.has_private_mem: bool = vm_type in _PRIVATE_MEM_TYPES
         self.has_protected_state: bool = vm_type in _PROTECTED_STATE_TYPES
         #: The TDX shared bit as a GPA mask (gfn_to_gpa(kvm_gfn_direct_bits)); 0 if not a TD.
@@ -162,11 +165,15 @@ class VM:
         # kvm_mmu_get_tdp_level: 5-level EPT only for a guest wider than 48 bits (TDX: the
         # GPAW picks it); NPT follows the host's 4-level paging.
         self.tdp_levels: int = 5 if self.vendor == "vmx" and self.gpaw == 52 else 4
+        #: kvm->arch.cpu_dirty_log_size != 0: vmx_vm_init sets it when enable_pml (the
+        #: modelled host has PML and EPT A/D bits); not for a TD, not on SVM.
+        self.pml: bool = self.vendor == "vmx" and vm_type != VMType.TDX
         self._config = VMConfig(self.vendor == "vmx", vm_type == VMType.TDX,
                                 vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
                                 self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
                                 self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages,
-                                default_vm=vm_type == VMType.DEFAULT)
+                                default_vm=vm_type == VMType.DEFAULT, pml=self.pml,
+                                eager_page_split=self.eager_page_split)
         self._memory = VMMemory(self._core, self._config)
         # kvm_arch_init_vm (x86.c, 6.18): disabled_quirks = inapplicable_quirks &
         # supported_quirks.  Inapplicable are KVM_X86_CONDITIONAL_QUIRKS (CD_NW_CLEARED,
@@ -410,6 +417,79 @@ class VM:
     def get_memory_attributes(self, gfn: Any) -> int:
         """kvm_get_memory_attributes(gfn)."""
         return int(self._memory.memslots.get_memory_attributes(_args.u64("gfn", gfn)))
+
+    # --- dirty logging ------------------------------------------------------------------------
+
+    @_ioctl
+    def enable_manual_dirty_log_protect(self, initially_set: Any = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with MANUAL_PROTECT_ENABLE, and
+        INITIALLY_SET if asked (kvm_vm_ioctl_enable_cap_generic, kvm_main.c, 6.18):
+        KVM_GET_DIRTY_LOG then neither clears nor protects (KVM_CLEAR_DIRTY_LOG does);
+        with INITIALLY_SET a new dirty bitmap starts all set and enabling logging
+        protects nothing."""
+        value = DirtyLogManual.PROTECT_ENABLE.value
+        if _args.flag("initially_set", initially_set):
+            value |= DirtyLogManual.INITIALLY_SET.value
+        self._memory.manual_dirty_log_protect = value
+
+    @property
+    def manual_dirty_log_protect(self) -> DirtyLogManual:
+        """kvm->manual_dirty_log_protect."""
+        return DirtyLogManual(self._memory.manual_dirty_log_protect)
+
+    def _dirty_log_slot(self, slot: int) -> Slot:
+        """The checks KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG share: EINVAL for an address
+        space or slot id out of range, ENOENT for a slot that is absent or not logging."""
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        if as_id >= self.nr_memslot_as_ids or slot_id >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot {slot:#x} is out of range")
+        found = self._memory.slot_by_id(as_id, slot_id)
+        if found is None or found.dirty_bitmap is None:
+            raise KvmError(errno.ENOENT, f"slot {slot:#x} does not exist or does not log "
+                                         f"dirty pages")
+        return found
+
+    @_ioctl
+    def get_dirty_log(self, slot: Any) -> Any:
+        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect, kvm_main.c, 6.18): the slot's dirty
+        bitmap as uint64 words, bit i for page i of the slot.  Without manual protection
+        the bits returned are cleared and their pages write-protected again (PML: their
+        dirty bits cleared), so the next write is seen; with it, nothing changes.
+        EINVAL for a slot id out of range, ENOENT for a slot absent or not logging."""
+        found = self._dirty_log_slot(_args.u32("slot", slot))
+        return self._memory.get_dirty_log(found)
+
+    @_ioctl
+    def clear_dirty_log(self, slot: Any, first_page: Any, num_pages: Any, bitmap: Any) -> None:
+        """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect, kvm_main.c, 6.18): for each set
+        bit j of ``bitmap`` (1-D uint64 words) that is set in the slot's bitmap too, page
+        ``first_page + j`` is cleared there and protected again.  Checks in KVM's order:
+        EINVAL for a slot id out of range or ``first_page`` not a multiple of 64, ENOENT
+        for a slot absent or not logging, EINVAL for a range beyond the slot or a
+        ``num_pages`` not a multiple of 64 that stops short of its end, EFAULT for a
+        ``bitmap`` shorter than ``num_pages`` bits.  KVM does not require manual
+        protection for it."""
+        slot = _args.u32("slot", slot)
+        first = _args.u64("first_page", first_page)
+        count = _args.u32("num_pages", num_pages)
+        if not (isinstance(bitmap, np.ndarray) and bitmap.dtype == np.uint64
+                and bitmap.ndim == 1):
+            raise TypeError("bitmap must be a 1-D numpy.uint64 array")
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        if as_id >= self.nr_memslot_as_ids or slot_id >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot {slot:#x} is out of range")
+        if first & 63:
+            raise _einval(f"first_page {first:#x} is not a multiple of 64")
+        found = self._dirty_log_slot(slot)
+        npages = found.npages
+        if first > npages or count > npages - first or (count < npages - first and count & 63):
+            raise _einval(f"pages {first:#x}+{count:#x} do not fit slot {slot:#x} of "
+                          f"{npages:#x} pages in whole 64-page words")
+        words = (count + 63) // 64
+        if len(bitmap) < words:
+            raise KvmError(errno.EFAULT, f"bitmap holds {len(bitmap)} words, "
+                                         f"{words} are read")
+        self._memory.clear_dirty_log(found, first, np.array(bitmap[:words], dtype=np.uint64))
 
     # --- inspection --------------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ from enum import IntEnum, IntFlag
 
 __all__ = [
     "PFERR", "PFERR_SYNTHETIC_MASK", "EPT_VIOLATION", "EPT_VIOLATION_PROT_MASK",
-    "VMType", "RetPF", "ExitReason", "Quirk", "KVM_X86_VALID_QUIRKS", "MemAttr", "MemFlag", "GuestMemfdFlag",
+    "VMType", "RetPF", "ExitReason", "Quirk", "KVM_X86_VALID_QUIRKS", "DirtyLogManual",
+    "PML_LOG_NR_ENTRIES", "MemAttr", "MemFlag", "GuestMemfdFlag",
     "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
     "PG_LEVEL_512G", "PG_LEVEL_256T", "KVM_MAX_HUGEPAGE_LEVEL", "PAGE_SHIFT",
     "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
@@ -211,6 +212,18 @@ class Quirk(_Flag):
 
 #: KVM_X86_VALID_QUIRKS (asm/kvm_host.h, 6.18): every quirk above.
 KVM_X86_VALID_QUIRKS = (1 << 11) - 1
+
+
+class DirtyLogManual(_Flag):
+    """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's argument (include/uapi/linux/kvm.h, 6.18)."""
+
+    PROTECT_ENABLE = 1 << 0      # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    INITIALLY_SET = 1 << 1       # KVM_DIRTY_LOG_INITIALLY_SET
+
+
+#: PML_LOG_NR_ENTRIES (arch/x86/kvm/vmx/vmx.h, 6.18): the entries of a vCPU's
+#: page-modification log, and kvm->arch.cpu_dirty_log_size with PML.
+PML_LOG_NR_ENTRIES = 512
 
 
 # --- 6.1 memory attributes, memslot and guest_memfd flags (uapi kvm.h) -----------------
@@ -491,7 +504,8 @@ class VmCounter(IntEnum):
     MMU_INVALIDATE_RANGE_END = 3
     GENERATION_0 = 4
     GENERATION_1 = 5
-    COUNT = 6
+    NR_MEMSLOTS_DIRTY_LOGGING = 6      # kvm->nr_memslots_dirty_logging
+    COUNT = 7
 
 
 class CoreReturn(IntEnum):

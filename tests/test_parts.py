@@ -33,6 +33,8 @@ COMPILED_ONLY = {
     ("memslots", "record_slot"): "copies a Slot into a C SlotRecord; the twin reads Slots",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
+    ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "
+                                   "lock around the whole loop",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",

@@ -17,6 +17,7 @@ cdef int handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                               uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION
 cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                                   uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION
+cdef void vmx_flush_pml_buffer(VCPUState vcpu) noexcept
 cdef int handle_ept_misconfig(VCPUState vcpu, uint64_t gpa) except CORE_RETURN_PY_EXCEPTION
 cdef int npf_interception(VCPUState vcpu, uint64_t gpa,
                           uint64_t exit_info_1) except CORE_RETURN_PY_EXCEPTION

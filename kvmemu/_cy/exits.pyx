@@ -219,6 +219,25 @@ cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
     return r
 
 
+cdef void vmx_flush_pml_buffer(VCPUState vcpu) noexcept:
+    """Models vmx_flush_pml_buffer (vmx.c, 6.18), which __vmx_handle_exit runs on every
+    VM exit with PML on: each logged GPA, newest first, marks its page dirty
+    (kvm_vcpu_mark_page_dirty), and the log is empty again (index 511)."""
+    cdef PmlLog* pml = &vcpu.pml
+    cdef SlotTable table
+    cdef int i, tail
+    cdef uint64_t gfn
+    if pml.index == <int>PML_LOG_NR_ENTRIES - 1:
+        return
+    tail = 0 if pml.index >= <int>PML_LOG_NR_ENTRIES else pml.index + 1
+    table = vcpu.memslots.srcu_read_lock()
+    for i in range(PML_LOG_NR_ENTRIES - 1, tail - 1, -1):
+        gfn = pml.gpa[i] >> PAGE_SHIFT
+        mark_page_dirty_in_slot(table.gfn_to_memslot(gfn), gfn)
+    vcpu.memslots.srcu_read_unlock(table)
+    pml.index = PML_LOG_NR_ENTRIES - 1
+
+
 cdef int handle_ept_misconfig(VCPUState vcpu, uint64_t gpa) except CORE_RETURN_PY_EXCEPTION:
     """Models handle_ept_misconfig (arch/x86/kvm/vmx/vmx.c, 6.18): a reserved-bit fault,
     i.e. the MMIO path.  A TD never takes one (a KVM bug: -EIO)."""

@@ -22,6 +22,20 @@ cdef inline uint64_t gfn_to_index(uint64_t gfn, uint64_t base_gfn, int level) no
     return (gfn >> shift) - (base_gfn >> shift)
 
 
+cdef inline uint64_t first_index(int level, uint64_t base, uint64_t start) noexcept nogil:
+    """The first entry of a level-``level`` table mapping gfns from ``base`` that maps a gfn
+    at or above ``start`` (for_each_tdp_pte's start)."""
+    return (start - base) // pages_per_hpage(level) if start > base else 0
+
+
+cdef inline uint64_t end_index(int level, uint64_t base, uint64_t end) noexcept nogil:
+    """One past the last entry of that table that maps a gfn below ``end``."""
+    cdef uint64_t span = pages_per_hpage(level)
+    if end <= base:
+        return 0
+    return min((end - base) // span + ((end - base) % span != 0), <uint64_t>PT_ENTRIES)
+
+
 # C assert: checked in the debug build (KVMEMU_DEBUG_BUILD=1 undefines NDEBUG), where a
 # failed check aborts the process loudly; compiled out otherwise.  The parts use it where
 # a noexcept function reads memory through a raw pointer.

@@ -46,6 +46,9 @@ cdef extern from *:
     static inline void kvmemu_atomic_or64(uint64_t *p, uint64_t v) {
         __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
     }
+    static inline uint64_t kvmemu_fetch_andnot64(uint64_t *p, uint64_t v) {
+        return __atomic_fetch_and(p, ~v, __ATOMIC_SEQ_CST);
+    }
     static inline int kvmemu_cmpxchg64(uint64_t *p, uint64_t old, uint64_t new_) {
         return __atomic_compare_exchange_n(p, &old, new_, 0, __ATOMIC_SEQ_CST,
                                            __ATOMIC_SEQ_CST);
@@ -56,6 +59,8 @@ cdef extern from *:
     # The hardware's locked OR of accessed/dirty bits, and KVM's try_cmpxchg64.
     void atomic_or64 "kvmemu_atomic_or64" (uint64_t* p, uint64_t v) nogil
     bint cmpxchg64 "kvmemu_cmpxchg64" (uint64_t* p, uint64_t old, uint64_t new) nogil
+    # atomic_long_fetch_andnot: the old value.
+    uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
 
 cdef class Mutex:
     cdef pthread_mutex_t mutex

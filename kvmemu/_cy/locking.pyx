@@ -10,6 +10,22 @@
 # holds the lock and needs the GIL can always finish.
 
 cimport cython
+from libc.stdint cimport uint64_t
+
+import numpy as np
+
+
+def fetch_andnot_words(uint64_t[::1] bitmap, Py_ssize_t first, const uint64_t[::1] masks):
+    """atomic_long_fetch_andnot on ``bitmap[first + k]`` with ``masks[k]``, for each k (the
+    kernel's xchg(&word, 0) is the all-ones mask): the bits cleared, ``old & mask``."""
+    cdef Py_ssize_t k, n = masks.shape[0]
+    if first < 0 or first + n > bitmap.shape[0]:
+        raise IndexError("words beyond the bitmap")
+    out = np.zeros(n, dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    for k in range(n):
+        o[k] = fetch_andnot64(&bitmap[first + k], masks[k]) & masks[k]
+    return out
 
 
 @cython.final

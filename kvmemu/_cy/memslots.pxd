@@ -16,6 +16,7 @@ cdef struct SlotRecord:
     int host_level
     uint32_t* lpage_2m
     uint32_t* lpage_1g
+    uint64_t* dirty_bitmap  # memslot->dirty_bitmap, NULL without dirty logging
     void* owner
 
 # One published set of address-space-0 memslots (struct kvm_memslots): never changed
@@ -27,7 +28,7 @@ cdef class SlotTable:
     cdef uint64_t* bases
     cdef readonly Py_ssize_t nslots
     cdef list slots                         # the Slot objects, by base gfn
-    cdef list lpage                         # their lpage_info arrays (kept alive)
+    cdef list lpage                         # their lpage_info and dirty bitmaps (kept alive)
     cdef long readers
     cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil
     cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil
@@ -51,3 +52,4 @@ cdef class Memslots:
 
 cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil
 cdef void record_slot(object slot, SlotRecord* rec) except *
+cdef void mark_page_dirty_in_slot(const SlotRecord* slot, uint64_t gfn) noexcept nogil

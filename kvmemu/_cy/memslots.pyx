@@ -22,10 +22,21 @@ cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil:
     return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
 
 
+cdef void mark_page_dirty_in_slot(const SlotRecord* slot, uint64_t gfn) noexcept nogil:
+    """Models mark_page_dirty_in_slot (virt/kvm/kvm_main.c, 6.18): with dirty logging on
+    the slot, set the gfn's bit in its dirty bitmap (set_bit_le: atomic)."""
+    cdef uint64_t rel
+    if slot != NULL and slot.flags & MEM_FLAG_LOG_DIRTY_PAGES and slot.dirty_bitmap != NULL:
+        rel = gfn - slot.base_gfn
+        atomic_or64(&slot.dirty_bitmap[rel >> 6], <uint64_t>1 << (rel & 63))
+
+
 cdef void record_slot(object slot, SlotRecord* rec) except *:
-    """A kvmemu._memory.Slot as the fault path reads it."""
+    """A kvmemu._memory.Slot as the fault path reads it (the caller keeps its arrays
+    alive: lpage_info and the dirty bitmap)."""
     cdef uint32_t[::1] lpage_2m = slot.lpage[0]
     cdef uint32_t[::1] lpage_1g = slot.lpage[1]
+    cdef uint64_t[::1] bitmap
     rec.base_gfn = slot.base_gfn
     rec.npages = slot.npages
     rec.userspace_addr = slot.userspace_addr
@@ -36,6 +47,10 @@ cdef void record_slot(object slot, SlotRecord* rec) except *:
     rec.host_level = slot.host_level
     rec.lpage_2m = &lpage_2m[0]
     rec.lpage_1g = &lpage_1g[0]
+    rec.dirty_bitmap = NULL
+    if slot.dirty_bitmap is not None:
+        bitmap = slot.dirty_bitmap
+        rec.dirty_bitmap = &bitmap[0]
     rec.owner = <void*>slot
 
 
@@ -62,6 +77,8 @@ cdef class SlotTable:
             raise MemoryError()
         self.slots = list(slots)
         self.lpage = [array for slot in self.slots for array in slot.lpage]
+        self.lpage += [slot.dirty_bitmap for slot in self.slots
+                       if slot.dirty_bitmap is not None]
         for i in range(n):
             record_slot(self.slots[i], &self.records[i])
             self.bases[i] = self.records[i].base_gfn

@@ -26,10 +26,11 @@ cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcep
 cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept
 cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept
-cdef bint fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index, uint64_t old,
-                                  uint64_t new) noexcept
+cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
+                                  Py_ssize_t index, uint64_t old, uint64_t new) noexcept
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) noexcept nogil
 cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil
 cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,
                                      int level) noexcept

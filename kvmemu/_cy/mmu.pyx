@@ -155,10 +155,12 @@ cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept:
 
 
 cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
-    """Models fast_page_fault (mmu.c, 6.18): with A/D bits on, only a write to a present
-    SPTE that the MMU may make writable is fixed locklessly."""
+    """Models page_fault_can_be_fast and fast_page_fault (mmu.c, 6.18): a write to a
+    present leaf that the MMU may make writable is fixed locklessly, except a huge leaf of
+    a dirty-logged slot, which the slow path splits."""
     cdef TdpMmu mmu = vcpu.mmu
     cdef LastSpte last
+    cdef uint64_t new
     cdef int r = RET_PF_INVALID
     if f.rsvd:
         return RET_PF_INVALID
@@ -174,12 +176,15 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
         if is_access_allowed(&mmu.fmt, f.exec_, f.write, last.spte):
             r = RET_PF_SPURIOUS
             break
-        if not (last.spte & mmu.fmt.mmu_writable) or (
-                last.level > <int>PG_LEVEL_4K and f.has_slot
-                and f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+        new = last.spte
+        if f.write and last.spte & mmu.fmt.mmu_writable:
+            new |= PTE_WRITABLE
+            if (last.level > <int>PG_LEVEL_4K and f.has_slot
+                    and f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+                break
+        if new == last.spte or not is_access_allowed(&mmu.fmt, f.exec_, f.write, new):
             break
-        if fast_pf_fix_direct_spte(mmu.direct, last.table, last.index, last.spte,
-                                   last.spte | PTE_WRITABLE):
+        if fast_pf_fix_direct_spte(f, mmu.direct, last.table, last.index, last.spte, new):
             r = RET_PF_FIXED
             break
     mmu.mmu_lock.release_read()
@@ -188,11 +193,16 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
     return r
 
 
-cdef bint fast_pf_fix_direct_spte(Root root, Py_ssize_t table, Py_ssize_t index, uint64_t old,
-                                  uint64_t new) noexcept:
-    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path;
-    False if the SPTE changed meanwhile (a walk set A/D bits, or a fault replaced it)."""
-    return cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new)
+cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
+                                  Py_ssize_t index, uint64_t old, uint64_t new) noexcept:
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
+    (False if the SPTE changed meanwhile); a write made possible again marks the page
+    dirty (the D bit is left to the CPU)."""
+    if not cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new):
+        return False
+    if (new & PTE_WRITABLE) and not (old & PTE_WRITABLE) and f.has_slot:
+        mark_page_dirty_in_slot(&f.slot, f.gfn)
+    return True
 
 
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION:
@@ -236,23 +246,31 @@ cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept:
     return RET_PF_CONTINUE
 
 
-cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
-    """Models kvm_mmu_hugepage_adjust with kvm_mmu_max_mapping_level (mmu.c, 6.18)."""
-    cdef int level
+cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) noexcept nogil:
+    """Models kvm_mmu_max_mapping_level for shared memory (mmu.c, 6.18): the largest level
+    lpage_info allows up to ``max_level`` and 1G, capped by the host mapping."""
+    cdef int level = min(max_level, <int>PG_LEVEL_1G)
     cdef const uint32_t* linfo
+    while level > <int>PG_LEVEL_4K:
+        linfo = slot.lpage_2m if level == PG_LEVEL_2M else slot.lpage_1g
+        if not linfo[gfn_to_index(gfn, slot.base_gfn, level)]:
+            break
+        level -= 1
+    if level == PG_LEVEL_4K:
+        return level
+    return min(slot.host_level, level)
+
+
+cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
+    """Models kvm_mmu_hugepage_adjust (mmu.c, 6.18): no huge page while dirty logging is
+    on, else the level kvm_mmu_max_mapping_level allows."""
+    cdef int level
     f.huge_page_disallowed = f.exec_ and nx_huge_pages
     if f.max_level == PG_LEVEL_4K or not f.has_slot:
         return
     if f.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES:
         return
-    level = min(f.max_level, <int>PG_LEVEL_1G)   # max_huge_page_level
-    while level > <int>PG_LEVEL_4K:
-        linfo = f.slot.lpage_2m if level == PG_LEVEL_2M else f.slot.lpage_1g
-        if not linfo[gfn_to_index(f.gfn, f.slot.base_gfn, level)]:
-            break
-        level -= 1
-    if level > <int>PG_LEVEL_4K:
-        level = min(f.slot.host_level, level)
+    level = max_mapping_level(&f.slot, f.gfn, f.max_level)
     f.req_level = level
     if level == PG_LEVEL_4K or f.huge_page_disallowed:
         return

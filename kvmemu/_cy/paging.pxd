@@ -12,6 +12,13 @@ cdef enum OutcomeKind:
     OUT_EPT_VIOLATION = 1
     OUT_EPT_MISCONFIG = 2
     OUT_NPF = 3
+    OUT_PML_FULL = 4        # the VMX exit "page-modification log full" (reason 62)
+
+# A vCPU's page-modification log: the 512-entry buffer and the PML index, which counts
+# down from 511 and wraps to 0xFFFF after entry 0.
+cdef struct PmlLog:
+    uint64_t gpa[512]
+    int index
 
 # What the walk needs to know about a PageTables (its fields of the same names).
 cdef struct PagingConfig:
@@ -80,14 +87,15 @@ cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables, uint
                   WalkPath* path) noexcept nogil
 cdef Outcome translated(const WalkPath* path, const PagingConfig* c, uint64_t gpa,
                         uint64_t* mem, uint64_t accessed, uint64_t dirty,
-                        bint write) noexcept nogil
+                        bint write, PmlLog* pml) noexcept nogil
 cdef Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa, uint64_t flags,
-                           const WalkPath* path) noexcept nogil
+                           const WalkPath* path, PmlLog* pml) noexcept nogil
 cdef Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa, uint64_t flags,
                            const WalkPath* path) noexcept nogil
 cdef bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                              uint64_t gpa, uint64_t flags, Outcome* out,
-                             const int levels) noexcept nogil
+                             const int levels, PmlLog* pml) noexcept nogil
+cdef bint pml_log(PmlLog* pml, uint64_t gpa) noexcept nogil
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
-                           uint64_t gpa, uint64_t flags) noexcept nogil
+                           uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil
 cdef object outcome_object(const Outcome* out, uint64_t gpa)

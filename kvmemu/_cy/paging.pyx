@@ -157,16 +157,34 @@ cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
         table = table_at(e & c.addr_mask, ntables)
 
 
+cdef bint pml_log(PmlLog* pml, uint64_t gpa) noexcept nogil:
+    """The CPU about to set an EPT dirty flag with PML on (Intel SDM vol. 3C,
+    "Page-Modification Logging"): with the index in 0..511, log the GPA (bits 11:0
+    cleared) and decrement the index; False when the log is full (a page-modification
+    log-full VM exit instead of the access)."""
+    if pml.index >= <int>PML_LOG_NR_ENTRIES:
+        return False
+    pml.gpa[pml.index] = gpa & ~(<uint64_t>PAGE_SIZE - 1)
+    pml.index = (pml.index - 1) & 0xFFFF
+    return True
+
+
 cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint64_t gpa,
                                uint64_t* mem, uint64_t accessed, uint64_t dirty,
-                               bint write) noexcept nogil:
+                               bint write, PmlLog* pml) noexcept nogil:
     """The leaf's address, after setting accessed in every entry used and dirty in the
     leaf for a write, with a locked OR as the CPU does (a fault may be changing the same
-    entry).  Every slot is >= 0: the walk reached a present leaf."""
+    entry); with a PML log, setting a dirty flag logs the GPA first (or exits when the
+    log is full).  Every slot is >= 0: the walk reached a present leaf."""
     cdef int i, last = path.n - 1
     cdef int level = path.level[last]
     cdef uint64_t mask = level_page_mask(level)
     cdef Outcome out
+    if write and pml != NULL and not (path.entry[last] & dirty) and not pml_log(pml, gpa):
+        out.kind = OUT_PML_FULL
+        out.level = 0
+        out.value = 0
+        return out
     for i in range(path.n):          # a store only where the bit is not yet set
         if not (path.entry[i] & accessed):
             atomic_or64(&mem[path.slot[i]], accessed)
@@ -179,7 +197,8 @@ cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint
 
 
 cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
-                                  uint64_t flags, const WalkPath* path) noexcept nogil:
+                                  uint64_t flags, const WalkPath* path,
+                                  PmlLog* pml) noexcept nogil:
     """EPT: misconfiguration first, then violation, then the translation."""
     cdef Outcome out
     cdef uint64_t acc, q
@@ -212,8 +231,8 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
     if path.stop == STOP_LEAF and allowed:
         if c.ad_bits:
             return translated(path, c, gpa, mem, EPTE_ACCESSED, EPTE_DIRTY,
-                              (acc & EPT_VIOLATION_ACC_WRITE) != 0)
-        return translated(path, c, gpa, mem, 0, 0, False)
+                              (acc & EPT_VIOLATION_ACC_WRITE) != 0, pml)
+        return translated(path, c, gpa, mem, 0, 0, False, NULL)
     q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
     if c.mbec and xu:
         q |= EPT_VIOLATION_PROT_USER_EXEC
@@ -243,7 +262,7 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
             nx |= path.entry[i] & PTE_NX
         if ((us & PTE_USER) and (not write or (us & PTE_WRITABLE))
                 and not (fetch and c.host_nx and nx)):
-            return translated(path, c, gpa, mem, PTE_ACCESSED, PTE_DIRTY, write)
+            return translated(path, c, gpa, mem, PTE_ACCESSED, PTE_DIRTY, write, NULL)
         code |= PFERR_PRESENT
     if write:
         code |= PFERR_WRITE
@@ -263,7 +282,7 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
 
 cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                                    uint64_t gpa, uint64_t flags, Outcome* out,
-                                   const int levels) noexcept nogil:
+                                   const int levels, PmlLog* pml) noexcept nogil:
     """The common EPT case in one pass: a final-stage read or write whose every entry is
     readable (and writable for a write), well-formed and present.  Anything else returns
     False and goes through the general walk, which gives the same result for what this
@@ -300,6 +319,8 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     if (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1:
         return False
     if c.ad_bits:
+        if pml != NULL and (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
+            return False                     # the general walk logs it
         for i in range(n):
             if not (used[i][0] & EPTE_ACCESSED):
                 atomic_or64(used[i], EPTE_ACCESSED)
@@ -313,17 +334,19 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
 
 
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
-                           uint64_t gpa, uint64_t flags) noexcept nogil:
-    """One guest-physical access: walk, then the vendor's verdict (and A/D on success)."""
+                           uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil:
+    """One guest-physical access: walk, then the vendor's verdict (and A/D on success).
+    ``pml``: the vCPU's log while PML is enabled in its VMCS (EPT only), else NULL."""
     cdef WalkPath path
     cdef Outcome out
     # A constant level count lets the compiler unroll the fast walk.
-    if c.ept and (ept_fast_translate(c, mem, ntables, gpa, flags, &out, 4) if c.levels == 4
-                  else ept_fast_translate(c, mem, ntables, gpa, flags, &out, 5)):
+    if c.ept and (ept_fast_translate(c, mem, ntables, gpa, flags, &out, 4, pml)
+                  if c.levels == 4
+                  else ept_fast_translate(c, mem, ntables, gpa, flags, &out, 5, pml)):
         return out
     hw_walk(c, mem, ntables, gpa, &path)
     if c.ept:
-        return ept_translate(c, mem, gpa, flags, &path)
+        return ept_translate(c, mem, gpa, flags, &path, pml)
     return npt_translate(c, mem, gpa, flags, &path)
 
 
@@ -579,7 +602,7 @@ cdef class PageTables:
         cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
         cdef Outcome out
         self.lock.acquire_read()
-        out = translate_one(&self.cfg, self.mem, self.ntables, g, flags)
+        out = translate_one(&self.cfg, self.mem, self.ntables, g, flags, NULL)
         self.lock.release_read()
         return outcome_object(&out, g)
 
@@ -611,7 +634,7 @@ cdef class PageTables:
             lock.read_lock()
             ntables = self.ntables
             for i in range(n):
-                out = translate_one(&cfg, mem, ntables, g[i], fv[i] if per_element else f0)
+                out = translate_one(&cfg, mem, ntables, g[i], fv[i] if per_element else f0, NULL)
                 if out.kind == OUT_TRANSLATED:
                     hpa[i] = out.value
                     level[i] = <uint8_t>out.level

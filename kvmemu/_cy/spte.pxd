@@ -15,6 +15,8 @@ cdef uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_
 cdef uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil
 cdef uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
                               uint64_t index, bint nx_huge_pages) noexcept nogil
+cdef uint64_t make_huge_spte(const SpteFormat* f, uint64_t small_spte, int level,
+                             bint nx_huge_pages) noexcept nogil
 cdef uint64_t make_mmio_spte(const SpteFormat* f, uint64_t gfn,
                              uint64_t generation) noexcept nogil
 cdef bint is_mmio_spte(const SpteFormat* f, uint64_t spte) noexcept nogil

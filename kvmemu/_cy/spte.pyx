@@ -80,6 +80,17 @@ cdef inline uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, in
     return spte
 
 
+cdef inline uint64_t make_huge_spte(const SpteFormat* f, uint64_t small_spte, int level,
+                                    bint nx_huge_pages) noexcept nogil:
+    """Models make_huge_spte (spte.c, 6.18): the small SPTE with the page-size bit, its
+    address cut to the huge page, non-executable under the NX huge page workaround."""
+    cdef uint64_t spte = (small_spte | PTE_LARGE) & (
+        ~((pages_per_hpage(level) << PAGE_SHIFT) - 1) | (<uint64_t>PAGE_SIZE - 1))
+    if nx_huge_pages:                                # make_spte_nonexecutable
+        spte = (spte & ~f.x) | f.nx
+    return spte
+
+
 cdef inline uint64_t make_mmio_spte(const SpteFormat* f, uint64_t gfn,
                                     uint64_t generation) noexcept nogil:
     """Models make_mmio_spte(vcpu, gfn, ACC_ALL) (spte.c, 6.18): generation bits, the MMIO

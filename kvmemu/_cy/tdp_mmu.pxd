@@ -26,6 +26,7 @@ cdef class TdpMmu:
     cdef readonly Root mirror               # None unless TDX
     cdef readonly RwLock mmu_lock           # kvm->mmu_lock, shared by the roots' tables
     cdef public bint skip_stale_check       # a debug switch: is_page_fault_stale says no
+    cdef readonly bint ad_enabled           # kvm_ad_enabled
     cdef int64_t npages[4]                  # kvm->stat.pages[level]
     cdef readonly object tracer             # a kvmemu._trace.Tracer, or None
     cdef bint tracing                       # tracer is not None
@@ -39,6 +40,11 @@ cdef class TdpMmu:
     cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa)
     cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
                          uint64_t generation) except CORE_RETURN_PY_EXCEPTION
+    cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                            uint64_t old, uint64_t gfn, bint disallowed) except -1
+    cdef Py_ssize_t split_huge_page(self, Root root, Py_ssize_t table, Py_ssize_t index,
+                                    int level, uint64_t old, uint64_t gfn,
+                                    bint disallowed) except -1
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
                                      Py_ssize_t index, int level, uint64_t old,
                                      uint64_t generation,
@@ -48,6 +54,26 @@ cdef class TdpMmu:
     cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
                              uint64_t start, uint64_t end) except -1
     cpdef int zap_all_fast(self) except -1
+    cdef int clear_leaf_bits(self, uint64_t start, uint64_t end, int min_level,
+                             uint64_t bits) except -1
+    cdef int clear_table_leaf_bits(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                                   uint64_t start, uint64_t end, int min_level,
+                                   uint64_t bits) except -1
+    cdef int clear_gfn_bits(self, Root root, uint64_t gfn, int min_level, int max_level,
+                            uint64_t bits) except -1
+    cdef uint64_t dirty_bit(self, bint wrprot) noexcept
+    cpdef int wrprot_slot(self, uint64_t start, uint64_t end, int min_level) except -1
+    cpdef int clear_dirty_slot(self, uint64_t start, uint64_t end) except -1
+    cpdef int clear_dirty_pt_masked(self, uint64_t gfn, uint64_t mask, bint wrprot) except -1
+    cpdef int write_protect_gfn(self, uint64_t gfn, int min_level) except -1
+    cpdef int try_split_huge_pages(self, uint64_t start, uint64_t end,
+                                   int target_level) except -1
+    cdef int split_table(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                         uint64_t start, uint64_t end, int target_level) except -1
+    cpdef int recover_huge_pages(self, slot, uint64_t start, uint64_t end) except -1
+    cdef int recover_table(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                           uint64_t start, uint64_t end, const SlotRecord* slot) except -1
+    cdef uint64_t first_present_leaf(self, Root root, Py_ssize_t table, int level) noexcept
     cpdef int set_ignore_guest_pat(self, bint ignore) except -1
     cpdef int unmap_gfn_range(self, uint64_t start, uint64_t end, bint private,
                               bint shared) except -1

@@ -77,6 +77,7 @@ cdef class TdpMmu:
         self.fmt = spte_format(config.ept, config.tdx)
         self.levels = config.levels
         self.nx_huge_pages = config.nx_huge_pages
+        self.ad_enabled = True
         self.direct = Root(make_tables(), config.direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if config.tdx else None
         self.share_lock(RwLock())
@@ -98,6 +99,7 @@ cdef class TdpMmu:
         """A copy of the roots and counts (for VM snapshots); the tracer is not state."""
         cdef TdpMmu c = TdpMmu.__new__(TdpMmu)
         c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
+        c.ad_enabled = self.ad_enabled
         c.direct = self.direct.clone()
         c.mirror = None if self.mirror is None else self.mirror.clone()
         c.share_lock(RwLock())
@@ -183,7 +185,7 @@ cdef class TdpMmu:
         cdef PageTables pt = root.pt
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
-        cdef Py_ssize_t table = 0, index, child, i
+        cdef Py_ssize_t table = 0, index, child
         cdef int level = self.levels
         hugepage_adjust(f, self.nx_huge_pages)
         if self.tracing:
@@ -202,22 +204,49 @@ cdef class TdpMmu:
             if is_shadow_present_pte(old) and not (old & PTE_LARGE):
                 table, level = root.child(old), level - 1
                 continue
-            child = pt.alloc(SHADOW_NONPRESENT_VALUE)
             if is_shadow_present_pte(old):               # a huge leaf in the way: split it
-                for i in range(<Py_ssize_t>PT_ENTRIES):
-                    pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i,
-                                                       self.nx_huge_pages))
-            if not self.set_spte_atomic(root, table, index, level, old,
-                                        make_nonleaf_spte(&self.fmt, pt.hpa(child)),
-                                        indexed & ~(pages_per_hpage(level) - 1)):
-                pt.free(child)
+                child = self.split_huge_page(root, table, index, level, old,
+                                             indexed & ~(pages_per_hpage(level) - 1),
+                                             f.huge_page_disallowed)
+            else:
+                child = self.link_sp(root, table, index, level, old,
+                                     indexed & ~(pages_per_hpage(level) - 1),
+                                     f.huge_page_disallowed)
+            if not child:
                 return RET_PF_RETRY
-            root.set_nx_huge_page_disallowed(child, f.huge_page_disallowed)
-            if is_shadow_present_pte(old):               # the leaf count moves to the children
-                for i in range(<Py_ssize_t>PT_ENTRIES):
-                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE,
-                                             pt.read(child, i))
             table, level = child, level - 1
+
+    cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                            uint64_t old, uint64_t gfn, bint disallowed) except -1:
+        """Models tdp_mmu_link_sp (tdp_mmu.c, 6.18): a new empty table where ``old`` (not
+        present) was; 0 if the compare-and-exchange lost (the table is freed)."""
+        cdef PageTables pt = root.pt
+        cdef Py_ssize_t child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+        if not self.set_spte_atomic(root, table, index, level, old,
+                                    make_nonleaf_spte(&self.fmt, pt.hpa(child)), gfn):
+            pt.free(child)
+            return 0
+        root.set_nx_huge_page_disallowed(child, disallowed)
+        return child
+
+    cdef Py_ssize_t split_huge_page(self, Root root, Py_ssize_t table, Py_ssize_t index,
+                                    int level, uint64_t old, uint64_t gfn,
+                                    bint disallowed) except -1:
+        """Models tdp_mmu_split_huge_page (tdp_mmu.c, 6.18): a table of 512 make_small_spte
+        children of the huge leaf ``old``, linked in its place (the children are not
+        traced); the leaf count moves to the children.  0 if the link lost its race."""
+        cdef PageTables pt = root.pt
+        cdef Py_ssize_t child = pt.alloc(SHADOW_NONPRESENT_VALUE), i
+        for i in range(<Py_ssize_t>PT_ENTRIES):
+            pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i, self.nx_huge_pages))
+        if not self.set_spte_atomic(root, table, index, level, old,
+                                    make_nonleaf_spte(&self.fmt, pt.hpa(child)), gfn):
+            pt.free(child)
+            return 0
+        root.set_nx_huge_page_disallowed(child, disallowed)
+        for i in range(<Py_ssize_t>PT_ENTRIES):
+            self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, pt.read(child, i))
+        return child
 
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
                                      Py_ssize_t index, int level, uint64_t old,
@@ -236,6 +265,8 @@ cdef class TdpMmu:
             new = make_mmio_spte(&self.fmt, gfn, generation)
         else:
             new = make_spte(&self.fmt, level, f.pfn, f.map_writable, self.nx_huge_pages)
+            if new & PTE_WRITABLE:           # make_spte's last step, before the SPTE is set
+                mark_page_dirty_in_slot(&f.slot, f.gfn)
         ret = RET_PF_FIXED
         if new == old:
             ret = RET_PF_SPURIOUS
@@ -275,12 +306,10 @@ cdef class TdpMmu:
                              uint64_t start, uint64_t end) except -1:
         """zap_leafs below one table (mapping gfns from ``base``)."""
         cdef uint64_t span = pages_per_hpage(level), spte
-        cdef uint64_t first = (start - base) // span if start > base else 0
-        cdef uint64_t last = 0
+        cdef uint64_t first = first_index(level, base, start)
+        cdef uint64_t last = end_index(level, base, end)
         cdef uint64_t index
         cdef int flush = 0
-        if end > base:
-            last = min((end - base) // span + ((end - base) % span != 0), <uint64_t>PT_ENTRIES)
         index = first
         while index < last:
             spte = root.pt.read(table, index)
@@ -307,6 +336,182 @@ cdef class TdpMmu:
                                   <uint64_t>index * pages_per_hpage(self.levels))
         return 0
 
+    # --- dirty logging ------------------------------------------------------------------------
+
+    def roots(self):
+        """The valid roots (for_each_valid_tdp_mmu_root: direct, then TDX's mirror)."""
+        return [self.direct] if self.mirror is None else [self.direct, self.mirror]
+
+    cdef int clear_leaf_bits(self, uint64_t start, uint64_t end, int min_level,
+                             uint64_t bits) except -1:
+        """Clear ``bits`` in every present leaf at ``min_level`` or above that maps a gfn of
+        [start, end) and has any of them, in every root (wrprot_gfn_range,
+        clear_dirty_gfn_range); 1 if one changed."""
+        cdef Root root
+        cdef int changed = 0
+        for root in self.roots():
+            if self.clear_table_leaf_bits(root, 0, self.levels, 0, start + root.gfn_bits,
+                                          end + root.gfn_bits, min_level, bits):
+                changed = 1
+        return changed
+
+    cdef int clear_table_leaf_bits(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                                   uint64_t start, uint64_t end, int min_level,
+                                   uint64_t bits) except -1:
+        """clear_leaf_bits below one table (mapping gfns from ``base``)."""
+        cdef uint64_t span = pages_per_hpage(level), value
+        cdef uint64_t index = first_index(level, base, start)
+        cdef uint64_t last = end_index(level, base, end)
+        cdef int changed = 0
+        while index < last:
+            value = root.pt.read(table, index)
+            if is_shadow_present_pte(value):
+                if is_last_spte(value, level):
+                    if level >= min_level and value & bits:
+                        self.set_spte(root, table, index, level, value & ~bits,
+                                      base + index * span)
+                        changed = 1
+                elif level - 1 >= min_level and self.clear_table_leaf_bits(
+                        root, root.child(value), level - 1, base + index * span, start, end,
+                        min_level, bits):
+                    changed = 1
+            index += 1
+        return changed
+
+    cdef int clear_gfn_bits(self, Root root, uint64_t gfn, int min_level, int max_level,
+                            uint64_t bits) except -1:
+        """Clear ``bits`` in the present leaf of ``root`` that maps ``gfn`` if its level is
+        within [min_level, max_level] and it has any of them; 1 if it changed."""
+        cdef LastSpte last = self.tdp_mmu_get_walk(root, gfn)
+        if not (is_shadow_present_pte(last.spte) and is_last_spte(last.spte, last.level)
+                and min_level <= last.level <= max_level and last.spte & bits):
+            return 0
+        self.set_spte(root, last.table, last.index, last.level, last.spte & ~bits,
+                      (gfn | root.gfn_bits) & ~(pages_per_hpage(last.level) - 1))
+        return 1
+
+    cdef uint64_t dirty_bit(self, bint wrprot) noexcept:
+        """PT_WRITABLE_MASK when asked to write-protect or without A/D bits
+        (tdp_mmu_need_write_protect), else shadow_dirty_mask (tdp_mmu.c, 6.18)."""
+        return PTE_WRITABLE if wrprot or not self.ad_enabled else self.fmt.dirty
+
+    cpdef int wrprot_slot(self, uint64_t start, uint64_t end, int min_level) except -1:
+        """Models kvm_tdp_mmu_wrprot_slot / wrprot_gfn_range (tdp_mmu.c, 6.18)."""
+        return self.clear_leaf_bits(start, end, min_level, PTE_WRITABLE)
+
+    cpdef int clear_dirty_slot(self, uint64_t start, uint64_t end) except -1:
+        """Models kvm_tdp_mmu_clear_dirty_slot / clear_dirty_gfn_range (tdp_mmu.c, 6.18)."""
+        return self.clear_leaf_bits(start, end, PG_LEVEL_4K, self.dirty_bit(False))
+
+    cpdef int clear_dirty_pt_masked(self, uint64_t gfn, uint64_t mask, bint wrprot) except -1:
+        """Models kvm_tdp_mmu_clear_dirty_pt_masked (tdp_mmu.c, 6.18): 4K leaves only, root
+        by root."""
+        cdef uint64_t bit = self.dirty_bit(wrprot)
+        cdef Root root
+        cdef int i
+        for root in self.roots():
+            for i in range(64):
+                if (mask >> i) & 1:
+                    self.clear_gfn_bits(root, gfn + i, PG_LEVEL_4K, PG_LEVEL_4K, bit)
+        return 0
+
+    cpdef int write_protect_gfn(self, uint64_t gfn, int min_level) except -1:
+        """Models kvm_tdp_mmu_write_protect_gfn (tdp_mmu.c, 6.18): W and MMU-writable go."""
+        cdef Root root
+        cdef int changed = 0
+        for root in self.roots():
+            if self.clear_gfn_bits(root, gfn, min_level, PG_LEVEL_256T,
+                                   PTE_WRITABLE | self.fmt.mmu_writable):
+                changed = 1
+        return changed
+
+    cpdef int try_split_huge_pages(self, uint64_t start, uint64_t end,
+                                   int target_level) except -1:
+        """Models kvm_tdp_mmu_try_split_huge_pages (tdp_mmu.c, 6.18), pre-order."""
+        cdef Root root
+        for root in self.roots():
+            self.split_table(root, 0, self.levels, 0, start + root.gfn_bits,
+                             end + root.gfn_bits, target_level)
+        return 0
+
+    cdef int split_table(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                         uint64_t start, uint64_t end, int target_level) except -1:
+        """try_split_huge_pages below one table (mapping gfns from ``base``)."""
+        cdef uint64_t span = pages_per_hpage(level), value
+        cdef uint64_t index = first_index(level, base, start)
+        cdef uint64_t last = end_index(level, base, end)
+        cdef Py_ssize_t child
+        while index < last:
+            value = root.pt.read(table, index)
+            if is_shadow_present_pte(value) and level - 1 >= target_level:
+                if is_last_spte(value, level):
+                    child = self.split_huge_page(root, table, index, level, value,
+                                                 base + index * span, False)
+                else:
+                    child = root.child(value)
+                if level - 1 > target_level:
+                    self.split_table(root, child, level - 1, base + index * span, start, end,
+                                     target_level)
+            index += 1
+        return 0
+
+    cpdef int recover_huge_pages(self, slot, uint64_t start, uint64_t end) except -1:
+        """Models kvm_tdp_mmu_recover_huge_pages / recover_huge_pages_range (tdp_mmu.c,
+        6.18); 1 if a table was replaced by a huge leaf."""
+        cdef SlotRecord rec
+        cdef Root root
+        cdef int recovered = 0
+        record_slot(slot, &rec)
+        for root in self.roots():
+            if self.recover_table(root, 0, self.levels, 0, start + root.gfn_bits,
+                                  end + root.gfn_bits, &rec):
+                recovered = 1
+        return recovered
+
+    cdef int recover_table(self, Root root, Py_ssize_t table, int level, uint64_t base,
+                           uint64_t start, uint64_t end, const SlotRecord* slot) except -1:
+        """recover_huge_pages below one table (mapping gfns from ``base``, with the root's
+        gfn bits; the slot's lpage_info reads them without)."""
+        cdef uint64_t span = pages_per_hpage(level), value, small, gfn
+        cdef uint64_t index = first_index(level, base, start)
+        cdef uint64_t last = end_index(level, base, end)
+        cdef int recovered = 0
+        while index < last:
+            value = root.pt.read(table, index)
+            gfn = base + index * span
+            index += 1
+            if not is_shadow_present_pte(value) or is_last_spte(value, level):
+                continue
+            if (level <= <int>KVM_MAX_HUGEPAGE_LEVEL and start <= gfn < end
+                    and max_mapping_level(slot, gfn & ~root.gfn_bits,
+                                          KVM_MAX_HUGEPAGE_LEVEL) >= level):
+                small = self.first_present_leaf(root, root.child(value), level - 1)
+                if small:
+                    self.set_spte(root, table, index - 1, level,
+                                  make_huge_spte(&self.fmt, small, level, self.nx_huge_pages),
+                                  gfn)
+                    recovered = 1
+                    continue
+            if level - 1 >= <int>PG_LEVEL_2M and self.recover_table(
+                    root, root.child(value), level - 1, gfn, start, end, slot):
+                recovered = 1
+        return recovered
+
+    cdef uint64_t first_present_leaf(self, Root root, Py_ssize_t table, int level) noexcept:
+        """The first present leaf below a table, in gfn order, or 0."""
+        cdef Py_ssize_t index
+        cdef uint64_t value, found
+        for index in range(<Py_ssize_t>PT_ENTRIES):
+            value = root.pt.read(table, index)
+            if not is_shadow_present_pte(value):
+                continue
+            if is_last_spte(value, level):
+                return value
+            found = self.first_present_leaf(root, root.child(value), level - 1)
+            if found:
+                return found
+        return 0
+
     cpdef int set_ignore_guest_pat(self, bint ignore) except -1:
         """vmx_get_mt_mask (vmx.c, 6.18) for every leaf made from now on: WB, with IPAT
         while vmx_ignore_guest_pat() holds.  No non-coherent DMA is modelled, so the
@@ -324,13 +529,14 @@ cdef class TdpMmu:
         """Models kvm_unmap_gfn_range (mmu.c, 6.18) with kvm_gfn_range_filter_to_root_types:
         TDX maps the private filter to the mirror root and the shared one to the direct
         root; every other VM has only the direct root, zapped for either filter.  The direct
-        root is indexed with the shared bit, so the range is aliased by adding it."""
+        root is indexed with the shared bit, so the range is aliased by adding it.  Roots
+        go in the order of kvm->arch.tdp_mmu_roots: direct, then mirror."""
         cdef int flush = 0
         cdef uint64_t bits = self.direct.gfn_bits
         if self.mirror is None:
             return self.zap_leafs(self.direct, start + bits, end + bits)
-        if private and self.zap_leafs(self.mirror, start, end):
-            flush = 1
         if shared and self.zap_leafs(self.direct, start + bits, end + bits):
+            flush = 1
+        if private and self.zap_leafs(self.mirror, start, end):
             flush = 1
         return flush

@@ -15,6 +15,8 @@ cdef class VCPUState:
     cdef readonly bint ept, tdx, snp, sw_protected, has_private_mem, nx_huge_pages
     cdef readonly uint64_t direct_bits_gfn
     cdef readonly int levels
+    cdef readonly bint pml_on               # enable_pml for this VM (cpu_dirty_log_size)
+    cdef PmlLog pml                         # the vCPU's page-modification log
     cdef uint64_t counters[6]               # indexed by PfStat
     cdef public int exit_reason
     cdef uint64_t mf_flags, mf_gpa, mf_size # run.memory_fault
@@ -29,6 +31,8 @@ cdef class VCPUState:
     cdef int handle_exit(self, int kind, uint64_t gpa,
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION
     cdef int stage(self, str name, FaultRecord* f) except -1
+    cdef PmlLog* active_pml(self) noexcept
+    cdef void leave_guest(self) noexcept
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,

@@ -46,6 +46,8 @@ cdef class VCPUState:
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
+        self.pml_on = config.pml
+        self.pml.index = PML_LOG_NR_ENTRIES - 1
         memset(self.counters, 0, sizeof(self.counters))
         self.exit_reason = EXIT_REASON_UNKNOWN
         self.mf_flags = self.mf_gpa = self.mf_size = 0
@@ -76,6 +78,8 @@ cdef class VCPUState:
         c.direct_bits_gfn, c.nx_huge_pages, c.levels = (self.direct_bits_gfn,
                                                         self.nx_huge_pages, self.levels)
         memcpy(c.counters, self.counters, sizeof(self.counters))
+        c.pml_on = self.pml_on
+        c.pml = self.pml
         c.exit_reason = self.exit_reason
         c.mf_flags, c.mf_gpa, c.mf_size = self.mf_flags, self.mf_gpa, self.mf_size
         c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
@@ -88,6 +92,8 @@ cdef class VCPUState:
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION:
         """The exit's handler, inside a kvm->srcu read-side section (vcpu_run holds it
         while it handles exits): a memslot change waits for it to end."""
+        if self.pml_on:
+            vmx_flush_pml_buffer(self)
         self.srcu = self.memslots.srcu_read_lock()
         try:
             if kind == OUT_EPT_VIOLATION:
@@ -148,6 +154,19 @@ cdef class VCPUState:
 
     # --- the access loop ------------------------------------------------------------------------
 
+    cdef PmlLog* active_pml(self) noexcept:
+        """The PML log while PML is enabled in the VMCS (a memslot logs dirty pages:
+        vmx_update_cpu_dirty_logging, vmx.c, 6.18), else NULL."""
+        if self.pml_on and self.memslots.c[VM_COUNTER_NR_MEMSLOTS_DIRTY_LOGGING]:
+            return &self.pml
+        return NULL
+
+    cdef void leave_guest(self) noexcept:
+        """The vCPU leaves the guest at the end of a call (a VM exit): the PML log is
+        flushed, as __vmx_handle_exit does on every exit."""
+        if self.pml_on:
+            vmx_flush_pml_buffer(self)
+
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1:
         """Walk, exit, handle, resume until the access translates or leaves to userspace.
@@ -156,18 +175,22 @@ cdef class VCPUState:
         AccessStatus; ``out`` holds the translation, ``err`` the errno of a failure."""
         cdef uint64_t shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         cdef PageTables pt
-        cdef int r, exits = 0, retries = 0
+        cdef int r, n_exits = 0, retries = 0
         self.exit_reason = EXIT_REASON_UNKNOWN
-        while exits < limit:
+        while n_exits < limit:
             if self.tdx and not (gpa & shared_bit):
                 pt = self.mmu.mirror.pt
             else:
                 pt = self.mmu.direct.pt
             # No mmu_lock: every writer of table memory writes it holding the GIL, as this
             # walk does (walks without the GIL, in access_many, take the lock).
-            out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags)
+            out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags, self.active_pml())
             if out.kind == OUT_TRANSLATED:
                 return ACCESS_TRANSLATED
+            if out.kind == OUT_PML_FULL:
+                vmx_flush_pml_buffer(self)           # handle_pml_full: resume the guest
+                n_exits += 1
+                continue
             r = self.handle_exit(out.kind, gpa, out.value)
             if r < 0:
                 if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
@@ -184,7 +207,7 @@ cdef class VCPUState:
                 with nogil:
                     sched_yield()
                 continue
-            exits += 1
+            n_exits += 1
         return ACCESS_UNSETTLED
 
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
@@ -208,7 +231,10 @@ cdef class VCPUState:
         cdef int err = 0, status
         self.mutex.acquire()
         try:
-            status = self.vcpu_run(gpa, flags, limit, &out, &err)
+            try:
+                status = self.vcpu_run(gpa, flags, limit, &out, &err)
+            finally:
+                self.leave_guest()
         finally:
             self.mutex.release()
         return self.outcome_of(status, &out, err, gpa, "", limit)
@@ -240,7 +266,10 @@ cdef class VCPUState:
         cdef int err = 0, status
         self.mutex.acquire()
         try:
-            status = self.vcpu_run(g, f, limit, &out, &err)
+            try:
+                status = self.vcpu_run(g, f, limit, &out, &err)
+            finally:
+                self.leave_guest()
         finally:
             self.mutex.release()
         return self.outcome_of(status, &out, err, g, "", limit)
@@ -262,7 +291,10 @@ cdef class VCPUState:
         cdef uint64_t f = 0 if per_element else flags
         self.mutex.acquire()
         try:
-            return self.run_batch(gpas, fl, f, per_element, hpa_arr, level_arr, limit)
+            try:
+                return self.run_batch(gpas, fl, f, per_element, hpa_arr, level_arr, limit)
+            finally:
+                self.leave_guest()
         finally:
             self.mutex.release()
 
@@ -283,6 +315,7 @@ cdef class VCPUState:
         cdef int status, err = 0, streak = 0
         cdef bint interrupted = False
         cdef Py_ssize_t runs = 0
+        cdef PmlLog* pml
         # Local copies of the walks' configuration: the loop stores into table memory
         # (A/D bits) through uint64_t pointers, which the compiler must otherwise assume
         # may change the PageTables' fields.
@@ -293,6 +326,7 @@ cdef class VCPUState:
         while i < n:
             if streak >= TRANSLATION_STREAK:
                 dmem, mmem = dpt.mem, mpt.mem
+                pml = self.active_pml()
                 with nogil:
                     lock.read_lock()
                     dn, mn = dpt.ntables, mpt.ntables
@@ -314,9 +348,10 @@ cdef class VCPUState:
                         if per_element:
                             f = fl[i]
                         if tdx and not (g & shared_bit):
-                            out = translate_one(&mcfg, mmem, mn, g, f)
-                        elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4)):
-                            out = translate_one(&dcfg, dmem, dn, g, f)
+                            out = translate_one(&mcfg, mmem, mn, g, f, pml)
+                        elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4,
+                                                               pml)):
+                            out = translate_one(&dcfg, dmem, dn, g, f, pml)
                         if out.kind != OUT_TRANSLATED:
                             break
                         hpa[i] = out.value

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import _args
 from ..constants import EPT_VIOLATION_PROT_MASK
-from . import mmu
+from . import memslots, mmu
 from .cnames import *  # noqa: F403  (the constants under their C names)
 
 
@@ -160,6 +160,24 @@ def tdx_handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> in
         if r != RET_PF_RETRY or not local_retry:
             break
     return r
+
+
+def vmx_flush_pml_buffer(vcpu: Any) -> None:
+    """Models vmx_flush_pml_buffer (vmx.c, 6.18), which __vmx_handle_exit runs on every
+    VM exit with PML on: each logged GPA, newest first, marks its page dirty
+    (kvm_vcpu_mark_page_dirty), and the log is empty again (index 511)."""
+    pml = vcpu.pml
+    if pml.index == PML_LOG_NR_ENTRIES - 1:
+        return
+    tail = 0 if pml.index >= PML_LOG_NR_ENTRIES else pml.index + 1
+    table = vcpu.memslots.srcu_read_lock()
+    try:
+        for i in range(PML_LOG_NR_ENTRIES - 1, tail - 1, -1):
+            gfn = pml.gpa[i] >> PAGE_SHIFT
+            memslots.mark_page_dirty_in_slot(table.gfn_to_memslot(gfn), gfn)
+    finally:
+        vcpu.memslots.srcu_read_unlock(table)
+    pml.index = PML_LOG_NR_ENTRIES - 1
 
 
 def handle_ept_misconfig(vcpu: Any, gpa: int) -> int:

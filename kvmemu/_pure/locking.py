@@ -25,6 +25,18 @@ def atomic_or64(mem: Any, where: Any, value: int) -> None:
         mem[where] |= np.uint64(value)
 
 
+def fetch_andnot_words(bitmap: np.ndarray, first: int, masks: np.ndarray) -> np.ndarray:
+    """atomic_long_fetch_andnot on ``bitmap[first + k]`` with ``masks[k]``, for each k (the
+    kernel's xchg(&word, 0) is the all-ones mask): the bits cleared, ``old & mask``."""
+    out = np.zeros(len(masks), dtype=np.uint64)
+    with _ATOMIC:
+        for k, mask in enumerate(masks.tolist()):
+            old = int(bitmap[first + k])
+            bitmap[first + k] = old & ~mask
+            out[k] = old & mask
+    return out
+
+
 def cmpxchg64(mem: Any, where: Any, old: int, new: int) -> bool:
     """try_cmpxchg64: store ``new`` in ``mem[where]`` if it still holds ``old``."""
     with _ATOMIC:

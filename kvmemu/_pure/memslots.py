@@ -20,12 +20,23 @@ import numpy as np
 
 from .. import _args
 from .cnames import *  # noqa: F403  (the constants under their C names)
+from .locking import atomic_or64
 
 
 def gmem_frame(gmem_id: int, page: int) -> int:
     """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
     upper half of the host physical space, a GMEM_FILE_PAGES window per file."""
     return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+
+
+def mark_page_dirty_in_slot(slot: Any, gfn: int) -> None:
+    """Models mark_page_dirty_in_slot (virt/kvm/kvm_main.c, 6.18): with dirty logging on
+    the slot, set the gfn's bit in its dirty bitmap (set_bit_le: atomic)."""
+    if slot is not None and slot.flags & MEM_FLAG_LOG_DIRTY_PAGES:
+        bitmap = slot.dirty_bitmap
+        if bitmap is not None:
+            rel = gfn - slot.base_gfn
+            atomic_or64(bitmap, rel >> 6, 1 << (rel & 63))
 
 
 class SlotTable:

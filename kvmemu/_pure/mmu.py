@@ -24,7 +24,7 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from . import spte
+from . import memslots, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
 from .locking import cmpxchg64
 from .levels import gfn_to_index, pages_per_hpage
@@ -198,8 +198,10 @@ def is_page_fault_stale(vcpu: Any, fault: FaultRecord) -> bool:
 
 
 def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
-    """Models fast_page_fault (mmu.c, 6.18): with A/D bits on, only a write to a present
-    SPTE that the MMU may make writable is fixed locklessly."""
+    """Models page_fault_can_be_fast and fast_page_fault (mmu.c, 6.18): a write to a
+    present leaf that the MMU may make writable (write-protected for dirty logging) is
+    fixed locklessly, except a huge leaf of a dirty-logged slot, which the slow path
+    splits."""
     if fault.rsvd:
         return RET_PF_INVALID
     if vcpu.has_private_mem and fault.is_private != vcpu.memslots.mem_is_private(fault.gfn):
@@ -217,11 +219,16 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
             if spte.is_access_allowed(mmu.fmt, fault.exec_, fault.write, value):
                 r = RET_PF_SPURIOUS
                 break
-            if not value & mmu.fmt.mmu_writable or (
-                    level > PG_LEVEL_4K and fault.slot is not None
-                    and fault.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+            new = value
+            if fault.write and value & mmu.fmt.mmu_writable:
+                new |= PTE_WRITABLE
+                if (level > PG_LEVEL_4K and fault.slot is not None
+                        and fault.slot.flags & MEM_FLAG_LOG_DIRTY_PAGES):
+                    break
+            if new == value or not spte.is_access_allowed(mmu.fmt, fault.exec_, fault.write,
+                                                          new):
                 break
-            if fast_pf_fix_direct_spte(mmu.direct, table, index, value, value | PTE_WRITABLE):
+            if fast_pf_fix_direct_spte(fault, mmu.direct, table, index, value, new):
                 r = RET_PF_FIXED
                 break
     finally:
@@ -231,10 +238,16 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     return r
 
 
-def fast_pf_fix_direct_spte(root: Any, table: int, index: int, old: int, new: int) -> bool:
-    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path;
-    False if the SPTE changed meanwhile (a walk set A/D bits, or a fault replaced it)."""
-    return cmpxchg64(root.pt.mem, (table, index), old, new)
+def fast_pf_fix_direct_spte(fault: FaultRecord, root: Any, table: int, index: int, old: int,
+                            new: int) -> bool:
+    """Models fast_pf_fix_direct_spte (mmu.c, 6.18): the lockless cmpxchg of the fast path
+    (False if the SPTE changed meanwhile: a walk set A/D bits, or a fault replaced it);
+    a write made possible again marks the page dirty (the D bit is left to the CPU)."""
+    if not cmpxchg64(root.pt.mem, (table, index), old, new):
+        return False
+    if new & PTE_WRITABLE and not old & PTE_WRITABLE:
+        memslots.mark_page_dirty_in_slot(fault.slot, fault.gfn)
+    return True
 
 
 def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
@@ -279,24 +292,31 @@ def handle_noslot_fault(vcpu: Any, fault: FaultRecord) -> int:
     return RET_PF_CONTINUE
 
 
+def max_mapping_level(slot: Any, gfn: int, max_level: int) -> int:
+    """Models kvm_mmu_max_mapping_level for shared memory (mmu.c, 6.18): the largest level
+    up to ``max_level`` (and max_huge_page_level, 1G) that lpage_info allows, capped by
+    the host mapping (host_pfn_mapping_level: the slot's host level)."""
+    level = min(max_level, PG_LEVEL_1G)
+    while level > PG_LEVEL_4K and slot.lpage[level - PG_LEVEL_2M][
+            gfn_to_index(gfn, slot.base_gfn, level)]:
+        level -= 1
+    if level == PG_LEVEL_4K:
+        return level
+    return min(slot.host_level, level)
+
+
 def hugepage_adjust(fault: FaultRecord, nx_huge_pages: bool) -> None:
-    """Models kvm_mmu_hugepage_adjust with kvm_mmu_max_mapping_level (mmu.c, 6.18): the
-    largest level lpage_info allows (no dirty logging), capped by the host mapping; the
-    NX huge page workaround keeps fetches at 4K."""
+    """Models kvm_mmu_hugepage_adjust (mmu.c, 6.18): no huge page while dirty logging is
+    on, else the level kvm_mmu_max_mapping_level allows; the NX huge page workaround keeps
+    fetches at 4K.  (Private and gmem-only faults reach here with max_level 4K: mainline
+    guest_memfd reports order 0.)"""
     fault.huge_page_disallowed = fault.exec_ and nx_huge_pages
     slot = fault.slot
     if fault.max_level == PG_LEVEL_4K or slot is None:
         return
     if slot.flags & MEM_FLAG_LOG_DIRTY_PAGES:
         return
-    level = min(fault.max_level, PG_LEVEL_1G)       # max_huge_page_level
-    while level > PG_LEVEL_4K and slot.lpage[level - PG_LEVEL_2M][
-            gfn_to_index(fault.gfn, slot.base_gfn, level)]:
-        level -= 1
-    if level > PG_LEVEL_4K:
-        # Private and gmem-only faults reach here only with a guest_memfd order above 0,
-        # which mainline never reports; shared memory is capped by the host level.
-        level = min(slot.host_level, level)
+    level = max_mapping_level(slot, fault.gfn, fault.max_level)
     fault.req_level = level
     if level == PG_LEVEL_4K or fault.huge_page_disallowed:
         return

@@ -43,6 +43,7 @@ OUT_TRANSLATED = 0
 OUT_EPT_VIOLATION = 1
 OUT_EPT_MISCONFIG = 2
 OUT_NPF = 3
+OUT_PML_FULL = 4    # the VMX exit "page-modification log full" (reason 62)
 
 
 class WalkPath:
@@ -149,12 +150,38 @@ def hw_walk(c: Any, mem: np.ndarray, ntables: int, gpa: int, path: WalkPath) -> 
         table = table_at(e & c.addr_mask, ntables)
 
 
+class PmlLog:
+    """A vCPU's page-modification log (Intel SDM vol. 3C, "Page-Modification Logging"):
+    the 512-entry buffer at the VMCS's PML address and the PML index, which counts down
+    from 511 (PML_HEAD_INDEX) as GPAs are logged; after entry 0 it wraps to 0xFFFF."""
+
+    __slots__ = ("gpa", "index")
+
+    def __init__(self) -> None:
+        self.gpa = [0] * PML_LOG_NR_ENTRIES
+        self.index = PML_LOG_NR_ENTRIES - 1
+
+
+def pml_log(pml: Any, gpa: int) -> bool:
+    """The CPU about to set an EPT dirty flag with PML on: with the index in 0..511, log
+    the GPA (bits 11:0 cleared) and decrement the index; False when the log is full (a
+    page-modification log-full VM exit instead of the access)."""
+    if pml.index >= PML_LOG_NR_ENTRIES:
+        return False
+    pml.gpa[pml.index] = gpa & ~(PAGE_SIZE - 1)
+    pml.index = (pml.index - 1) & 0xFFFF
+    return True
+
+
 def translated(path: WalkPath, c: Any, gpa: int, mem: np.ndarray, accessed: int, dirty: int,
-               write: bool) -> Outcome:
+               write: bool, pml: Any = None) -> Outcome:
     """The leaf's address, after setting accessed in every entry used and dirty in the
     leaf for a write (a store only where the bit is not yet set), with a locked OR as
-    the CPU does (a fault may be changing the same entry)."""
+    the CPU does (a fault may be changing the same entry).  With a PML log, setting a
+    dirty flag logs the GPA first (or exits when the log is full)."""
     last = path.n - 1
+    if write and pml is not None and not path.entry[last] & dirty and not pml_log(pml, gpa):
+        return Outcome(OUT_PML_FULL)
     for i in range(path.n):
         if not path.entry[i] & accessed:
             atomic_or64(mem, path.slot[i], accessed)
@@ -165,7 +192,8 @@ def translated(path: WalkPath, c: Any, gpa: int, mem: np.ndarray, accessed: int,
     return Outcome(OUT_TRANSLATED, level, (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask))
 
 
-def ept_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath) -> Outcome:
+def ept_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath,
+                  pml: Any = None) -> Outcome:
     """EPT: misconfiguration first, then violation, then the translation."""
     if path.stop == STOP_RESERVED:
         return Outcome(OUT_EPT_MISCONFIG)
@@ -191,7 +219,7 @@ def ept_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath)
     if path.stop == STOP_LEAF and allowed:
         if c.ad_bits:
             return translated(path, c, gpa, mem, EPTE_ACCESSED, EPTE_DIRTY,
-                              acc & EPT_VIOLATION_ACC_WRITE != 0)
+                              acc & EPT_VIOLATION_ACC_WRITE != 0, pml)
         return translated(path, c, gpa, mem, 0, 0, False)
     # The qualification's bits 5:3 are the R/W/X bits 2:0 of the entries, moved up.
     q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
@@ -234,7 +262,7 @@ def npt_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath)
 
 
 def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int,
-                       out: Outcome, levels: int) -> bool:
+                       out: Outcome, levels: int, pml: Any = None) -> bool:
     """The common EPT case in one pass: a final-stage read or write whose every entry is
     readable (and writable for a write), well-formed and present.  Anything else returns
     False and goes through the general walk, which gives the same result for what this
@@ -269,6 +297,8 @@ def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: i
     if (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1:
         return False
     if c.ad_bits:
+        if flags & ACCESS_FLAGS_WRITE and not e & EPTE_DIRTY and pml is not None:
+            return False                     # the general walk logs it
         for where in used:
             if not int(mem[where]) & EPTE_ACCESSED:
                 atomic_or64(mem, where, EPTE_ACCESSED)
@@ -280,15 +310,17 @@ def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: i
     return True
 
 
-def translate_one(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int) -> Outcome:
-    """One guest-physical access: walk, then the vendor's verdict (and A/D on success)."""
+def translate_one(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int,
+                  pml: Any = None) -> Outcome:
+    """One guest-physical access: walk, then the vendor's verdict (and A/D on success).
+    ``pml``: the vCPU's PmlLog while PML is enabled in its VMCS (EPT only), else None."""
     out = Outcome()
-    if c.ept and ept_fast_translate(c, mem, ntables, gpa, flags, out, c.levels):
+    if c.ept and ept_fast_translate(c, mem, ntables, gpa, flags, out, c.levels, pml):
         return out
     path = WalkPath()
     hw_walk(c, mem, ntables, gpa, path)
     if c.ept:
-        return ept_translate(c, mem, gpa, flags, path)
+        return ept_translate(c, mem, gpa, flags, path, pml)
     return npt_translate(c, mem, gpa, flags, path)
 
 

@@ -116,6 +116,16 @@ def make_small_spte(f: SpteFormat, huge_spte: int, child_level: int, index: int,
     return spte
 
 
+def make_huge_spte(f: SpteFormat, small_spte: int, level: int, nx_huge_pages: bool) -> int:
+    """Models make_huge_spte (spte.c, 6.18): the small SPTE with the page-size bit, its
+    address cut to the huge page, non-executable under the NX huge page workaround."""
+    spte = (small_spte | PTE_LARGE) & (~((pages_per_hpage(level) << PAGE_SHIFT) - 1)
+                                       | (PAGE_SIZE - 1))
+    if nx_huge_pages:                                # make_spte_nonexecutable
+        spte = (spte & ~f.x) | f.nx
+    return spte
+
+
 def make_mmio_spte(f: SpteFormat, gfn: int, generation: int) -> int:
     """Models make_mmio_spte(vcpu, gfn, ACC_ALL) (spte.c, 6.18): generation bits, the
     MMIO value, the GPA."""

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import mmu, spte
+from . import memslots, mmu, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
-from .levels import pages_per_hpage
+from .levels import end_index, first_index, pages_per_hpage
 from .locking import RwLock, cmpxchg64
 
 
@@ -67,6 +67,8 @@ class TdpMmu:
         self.fmt = spte.spte_format(config.ept, config.tdx)
         self.levels = config.levels
         self.nx_huge_pages = config.nx_huge_pages
+        #: kvm_ad_enabled: the host's EPT has A/D bits (NPT always does).
+        self.ad_enabled = True
         self.direct = Root(make_tables(), config.direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if config.tdx else None
         self.share_lock(RwLock())
@@ -91,6 +93,7 @@ class TdpMmu:
         """A copy of the roots and counts (for VM snapshots); the tracer is not state."""
         c = TdpMmu.__new__(TdpMmu)
         c.fmt, c.levels, c.nx_huge_pages = self.fmt, self.levels, self.nx_huge_pages
+        c.ad_enabled = self.ad_enabled
         c.direct = self.direct.clone()
         c.mirror = None if self.mirror is None else self.mirror.clone()
         c.share_lock(RwLock())
@@ -187,22 +190,49 @@ class TdpMmu:
             if spte.is_shadow_present_pte(old) and not old & PTE_LARGE:
                 table, level = root.child(old), level - 1
                 continue
-            child = pt.alloc(SHADOW_NONPRESENT_VALUE)
             if spte.is_shadow_present_pte(old):       # a huge leaf in the way: split it
-                for i in range(PT_ENTRIES):
-                    pt.write(child, i, spte.make_small_spte(self.fmt, old, level - 1, i,
-                                                            self.nx_huge_pages))
-            if not self.set_spte_atomic(root, table, index, level, old,
-                                        spte.make_nonleaf_spte(self.fmt, pt.hpa(child)),
-                                        indexed & ~(pages_per_hpage(level) - 1)):
-                pt.free(child)
+                child = self.split_huge_page(root, table, index, level, old,
+                                             indexed & ~(pages_per_hpage(level) - 1),
+                                             fault.huge_page_disallowed)
+            else:
+                child = self.link_sp(root, table, index, level, old,
+                                     indexed & ~(pages_per_hpage(level) - 1),
+                                     fault.huge_page_disallowed)
+            if not child:
                 return RET_PF_RETRY
-            root.set_nx_huge_page_disallowed(child, fault.huge_page_disallowed)
-            if spte.is_shadow_present_pte(old):       # the leaf count moves to the children
-                for i in range(PT_ENTRIES):
-                    self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE,
-                                             pt.read(child, i))
             table, level = child, level - 1
+
+    def link_sp(self, root: Root, table: int, index: int, level: int, old: int, gfn: int,
+                disallowed: bool) -> int:
+        """Models tdp_mmu_link_sp (tdp_mmu.c, 6.18): a new empty table where ``old`` (not
+        present) was; 0 if the compare-and-exchange lost (the table is freed)."""
+        pt = root.pt
+        child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+        if not self.set_spte_atomic(root, table, index, level, old,
+                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn):
+            pt.free(child)
+            return 0
+        root.set_nx_huge_page_disallowed(child, disallowed)
+        return child
+
+    def split_huge_page(self, root: Root, table: int, index: int, level: int, old: int,
+                        gfn: int, disallowed: bool) -> int:
+        """Models tdp_mmu_split_huge_page (tdp_mmu.c, 6.18): a table of 512 make_small_spte
+        children of the huge leaf ``old``, linked in its place (the children are not
+        traced); the leaf count moves to the children.  0 if the link lost its race."""
+        pt = root.pt
+        child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+        for i in range(PT_ENTRIES):
+            pt.write(child, i, spte.make_small_spte(self.fmt, old, level - 1, i,
+                                                    self.nx_huge_pages))
+        if not self.set_spte_atomic(root, table, index, level, old,
+                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn):
+            pt.free(child)
+            return 0
+        root.set_nx_huge_page_disallowed(child, disallowed)
+        for i in range(PT_ENTRIES):
+            self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, pt.read(child, i))
+        return child
 
     def map_handle_target_level(self, fault: Any, root: Root, table: int, index: int,
                                 level: int, old: int, generation: int, iter_gfn: int) -> int:
@@ -219,6 +249,8 @@ class TdpMmu:
             new = spte.make_mmio_spte(fmt, gfn, generation)
         else:
             new = spte.make_spte(fmt, level, fault.pfn, fault.map_writable, self.nx_huge_pages)
+            if new & PTE_WRITABLE:           # make_spte's last step, before the SPTE is set
+                memslots.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         ret = RET_PF_FIXED
         if new == old:
             ret = RET_PF_SPURIOUS
@@ -257,10 +289,8 @@ class TdpMmu:
                         end: int) -> bool:
         """zap_leafs below one table (mapping gfns from ``base``)."""
         span = pages_per_hpage(level)
-        first = max(start - base, 0) // span
-        last = min((end - base + span - 1) // span, PT_ENTRIES) if end > base else 0
         flush = False
-        for index in range(first, last):
+        for index in range(first_index(level, base, start), end_index(level, base, end)):
             value = root.pt.read(table, index)
             if not spte.is_shadow_present_pte(value):
                 continue
@@ -282,6 +312,171 @@ class TdpMmu:
                     self.set_spte(root, 0, index, self.levels, SHADOW_NONPRESENT_VALUE,
                                   index * pages_per_hpage(self.levels))
 
+    # --- dirty logging ------------------------------------------------------------------------
+
+    def roots(self) -> list[Root]:
+        """The valid roots (for_each_valid_tdp_mmu_root: direct and, for TDX, mirror)."""
+        return [self.direct] if self.mirror is None else [self.direct, self.mirror]
+
+    def clear_leaf_bits(self, start: int, end: int, min_level: int, bits: int) -> bool:
+        """Clear ``bits`` in every present leaf SPTE at ``min_level`` or above that maps a
+        gfn of [start, end) and has any of them, in every root.  Models wrprot_gfn_range
+        (bits = PT_WRITABLE_MASK) and clear_dirty_gfn_range (bits = the dirty bit, or W
+        without A/D bits; every leaf level) of tdp_mmu.c, 6.18.  True if one changed."""
+        changed = False
+        for root in self.roots():
+            if self.clear_table_leaf_bits(root, 0, self.levels, 0, start + root.gfn_bits,
+                                          end + root.gfn_bits, min_level, bits):
+                changed = True
+        return changed
+
+    def clear_table_leaf_bits(self, root: Root, table: int, level: int, base: int, start: int,
+                              end: int, min_level: int, bits: int) -> bool:
+        """clear_leaf_bits below one table (mapping gfns from ``base``)."""
+        span = pages_per_hpage(level)
+        changed = False
+        for index in range(first_index(level, base, start), end_index(level, base, end)):
+            value = root.pt.read(table, index)
+            if not spte.is_shadow_present_pte(value):
+                continue
+            if spte.is_last_spte(value, level):
+                if level >= min_level and value & bits:
+                    self.set_spte(root, table, index, level, value & ~bits, base + index * span)
+                    changed = True
+            elif level - 1 >= min_level and self.clear_table_leaf_bits(
+                    root, root.child(value), level - 1, base + index * span, start, end,
+                    min_level, bits):
+                changed = True
+        return changed
+
+    def clear_gfn_bits(self, root: Root, gfn: int, min_level: int, max_level: int,
+                       bits: int) -> bool:
+        """Clear ``bits`` in the present leaf SPTE of ``root`` that maps ``gfn`` if its level
+        is within [min_level, max_level] and it has any of them; True if it changed."""
+        table, index, level, value = self.tdp_mmu_get_walk(root, gfn)
+        if not (spte.is_shadow_present_pte(value) and spte.is_last_spte(value, level)
+                and min_level <= level <= max_level and value & bits):
+            return False
+        self.set_spte(root, table, index, level, value & ~bits,
+                      (gfn | root.gfn_bits) & ~(pages_per_hpage(level) - 1))
+        return True
+
+    def dirty_bit(self, wrprot: bool) -> int:
+        """The bit that dirty logging clears: PT_WRITABLE_MASK when asked to write-protect or
+        when tdp_mmu_need_write_protect (no A/D bits), else shadow_dirty_mask (the dbit of
+        clear_dirty_gfn_range / clear_dirty_pt_masked, tdp_mmu.c, 6.18)."""
+        return PTE_WRITABLE if wrprot or not self.ad_enabled else self.fmt.dirty
+
+    def wrprot_slot(self, start: int, end: int, min_level: int) -> bool:
+        """Models kvm_tdp_mmu_wrprot_slot / wrprot_gfn_range (tdp_mmu.c, 6.18): W cleared in
+        the leaves at ``min_level`` and above (MMU-writable kept: the fast path may give
+        W back)."""
+        return self.clear_leaf_bits(start, end, min_level, PTE_WRITABLE)
+
+    def clear_dirty_slot(self, start: int, end: int) -> bool:
+        """Models kvm_tdp_mmu_clear_dirty_slot / clear_dirty_gfn_range (tdp_mmu.c, 6.18):
+        the dirty bit (W without A/D bits) cleared in the leaves of every level."""
+        return self.clear_leaf_bits(start, end, PG_LEVEL_4K, self.dirty_bit(False))
+
+    def clear_dirty_pt_masked(self, gfn: int, mask: int, wrprot: bool) -> None:
+        """Models kvm_tdp_mmu_clear_dirty_pt_masked (tdp_mmu.c, 6.18): for each set bit i
+        of the 64-bit ``mask``, the 4K leaf mapping ``gfn + i`` loses the dirty bit (W when
+        ``wrprot``, or without A/D bits); huge leaves are left alone.  Root by root."""
+        bit = self.dirty_bit(wrprot)
+        for root in self.roots():
+            for i in range(64):
+                if mask >> i & 1:
+                    self.clear_gfn_bits(root, gfn + i, PG_LEVEL_4K, PG_LEVEL_4K, bit)
+
+    def write_protect_gfn(self, gfn: int, min_level: int) -> bool:
+        """Models kvm_tdp_mmu_write_protect_gfn (tdp_mmu.c, 6.18): the leaf mapping ``gfn``
+        at ``min_level`` or above loses W and MMU-writable (only the slow path can make it
+        writable again)."""
+        changed = False
+        for root in self.roots():
+            if self.clear_gfn_bits(root, gfn, min_level, PG_LEVEL_256T,
+                                   PTE_WRITABLE | self.fmt.mmu_writable):
+                changed = True
+        return changed
+
+    def try_split_huge_pages(self, start: int, end: int, target_level: int) -> None:
+        """Models kvm_tdp_mmu_try_split_huge_pages (tdp_mmu.c, 6.18): every huge leaf above
+        ``target_level`` that maps a gfn of [start, end) is split, and its new children
+        again, down to ``target_level`` (pre-order: 1G, then its 2M children)."""
+        for root in self.roots():
+            self.split_table(root, 0, self.levels, 0, start + root.gfn_bits,
+                             end + root.gfn_bits, target_level)
+
+    def split_table(self, root: Root, table: int, level: int, base: int, start: int, end: int,
+                    target_level: int) -> None:
+        """split_huge_pages below one table (mapping gfns from ``base``)."""
+        span = pages_per_hpage(level)
+        for index in range(first_index(level, base, start), end_index(level, base, end)):
+            value = root.pt.read(table, index)
+            if not spte.is_shadow_present_pte(value) or level - 1 < target_level:
+                continue
+            if spte.is_last_spte(value, level):
+                child = self.split_huge_page(root, table, index, level, value,
+                                             base + index * span, False)
+            else:
+                child = root.child(value)
+            if level - 1 > target_level:
+                self.split_table(root, child, level - 1, base + index * span, start, end,
+                                 target_level)
+
+    def recover_huge_pages(self, slot: Any, start: int, end: int) -> bool:
+        """Models kvm_tdp_mmu_recover_huge_pages / recover_huge_pages_range (tdp_mmu.c,
+        6.18), run when dirty logging stops: a table at 2M or 1G whose gfn lies in
+        [start, end) and may be mapped huge (kvm_mmu_max_mapping_level) is replaced by a
+        huge leaf made from the first present leaf below it (make_huge_spte); the table
+        goes.  True if one was replaced."""
+        recovered = False
+        for root in self.roots():
+            if self.recover_table(root, 0, self.levels, 0, start + root.gfn_bits,
+                                  end + root.gfn_bits, slot):
+                recovered = True
+        return recovered
+
+    def recover_table(self, root: Root, table: int, level: int, base: int, start: int,
+                      end: int, slot: Any) -> bool:
+        """recover_huge_pages below one table (mapping gfns from ``base``, with the root's
+        gfn bits; the slot's lpage_info reads them without)."""
+        span = pages_per_hpage(level)
+        recovered = False
+        for index in range(first_index(level, base, start), end_index(level, base, end)):
+            value = root.pt.read(table, index)
+            if not spte.is_shadow_present_pte(value) or spte.is_last_spte(value, level):
+                continue
+            gfn = base + index * span
+            if (level <= KVM_MAX_HUGEPAGE_LEVEL and start <= gfn < end
+                    and mmu.max_mapping_level(slot, gfn & ~root.gfn_bits,
+                                             KVM_MAX_HUGEPAGE_LEVEL) >= level):
+                small = self.first_present_leaf(root, root.child(value), level - 1)
+                if small:
+                    self.set_spte(root, table, index, level,
+                                  spte.make_huge_spte(self.fmt, small, level,
+                                                      self.nx_huge_pages), gfn)
+                    recovered = True
+                    continue
+            if level - 1 >= PG_LEVEL_2M and self.recover_table(
+                    root, root.child(value), level - 1, gfn, start, end, slot):
+                recovered = True
+        return recovered
+
+    def first_present_leaf(self, root: Root, table: int, level: int) -> int:
+        """The first present leaf SPTE below a table, in gfn order (tdp_mmu_make_huge_spte's
+        walk), or 0 if there is none."""
+        for index in range(PT_ENTRIES):
+            value = root.pt.read(table, index)
+            if not spte.is_shadow_present_pte(value):
+                continue
+            if spte.is_last_spte(value, level):
+                return value
+            found = self.first_present_leaf(root, root.child(value), level - 1)
+            if found:
+                return found
+        return 0
+
     def set_ignore_guest_pat(self, ignore: bool) -> None:
         """vmx_get_mt_mask (vmx.c, 6.18) for every leaf made from now on: WB, with IPAT
         while vmx_ignore_guest_pat() holds.  No non-coherent DMA is modelled, so the
@@ -299,13 +494,15 @@ class TdpMmu:
         TDX maps the private filter to the mirror root and the shared one to the direct
         root; every other VM has only the direct root, zapped for either filter.  The direct
         root is indexed with the shared bit (kvm_gfn_root_bits), so the range is aliased by
-        adding it.  Returns whether a TLB flush is needed."""
+        adding it.  Roots go in the order of kvm->arch.tdp_mmu_roots: the newest first, and
+        mmu_alloc_direct_roots makes the mirror root before the direct one.  Returns
+        whether a TLB flush is needed."""
         bits = self.direct.gfn_bits
         if self.mirror is None:
             return self.zap_leafs(self.direct, start + bits, end + bits)
         flush = False
-        if private and self.zap_leafs(self.mirror, start, end):
-            flush = True
         if shared and self.zap_leafs(self.direct, start + bits, end + bits):
+            flush = True
+        if private and self.zap_leafs(self.mirror, start, end):
             flush = True
         return flush

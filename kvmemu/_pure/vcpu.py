@@ -62,6 +62,9 @@ class VCPUState:
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
+        #: enable_pml for this VM (kvm->arch.cpu_dirty_log_size), and the vCPU's log.
+        self.pml_on = config.pml
+        self.pml = paging.PmlLog()
         self.counters = [0] * len(PF_STAT_NAMES)
         self.exit_reason = EXIT_REASON_UNKNOWN
         self.mf_flags = self.mf_gpa = self.mf_size = 0     # run.memory_fault
@@ -94,12 +97,16 @@ class VCPUState:
         c = copy.copy(self)
         c.memslots, c.mmu = memslots, mmu
         c.counters = list(self.counters)
+        c.pml = paging.PmlLog()
+        c.pml.gpa, c.pml.index = list(self.pml.gpa), self.pml.index
         c.srcu = None
         return c
 
     def handle_exit(self, kind: int, gpa: int, value: int) -> int:
         """The exit's handler, inside a kvm->srcu read-side section (vcpu_run holds it
         while it handles exits): a memslot change waits for it to end."""
+        if self.pml_on:
+            exits.vmx_flush_pml_buffer(self)
         self.srcu = self.memslots.srcu_read_lock()
         try:
             if kind == paging.OUT_EPT_VIOLATION:
@@ -152,6 +159,19 @@ class VCPUState:
 
     # --- the access loop ------------------------------------------------------------------------
 
+    def active_pml(self) -> Any:
+        """The PML log while PML is enabled in the VMCS, else None: vmx_update_cpu_dirty_logging
+        (vmx.c, 6.18) enables it while a memslot has dirty logging on."""
+        if self.pml_on and self.memslots.counters[VM_COUNTER_NR_MEMSLOTS_DIRTY_LOGGING]:
+            return self.pml
+        return None
+
+    def leave_guest(self) -> None:
+        """The vCPU leaves the guest at the end of a call (a VM exit): the PML log is
+        flushed, as __vmx_handle_exit does on every exit."""
+        if self.pml_on:
+            exits.vmx_flush_pml_buffer(self)
+
     def vcpu_run(self, gpa: int, flags: int, limit: int) -> tuple[int, Any]:
         """Walk, exit, handle, resume until the access translates or leaves to userspace.
 
@@ -159,16 +179,21 @@ class VCPUState:
         access status and the translation's Outcome or the errno of a failure."""
         shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         self.exit_reason = EXIT_REASON_UNKNOWN
-        exits = retries = 0
-        while exits < limit:
+        n_exits = retries = 0
+        while n_exits < limit:
             pt = self.mmu.mirror.pt if self.tdx and not gpa & shared_bit else self.mmu.direct.pt
             pt.lock.acquire_read()           # the twin's writers yield the GIL anywhere
             try:
-                out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags)
+                out = paging.translate_one(pt, pt.mem, pt.ntables, gpa, flags,
+                                           self.active_pml())
             finally:
                 pt.lock.release_read()
             if out.kind == paging.OUT_TRANSLATED:
                 return ACCESS_TRANSLATED, out
+            if out.kind == paging.OUT_PML_FULL:
+                exits.vmx_flush_pml_buffer(self)     # handle_pml_full: resume the guest
+                n_exits += 1
+                continue
             r = self.handle_exit(out.kind, gpa, out.value)
             if r < 0:
                 if r == -errno.EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
@@ -183,7 +208,7 @@ class VCPUState:
                 retries += 1                 # another thread's invalidation: let it finish
                 time.sleep(0)
                 continue
-            exits += 1
+            n_exits += 1
         return ACCESS_UNSETTLED, None
 
     def outcome_of(self, status: int, value: Any, gpa: int, where: str, limit: int) -> Any:
@@ -204,7 +229,10 @@ class VCPUState:
         """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
         self.mutex.acquire()
         try:
-            status, value = self.vcpu_run(gpa, flags, limit)
+            try:
+                status, value = self.vcpu_run(gpa, flags, limit)
+            finally:
+                self.leave_guest()
         finally:
             self.mutex.release()
         return self.outcome_of(status, value, gpa, "", limit)
@@ -225,8 +253,12 @@ class VCPUState:
         per_element = isinstance(flags, np.ndarray)
         self.mutex.acquire()
         try:
-            return self.run_batch(gpas, flags if per_element else None,
-                                  0 if per_element else flags, per_element, hpa, level, limit)
+            try:
+                return self.run_batch(gpas, flags if per_element else None,
+                                      0 if per_element else flags, per_element, hpa, level,
+                                      limit)
+            finally:
+                self.leave_guest()
         finally:
             self.mutex.release()
 
