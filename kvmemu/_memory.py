@@ -446,10 +446,8 @@ class VMMemory:
         if self.manual_dirty_log_protect:
             return bitmap.copy()
         with self.mmu_write_locked():
-            taken = self.core.fetch_andnot_words(bitmap, 0,
-                                                 np.full(len(bitmap), _ALL_ONES, np.uint64))
-            for i in np.flatnonzero(taken).tolist():
-                self.enable_log_dirty_pt_masked(slot, i * 64, int(taken[i]))
+            taken = self.core.xchg_words(bitmap)
+            self._enable_log_dirty_words(slot, 0, taken)
         return taken
 
     def clear_dirty_log(self, slot: Slot, first_page: int, words: np.ndarray) -> None:
@@ -460,8 +458,19 @@ class VMMemory:
         assert bitmap is not None
         with self.mmu_write_locked():
             cleared = self.core.fetch_andnot_words(bitmap, first_page // 64, words)
-            for i in np.flatnonzero(cleared).tolist():
-                self.enable_log_dirty_pt_masked(slot, first_page + i * 64, int(cleared[i]))
+            self._enable_log_dirty_words(slot, first_page, cleared)
+
+    def _enable_log_dirty_words(self, slot: Slot, first_page: int, words: np.ndarray) -> None:
+        """enable_log_dirty_pt_masked for each non-zero word, in order (the core runs the
+        loop when only clear_dirty_pt_masked has work to do)."""
+        if slot.as_id != 0:
+            return
+        if self.manual_dirty_log_protect & DirtyLogManual.INITIALLY_SET:
+            for i in np.flatnonzero(words).tolist():
+                self.enable_log_dirty_pt_masked(slot, first_page + i * 64, int(words[i]))
+        else:
+            self.mmu.clear_dirty_pt_masked_words(slot.base_gfn + first_page, words,
+                                                 not self.config.pml)
 
     def zap_memslot(self, slot: Slot) -> bool:
         """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters), under

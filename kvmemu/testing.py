@@ -90,6 +90,7 @@ def vm_state(side: "Side") -> Any:
                        vm.mmu_invalidate_range),
         "generations": [vm.memslots_generation(a) for a in range(vm.nr_memslot_as_ids)],
         "disabled_quirks": int(vm.disabled_quirks),
+        "dirty_logs": (int(vm.manual_dirty_log_protect), _dirty_bitmaps(vm)),
         "tables": _tables(vm.page_tables),
         "private_tables": None if private is None else _tables(private),
     }
@@ -104,6 +105,13 @@ def writable(tables: Any) -> Any:
         yield tables
     finally:
         tables._set_kvm_owned(True)
+
+
+def _dirty_bitmaps(vm: Any) -> list[Any]:
+    """Each memslot's dirty bitmap, read in place (KVM_GET_DIRTY_LOG would clear it)."""
+    memory = vm._memory
+    return [None if (bitmap := memory.slot_by_id(s.slot >> 16, s.slot & 0xFFFF).dirty_bitmap)
+            is None else bitmap.tolist() for s in vm.memslots]
 
 
 def _vcpu_state(vcpu: Any) -> Any:
@@ -190,8 +198,9 @@ def _one_shot_hook(side: Side, stage: str, op: tuple) -> Callable[[str], None]:
 def _run(side: Side, op: tuple) -> Any:
     core, kind, args = side.core, op[0], op[1:]
     if kind == "vm":
-        vm_type, vendor, gpaw, nx = args
-        vm = core.VM(vm_type, vendor=vendor, gpaw=gpaw, nx_huge_pages=nx)
+        vm_type, vendor, gpaw, nx = args[:4]
+        vm = core.VM(vm_type, vendor=vendor, gpaw=gpaw, nx_huge_pages=nx,
+                     eager_page_split=args[4] if len(args) > 4 else True)
         side.vm, side.vcpus, side.gmems = vm, [], []
         return vm
     if kind == "vmx_ec":
@@ -224,6 +233,12 @@ def _run(side: Side, op: tuple) -> Any:
         return vm.lpage_info(*args)
     if kind == "disable_quirks":
         return vm.disable_quirks(args[0])
+    if kind == "manual_protect":
+        return vm.enable_manual_dirty_log_protect(args[0])
+    if kind == "get_dirty_log":
+        return vm.get_dirty_log(args[0])
+    if kind == "clear_dirty_log":
+        return vm.clear_dirty_log(*args)
     if kind == "vcpu":
         vcpu = vm.create_vcpu()
         side.vcpus.append(vcpu)

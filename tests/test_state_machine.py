@@ -1,14 +1,15 @@
 """A Hypothesis state machine drives a compiled-core VM and a pure-Python VM side by side.
 
-Rules cover every VM type (GPA width 48/52, NX huge pages), memslots with and
-without guest_memfd (create, move, flag changes, delete; valid and invalid),
-attribute changes, accesses with every flag combination, batches with uint8
+Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting),
+memslots with and without guest_memfd (create, move, flag changes, delete; valid and
+invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
+accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
 kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
 the result or exception (type, errno, message), then stats, every vCPU's
-``run``, memslots, attribute ranges, lpage_info, counters and the page-table
-storage, and requires ``vm.check_invariants() == []`` on both.
+``run``, memslots, attribute ranges, lpage_info, counters, dirty bitmaps and the
+page-table storage, and requires ``vm.check_invariants() == []`` on both.
 
 The ``default`` Hypothesis profile runs a few seconds; ``KVMEMU_HYPOTHESIS_PROFILE=long``
 runs 50 times as many programs.
@@ -59,9 +60,9 @@ class TwinVMs(RuleBasedStateMachine):
         return self.twin.apply(op)
 
     @initialize(vm_type=VM_TYPES, gpaw=st.sampled_from((48, 52)), nx=st.booleans(),
-                vcpus=st.integers(1, 2))
-    def create_vm(self, vm_type, gpaw, nx, vcpus):
-        self.apply("vm", vm_type, None, gpaw, nx)
+                vcpus=st.integers(1, 2), eager=st.booleans())
+    def create_vm(self, vm_type, gpaw, nx, vcpus, eager):
+        self.apply("vm", vm_type, None, gpaw, nx, eager)
         for _ in range(vcpus):
             self.apply("vcpu")
 
@@ -101,6 +102,21 @@ class TwinVMs(RuleBasedStateMachine):
     @rule(mask=st.sampled_from((0x80, 0x200, 0x280, 0, 1 << 11, -1, 1 << 64, "0x80")))
     def disable_quirks(self, mask):
         self.apply("disable_quirks", mask)
+
+    @rule(initially_set=BOOL | st.sampled_from((2, None)))
+    def enable_manual_dirty_log_protect(self, initially_set):
+        self.apply("manual_protect", initially_set)
+
+    @rule(slot=st.integers(0, 3) | st.sampled_from((1 << 16, 32764, 1 << 32, -1)))
+    def get_dirty_log(self, slot):
+        self.apply("get_dirty_log", slot)
+
+    @rule(slot=st.integers(0, 3) | st.sampled_from((1 << 16, 32764)),
+          first=st.sampled_from((0, 0, 64, 512, 1, 1 << 64)),
+          count=st.sampled_from((64, 128, 512, 3, 0, 1 << 32, 262144)),
+          words=st.lists(st.sampled_from((0, 1, 0xFF, U64_MAX, 1 << 63)), max_size=4))
+    def clear_dirty_log(self, slot, first, count, words):
+        self.apply("clear_dirty_log", slot, first, count, np.array(words, dtype=np.uint64))
 
     @rule(address=BASES, offset=st.sampled_from((0, 0x1000, 0x1FF000, 2 * MIB)),
           size=st.sampled_from((0x1000, 0x2000, 2 * MIB, 2 * MIB + 0x1000, GIB, 0, 0x800)),

@@ -160,3 +160,19 @@ def test_tdx_shared_root_traces_gfns_without_the_shared_bit(kv):
     assert len(lines) == 1
     assert lines[0].startswith("kvm_tdp_mmu_spte_changed: as id 0 gfn 5 level 1 ")
     assert lines[0].endswith(f"new_spte {NONPRESENT}")
+
+
+def test_tdx_memslot_zap_goes_through_the_roots_in_list_order(kv):
+    """kvm_tdp_mmu_unmap_gfn_range walks kvm->arch.tdp_mmu_roots, where
+    kvm_tdp_mmu_alloc_root adds each root at the head (list_add_rcu) and
+    mmu_alloc_direct_roots makes the mirror root first (mmu.c, tdp_mmu.c, 6.18): deleting
+    a TD's memslot zaps the shared leaf (direct root) before the private one (mirror)."""
+    vm, vcpu, lines = traced_vm(kv, VMType.TDX, gmem=True)
+    vm.set_memory_attributes(0x3000, 4096, 8)
+    vcpu.access(0x3000, write=True)                       # private, mirror root
+    vcpu.access((1 << 47) | 0x5000, write=True)           # shared, direct root
+    del lines[:]
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=0, userspace_addr=0)
+    leaf_zaps = [line.split(" gfn ")[1].split()[0] for line in lines
+                 if " level 1 " in line and line.endswith(f"new_spte {NONPRESENT}")]
+    assert leaf_zaps == ["5", "3"]

@@ -49,6 +49,9 @@ cdef extern from *:
     static inline uint64_t kvmemu_fetch_andnot64(uint64_t *p, uint64_t v) {
         return __atomic_fetch_and(p, ~v, __ATOMIC_SEQ_CST);
     }
+    static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
+        return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
+    }
     static inline int kvmemu_cmpxchg64(uint64_t *p, uint64_t old, uint64_t new_) {
         return __atomic_compare_exchange_n(p, &old, new_, 0, __ATOMIC_SEQ_CST,
                                            __ATOMIC_SEQ_CST);
@@ -61,6 +64,7 @@ cdef extern from *:
     bint cmpxchg64 "kvmemu_cmpxchg64" (uint64_t* p, uint64_t old, uint64_t new) nogil
     # atomic_long_fetch_andnot: the old value.
     uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
+    uint64_t xchg64 "kvmemu_xchg64" (uint64_t* p, uint64_t v) nogil
 
 cdef class Mutex:
     cdef pthread_mutex_t mutex

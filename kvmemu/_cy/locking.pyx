@@ -28,6 +28,19 @@ def fetch_andnot_words(uint64_t[::1] bitmap, Py_ssize_t first, const uint64_t[::
     return out
 
 
+def xchg_words(uint64_t[::1] bitmap):
+    """xchg(&bitmap[i], 0) for each non-zero word (kvm_get_dirty_log_protect's loop): the
+    words taken."""
+    cdef Py_ssize_t i, n = bitmap.shape[0]
+    out = np.zeros(n, dtype=np.uint64)
+    cdef uint64_t[::1] o = out
+    with nogil:
+        for i in range(n):
+            if bitmap[i]:
+                o[i] = xchg64(&bitmap[i], 0)
+    return out
+
+
 @cython.final
 cdef class Mutex:
     """vcpu->mutex: calls on one vCPU run one at a time, as KVM_RUN on one vCPU fd does.

@@ -65,6 +65,8 @@ cdef class TdpMmu:
     cpdef int wrprot_slot(self, uint64_t start, uint64_t end, int min_level) except -1
     cpdef int clear_dirty_slot(self, uint64_t start, uint64_t end) except -1
     cpdef int clear_dirty_pt_masked(self, uint64_t gfn, uint64_t mask, bint wrprot) except -1
+    cpdef int clear_dirty_pt_masked_words(self, uint64_t gfn, const uint64_t[::1] words,
+                                          bint wrprot) except -1
     cpdef int write_protect_gfn(self, uint64_t gfn, int min_level) except -1
     cpdef int try_split_huge_pages(self, uint64_t start, uint64_t end,
                                    int target_level) except -1

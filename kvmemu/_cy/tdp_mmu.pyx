@@ -415,6 +415,16 @@ cdef class TdpMmu:
                     self.clear_gfn_bits(root, gfn + i, PG_LEVEL_4K, PG_LEVEL_4K, bit)
         return 0
 
+    cpdef int clear_dirty_pt_masked_words(self, uint64_t gfn, const uint64_t[::1] words,
+                                          bint wrprot) except -1:
+        """clear_dirty_pt_masked for each non-zero word (kvm_get_dirty_log_protect's and
+        kvm_clear_dirty_log_protect's loops)."""
+        cdef Py_ssize_t i
+        for i in range(words.shape[0]):
+            if words[i]:
+                self.clear_dirty_pt_masked(gfn + 64 * <uint64_t>i, words[i], wrprot)
+        return 0
+
     cpdef int write_protect_gfn(self, uint64_t gfn, int min_level) except -1:
         """Models kvm_tdp_mmu_write_protect_gfn (tdp_mmu.c, 6.18): W and MMU-writable go."""
         cdef Root root

@@ -8,11 +8,11 @@ test suite runs every test against both.
 """
 
 from .exits import svm_error_code, vmx_error_code
-from .locking import Mutex, RwLock, fetch_andnot_words
+from .locking import Mutex, RwLock, fetch_andnot_words, xchg_words
 from .memslots import Memslots, gmem_frame
 from .paging import PageTables
 from .tdp_mmu import TdpMmu
 from .vcpu import VCPUState
 
 __all__ = ["vmx_error_code", "svm_error_code", "PageTables", "Memslots", "Mutex", "RwLock",
-           "TdpMmu", "VCPUState", "gmem_frame", "fetch_andnot_words"]
+           "TdpMmu", "VCPUState", "gmem_frame", "fetch_andnot_words", "xchg_words"]

@@ -37,6 +37,17 @@ def fetch_andnot_words(bitmap: np.ndarray, first: int, masks: np.ndarray) -> np.
     return out
 
 
+def xchg_words(bitmap: np.ndarray) -> np.ndarray:
+    """xchg(&bitmap[i], 0) for each non-zero word (kvm_get_dirty_log_protect's loop): the
+    words taken."""
+    out = np.zeros(len(bitmap), dtype=np.uint64)
+    with _ATOMIC:
+        for i in np.flatnonzero(bitmap).tolist():
+            out[i] = bitmap[i]
+            bitmap[i] = 0
+    return out
+
+
 def cmpxchg64(mem: Any, where: Any, old: int, new: int) -> bool:
     """try_cmpxchg64: store ``new`` in ``mem[where]`` if it still holds ``old``."""
     with _ATOMIC:

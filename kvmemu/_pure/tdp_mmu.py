@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import memslots, mmu, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
 from .levels import end_index, first_index, pages_per_hpage
@@ -387,6 +389,13 @@ class TdpMmu:
             for i in range(64):
                 if mask >> i & 1:
                     self.clear_gfn_bits(root, gfn + i, PG_LEVEL_4K, PG_LEVEL_4K, bit)
+
+    def clear_dirty_pt_masked_words(self, gfn: int, words: np.ndarray, wrprot: bool) -> None:
+        """clear_dirty_pt_masked for each non-zero word i of ``words``, on the 64 pages from
+        ``gfn + 64 * i`` (kvm_get_dirty_log_protect's and kvm_clear_dirty_log_protect's
+        loops, when kvm_arch_mmu_enable_log_dirty_pt_masked has nothing else to do)."""
+        for i in np.flatnonzero(words).tolist():
+            self.clear_dirty_pt_masked(gfn + 64 * i, int(words[i]), wrprot)
 
     def write_protect_gfn(self, gfn: int, min_level: int) -> bool:
         """Models kvm_tdp_mmu_write_protect_gfn (tdp_mmu.c, 6.18): the leaf mapping ``gfn``
