@@ -17,6 +17,9 @@ _ROOT = Path(__file__).resolve().parent.parent
 if not any((_ROOT / "kvmemu" / f"_core{suffix}").exists() for suffix in EXTENSION_SUFFIXES):
     sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _ROOT]
 
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -42,3 +45,18 @@ def per_element(benchmark):
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(20261125)
+
+
+def run_c_baseline(name, tmp_dir, data, *args):
+    """Compile benchmarks/c_baseline/NAME.c (-O2), write ``data`` (a numpy array) to a file,
+    run the program on ``args`` with that file inserted after the first argument, and
+    return its output words; skip the benchmark without a C compiler."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler for the baseline")
+    exe, path = tmp_dir / name, tmp_dir / f"{name}.bin"
+    subprocess.run([cc, "-O2", "-o", str(exe), str(Path(__file__).parent / "c_baseline"
+                                                 / f"{name}.c")], check=True)
+    data.tofile(path)
+    return subprocess.run([str(exe), str(args[0]), str(path), *map(str, args[1:])],
+                          check=True, capture_output=True, text=True).stdout.split()

@@ -5,18 +5,15 @@ same session: its ns per get_dirty_log call and per write-protect fault are stor
 the benchmark's extra_info with the ratio.
 """
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
+from conftest import run_c_baseline
 from kvmemu import AccessFlags, MemFlag, _select
 
 SLOT = 64 << 30                  # 64 GiB: 16M pages, a 2 MiB bitmap
 DIRTY = 4096                     # pages dirtied between two get_dirty_log calls
 UADDR = 1 << 40
-BASELINE = __file__.rsplit("/", 1)[0] + "/c_baseline/dirty_log.c"
 
 
 @pytest.fixture(scope="module")
@@ -27,15 +24,8 @@ def gfns():
 
 @pytest.fixture(scope="module")
 def c_ns(gfns, tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler for the baseline")
-    tmp = tmp_path_factory.mktemp("c_baseline")
-    exe, data = tmp / "dirty_log", tmp / "gfns.bin"
-    subprocess.run([cc, "-O2", "-o", str(exe), BASELINE], check=True)
-    gfns.tofile(data)
-    out = subprocess.run([str(exe), str(SLOT >> 12), str(data), "20"], check=True,
-                         capture_output=True, text=True).stdout.split()
+    out = run_c_baseline("dirty_log", tmp_path_factory.mktemp("c_baseline"), gfns,
+                         SLOT >> 12, 20)
     return {"get_dirty_log": float(out[1]), "wp_fault": float(out[3])}
 
 

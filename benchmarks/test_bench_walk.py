@@ -5,17 +5,14 @@ The C baseline (benchmarks/c_baseline/walk.c) maps the same GPAs with the same
 benchmark's extra_info together with our ns/element and the ratio.
 """
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
+from conftest import run_c_baseline
 from kvmemu import AccessFlags, Translation, VMType, _select
 
 NPAGES = 1 << 16                 # 256 MiB of mapped 4K pages
 N = 1 << 20                      # random accesses per batch
-BASELINE = __file__.rsplit("/", 1)[0] + "/c_baseline/walk.c"
 
 
 @pytest.fixture(scope="module")
@@ -37,16 +34,8 @@ def mapped_vcpu(core, npages=NPAGES):
 
 @pytest.fixture(scope="module")
 def c_walk_ns(gpas, tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        pytest.skip("no C compiler for the baseline")
-    tmp = tmp_path_factory.mktemp("c_baseline")
-    exe, data = tmp / "walk", tmp / "gpas.bin"
-    subprocess.run([cc, "-O2", "-o", str(exe), BASELINE], check=True)
-    gpas.tofile(data)
-    out = subprocess.run([str(exe), str(NPAGES), str(data), "5"], check=True,
-                         capture_output=True, text=True).stdout
-    return float(out.split()[1])
+    out = run_c_baseline("walk", tmp_path_factory.mktemp("c_baseline"), gpas, NPAGES, 5)
+    return float(out[1])
 
 
 @pytest.mark.benchmark(group="walk-mapped-batch")
