@@ -36,7 +36,7 @@ import numpy as np
 from ._pure.levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
 from .constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
                         KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
-                        PAGE_SHIFT, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLogManual, MemAttr,
+                        PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLogManual, MemAttr,
                         MemFlag, Quirk, VmCounter)
 
 _PRIVATE = MemAttr.PRIVATE.value
@@ -68,6 +68,7 @@ class VMConfig(NamedTuple):
     default_vm: bool = False   # KVM_X86_DEFAULT_VM (kvm_memslot_flush_zap_all asks)
     pml: bool = False          # kvm->arch.cpu_dirty_log_size != 0 (VMX with enable_pml)
     eager_page_split: bool = True   # the eager_page_split module parameter (x86.c)
+    pre_fault_allowed: bool = True  # kvm->arch.pre_fault_allowed at creation
 
 
 class Slot:
@@ -678,6 +679,66 @@ class VMMemory:
                     if stored:
                         for slot, s, e in touched:
                             self._post_set_memory_attributes(slot, s, e, attrs)
+
+    # --- host (MMU-notifier) invalidations (virt/kvm/kvm_main.c) ---------------------------
+
+    def hva_ranges(self, start: int, end: int) -> list[tuple[Slot, int, int]]:
+        """The pieces of the host range [start, end) that memslots map, as
+        ``(slot, first gfn, end gfn)``, address space by address space, slots in host
+        address order (kvm_handle_hva_range's interval-tree walk): the host range is
+        clipped to the slot and turned into gfns (hva_to_gfn_memslot), the end rounded up
+        to a page.  guest_memfd slots are in the tree too."""
+        pieces = []
+        for as_id in range(self.nr_as_ids):
+            for slot in sorted(self._slots[as_id].values(),
+                               key=lambda s: (s.userspace_addr, s.base_gfn)):
+                slot_end = slot.userspace_addr + (slot.npages << PAGE_SHIFT)
+                hva_start, hva_end = max(start, slot.userspace_addr), min(end, slot_end)
+                if hva_start < hva_end:
+                    first = slot.base_gfn + ((hva_start - slot.userspace_addr) >> PAGE_SHIFT)
+                    last = slot.base_gfn + ((hva_end + PAGE_SIZE - 1 - slot.userspace_addr)
+                                            >> PAGE_SHIFT)
+                    pieces.append((slot, first, last))
+        return pieces
+
+    def invalidate_host_range_start(self, start: int, end: int) -> bool:
+        """kvm_mmu_notifier_invalidate_range_start (kvm_main.c, 6.18), under mmu_lock: if a
+        memslot maps part of the host range, one kvm_mmu_invalidate_begin, then per piece
+        kvm_mmu_invalidate_range_add and kvm_unmap_gfn_range with the SHARED filter (which
+        only a TD's roots tell apart: on other VMs private mappings in the range go too).
+        No memslot: nothing at all, mmu_invalidate_seq stays.  Returns whether one was
+        found (the end does its half only then)."""
+        pieces = self.hva_ranges(start, end)
+        if not pieces:
+            return False
+        with self.mmu_write_locked():
+            self.invalidate_begin()
+            for slot, first, last in pieces:
+                self.invalidate_range_add(first, last)
+                self.unmap_gfn_range(slot, first, last, private=False, shared=True)
+        return True
+
+    def invalidate_host_range_end(self) -> None:
+        """kvm_mmu_notifier_invalidate_range_end for a start that found a memslot:
+        kvm_mmu_invalidate_end under mmu_lock (seq + 1, then in_progress - 1)."""
+        with self.mmu_write_locked():
+            self.invalidate_end()
+
+    def set_host_level(self, slot: Slot, level: int) -> None:
+        """A THP collapse or split of the slot's host memory: the host invalidates the
+        slot's host range (MMU_NOTIFY_CLEAR: the start zaps its shared mappings), changes
+        its page tables, and ends the invalidation; afterwards host_pfn_mapping_level
+        finds ``level``.  KVM recovers nothing itself: the next fault maps at the new
+        level, replacing a leftover table by a huge leaf."""
+        found = self.invalidate_host_range_start(
+            slot.userspace_addr, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
+        try:
+            slot.host_level = level
+            if slot.as_id == 0:
+                self._publish_slots()
+        finally:
+            if found:
+                self.invalidate_host_range_end()
 
     # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
 

@@ -94,6 +94,51 @@ class GuestMemfd:
         return f"GuestMemfd(index={self.index}, size={self.size:#x}, flags={self.flags:#x})"
 
 
+class HostInvalidation:
+    """An MMU-notifier invalidation of host memory in progress (``VM.invalidate_host_range``):
+    ``end()`` (or leaving a ``with`` block) finishes it, once."""
+
+    __slots__ = ("_vm", "_memory", "_found", "_ended", "hva", "size")
+
+    def __init__(self, vm: "VM", memory: VMMemory, found: bool, hva: int, size: int) -> None:
+        self._vm = vm
+        self._memory = memory
+        self._found = found
+        self._ended = False
+        self.hva = hva
+        self.size = size
+
+    @property
+    def active(self) -> bool:
+        """Not ended yet."""
+        return not self._ended
+
+    def end(self) -> None:
+        """kvm_mmu_notifier_invalidate_range_end: if the start found a memslot,
+        mmu_invalidate_seq + 1 and mmu_invalidate_in_progress - 1.  A second end() is a
+        RuntimeError.  After a ``restore`` the VM's state no longer holds this
+        invalidation, and ending it changes nothing there."""
+        with self._vm._lock:
+            if self._ended:
+                raise RuntimeError("this host invalidation has ended already")
+            self._ended = True
+            self._vm._host_invalidations.discard(self)
+            if self._found:
+                self._memory.invalidate_host_range_end()
+        self._vm._flush_trace()
+
+    def __enter__(self) -> "HostInvalidation":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if not self._ended:
+            self.end()
+
+    def __repr__(self) -> str:
+        state = "active" if not self._ended else "ended"
+        return f"HostInvalidation(hva={self.hva:#x}, size={self.size:#x}, {state})"
+
+
 class MemSlot(NamedTuple):
     """A read-only view of one memslot (the fields of KVM_SET_USER_MEMORY_REGION2)."""
 
@@ -173,7 +218,8 @@ class VM:
                                 self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
                                 self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages,
                                 default_vm=vm_type == VMType.DEFAULT, pml=self.pml,
-                                eager_page_split=self.eager_page_split)
+                                eager_page_split=self.eager_page_split,
+                                pre_fault_allowed=vm_type not in (VMType.SNP, VMType.TDX))
         self._memory = VMMemory(self._core, self._config)
         # kvm_arch_init_vm (x86.c, 6.18): disabled_quirks = inapplicable_quirks &
         # supported_quirks.  Inapplicable are KVM_X86_CONDITIONAL_QUIRKS (CD_NW_CLEARED,
@@ -185,6 +231,8 @@ class VM:
             initial |= Quirk.IGNORE_GUEST_PAT
         self._memory.disable_quirks(initial.value)
         self._vcpus: list[VCPU] = []
+        #: Host invalidations begun and not ended (a snapshot cannot hold one).
+        self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
         self._lock = threading.RLock()
@@ -491,6 +539,43 @@ class VM:
                                          f"{words} are read")
         self._memory.clear_dirty_log(found, first, np.array(bitmap[:words], dtype=np.uint64))
 
+    # --- host (MMU-notifier) invalidations -----------------------------------------------------
+
+    @_ioctl
+    def invalidate_host_range(self, hva: Any, size: Any) -> HostInvalidation:
+        """The start of an MMU-notifier invalidation of host memory [hva, hva + size)
+        (kvm_mmu_notifier_invalidate_range_start, kvm_main.c, 6.18): if a memslot maps
+        part of it, mmu_invalidate_begin, the gfns of each part added to the invalidated
+        range, and their shared mappings zapped (a TD keeps its private ones; other VMs
+        have one root and lose both).  Until the returned handle's ``end()``, faults on
+        those gfns retry (``mmu_invalidate_retry_gfn``); a vCPU whose access keeps
+        retrying on this thread raises RuntimeError, where KVM would spin.  No memslot
+        in the range: nothing happens, and ``end()`` does nothing either.  ValueError
+        for an empty or wrapping range (the mm never sends one)."""
+        hva = _args.u64("hva", hva)
+        size = _args.u64("size", size)
+        if size == 0 or hva + size > 1 << 64:
+            raise ValueError(f"host range {hva:#x}+{size:#x} is empty or wraps")
+        found = self._memory.invalidate_host_range_start(hva, hva + size)
+        handle = HostInvalidation(self, self._memory, found, hva, size)
+        self._host_invalidations.add(handle)
+        return handle
+
+    @_ioctl
+    def set_host_level(self, slot: Any, level: Any) -> None:
+        """A THP collapse (level 2M / 1G) or split (4K) of a memslot's host memory: the
+        host's invalidation of the slot's host range (its shared mappings are zapped,
+        mmu_invalidate_seq moves once), then host_pfn_mapping_level finds ``level``;
+        the next fault maps at it.  ValueError for a slot that does not exist."""
+        slot = _args.u32("slot", slot)
+        level = _args.level("level", level, PG_LEVEL_4K, PG_LEVEL_1G)
+        as_id, slot_id = slot >> 16, slot & 0xFFFF
+        found = (self._memory.slot_by_id(as_id, slot_id)
+                 if as_id < self.nr_memslot_as_ids else None)
+        if found is None:
+            raise ValueError(f"slot {slot:#x} does not exist")
+        self._memory.set_host_level(found, level)
+
     # --- inspection --------------------------------------------------------------------------
 
     @property
@@ -619,7 +704,11 @@ class VM:
     def snapshot(self) -> "Snapshot":
         """The whole VM state: memslots, guest_memfd files and bindings, attributes,
         lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
-        kvm_run, MMIO cache).  Copies of numpy storage; restorable any number of times."""
+        kvm_run, MMIO cache).  Copies of numpy storage; restorable any number of times.
+        RuntimeError while a host invalidation is in progress (end it first)."""
+        if self._host_invalidations:
+            raise RuntimeError("a host invalidation is in progress: end() it before taking "
+                               "a snapshot")
         with self._running():
             return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
                             list(self._gmem),
@@ -643,6 +732,7 @@ class VM:
             self._memory = memory
             memory.mmu.set_tracer(self._tracer)
         del self._vcpus[len(vcpu_states):]
+        self._host_invalidations.clear()      # they belong to the replaced state
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
@@ -830,6 +920,22 @@ class VCPU:
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result
+
+    def pre_fault_memory(self, gpa: Any, size: Any, flags: Any = 0) -> int:
+        """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c, and
+        kvm_arch_vcpu_pre_fault_memory, mmu.c, 6.18): map [gpa, gpa + size) as a fault
+        would (a prefetch: no accessed bit, no fault statistics; private where the
+        attributes say so), a page or huge page at a time; returns the bytes left (0 when
+        done).  Errors raise KvmError with the ioctl's errno when no page was mapped:
+        EINVAL (flags, alignment, empty or wrapping range, a TD's shared-bit alias),
+        EOPNOTSUPP (SNP before launch finish, TDX before finalize), ENOENT (no memslot:
+        MMIO), EFAULT (private memory without guest_memfd), EAGAIN (the memslot went
+        away meanwhile).  After some progress an error is not reported: the bytes left
+        say where it stopped, and calling again from there reports it."""
+        g = _args.u64("gpa", gpa)
+        s = _args.u64("size", size)
+        f = _args.u64("flags", flags)
+        return self._run(lambda state: state.pre_fault_memory(g, s, f))
 
     def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:
         """``access`` for each element of ``gpas`` (1-D uint64) in order, ``flags`` an

@@ -15,13 +15,17 @@ cdef struct FaultRecord:
     SlotRecord slot         # a copy of the memslot record (refreshed after a stage hook)
 
 cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
-                     const SlotRecord* slot, bint nx) noexcept nogil
+                     const SlotRecord* slot, bint nx, bint prefetch) noexcept nogil
 cdef int page_fault(VCPUState vcpu, uint64_t gpa,
                     uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept
 cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept
-cdef int do_page_fault(VCPUState vcpu, uint64_t gpa,
-                       uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
+cdef int do_page_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code, bint prefetch,
+                       int* level) except CORE_RETURN_PY_EXCEPTION
+cdef int pre_fault_memory(VCPUState vcpu, uint64_t gpa,
+                          uint64_t size) except CORE_RETURN_PY_EXCEPTION
+cdef int tdp_map_page(VCPUState vcpu, uint64_t gpa, uint64_t error_code,
+                      int* level) except CORE_RETURN_PY_EXCEPTION
 cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept
 cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept

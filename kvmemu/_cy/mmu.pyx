@@ -8,12 +8,12 @@
 # value or a negative errno, and CORE_RETURN_PY_EXCEPTION (neither) when a stage
 # hook or a trace sink raised.
 
-from libc.errno cimport EFAULT
+from libc.errno cimport EAGAIN, EFAULT, EINVAL, EIO, ENOENT, EOPNOTSUPP
 from libc.stdint cimport uint32_t, uint64_t
 
 
 cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
-                     const SlotRecord* slot, bint nx) noexcept nogil:
+                     const SlotRecord* slot, bint nx, bint prefetch) noexcept nogil:
     """Models the struct kvm_page_fault that kvm_mmu_do_page_fault fills
     (mmu_internal.h, 6.18)."""
     f.addr = addr
@@ -23,7 +23,7 @@ cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_
     f.present = (error_code & PFERR_PRESENT) != 0
     f.rsvd = (error_code & PFERR_RSVD) != 0
     f.user = (error_code & PFERR_USER) != 0
-    f.prefetch = False
+    f.prefetch = prefetch
     f.is_private = (error_code & PFERR_PRIVATE_ACCESS) != 0
     f.nx_huge_page_workaround_enabled = nx
     f.max_level = KVM_MAX_HUGEPAGE_LEVEL
@@ -56,7 +56,7 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
             return r
     if r == RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_TAKEN] += 1
-        r = do_page_fault(vcpu, gpa, error_code)
+        r = do_page_fault(vcpu, gpa, error_code, False, NULL)
     if r < 0:
         return r
     if r == RET_PF_FIXED:
@@ -94,18 +94,68 @@ cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept:
     vcpu.mmio_gen = vcpu.memslots.c[VM_COUNTER_GENERATION_0]
 
 
-cdef int do_page_fault(VCPUState vcpu, uint64_t gpa,
-                       uint64_t error_code) except CORE_RETURN_PY_EXCEPTION:
+cdef int do_page_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code, bint prefetch,
+                       int* level) except CORE_RETURN_PY_EXCEPTION:
     """Models kvm_mmu_do_page_fault (mmu_internal.h, 6.18): the fault record, then the TDP
-    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
+    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault.
+    ``level`` (if not NULL) receives the level mapped."""
     cdef uint64_t gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
     cdef FaultRecord f
     cdef int r
-    init_fault(&f, gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages)
+    init_fault(&f, gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages,
+               prefetch)
     r = tdp_mmu_page_fault(vcpu, &f)
     if r == RET_PF_EMULATE and f.is_private:
         return prepare_memory_fault_exit(vcpu, &f)
+    if level != NULL:
+        level[0] = f.goal_level
     return r
+
+
+cdef int pre_fault_memory(VCPUState vcpu, uint64_t gpa,
+                          uint64_t size) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_arch_vcpu_pre_fault_memory (mmu.c, 6.18); the twin tells the rules.
+    Returns the bytes done or a negative errno (as int: a step is at most 1 GiB)."""
+    cdef uint64_t error_code = PFERR_GUEST_FINAL, direct_bits = 0, span
+    cdef int level = PG_LEVEL_4K, r
+    if not vcpu.pre_fault_allowed:
+        return -EOPNOTSUPP
+    if (gpa >> PAGE_SHIFT) & vcpu.direct_bits_gfn:
+        return -EINVAL
+    if vcpu.has_private_mem and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT):
+        error_code |= PFERR_PRIVATE_ACCESS
+    else:
+        direct_bits = vcpu.direct_bits_gfn << PAGE_SHIFT
+    r = tdp_map_page(vcpu, gpa | direct_bits, error_code, &level)
+    if r < 0:
+        return r
+    span = pages_per_hpage(level) << PAGE_SHIFT
+    return <int>min(size, (gpa & ~(span - 1)) + span - gpa)
+
+
+cdef int tdp_map_page(VCPUState vcpu, uint64_t gpa, uint64_t error_code,
+                      int* level) except CORE_RETURN_PY_EXCEPTION:
+    """Models kvm_tdp_map_page (mmu.c, 6.18): prefetch faults while they say RETRY (the
+    model gives up with RuntimeError after ACCESS_RETRY_LIMIT), then FIXED or SPURIOUS
+    -> 0, EMULATE -> -ENOENT, an errno as is, anything else -EIO."""
+    cdef int r = RET_PF_RETRY
+    cdef uint64_t tries
+    for tries in range(ACCESS_RETRY_LIMIT):
+        r = do_page_fault(vcpu, gpa, error_code, True, level)
+        if r != RET_PF_RETRY:
+            break
+        with nogil:
+            sched_yield()
+    if r == RET_PF_RETRY:
+        raise RuntimeError(f"pre-fault of GPA {gpa:#x} kept retrying: an invalidation of it "
+                           "is in progress")
+    if r < 0:
+        return r
+    if r == RET_PF_FIXED or r == RET_PF_SPURIOUS:
+        return 0
+    if r == RET_PF_EMULATE:
+        return -ENOENT
+    return -EIO
 
 
 cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept:
@@ -215,8 +265,8 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
         return prepare_memory_fault_exit(vcpu, f)
     if not f.has_slot:
         return handle_noslot_fault(vcpu, f)
-    if vcpu.stage("faultin", f):
-        return RET_PF_RETRY             # the memslot was deleted or moved
+    if vcpu.stage("faultin", f):        # the memslot was deleted or moved
+        return -EAGAIN if f.prefetch else RET_PF_RETRY
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:

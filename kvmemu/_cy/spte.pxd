@@ -11,7 +11,7 @@ cdef struct SpteFormat:
 
 cdef SpteFormat spte_format(bint ept, bint tdx) noexcept
 cdef uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_writable,
-                        bint nx_huge_pages) noexcept nogil
+                        bint nx_huge_pages, bint prefetch) noexcept nogil
 cdef uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil
 cdef uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
                               uint64_t index, bint nx_huge_pages) noexcept nogil

@@ -41,10 +41,10 @@ cdef SpteFormat spte_format(bint ept, bint tdx) noexcept:
 
 
 cdef inline uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_writable,
-                               bint nx_huge_pages) noexcept nogil:
-    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, not a prefetch, never
-    write-protected."""
-    cdef uint64_t spte = SPTE_MMU_PRESENT | f.present | f.accessed
+                               bint nx_huge_pages, bint prefetch) noexcept nogil:
+    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, never write-protected; the
+    accessed bit unless a prefetch."""
+    cdef uint64_t spte = SPTE_MMU_PRESENT | f.present | (0 if prefetch else f.accessed)
     cdef uint64_t access = ACC_ALL
     if level > <int>PG_LEVEL_4K and nx_huge_pages:    # huge leaves are never executable
         access &= ~ACC_EXEC

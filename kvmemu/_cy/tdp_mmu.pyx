@@ -257,14 +257,16 @@ cdef class TdpMmu:
         EMULATE."""
         cdef uint64_t new, gfn
         cdef int ret
-        if (is_shadow_present_pte(old) and is_access_allowed(&self.fmt, f.exec_, f.write, old)
+        if (is_shadow_present_pte(old)
+                and (f.prefetch or is_access_allowed(&self.fmt, f.exec_, f.write, old))
                 and is_last_spte(old, level)):
             return RET_PF_SPURIOUS
         gfn = f.gfn & ~(pages_per_hpage(level) - 1)     # iter->gfn
         if not f.has_slot:
             new = make_mmio_spte(&self.fmt, gfn, generation)
         else:
-            new = make_spte(&self.fmt, level, f.pfn, f.map_writable, self.nx_huge_pages)
+            new = make_spte(&self.fmt, level, f.pfn, f.map_writable, self.nx_huge_pages,
+                            f.prefetch)
             if new & PTE_WRITABLE:           # make_spte's last step, before the SPTE is set
                 mark_page_dirty_in_slot(&f.slot, f.gfn)
         ret = RET_PF_FIXED

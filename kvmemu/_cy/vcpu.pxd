@@ -15,6 +15,7 @@ cdef class VCPUState:
     cdef readonly bint ept, tdx, snp, sw_protected, has_private_mem, nx_huge_pages
     cdef readonly uint64_t direct_bits_gfn
     cdef readonly int levels
+    cdef readonly bint pre_fault_allowed    # kvm->arch.pre_fault_allowed
     cdef readonly bint pml_on               # enable_pml for this VM (cpu_dirty_log_size)
     cdef PmlLog pml                         # the vCPU's page-modification log
     cdef uint64_t counters[6]               # indexed by PfStat

@@ -6,7 +6,7 @@
 # record is re-read from the published records; the fault keeps the Slot object
 # alive meanwhile).  Failures are raised here, as the twin raises them.
 
-from libc.errno cimport EFAULT
+from libc.errno cimport EFAULT, EINVAL
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -46,6 +46,7 @@ cdef class VCPUState:
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
+        self.pre_fault_allowed = config.pre_fault_allowed
         self.pml_on = config.pml
         self.pml.index = PML_LOG_NR_ENTRIES - 1
         memset(self.counters, 0, sizeof(self.counters))
@@ -78,6 +79,7 @@ cdef class VCPUState:
         c.direct_bits_gfn, c.nx_huge_pages, c.levels = (self.direct_bits_gfn,
                                                         self.nx_huge_pages, self.levels)
         memcpy(c.counters, self.counters, sizeof(self.counters))
+        c.pre_fault_allowed = self.pre_fault_allowed
         c.pml_on = self.pml_on
         c.pml = self.pml
         c.exit_reason = self.exit_reason
@@ -151,6 +153,40 @@ cdef class VCPUState:
             return self.handle_exit(OUT_NPF, gpa, exit_info_1)
         finally:
             self.mutex.release()
+
+    # --- KVM_PRE_FAULT_MEMORY ---------------------------------------------------------------
+
+    def pre_fault_memory(self, uint64_t gpa, uint64_t size, uint64_t flags):
+        """Models kvm_vcpu_pre_fault_memory (virt/kvm/kvm_main.c, 6.18); the twin tells the
+        rules.  Returns the bytes left; Ctrl-C between steps raises KeyboardInterrupt."""
+        cdef int r = -EINVAL
+        cdef uint64_t full = size
+        self.mutex.acquire()
+        try:
+            if not flags and not ((gpa | size) & (PAGE_SIZE - 1)) and gpa < gpa + size:
+                self.srcu = self.memslots.srcu_read_lock()
+                try:
+                    while True:
+                        if PyErr_CheckSignals():
+                            PyErr_Clear()
+                            raise KeyboardInterrupt(f"pre-fault stopped at GPA {gpa:#x}")
+                        r = pre_fault_memory(self, gpa, size)
+                        if r <= 0:
+                            break
+                        size -= r
+                        gpa += r
+                        if not size:
+                            break
+                finally:
+                    self.memslots.srcu_read_unlock(self.srcu)
+                    self.srcu = None
+                if size != full:
+                    r = 0
+        finally:
+            self.mutex.release()
+        if r < 0:
+            raise KvmError(-r, f"KVM_PRE_FAULT_MEMORY failed at GPA {gpa:#x}")
+        return size
 
     # --- the access loop ------------------------------------------------------------------------
 

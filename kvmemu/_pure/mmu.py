@@ -22,6 +22,7 @@ snapshots ``mmu_invalidate_seq`` and ``is_page_fault_stale`` compares it again
 from __future__ import annotations
 
 import errno
+import time
 from typing import Any
 
 from . import memslots, spte
@@ -58,7 +59,8 @@ class FaultRecord:
     huge_page_disallowed: bool
 
 
-def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool) -> FaultRecord:
+def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool,
+               prefetch: bool = False) -> FaultRecord:
     """Models the struct kvm_page_fault that kvm_mmu_do_page_fault fills
     (mmu_internal.h, 6.18)."""
     f = FaultRecord()
@@ -69,7 +71,7 @@ def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool) -> Fau
     f.present = bool(error_code & PFERR_PRESENT)
     f.rsvd = bool(error_code & PFERR_RSVD)
     f.user = bool(error_code & PFERR_USER)
-    f.prefetch = False
+    f.prefetch = prefetch
     f.is_private = bool(error_code & PFERR_PRIVATE_ACCESS)
     f.nx_huge_page_workaround_enabled = nx
     f.max_level = KVM_MAX_HUGEPAGE_LEVEL
@@ -139,15 +141,67 @@ def vcpu_cache_mmio_info(vcpu: Any, gfn: int) -> None:
     vcpu.mmio_gen = int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0])
 
 
-def do_page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
+def do_page_fault(vcpu: Any, gpa: int, error_code: int, prefetch: bool = False,
+                  level: list[int] | None = None) -> int:
     """Models kvm_mmu_do_page_fault (mmu_internal.h, 6.18): the fault record, then the TDP
-    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault."""
+    handler; KVM cannot emulate private memory, so EMULATE there is a memory fault.
+    ``level[0]`` receives the level mapped (fault.goal_level)."""
     gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn
-    fault = init_fault(gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages)
+    fault = init_fault(gpa, error_code, gfn, vcpu.srcu.gfn_to_memslot(gfn), vcpu.nx_huge_pages,
+                       prefetch)
     r = tdp_mmu_page_fault(vcpu, fault)
     if r == RET_PF_EMULATE and fault.is_private:
         return prepare_memory_fault_exit(vcpu, fault)
+    if level is not None:
+        level[0] = fault.goal_level
     return r
+
+
+def pre_fault_memory(vcpu: Any, gpa: int, size: int) -> int:
+    """Models kvm_arch_vcpu_pre_fault_memory (mmu.c, 6.18): -EOPNOTSUPP until the VM allows
+    pre-faulting (SNP after launch, TDX after finalize), -EINVAL for a TDX alias (shared
+    bit set); the error code is GUEST_FINAL, plus PRIVATE_ACCESS when the attributes say
+    private (else a TD's shared bit picks the direct root); then kvm_tdp_map_page.
+    Returns the bytes done, up to the end of the page mapped (a huge page maps to its
+    end), or a negative errno."""
+    if not vcpu.pre_fault_allowed:
+        return -errno.EOPNOTSUPP
+    if (gpa >> PAGE_SHIFT) & vcpu.direct_bits_gfn:
+        return -errno.EINVAL
+    error_code = PFERR_GUEST_FINAL
+    direct_bits = 0
+    if vcpu.has_private_mem and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT):
+        error_code |= PFERR_PRIVATE_ACCESS
+    else:
+        direct_bits = vcpu.direct_bits_gfn << PAGE_SHIFT
+    level = [PG_LEVEL_4K]
+    r = tdp_map_page(vcpu, gpa | direct_bits, error_code, level)
+    if r < 0:
+        return r
+    span = pages_per_hpage(level[0]) << PAGE_SHIFT
+    return min(size, (gpa & ~(span - 1)) + span - gpa)
+
+
+def tdp_map_page(vcpu: Any, gpa: int, error_code: int, level: list[int]) -> int:
+    """Models kvm_tdp_map_page (mmu.c, 6.18): a prefetch fault, again while it says RETRY
+    (another thread's invalidation; KVM loops until a signal, the model gives up after
+    ACCESS_RETRY_LIMIT tries with RuntimeError); FIXED or SPURIOUS -> 0, EMULATE (no
+    memslot: an MMIO SPTE if it can) -> -ENOENT, an errno as is."""
+    for _ in range(ACCESS_RETRY_LIMIT):
+        r = do_page_fault(vcpu, gpa, error_code, True, level)
+        if r != RET_PF_RETRY:
+            break
+        time.sleep(0)
+    else:
+        raise RuntimeError(f"pre-fault of GPA {gpa:#x} kept retrying: an invalidation of it "
+                           "is in progress")
+    if r < 0:
+        return r
+    if r in (RET_PF_FIXED, RET_PF_SPURIOUS):
+        return 0
+    if r == RET_PF_EMULATE:
+        return -errno.ENOENT
+    return -errno.EIO
 
 
 def prepare_memory_fault_exit(vcpu: Any, fault: FaultRecord) -> int:
@@ -261,8 +315,8 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     slot = fault.slot
     if slot is None:
         return handle_noslot_fault(vcpu, fault)
-    if vcpu.stage("faultin", fault):
-        return RET_PF_RETRY                  # the memslot was deleted or moved
+    if vcpu.stage("faultin", fault):         # the memslot was deleted or moved
+        return -errno.EAGAIN if fault.prefetch else RET_PF_RETRY
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:

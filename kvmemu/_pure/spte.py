@@ -76,11 +76,11 @@ def spte_format(ept: bool, tdx: bool) -> SpteFormat:
     return f
 
 
-def make_spte(f: SpteFormat, level: int, pfn: int, host_writable: bool,
-              nx_huge_pages: bool) -> int:
-    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, not a prefetch, never
-    write-protected."""
-    spte = SPTE_MMU_PRESENT | f.present | f.accessed
+def make_spte(f: SpteFormat, level: int, pfn: int, host_writable: bool, nx_huge_pages: bool,
+              prefetch: bool = False) -> int:
+    """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, never write-protected; the
+    accessed bit unless a prefetch (mark_spte_for_access_track with A/D bits: A clear)."""
+    spte = SPTE_MMU_PRESENT | f.present | (0 if prefetch else f.accessed)
     access = ACC_ALL
     if level > PG_LEVEL_4K and nx_huge_pages:        # huge leaves are never executable
         access &= ~ACC_EXEC

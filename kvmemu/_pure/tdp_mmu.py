@@ -243,14 +243,15 @@ class TdpMmu:
         EMULATE."""
         fmt = self.fmt
         if (spte.is_shadow_present_pte(old)
-                and spte.is_access_allowed(fmt, fault.exec_, fault.write, old)
+                and (fault.prefetch or spte.is_access_allowed(fmt, fault.exec_, fault.write, old))
                 and spte.is_last_spte(old, level)):
             return RET_PF_SPURIOUS
         gfn = fault.gfn & ~(pages_per_hpage(level) - 1)   # iter->gfn
         if fault.slot is None:
             new = spte.make_mmio_spte(fmt, gfn, generation)
         else:
-            new = spte.make_spte(fmt, level, fault.pfn, fault.map_writable, self.nx_huge_pages)
+            new = spte.make_spte(fmt, level, fault.pfn, fault.map_writable, self.nx_huge_pages,
+                                 fault.prefetch)
             if new & PTE_WRITABLE:           # make_spte's last step, before the SPTE is set
                 memslots.mark_page_dirty_in_slot(fault.slot, fault.gfn)
         ret = RET_PF_FIXED

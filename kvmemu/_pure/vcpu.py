@@ -21,9 +21,10 @@ from .. import _args
 from ..constants import PF_STAT_NAMES
 from ..errors import KvmError
 from ..results import AccessBatch, MemoryFaultExit, MmioExit, Translation
-from . import exits, paging
+from . import exits, mmu, paging
 from .cnames import *  # noqa: F403  (the constants under their C names)
 
+_U64 = (1 << 64) - 1
 #: The named points of the pipeline where ``stage_hook`` runs (see VCPUState).
 STAGES = ("fault", "faultin", "map")
 # What vcpu_run came to (enum AccessStatus).
@@ -62,6 +63,8 @@ class VCPUState:
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
+        #: kvm->arch.pre_fault_allowed.
+        self.pre_fault_allowed = config.pre_fault_allowed
         #: enable_pml for this VM (kvm->arch.cpu_dirty_log_size), and the vCPU's log.
         self.pml_on = config.pml
         self.pml = paging.PmlLog()
@@ -156,6 +159,40 @@ class VCPUState:
             return self.handle_exit(paging.OUT_NPF, gpa, exit_info_1)
         finally:
             self.mutex.release()
+
+    # --- KVM_PRE_FAULT_MEMORY ---------------------------------------------------------------
+
+    def pre_fault_memory(self, gpa: int, size: int, flags: int) -> int:
+        """Models kvm_vcpu_pre_fault_memory (virt/kvm/kvm_main.c, 6.18), holding the vCPU's
+        mutex and kvm->srcu throughout: EINVAL for flags, an unaligned range or one that
+        is empty or wraps; then kvm_arch_vcpu_pre_fault_memory step by step until the
+        range is done or a step fails.  A failure after some progress is not reported
+        (the ioctl returns 0 with the range advanced).  Returns the bytes left."""
+        self.mutex.acquire()
+        try:
+            r = -errno.EINVAL
+            if not flags and not (gpa | size) & (PAGE_SIZE - 1) and gpa < (gpa + size) & _U64:
+                full = size
+                self.srcu = self.memslots.srcu_read_lock()
+                try:
+                    while True:
+                        r = mmu.pre_fault_memory(self, gpa, size)
+                        if r <= 0:
+                            break
+                        size -= r
+                        gpa += r
+                        if not size:
+                            break
+                finally:
+                    self.memslots.srcu_read_unlock(self.srcu)
+                    self.srcu = None
+                if size != full:
+                    r = 0
+        finally:
+            self.mutex.release()
+        if r < 0:
+            raise KvmError(-r, f"KVM_PRE_FAULT_MEMORY failed at GPA {gpa:#x}")
+        return size
 
     # --- the access loop ------------------------------------------------------------------------
 
