@@ -753,7 +753,9 @@ class VM:
         * each vCPU's fault counters agree with kvm_mmu_page_fault's accounting: every
           FIXED, SPURIOUS or EMULATE result counted is a fault taken (an MMIO-cache or
           MMIO-SPTE emulation skips both), every fast-path fix is a FIXED or SPURIOUS one,
-          and every MMIO SPTE created made its fault EMULATE.
+          and every MMIO SPTE created made its fault EMULATE (the last two not for a
+          vCPU that pre-faulted: kvm_tdp_map_page counts only pf_fast and
+          pf_mmio_spte_created).
         """
         with self._running(), self._memory.mmu_write_locked():
             return _invariants.check_invariants(self)
@@ -843,6 +845,9 @@ class VCPU:
     def __init__(self, vm: VM, vcpu_id: int) -> None:
         self.vm = vm
         self.vcpu_id = vcpu_id
+        #: Whether it ever pre-faulted: pre-faults count pf_fast and pf_mmio_spte_created
+        #: without the FIXED / EMULATE results check_invariants otherwise pairs them with.
+        self._pre_faulted = False
         #: vcpu->mutex: one call at a time on this vCPU (a second thread waits).
         self._mutex = vm._core.Mutex()
         memory = vm._memory
@@ -935,6 +940,7 @@ class VCPU:
         g = _args.u64("gpa", gpa)
         s = _args.u64("size", size)
         f = _args.u64("flags", flags)
+        self._pre_faulted = True
         return self._run(lambda state: state.pre_fault_memory(g, s, f))
 
     def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:

@@ -180,10 +180,16 @@ def _memory_op(side: Side, op: tuple) -> Any:
             guest_memfd_offset=s.guest_memfd_offset, host_level=s.host_level)
     if kind == "attrs":
         return vm.set_memory_attributes(*op[1:])
+    if kind == "host_inval":    # an MMU-notifier invalidation, begun and ended
+        handle = vm.invalidate_host_range(op[1], op[2])
+        handle.end()
+        return handle
+    if kind == "host_level":
+        return vm.set_host_level(op[1], op[2])
     raise ValueError(f"not a memory operation: {kind!r}")
 
 
-MEMORY_OPS = ("gmem", "slot", "dirty", "attrs")
+MEMORY_OPS = ("gmem", "slot", "dirty", "attrs", "host_inval", "host_level")
 
 
 def _one_shot_hook(side: Side, stage: str, op: tuple) -> Callable[[str], None]:
@@ -259,6 +265,8 @@ def _run(side: Side, op: tuple) -> Any:
         return vcpu.access(args[1], **args[2])
     if kind == "access_many":
         return vcpu.access_many(args[1], args[2])
+    if kind == "pre_fault":
+        return vcpu.pre_fault_memory(*args[1:])
     if kind == "ept_violation":
         return vcpu.handle_ept_violation(args[1], args[2])
     if kind == "ept_misconfig":

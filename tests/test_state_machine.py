@@ -3,7 +3,7 @@
 Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
-accesses with every flag combination, batches with uint8
+host invalidations and THP level changes (also from stage hooks), pre-fault, accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
 kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
@@ -118,6 +118,21 @@ class TwinVMs(RuleBasedStateMachine):
     def clear_dirty_log(self, slot, first, count, words):
         self.apply("clear_dirty_log", slot, first, count, np.array(words, dtype=np.uint64))
 
+    @rule(base=BASES, offset=st.sampled_from((0, 0x1000, 0x1FF000, 2 * MIB)),
+          size=st.sampled_from((0x1000, 2 * MIB, GIB, 0, 0x800, U64_MAX)))
+    def invalidate_host_range(self, base, offset, size):
+        self.apply("host_inval", (1 << 40) + base + offset, size)
+
+    @rule(slot=st.integers(0, 3) | st.just(1 << 16), level=st.integers(0, 4))
+    def set_host_level(self, slot, level):
+        self.apply("host_level", slot, level)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, size=st.sampled_from((0x1000, 0x3000, 2 * MIB, 0,
+                                                                 GIB, 0x800)),
+          flags=st.sampled_from((0, 0, 0, 1)))
+    def pre_fault_memory(self, vcpu, gpa, size, flags):
+        self.apply("pre_fault", vcpu, gpa, size, flags)
+
     @rule(address=BASES, offset=st.sampled_from((0, 0x1000, 0x1FF000, 2 * MIB)),
           size=st.sampled_from((0x1000, 0x2000, 2 * MIB, 2 * MIB + 0x1000, GIB, 0, 0x800)),
           attributes=st.sampled_from((0, 8, 8, 1)), flags=st.sampled_from((0, 0, 0, 1)))
@@ -149,10 +164,13 @@ class TwinVMs(RuleBasedStateMachine):
 
     @rule(vcpu=st.integers(0, 3), stage=st.sampled_from(("fault", "faultin", "map")),
           address=BASES, size=st.sampled_from((0x1000, 2 * MIB)),
-          attributes=st.sampled_from((0, 8)), delete=st.booleans())
-    def stage_hook(self, vcpu, stage, address, size, attributes, delete):
-        change = (("slot", 0, 0, 0, 0, 0, None, 0, 1) if delete
-                  else ("attrs", address, size, attributes, 0))
+          attributes=st.sampled_from((0, 8)),
+          what=st.sampled_from(("attrs", "attrs", "delete", "host", "host_level")))
+    def stage_hook(self, vcpu, stage, address, size, attributes, what):
+        change = {"delete": ("slot", 0, 0, 0, 0, 0, None, 0, 1),
+                  "attrs": ("attrs", address, size, attributes, 0),
+                  "host": ("host_inval", (1 << 40) + address, size),
+                  "host_level": ("host_level", 0, 1 + (attributes >> 3))}[what]
         self.apply("hook", vcpu, stage, change)
 
     @rule()
