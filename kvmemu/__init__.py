@@ -12,6 +12,7 @@ from . import _select
 from ._version import __version__
 from .constants import *  # noqa: F401,F403  (the constants are part of the API)
 from .constants import __all__ as _constants_all
+from ._host import Host
 from ._vm import GuestMemfd, HostInvalidation, MemSlot
 from .errors import KvmError
 
@@ -23,5 +24,5 @@ for _name in _select.CORE_NAMES:
 del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
-           "HostInvalidation",
+           "HostInvalidation", "Host",
            "IMPLEMENTATION", "__version__"]

@@ -51,6 +51,12 @@ from .constants import (
     SVM_EXIT_NPF as SVM_EXIT_NPF,
     TDX_GPAW_SHARED_BIT as TDX_GPAW_SHARED_BIT,
     USER_PTR_MAX as USER_PTR_MAX,
+    USER_PTR_MAX_LA57 as USER_PTR_MAX_LA57,
+    SME_C_BIT as SME_C_BIT,
+    SME_PHYS_BITS_REDUCTION as SME_PHYS_BITS_REDUCTION,
+    ACC_TRACK_SAVED_BITS_MASK as ACC_TRACK_SAVED_BITS_MASK,
+    ACC_TRACK_SAVED_BITS_SHIFT as ACC_TRACK_SAVED_BITS_SHIFT,
+    SPTE_TDP_AD_MASK as SPTE_TDP_AD_MASK,
     ExitReason as ExitReason,
     GuestMemfdFlag as GuestMemfdFlag,
     MemAttr as MemAttr,
@@ -81,6 +87,7 @@ from .constants import (
     TDX_LOCAL_RETRY_LIMIT as TDX_LOCAL_RETRY_LIMIT,
     ACCESS_LOOP_LIMIT as ACCESS_LOOP_LIMIT,
 )
+from ._host import Host as Host
 from ._vm import GuestMemfd as GuestMemfd, HostInvalidation as HostInvalidation, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 from .results import (
@@ -136,13 +143,14 @@ class VM:
     nx_huge_pages: bool
     eager_page_split: bool
     pml: bool
+    host: Host
     has_private_mem: bool
     has_protected_state: bool
     shared_bit: int
     nr_memslot_as_ids: int
     def __init__(self, vm_type: VMType | int = ..., *, vendor: str | None = None,
                  gpaw: int = 48, nx_huge_pages: bool = False,
-                 eager_page_split: bool = True) -> None: ...
+                 eager_page_split: bool = True, host: Host | None = None) -> None: ...
     @property
     def supported_memory_attributes(self) -> int: ...
     def disable_quirks(self, mask: int) -> None: ...

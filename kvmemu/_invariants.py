@@ -60,7 +60,7 @@ def check_invariants(vm: Any) -> list[str]:
         if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
             pfn = int(memory.memslots.gmem_get_pfn(slot, gfn)) if slot.gmem_id >= 0 else -1
         else:
-            pfn = (slot.userspace_addr >> PAGE_SHIFT) + (gfn - slot.base_gfn)
+            pfn = int(memory.memslots.hva_to_pfn(slot, gfn))
         frame = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
         if frame != pfn:
             problems.append(f"{where} maps frame {frame:#x}, not {pfn:#x}")

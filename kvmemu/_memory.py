@@ -34,7 +34,8 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from ._pure.levels import gfn_round_for_level, gfn_to_index, pages_per_hpage
-from .constants import (HOST_MAXPHYADDR, INVALID_GPA, KVM_LPAGE_MIXED_FLAG,
+from .constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, INVALID_GPA,
+                        KVM_MMU_MAX_GFN, NPT_MMIO_VALUE, KVM_LPAGE_MIXED_FLAG,
                         KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
                         PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLogManual, MemAttr,
                         MemFlag, Quirk, VmCounter)
@@ -69,6 +70,15 @@ class VMConfig(NamedTuple):
     pml: bool = False          # kvm->arch.cpu_dirty_log_size != 0 (VMX with enable_pml)
     eager_page_split: bool = True   # the eager_page_split module parameter (x86.c)
     pre_fault_allowed: bool = True  # kvm->arch.pre_fault_allowed at creation
+    # From the host (kvmemu._host.host_config); the defaults are the default Host().
+    ad_enabled: bool = True         # kvm_ad_enabled
+    mmio_caching: bool = True       # enable_mmio_caching
+    npt_mmio_value: int = NPT_MMIO_VALUE   # NPT shadow_mmio_value = shadow_mmio_mask
+    max_gfn: int = KVM_MMU_MAX_GFN  # kvm_mmu_max_gfn()
+    table_maxphyaddr: int = HOST_MAXPHYADDR  # the CPU walk's MAXPHYADDR
+    pfn_mask: int = GMEM_PFN_BASE - 1        # the frames of user memory (lower half)
+    gmem_base: int = GMEM_PFN_BASE           # the first guest_memfd frame (upper half)
+    gmem_file_pages: int = GMEM_FILE_PAGES   # the frames of one guest_memfd file
 
 
 class Slot:
@@ -118,11 +128,14 @@ class Slot:
 
 
 def new_page_tables(core: Any, config: VMConfig) -> Any:
-    """The second-stage paging structures KVM builds on the modelled host: EPT with A/D
-    bits, execute-only and 1G pages, or long-mode NPT with host NX; MAXPHYADDR 48."""
-    return core.PageTables("ept" if config.ept else "npt", config.levels, ad_bits=True,
-                           exec_only=True, mbec=False, maxphyaddr=HOST_MAXPHYADDR,
-                           huge_1g=True, host_nx=True, host_smep=False)
+    """The second-stage paging structures KVM builds on the host: EPT with execute-only and
+    1G pages, A/D bits in the EPTP when the host has them (construct_eptp), or long-mode
+    NPT with host NX; the walk's MAXPHYADDR is the host's (for NPT with memory
+    encryption, the reduced width)."""
+    return core.PageTables("ept" if config.ept else "npt", config.levels,
+                           ad_bits=config.ad_enabled, exec_only=True, mbec=False,
+                           maxphyaddr=config.table_maxphyaddr, huge_1g=True, host_nx=True,
+                           host_smep=False)
 
 
 class _WriteLocked:

@@ -22,12 +22,13 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import numpy as np
 
 from . import _args, _invariants
+from ._host import Host, host_config
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
-from .constants import (ACCESS_LOOP_LIMIT, GMEM_FILE_PAGES, GMEM_PFN_BASE, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
-                        KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY, KVM_MMU_MAX_GFN,
+from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
+                        KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
-                        PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, USER_PTR_MAX, ExitReason,
+                        PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, ExitReason,
                         GuestMemfdFlag, KVM_X86_VALID_QUIRKS, DirtyLogManual, MemAttr, MemFlag,
                         Quirk, VMType)
 from .errors import KvmError
@@ -70,7 +71,9 @@ class GuestMemfd:
 
     ``size`` and ``flags`` are what it was created with; ``index`` is its number
     in the VM (creation order), which places its pages in host frames
-    ``GMEM_PFN_BASE + ((index * GMEM_FILE_PAGES + page) mod GMEM_PFN_BASE)``.
+    ``base + ((index * file_pages + page) mod base)``: on the default host
+    ``GMEM_PFN_BASE`` and ``GMEM_FILE_PAGES``, in general the upper half of the host's
+    physical space and an eighth of it at most per file.
     """
 
     __slots__ = ("_owner", "_frame", "index", "size", "flags")
@@ -88,7 +91,7 @@ class GuestMemfd:
         if page >= self.size >> PAGE_SHIFT:
             raise ValueError(f"page {page} is beyond the guest_memfd's "
                              f"{self.size >> PAGE_SHIFT} pages")
-        return int(self._frame(self.index, page))
+        return int(self._frame(self.index, page))   # gmem_frame with the VM's layout
 
     def __repr__(self) -> str:
         return f"GuestMemfd(index={self.index}, size={self.size:#x}, flags={self.flags:#x})"
@@ -173,15 +176,18 @@ class VM:
       level the way kvm_mmu_get_tdp_level does (5 levels only for a 52-bit guest).
     * ``nx_huge_pages`` turns on the iTLB-multihit NX huge page workaround.
 
-    The modelled host: x86-64 with 4-level paging (``USER_PTR_MAX``), MAXPHYADDR
-    ``HOST_MAXPHYADDR``, SMM support (two memslot address spaces for VMs without
-    private memory).
+    * ``eager_page_split`` is the module parameter of that name (dirty logging).
+    * ``host`` is the machine KVM runs on (``Host()``: 4-level paging, MAXPHYADDR 48,
+      EPT A/D bits and PML, memory encryption for SEV VMs); a VM it cannot run is a
+      ValueError.  Every host has SMM (two memslot address spaces for VMs without
+      private memory).
     """
 
     _core: Any = None  # the core module; set by each implementation's subclass (bind)
 
     def __init__(self, vm_type: Any = VMType.DEFAULT, *, vendor: Any = None, gpaw: Any = 48,
-                 nx_huge_pages: Any = False, eager_page_split: Any = True) -> None:
+                 nx_huge_pages: Any = False, eager_page_split: Any = True,
+                 host: Any = None) -> None:
         vm_type = _args.enum_member("vm_type", vm_type, VMType)
         implied = "svm" if vm_type in _SVM_TYPES else "vmx" if vm_type == VMType.TDX else None
         if vendor is not None and not isinstance(vendor, str):
@@ -191,8 +197,15 @@ class VM:
         if implied is not None and vendor not in (None, implied):
             raise ValueError(f"vendor {vendor!r} contradicts vm_type {vm_type.name}, which runs "
                              f"on {implied}")
+        if host is None:
+            host = Host()
+        if not isinstance(host, Host):
+            raise TypeError(f"host must be a Host, not {type(host).__name__}")
         self.vm_type: VMType = vm_type
         self.vendor: str = vendor or implied or "vmx"
+        #: The machine KVM runs on, and what KVM derives from it for this VM.
+        self.host: Host = host
+        self._host = host_config(host, vm_type, self.vendor)
         self.gpaw: int = _args.gpaw(gpaw)
         self.nx_huge_pages: bool = _args.flag("nx_huge_pages", nx_huge_pages)
         #: The eager_page_split module parameter (x86.c, default on).
@@ -208,18 +221,26 @@ class VM:
         # Per guest_memfd index: its bindings, {(as_id, slot id): (first page, end page)}.
         self._gmem_bindings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
         # kvm_mmu_get_tdp_level: 5-level EPT only for a guest wider than 48 bits (TDX: the
-        # GPAW picks it); NPT follows the host's 4-level paging.
-        self.tdp_levels: int = 5 if self.vendor == "vmx" and self.gpaw == 52 else 4
+        # GPAW picks it); NPT follows the host's paging (get_npt_level).
+        self.tdp_levels: int = ((5 if self.gpaw == 52 else 4) if self.vendor == "vmx"
+                                else self._host.npt_levels)
         #: kvm->arch.cpu_dirty_log_size != 0: vmx_vm_init sets it when enable_pml (the
-        #: modelled host has PML and EPT A/D bits); not for a TD, not on SVM.
-        self.pml: bool = self.vendor == "vmx" and vm_type != VMType.TDX
+        #: host has PML and EPT A/D bits); not for a TD, not on SVM.
+        self.pml: bool = self._host.pml
         self._config = VMConfig(self.vendor == "vmx", vm_type == VMType.TDX,
                                 vm_type == VMType.SW_PROTECTED, vm_type == VMType.SNP,
                                 self.has_private_mem, self.nr_memslot_as_ids, self.tdp_levels,
                                 self.shared_bit >> PAGE_SHIFT, self.nx_huge_pages,
                                 default_vm=vm_type == VMType.DEFAULT, pml=self.pml,
                                 eager_page_split=self.eager_page_split,
-                                pre_fault_allowed=vm_type not in (VMType.SNP, VMType.TDX))
+                                pre_fault_allowed=vm_type not in (VMType.SNP, VMType.TDX),
+                                ad_enabled=self._host.ad_enabled,
+                                mmio_caching=self._host.mmio_caching,
+                                npt_mmio_value=self._host.npt_mmio_mask,
+                                max_gfn=self._host.max_gfn,
+                                table_maxphyaddr=self._host.table_maxphyaddr,
+                                pfn_mask=self._host.pfn_mask, gmem_base=self._host.gmem_base,
+                                gmem_file_pages=self._host.gmem_file_pages)
         self._memory = VMMemory(self._core, self._config)
         # kvm_arch_init_vm (x86.c, 6.18): disabled_quirks = inapplicable_quirks &
         # supported_quirks.  Inapplicable are KVM_X86_CONDITIONAL_QUIRKS (CD_NW_CLEARED,
@@ -295,10 +316,12 @@ class VM:
                           f"{flags & ~supported:#x}")
         if size == 0 or size > _LOFF_MAX or size & _PAGE_MASK:
             raise _einval(f"guest_memfd size {size:#x} is not a positive multiple of the page size")
-        if len(self._gmem) * GMEM_FILE_PAGES >= GMEM_PFN_BASE:
+        base, pages = self._host.gmem_base, self._host.gmem_file_pages
+        if len(self._gmem) * pages >= base:
             raise KvmError(errno.ENOSPC, f"the model's guest_memfd frames hold "
-                                         f"{GMEM_PFN_BASE // GMEM_FILE_PAGES} files per VM")
-        gmem = GuestMemfd(self._token, len(self._gmem), size, flags, self._core.gmem_frame)
+                                         f"{base // pages} files per VM")
+        frame = functools.partial(self._core.gmem_frame, base, pages)
+        gmem = GuestMemfd(self._token, len(self._gmem), size, flags, frame)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
         return gmem
@@ -344,7 +367,7 @@ class VM:
         if uaddr & _PAGE_MASK:
             raise _einval(f"userspace_addr {uaddr:#x} is not page-aligned")
         end_uaddr = (uaddr + size) & _U64
-        if end_uaddr > USER_PTR_MAX or end_uaddr < uaddr:
+        if end_uaddr > self._host.user_ptr_max or end_uaddr < uaddr:
             raise _einval(f"userspace range {uaddr:#x}+{size:#x} fails access_ok")
         if gmem_flag and (offset & _PAGE_MASK or (offset + size) & _U64 < offset):
             raise _einval(f"guest_memfd_offset {offset:#x} is misaligned or wraps")
@@ -394,7 +417,7 @@ class VM:
         if change == "move":
             state.invalidate_slot(as_id, slot_id)
         last_gfn = base_gfn + npages - 1
-        if last_gfn > KVM_MMU_MAX_GFN or last_gfn & (self.shared_bit >> PAGE_SHIFT):
+        if last_gfn > self._host.max_gfn or last_gfn & (self.shared_bit >> PAGE_SHIFT):
             if change == "move":
                 state.reactivate_slot(as_id, slot_id)
             if gmem_flag:

@@ -30,8 +30,10 @@ __all__ = [
     "EPT_MEMTYPE_SHIFT", "EPT_MEMTYPE_MASK", "MemType", "PTE", "TDX_GPAW_SHARED_BIT",
     "KVM_INTERNAL_MEMSLOT_FLAGS", "KVM_MEMSLOT_INVALID", "KVM_MEMSLOT_GMEM_ONLY", "INVALID_GPA",
     "USER_PTR_MAX", "HOST_MAXPHYADDR", "GMEM_PFN_BASE", "GMEM_FILE_PAGES",
+    "USER_PTR_MAX_LA57", "SME_C_BIT", "SME_PHYS_BITS_REDUCTION",
     "SPTE", "SHADOW_NONPRESENT_VALUE", "KVM_PFN_NOSLOT", "EPT_MISCONFIG_WX_VALUE", "EPT_MMIO_MASK",
-    "NPT_MMIO_VALUE", "NPT_MMIO_ACCESS_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_BITS",
+    "NPT_MMIO_VALUE", "NPT_MMIO_ACCESS_MASK", "ACC_TRACK_SAVED_BITS_MASK",
+    "ACC_TRACK_SAVED_BITS_SHIFT", "SPTE_TDP_AD_MASK", "MMIO_SPTE_GEN_LOW_START", "MMIO_SPTE_GEN_LOW_BITS",
     "MMIO_SPTE_GEN_HIGH_START", "MMIO_SPTE_GEN_MASK", "ACC_EXEC", "ACC_WRITE", "ACC_USER",
     "ACC_ALL", "TDX_LOCAL_RETRY_LIMIT", "ACCESS_LOOP_LIMIT",
     "AccessFlags", "PT_LEVEL_BITS", "PT_ENTRIES", "PT_BASE_HPA", "PT_ROOT_MAX_LEVEL",
@@ -311,6 +313,13 @@ GMEM_FILE_PAGES = 1 << 28
 #: kvm_mmu_max_gfn() with TDP: the last gfn the host's MAXPHYADDR can address.  A memslot
 #: may not end above it, and a fault beyond it cannot get an MMIO SPTE.
 KVM_MMU_MAX_GFN = (1 << (HOST_MAXPHYADDR - PAGE_SHIFT)) - 1
+#: USER_PTR_MAX of a host with 5-level paging (TASK_SIZE_MAX = 2**56 - 4096).
+USER_PTR_MAX_LA57 = (1 << 56) - PAGE_SIZE
+#: The modelled AMD part with memory encryption (CPUID 0x8000001F EBX = 0x4173, an
+#: SNP-capable EPYC): the C-bit is bit 51, and SYSCFG MemEncryptionModEn reduces the
+#: physical address width by 5 bits (early_detect_mem_encrypt, arch/x86/kernel/cpu/amd.c).
+SME_C_BIT = 51
+SME_PHYS_BITS_REDUCTION = 5
 
 # --- TDX shared bit (arch/x86/kvm/vmx/tdx.c: TDX_SHARED_BIT_PWL_4 / _PWL_5) -------------
 
@@ -446,6 +455,12 @@ SHADOW_NONPRESENT_VALUE = 1 << 63
 #: EPT MMIO SPTEs: value W|X (a misconfiguration), matched under mask RWX|SVE.
 EPT_MISCONFIG_WX_VALUE = EPTE.WRITE.value | EPTE.EXEC.value
 EPT_MMIO_MASK = EPTE.READ.value | EPTE.WRITE.value | EPTE.EXEC.value | EPTE.SUPPRESS_VE.value
+#: Access tracking without A/D bits (spte.h): mark_spte_for_access_track keeps the R and X
+#: bits (SHADOW_ACC_TRACK_SAVED_BITS_MASK) at bits 54 and 56 and clears RWX
+#: (shadow_acc_track_mask) and the accessed bit; SPTE_TDP_AD_MASK holds the A/D type.
+ACC_TRACK_SAVED_BITS_MASK = EPTE.READ.value | EPTE.EXEC.value
+ACC_TRACK_SAVED_BITS_SHIFT = 54
+SPTE_TDP_AD_MASK = 3 << 52
 #: NPT MMIO SPTEs on a host with MAXPHYADDR < 52: value = mask = BIT(51) | P, with the
 #: access bits W|U kept (kvm_mmu_reset_all_pte_masks).
 NPT_MMIO_VALUE = (1 << 51) | PTE.PRESENT.value

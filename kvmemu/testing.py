@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvmemu import _select
+from kvmemu._host import Host
 from kvmemu._vm import GuestMemfd, MemSlot, Snapshot
 from kvmemu.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from kvmemu.results import AccessBatch
@@ -205,8 +206,10 @@ def _run(side: Side, op: tuple) -> Any:
     core, kind, args = side.core, op[0], op[1:]
     if kind == "vm":
         vm_type, vendor, gpaw, nx = args[:4]
+        host = args[5] if len(args) > 5 else None
         vm = core.VM(vm_type, vendor=vendor, gpaw=gpaw, nx_huge_pages=nx,
-                     eager_page_split=args[4] if len(args) > 4 else True)
+                     eager_page_split=args[4] if len(args) > 4 else True,
+                     host=None if host is None else Host(**host))
         side.vm, side.vcpus, side.gmems = vm, [], []
         return vm
     if kind == "vmx_ec":

@@ -200,10 +200,19 @@ def test_ept_mmio_spte_and_cache(kv):
     assert vm.page_tables.get_entry(0xC0000000, 1) == 0xC0000000 | (4 << 3) | 0x6
 
 
-def test_npt_mmio_spte_uses_reserved_bit_51(kv):
-    vm, vcpu = vm_with_slot(kv, VMType.SEV, gpa=0, size=GIB)
+@pytest.mark.parametrize("vm_type, mask", [
+    # kvm_mmu_reset_all_pte_masks: MAXPHYADDR 48 < 52, so bit 51 | P.
+    (VMType.DEFAULT, (1 << 51) | 1),
+    # svm_adjust_mmio_mask on a host with SYSCFG memory encryption (SEV VMs need it): the
+    # reserved bits from the reduced width 48 - 5 = 43 to 51, plus P.
+    (VMType.SEV, 0x000FF80000000001)])
+def test_npt_mmio_spte_uses_reserved_bits(kv, vm_type, mask):
+    vm = kv.VM(vm_type, vendor="svm")
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0x7F0000000)
+    vcpu = vm.create_vcpu()
     assert vcpu.access(0xC0000000) == MmioExit(0xC0000000, False)
-    assert vm.page_tables.get_entry(0xC0000000, 1) == (1 << 51) | 0xC0000000 | (2 << 3) | 0x7
+    assert vm.page_tables.get_entry(0xC0000000, 1) == mask | 0xC0000000 | (2 << 3) | 0x6
     exit_ = vm.page_tables.translate(0xC0000000)
     assert exit_.exit_info_1 == 0x10000000D                     # P|US|RSVD|GUEST_FINAL
     assert vcpu.handle_npf(0xC0000000, exit_.exit_info_1) == EMULATE

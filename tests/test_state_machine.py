@@ -1,6 +1,7 @@
 """A Hypothesis state machine drives a compiled-core VM and a pure-Python VM side by side.
 
-Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting),
+Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting, hosts
+of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
 host invalidations and THP level changes (also from stage hooks), pre-fault, accesses with every flag combination, batches with uint8
@@ -47,6 +48,10 @@ QUALIFICATION = st.integers(0, 0x1FF) | st.sampled_from(kvmfuzz.QUALS) | U64
 EXIT_INFO_1 = st.sampled_from(kvmfuzz.INFOS) | st.integers(0, 0x1F).map(
     lambda low: low | 1 << 32) | U64
 VM_TYPES = st.sampled_from((0, 1, 2, 3, 4, 5))
+HOSTS = st.sampled_from((None, None, {}, {"maxphyaddr": 52}, {"maxphyaddr": 40},
+                         {"la57": True}, {"ept_ad_bits": False}, {"pml": False},
+                         {"mem_encrypt": True}, {"maxphyaddr": 52, "mem_encrypt": True},
+                         {"maxphyaddr": 46, "la57": True, "ept_ad_bits": False}))
 
 
 class TwinVMs(RuleBasedStateMachine):
@@ -60,16 +65,17 @@ class TwinVMs(RuleBasedStateMachine):
         return self.twin.apply(op)
 
     @initialize(vm_type=VM_TYPES, gpaw=st.sampled_from((48, 52)), nx=st.booleans(),
-                vcpus=st.integers(1, 2), eager=st.booleans())
-    def create_vm(self, vm_type, gpaw, nx, vcpus, eager):
-        self.apply("vm", vm_type, None, gpaw, nx, eager)
+                vcpus=st.integers(1, 2), eager=st.booleans(), host=HOSTS)
+    def create_vm(self, vm_type, gpaw, nx, vcpus, eager, host):
+        if self.apply("vm", vm_type, None, gpaw, nx, eager, host)[0] == "raised":
+            self.apply("vm", vm_type, None, gpaw, nx, eager, None)   # a host it can run on
         for _ in range(vcpus):
             self.apply("vcpu")
 
     @rule(vm_type=VM_TYPES | st.integers(-2, 8), vendor=st.sampled_from((None, "vmx", "svm")),
-          gpaw=st.sampled_from((48, 52, 47)), nx=BOOL)
-    def recreate_vm(self, vm_type, vendor, gpaw, nx):
-        self.apply("vm", vm_type, vendor, gpaw, nx)
+          gpaw=st.sampled_from((48, 52, 47)), nx=BOOL, host=HOSTS)
+    def recreate_vm(self, vm_type, vendor, gpaw, nx, host):
+        self.apply("vm", vm_type, vendor, gpaw, nx, True, host)
         self.apply("vcpu")
 
     @rule()

@@ -35,6 +35,8 @@ cdef class SlotTable:
 
 cdef class Memslots:
     cdef readonly uint64_t supported_attributes
+    cdef readonly uint64_t pfn_mask             # the frames of user memory (lower half)
+    cdef readonly uint64_t gmem_base, gmem_file_pages   # guest_memfd frames (upper half)
     cdef readonly object counters           # numpy uint64 indexed by VmCounter
     cdef uint64_t* c                        # counters' memory
     cdef readonly SlotTable table           # the current memslots
@@ -50,6 +52,7 @@ cdef class Memslots:
     cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil
     cpdef bint mmu_invalidate_retry_gfn(self, uint64_t mmu_seq, uint64_t gfn) noexcept nogil
 
-cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil
+cpdef uint64_t gmem_frame(uint64_t base, uint64_t file_pages, uint64_t gmem_id,
+                          uint64_t page) noexcept nogil
 cdef void record_slot(object slot, SlotRecord* rec) except *
 cdef void mark_page_dirty_in_slot(const SlotRecord* slot, uint64_t gfn) noexcept nogil

@@ -16,10 +16,12 @@ import numpy as np
 from kvmemu import _args
 
 
-cpdef uint64_t gmem_frame(uint64_t gmem_id, uint64_t page) noexcept nogil:
+cpdef uint64_t gmem_frame(uint64_t base, uint64_t file_pages, uint64_t gmem_id,
+                          uint64_t page) noexcept nogil:
     """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
-    upper half of the host physical space, a GMEM_FILE_PAGES window per file."""
-    return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+    upper half of the host physical space (from frame ``base``), a window of
+    ``file_pages`` frames per file."""
+    return base + (gmem_id * file_pages + page) % base
 
 
 cdef void mark_page_dirty_in_slot(const SlotRecord* slot, uint64_t gfn) noexcept nogil:
@@ -122,6 +124,8 @@ cdef class Memslots:
     def __init__(self, config, counters):
         cdef uint64_t[::1] view = counters
         self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        self.pfn_mask = config.pfn_mask
+        self.gmem_base, self.gmem_file_pages = config.gmem_base, config.gmem_file_pages
         self.counters = counters
         self.c = &view[0]
         self.table = SlotTable([])
@@ -186,7 +190,15 @@ cdef class Memslots:
 
     def gmem_get_pfn(self, slot, uint64_t gfn):
         """The frame kvm_gmem_get_pfn gives for ``gfn`` of a guest_memfd-backed slot."""
-        return gmem_frame(slot.gmem_id, slot.gmem_pgoff + (gfn - slot.base_gfn))
+        return gmem_frame(self.gmem_base, self.gmem_file_pages, slot.gmem_id,
+                          slot.gmem_pgoff + (gfn - slot.base_gfn))
+
+    def hva_to_pfn(self, slot, uint64_t gfn):
+        """The host frame behind ``gfn`` of a slot's user memory (the fault path computes
+        it inline from its SlotRecord: the hva's page number within the lower half of
+        the host physical space)."""
+        cdef uint64_t uaddr = slot.userspace_addr, base = slot.base_gfn
+        return ((uaddr >> PAGE_SHIFT) + (gfn - base)) & self.pfn_mask
 
     # --- memory attributes ----------------------------------------------------------------
 

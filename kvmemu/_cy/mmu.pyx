@@ -216,7 +216,10 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
         return RET_PF_INVALID
     if vcpu.has_private_mem and f.is_private != vcpu.memslots.mem_is_private(f.gfn):
         return RET_PF_INVALID
-    if not f.present or not f.write:
+    if not f.present:
+        if mmu.ad_enabled:            # only access-tracked SPTEs are fixed when not present
+            return RET_PF_INVALID
+    elif not f.write:
         return RET_PF_INVALID
     mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
     for attempt in range(4):          # fast_page_fault gives up after 4 lost races
@@ -227,6 +230,8 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
             r = RET_PF_SPURIOUS
             break
         new = last.spte
+        if not mmu.ad_enabled and is_access_track_spte(&mmu.fmt, last.spte):
+            new = restore_acc_track_spte(&mmu.fmt, new) | mmu.fmt.accessed
         if f.write and last.spte & mmu.fmt.mmu_writable:
             new |= PTE_WRITABLE
             if (last.level > <int>PG_LEVEL_4K and f.has_slot
@@ -272,13 +277,15 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         if f.slot.gmem_id < 0:
             return prepare_memory_fault_exit(vcpu, f)
-        f.pfn = gmem_frame(f.slot.gmem_id, f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
+        f.pfn = gmem_frame(memslots.gmem_base, memslots.gmem_file_pages, f.slot.gmem_id,
+                           f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
         f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
         f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
     else:
         if f.slot.flags & MEM_FLAG_READONLY and f.write:
             return RET_PF_EMULATE   # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-        f.pfn = (f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn)
+        f.pfn = (((f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn))
+                 & memslots.pfn_mask)                  # Memslots.hva_to_pfn
         f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
@@ -291,7 +298,9 @@ cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept:
     if f.is_private:
         return prepare_memory_fault_exit(vcpu, f)
     vcpu_cache_mmio_info(vcpu, f.gfn)
-    if f.gfn > KVM_MMU_MAX_GFN:
+    if not vcpu.mmu.fmt.mmio_caching:
+        return RET_PF_EMULATE               # no MMIO SPTEs on this host
+    if f.gfn > vcpu.max_gfn:
         return RET_PF_EMULATE               # cannot encode an MMIO SPTE
     return RET_PF_CONTINUE
 

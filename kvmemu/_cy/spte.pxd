@@ -8,10 +8,18 @@ cdef struct SpteFormat:
     uint64_t present, user, x, nx, accessed, dirty
     uint64_t host_writable, mmu_writable, memtype
     uint64_t mmio_value, mmio_mask, mmio_access_mask
+    uint64_t ad_disabled        # SPTE_TDP_AD_DISABLED without A/D bits, else 0
+    uint64_t acc_track          # shadow_acc_track_mask: RWX for EPT, 0 for NPT
+    bint mmio_caching           # enable_mmio_caching
 
-cdef SpteFormat spte_format(bint ept, bint tdx) noexcept
+cdef SpteFormat spte_format(bint ept, bint tdx, bint ad_enabled,
+                            uint64_t npt_mmio_value) noexcept
 cdef uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_writable,
                         bint nx_huge_pages, bint prefetch) noexcept nogil
+cdef bint spte_ad_enabled(uint64_t spte) noexcept nogil
+cdef bint is_access_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil
+cdef uint64_t mark_spte_for_access_track(const SpteFormat* f, uint64_t spte) noexcept nogil
+cdef uint64_t restore_acc_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil
 cdef uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil
 cdef uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
                               uint64_t index, bint nx_huge_pages) noexcept nogil

@@ -10,11 +10,15 @@ cdef uint64_t GEN_HIGH_SHIFT = MMIO_SPTE_GEN_HIGH_START - MMIO_SPTE_GEN_LOW_BITS
 cdef uint64_t GEN_HIGH_MASK = (MMIO_SPTE_GEN_MASK >> MMIO_SPTE_GEN_LOW_BITS) << MMIO_SPTE_GEN_HIGH_START
 
 
-cdef SpteFormat spte_format(bint ept, bint tdx) noexcept:
-    """The SPTE masks KVM sets for the vendor (kvm_mmu_set_ept_masks /
+cdef SpteFormat spte_format(bint ept, bint tdx, bint ad_enabled,
+                            uint64_t npt_mmio_value) noexcept:
+    """The SPTE masks KVM sets for the vendor and host (kvm_mmu_set_ept_masks /
     kvm_mmu_reset_all_pte_masks, spte.c, 6.18; the twin's docstring lists them)."""
     cdef SpteFormat f
     f.ept = ept
+    f.ad_disabled = 0 if ad_enabled else SPTE_AD_DISABLED
+    f.acc_track = EPTE_READ | EPTE_WRITE | EPTE_EXEC if ept else 0
+    f.mmio_caching = ept or npt_mmio_value != 0
     if ept:
         f.present = EPTE_SUPPRESS_VE
         f.user = EPTE_READ
@@ -35,7 +39,7 @@ cdef SpteFormat spte_format(bint ept, bint tdx) noexcept:
         f.host_writable = SPTE_HOST_WRITABLE
         f.mmu_writable = SPTE_MMU_WRITABLE
         f.memtype = 0
-        f.mmio_value = f.mmio_mask = NPT_MMIO_VALUE
+        f.mmio_value = f.mmio_mask = npt_mmio_value
         f.mmio_access_mask = NPT_MMIO_ACCESS_MASK
     return f
 
@@ -43,8 +47,9 @@ cdef SpteFormat spte_format(bint ept, bint tdx) noexcept:
 cdef inline uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bint host_writable,
                                bint nx_huge_pages, bint prefetch) noexcept nogil:
     """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, never write-protected; the
-    accessed bit unless a prefetch."""
-    cdef uint64_t spte = SPTE_MMU_PRESENT | f.present | (0 if prefetch else f.accessed)
+    A/D type, the accessed bit unless a prefetch, a prefetch's SPTE access-tracked."""
+    cdef uint64_t spte = (SPTE_MMU_PRESENT | f.ad_disabled | f.present
+                          | (0 if prefetch else f.accessed))
     cdef uint64_t access = ACC_ALL
     if level > <int>PG_LEVEL_4K and nx_huge_pages:    # huge leaves are never executable
         access &= ~ACC_EXEC
@@ -60,12 +65,44 @@ cdef inline uint64_t make_spte(const SpteFormat* f, int level, uint64_t pfn, bin
     spte |= pfn << PAGE_SHIFT
     if access & ACC_WRITE:                           # D is set together with W
         spte |= PTE_WRITABLE | f.mmu_writable | f.dirty
+    if prefetch:
+        spte = mark_spte_for_access_track(f, spte)
     return spte
 
 
+cdef inline bint spte_ad_enabled(uint64_t spte) noexcept nogil:
+    """spte_ad_enabled (spte.h, 6.18)."""
+    return (spte & SPTE_TDP_AD_MASK) != SPTE_AD_DISABLED
+
+
+cdef inline bint is_access_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil:
+    """is_access_track_spte (spte.h, 6.18)."""
+    return not spte_ad_enabled(spte) and not (spte & f.acc_track)
+
+
+cdef inline uint64_t mark_spte_for_access_track(const SpteFormat* f,
+                                                uint64_t spte) noexcept nogil:
+    """Models mark_spte_for_access_track (spte.c, 6.18)."""
+    if spte_ad_enabled(spte):
+        return spte & ~f.accessed
+    if is_access_track_spte(f, spte):
+        return spte
+    spte |= (spte & ACC_TRACK_SAVED_BITS_MASK) << ACC_TRACK_SAVED_BITS_SHIFT
+    return spte & ~(f.acc_track | f.accessed)
+
+
+cdef inline uint64_t restore_acc_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil:
+    """Models restore_acc_track_spte (spte.h, 6.18)."""
+    cdef uint64_t saved = (spte >> ACC_TRACK_SAVED_BITS_SHIFT) & ACC_TRACK_SAVED_BITS_MASK
+    spte &= ~f.acc_track
+    spte &= ~(<uint64_t>ACC_TRACK_SAVED_BITS_MASK << ACC_TRACK_SAVED_BITS_SHIFT)
+    return spte | saved
+
+
 cdef inline uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil:
-    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set (A/D enabled)."""
-    return SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x | f.accessed
+    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set, or AD_DISABLED."""
+    return (SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x
+            | (f.ad_disabled if f.ad_disabled else f.accessed))
 
 
 cdef inline uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
@@ -102,8 +139,8 @@ cdef inline uint64_t make_mmio_spte(const SpteFormat* f, uint64_t gfn,
 
 
 cdef inline bint is_mmio_spte(const SpteFormat* f, uint64_t spte) noexcept nogil:
-    """is_mmio_spte (spte.h, 6.18)."""
-    return (spte & f.mmio_mask) == f.mmio_value
+    """is_mmio_spte (spte.h, 6.18): never without MMIO caching."""
+    return f.mmio_caching and (spte & f.mmio_mask) == f.mmio_value
 
 
 cdef inline bint is_executable_pte(const SpteFormat* f, uint64_t spte) noexcept nogil:

@@ -74,10 +74,10 @@ cdef class TdpMmu:
     """The VM's TDP MMU: its roots and what changes their SPTEs."""
 
     def __init__(self, config, make_tables):
-        self.fmt = spte_format(config.ept, config.tdx)
+        self.fmt = spte_format(config.ept, config.tdx, config.ad_enabled, config.npt_mmio_value)
         self.levels = config.levels
         self.nx_huge_pages = config.nx_huge_pages
-        self.ad_enabled = True
+        self.ad_enabled = config.ad_enabled
         self.direct = Root(make_tables(), config.direct_bits_gfn)
         self.mirror = Root(make_tables(), 0) if config.tdx else None
         self.share_lock(RwLock())

@@ -16,6 +16,7 @@ cdef class VCPUState:
     cdef readonly uint64_t direct_bits_gfn
     cdef readonly int levels
     cdef readonly bint pre_fault_allowed    # kvm->arch.pre_fault_allowed
+    cdef readonly uint64_t max_gfn          # kvm_mmu_max_gfn()
     cdef readonly bint pml_on               # enable_pml for this VM (cpu_dirty_log_size)
     cdef PmlLog pml                         # the vCPU's page-modification log
     cdef uint64_t counters[6]               # indexed by PfStat

@@ -47,6 +47,7 @@ cdef class VCPUState:
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
         self.pre_fault_allowed = config.pre_fault_allowed
+        self.max_gfn = config.max_gfn
         self.pml_on = config.pml
         self.pml.index = PML_LOG_NR_ENTRIES - 1
         memset(self.counters, 0, sizeof(self.counters))
@@ -80,6 +81,7 @@ cdef class VCPUState:
                                                         self.nx_huge_pages, self.levels)
         memcpy(c.counters, self.counters, sizeof(self.counters))
         c.pre_fault_allowed = self.pre_fault_allowed
+        c.max_gfn = self.max_gfn
         c.pml_on = self.pml_on
         c.pml = self.pml
         c.exit_reason = self.exit_reason

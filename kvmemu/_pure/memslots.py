@@ -23,10 +23,11 @@ from .cnames import *  # noqa: F403  (the constants under their C names)
 from .locking import atomic_or64
 
 
-def gmem_frame(gmem_id: int, page: int) -> int:
+def gmem_frame(base: int, file_pages: int, gmem_id: int, page: int) -> int:
     """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
-    upper half of the host physical space, a GMEM_FILE_PAGES window per file."""
-    return GMEM_PFN_BASE + (gmem_id * GMEM_FILE_PAGES + page) % GMEM_PFN_BASE
+    upper half of the host physical space (from frame ``base``), a window of
+    ``file_pages`` frames per file."""
+    return base + (gmem_id * file_pages + page) % base
 
 
 def mark_page_dirty_in_slot(slot: Any, gfn: int) -> None:
@@ -77,6 +78,9 @@ class Memslots:
 
     def __init__(self, config: Any, counters: np.ndarray) -> None:
         self.supported_attributes = MEM_ATTR_PRIVATE if config.has_private_mem else 0
+        #: The host's frames: user memory below gmem_base, guest_memfd files above.
+        self.pfn_mask = config.pfn_mask
+        self.gmem_base, self.gmem_file_pages = config.gmem_base, config.gmem_file_pages
         #: The uint64 array kvmemu._memory writes, indexed by VmCounter.
         self.counters = counters
         self.table = SlotTable([])
@@ -134,7 +138,14 @@ class Memslots:
 
     def gmem_get_pfn(self, slot: Any, gfn: int) -> int:
         """The frame kvm_gmem_get_pfn gives for ``gfn`` of a guest_memfd-backed slot."""
-        return gmem_frame(slot.gmem_id, slot.gmem_pgoff + (gfn - slot.base_gfn))
+        return gmem_frame(self.gmem_base, self.gmem_file_pages, slot.gmem_id,
+                          slot.gmem_pgoff + (gfn - slot.base_gfn))
+
+    def hva_to_pfn(self, slot: Any, gfn: int) -> int:
+        """The host frame behind ``gfn`` of a slot's user memory (__gfn_to_hva_memslot, then
+        the host's page tables): in the model, the hva's page number within the lower
+        half of the host physical space."""
+        return ((slot.userspace_addr >> PAGE_SHIFT) + (gfn - slot.base_gfn)) & self.pfn_mask
 
     # --- memory attributes ----------------------------------------------------------------
 

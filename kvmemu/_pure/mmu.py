@@ -255,14 +255,18 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     """Models page_fault_can_be_fast and fast_page_fault (mmu.c, 6.18): a write to a
     present leaf that the MMU may make writable (write-protected for dirty logging) is
     fixed locklessly, except a huge leaf of a dirty-logged slot, which the slow path
-    splits."""
+    splits; without A/D bits an access-tracked leaf (any fault on it is not-present)
+    gets its R and X back and the accessed bit."""
     if fault.rsvd:
         return RET_PF_INVALID
     if vcpu.has_private_mem and fault.is_private != vcpu.memslots.mem_is_private(fault.gfn):
         return RET_PF_INVALID
-    if not fault.present or not fault.write:
-        return RET_PF_INVALID
     mmu = vcpu.mmu
+    if not fault.present:
+        if mmu.ad_enabled:            # only access-tracked SPTEs are fixed when not present
+            return RET_PF_INVALID
+    elif not fault.write:
+        return RET_PF_INVALID
     r = RET_PF_INVALID
     mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
     try:
@@ -274,6 +278,8 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
                 r = RET_PF_SPURIOUS
                 break
             new = value
+            if not mmu.ad_enabled and spte.is_access_track_spte(mmu.fmt, value):
+                new = spte.restore_acc_track_spte(mmu.fmt, new) | mmu.fmt.accessed
             if fault.write and value & mmu.fmt.mmu_writable:
                 new |= PTE_WRITABLE
                 if (level > PG_LEVEL_4K and fault.slot is not None
@@ -328,7 +334,7 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     else:
         if slot.flags & MEM_FLAG_READONLY and fault.write:
             return RET_PF_EMULATE            # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-        fault.pfn = (slot.userspace_addr >> PAGE_SHIFT) + (fault.gfn - slot.base_gfn)
+        fault.pfn = memslots.hva_to_pfn(slot, fault.gfn)
         fault.map_writable = not slot.flags & MEM_FLAG_READONLY
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
@@ -337,11 +343,14 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
 
 def handle_noslot_fault(vcpu: Any, fault: FaultRecord) -> int:
     """Models kvm_handle_noslot_fault (mmu.c, 6.18): private -> memory fault; shared ->
-    MMIO, cached, and an MMIO SPTE unless the gfn is beyond kvm_mmu_max_gfn()."""
+    MMIO, cached, and an MMIO SPTE unless MMIO caching is off or the gfn is beyond
+    kvm_mmu_max_gfn()."""
     if fault.is_private:
         return prepare_memory_fault_exit(vcpu, fault)
     vcpu_cache_mmio_info(vcpu, fault.gfn)
-    if fault.gfn > KVM_MMU_MAX_GFN:
+    if not vcpu.mmu.fmt.mmio_caching:
+        return RET_PF_EMULATE                # no MMIO SPTEs on this host
+    if fault.gfn > vcpu.max_gfn:
         return RET_PF_EMULATE                # cannot encode an MMIO SPTE
     return RET_PF_CONTINUE
 

@@ -23,7 +23,8 @@ class SpteFormat:
     shadow_memtype_mask's value for WB, and the MMIO value, mask and access mask."""
 
     __slots__ = ("ept", "present", "user", "x", "nx", "accessed", "dirty", "host_writable",
-                 "mmu_writable", "memtype", "mmio_value", "mmio_mask", "mmio_access_mask")
+                 "mmu_writable", "memtype", "mmio_value", "mmio_mask", "mmio_access_mask",
+                 "ad_disabled", "acc_track", "mmio_caching")
     ept: bool
     present: int
     user: int
@@ -37,9 +38,13 @@ class SpteFormat:
     mmio_value: int
     mmio_mask: int
     mmio_access_mask: int
+    ad_disabled: int        # SPTE_TDP_AD_DISABLED in every SPTE without A/D bits, else 0
+    acc_track: int          # shadow_acc_track_mask: RWX for EPT, 0 for NPT
+    mmio_caching: bool      # enable_mmio_caching
 
 
-def spte_format(ept: bool, tdx: bool) -> SpteFormat:
+def spte_format(ept: bool, tdx: bool, ad_enabled: bool = True,
+                npt_mmio_value: int = NPT_MMIO_VALUE) -> SpteFormat:
     """The SPTE masks KVM sets for the vendor.
 
     EPT (kvm_mmu_set_ept_masks with A/D bits and execute-only support): present =
@@ -47,10 +52,16 @@ def spte_format(ept: bool, tdx: bool) -> SpteFormat:
     memtype WB with IPAT (WB without IPAT for TDX, whose IGNORE_GUEST_PAT quirk is off),
     MMIO value W|X (0 for TDX) under mask RWX|SVE.  NPT (kvm_mmu_reset_all_pte_masks):
     present = P, user = U, NX for no exec, A/D bits 5/6, host/MMU-writable bits 9/10,
-    no memtype, MMIO value = mask = BIT(51)|P with access bits W|U.
+    no memtype, MMIO value = mask = ``npt_mmio_value`` (BIT(51)|P on the default host; 0
+    turns MMIO caching off) with access bits W|U.  Without EPT A/D bits
+    (``ad_enabled`` false) every SPTE carries SPTE_TDP_AD_DISABLED (root role
+    ad_disabled); the accessed and dirty masks stay bits 8 and 9.
     """
     f = SpteFormat()
     f.ept = ept
+    f.ad_disabled = 0 if ad_enabled else SPTE_AD_DISABLED
+    f.acc_track = EPTE_READ | EPTE_WRITE | EPTE_EXEC if ept else 0
+    f.mmio_caching = ept or npt_mmio_value != 0
     if ept:
         f.present = EPTE_SUPPRESS_VE
         f.user = EPTE_READ
@@ -71,7 +82,7 @@ def spte_format(ept: bool, tdx: bool) -> SpteFormat:
         f.host_writable = SPTE_HOST_WRITABLE
         f.mmu_writable = SPTE_MMU_WRITABLE
         f.memtype = 0
-        f.mmio_value = f.mmio_mask = NPT_MMIO_VALUE
+        f.mmio_value = f.mmio_mask = npt_mmio_value
         f.mmio_access_mask = NPT_MMIO_ACCESS_MASK
     return f
 
@@ -79,8 +90,9 @@ def spte_format(ept: bool, tdx: bool) -> SpteFormat:
 def make_spte(f: SpteFormat, level: int, pfn: int, host_writable: bool, nx_huge_pages: bool,
               prefetch: bool = False) -> int:
     """Models make_spte (spte.c, 6.18) for a TDP fault: ACC_ALL, never write-protected; the
-    accessed bit unless a prefetch (mark_spte_for_access_track with A/D bits: A clear)."""
-    spte = SPTE_MMU_PRESENT | f.present | (0 if prefetch else f.accessed)
+    A/D type, the accessed bit unless a prefetch, and a prefetch's SPTE access-tracked
+    (mark_spte_for_access_track)."""
+    spte = SPTE_MMU_PRESENT | f.ad_disabled | f.present | (0 if prefetch else f.accessed)
     access = ACC_ALL
     if level > PG_LEVEL_4K and nx_huge_pages:        # huge leaves are never executable
         access &= ~ACC_EXEC
@@ -96,12 +108,44 @@ def make_spte(f: SpteFormat, level: int, pfn: int, host_writable: bool, nx_huge_
     spte |= pfn << PAGE_SHIFT
     if access & ACC_WRITE:                           # D is set together with W
         spte |= PTE_WRITABLE | f.mmu_writable | f.dirty
+    if prefetch:
+        spte = mark_spte_for_access_track(f, spte)
     return spte
 
 
+def spte_ad_enabled(spte: int) -> bool:
+    """spte_ad_enabled (spte.h, 6.18): the A/D type is not AD_DISABLED."""
+    return spte & SPTE_TDP_AD_MASK != SPTE_AD_DISABLED
+
+
+def is_access_track_spte(f: SpteFormat, spte: int) -> bool:
+    """is_access_track_spte (spte.h, 6.18)."""
+    return not spte_ad_enabled(spte) and not spte & f.acc_track
+
+
+def mark_spte_for_access_track(f: SpteFormat, spte: int) -> int:
+    """Models mark_spte_for_access_track (spte.c, 6.18): with A/D bits only A goes; without,
+    R and X are kept at bits 54 and 56 and RWX and A cleared (W is not kept)."""
+    if spte_ad_enabled(spte):
+        return spte & ~f.accessed
+    if is_access_track_spte(f, spte):
+        return spte
+    spte |= (spte & ACC_TRACK_SAVED_BITS_MASK) << ACC_TRACK_SAVED_BITS_SHIFT
+    return spte & ~(f.acc_track | f.accessed)
+
+
+def restore_acc_track_spte(f: SpteFormat, spte: int) -> int:
+    """Models restore_acc_track_spte (spte.h, 6.18): the saved R and X back in place."""
+    saved = (spte >> ACC_TRACK_SAVED_BITS_SHIFT) & ACC_TRACK_SAVED_BITS_MASK
+    spte &= ~f.acc_track
+    spte &= ~(ACC_TRACK_SAVED_BITS_MASK << ACC_TRACK_SAVED_BITS_SHIFT)
+    return spte | saved
+
+
 def make_nonleaf_spte(f: SpteFormat, child_hpa: int) -> int:
-    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set (A/D enabled)."""
-    return SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x | f.accessed
+    """Models make_nonleaf_spte (spte.c, 6.18): full access; A set, or AD_DISABLED."""
+    return (SPTE_MMU_PRESENT | child_hpa | f.present | PTE_WRITABLE | f.user | f.x
+            | (f.ad_disabled if f.ad_disabled else f.accessed))
 
 
 def make_small_spte(f: SpteFormat, huge_spte: int, child_level: int, index: int,
@@ -136,8 +180,8 @@ def make_mmio_spte(f: SpteFormat, gfn: int, generation: int) -> int:
 
 
 def is_mmio_spte(f: SpteFormat, spte: int) -> bool:
-    """is_mmio_spte (spte.h, 6.18)."""
-    return (spte & f.mmio_mask) == f.mmio_value
+    """is_mmio_spte (spte.h, 6.18): never without MMIO caching."""
+    return f.mmio_caching and (spte & f.mmio_mask) == f.mmio_value
 
 
 def is_executable_pte(f: SpteFormat, spte: int) -> bool:

@@ -63,6 +63,8 @@ class VCPUState:
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
+        #: kvm_mmu_max_gfn().
+        self.max_gfn = config.max_gfn
         #: kvm->arch.pre_fault_allowed.
         self.pre_fault_allowed = config.pre_fault_allowed
         #: enable_pml for this VM (kvm->arch.cpu_dirty_log_size), and the vCPU's log.
