@@ -311,3 +311,36 @@ def test_without_the_stale_check_the_race_maps_the_wrong_frame(kv, vm_type):
     assert problems, "the race never happened: the test could not fail"
     assert any("maps frame" in p or "maps a private" in p or "maps a shared" in p
                for p in problems), problems
+
+
+def test_a_fault_waits_out_a_host_invalidation_on_another_thread(kv):
+    """The MMU-notifier race with real threads: while another thread holds a host
+    invalidation of the page, the vCPU's fault retries (mmu_invalidate_retry_gfn); when
+    it ends, the access maps the page.  Meanwhile dirty logging and pre-fault run on a
+    third thread, on other pages."""
+    vm = kv.VM(VMType.DEFAULT)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=64 * MIB,
+                              userspace_addr=GIB, flags=MemFlag.LOG_DIRTY_PAGES)
+    vcpu, other = vm.create_vcpu(), vm.create_vcpu()
+    handle = vm.invalidate_host_range(GIB + 0x5000, 0x1000)
+    started = threading.Event()
+    results = []
+
+    def fault():
+        started.set()
+        results.append(vcpu.access(0x5000, write=True))
+
+    def end_later():
+        started.wait(30)
+        time.sleep(0.01)
+        handle.end()
+
+    def busy():
+        for i in range(scale(kv, 200, 20)):
+            other.pre_fault_memory((8 * MIB) + (i << 12), 0x1000)
+            vm.get_dirty_log(0)
+
+    run_threads(fault, end_later, busy)
+    assert results[0].hpa == GIB + 0x5000
+    assert vcpu.stats["pf_taken"] > 1 and vcpu.stats["pf_fixed"] == 1
+    assert vm.mmu_invalidate_in_progress == 0 and vm.check_invariants() == []
