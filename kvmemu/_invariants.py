@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._pure.levels import gfn_to_index, pages_per_hpage
-from .constants import (KVM_MEMSLOT_GMEM_ONLY, PAGE_SHIFT, PG_LEVEL_1G,
+from .constants import (EPTE, KVM_MEMSLOT_GMEM_ONLY, PAGE_SHIFT, PG_LEVEL_1G,
                         PG_LEVEL_4K, PT_BASE_HPA, PT_ENTRIES, PTE, SPTE, SPTE_BASE_ADDR_MASK,
                         MemAttr, MemFlag, VMType)
 
@@ -27,6 +27,8 @@ def check_invariants(vm: Any) -> list[str]:
       other private-memory VMs the frame kind matches the gfn's attributes;
     * no huge leaf crosses a memslot edge, spans mixed attributes, or sits where
       lpage_info disallows it;
+    * a writable leaf of a slot that logs dirty pages has its pages' bits set in the
+      dirty bitmap, unless PML will see the next write (its dirty bit is clear);
     * the per-level leaf counts in ``stats`` equal the leaves found;
     * each vCPU's fault counters agree with kvm_mmu_page_fault's accounting.
     """
@@ -66,6 +68,15 @@ def check_invariants(vm: Any) -> list[str]:
             problems.append(f"{where} maps frame {frame:#x}, not {pfn:#x}")
         if spte & PTE.WRITABLE.value and slot.flags & MemFlag.READONLY.value:
             problems.append(f"{where} is writable in a READONLY memslot")
+        bitmap = slot.dirty_bitmap
+        if (bitmap is not None and spte & PTE.WRITABLE.value
+                and not (memory.config.pml and not spte & EPTE.DIRTY.value)):
+            first = gfn - slot.base_gfn
+            for page in range(first, first + n):
+                if not int(bitmap[page >> 6]) >> (page & 63) & 1:
+                    problems.append(f"{where} is writable, page {page} is not in the dirty "
+                                    f"log and no write to it would be logged")
+                    break
 
     for tables, gfn_bits, is_mirror in roots:
         mem = tables.tables
