@@ -15,6 +15,7 @@ from .constants import __all__ as _constants_all
 from ._host import Host
 from ._vm import GuestMemfd, HostInvalidation, MemSlot
 from .errors import KvmError
+from .results import HypercallExit
 
 IMPLEMENTATION: str = _select.default_implementation()
 
@@ -24,5 +25,5 @@ for _name in _select.CORE_NAMES:
 del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
-           "HostInvalidation", "Host",
+           "HostInvalidation", "Host", "HypercallExit",
            "IMPLEMENTATION", "__version__"]

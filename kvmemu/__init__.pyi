@@ -63,6 +63,17 @@ from .constants import (
     Quirk as Quirk,
     KVM_X86_VALID_QUIRKS as KVM_X86_VALID_QUIRKS,
     DirtyLogManual as DirtyLogManual,
+    KVM_HC_VAPIC_POLL_IRQ as KVM_HC_VAPIC_POLL_IRQ,
+    KVM_HC_KICK_CPU as KVM_HC_KICK_CPU,
+    KVM_HC_CLOCK_PAIRING as KVM_HC_CLOCK_PAIRING,
+    KVM_HC_SEND_IPI as KVM_HC_SEND_IPI,
+    KVM_HC_SCHED_YIELD as KVM_HC_SCHED_YIELD,
+    KVM_HC_MAP_GPA_RANGE as KVM_HC_MAP_GPA_RANGE,
+    KVM_ENOSYS as KVM_ENOSYS,
+    KVM_EOPNOTSUPP as KVM_EOPNOTSUPP,
+    KVM_EXIT_HYPERCALL_VALID_MASK as KVM_EXIT_HYPERCALL_VALID_MASK,
+    KVM_EXIT_HYPERCALL_LONG_MODE as KVM_EXIT_HYPERCALL_LONG_MODE,
+    MapGpaFlag as MapGpaFlag,
     PML_LOG_NR_ENTRIES as PML_LOG_NR_ENTRIES,
     MemFlag as MemFlag,
     MemType as MemType,
@@ -96,6 +107,7 @@ from .results import (
     EptViolation as EptViolation,
     MemoryFaultExit as MemoryFaultExit,
     MmioExit as MmioExit,
+    HypercallExit as HypercallExit,
     NestedPageFault as NestedPageFault,
     Translation as Translation,
 )
@@ -168,6 +180,9 @@ class VM:
     def get_memory_attributes(self, gfn: int) -> int: ...
     def enable_manual_dirty_log_protect(self, initially_set: bool = False) -> None: ...
     def invalidate_host_range(self, hva: int, size: int) -> HostInvalidation: ...
+    def enable_exit_hypercall(self, mask: int) -> None: ...
+    @property
+    def hypercall_exit_enabled(self) -> int: ...
     def set_host_level(self, slot: int, level: int) -> None: ...
     @property
     def manual_dirty_log_protect(self) -> DirtyLogManual: ...
@@ -210,6 +225,8 @@ class KvmRun:
     def memory_fault(self) -> tuple[int, int, int]: ...
     @property
     def mmio(self) -> tuple[int, bool]: ...
+    @property
+    def hypercall(self) -> tuple[int, tuple[int, ...], int, int]: ...
 
 class VCPU:
     """A vCPU (see kvmemu._vm.VCPU for the full contract)."""
@@ -230,6 +247,10 @@ class VCPU:
     def access(self, gpa: _Int, *, write: bool = False, fetch: bool = False,
                user: bool = False, stage: str = "final",
                encrypted: bool = False) -> Translation | MemoryFaultExit | MmioExit: ...
+    def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0,
+                  a3: int = 0) -> int | HypercallExit: ...
+    def complete_hypercall(self, ret: int) -> int | HypercallExit: ...
+    def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int: ...
     def access_many(self, gpas: U64Array,
                     flags: int | npt.NDArray[np.uint8] = 0) -> AccessBatch: ...
 

@@ -748,7 +748,10 @@ class VMMemory:
         try:
             slot.host_level = level
             if slot.as_id == 0:
-                self._publish_slots()
+                # Not a memslot change: faults that read the old level are inside the
+                # invalidation and retry, so nothing waits for them (a THP collapse never
+                # waits for kvm->srcu).
+                self._publish_slots(synchronize=False)
         finally:
             if found:
                 self.invalidate_host_range_end()

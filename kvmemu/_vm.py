@@ -23,6 +23,7 @@ import numpy as np
 
 from . import _args, _invariants
 from ._host import Host, host_config
+from ._hypercall import NO_HYPERCALL, complete_hypercall, emulate_hypercall
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
@@ -30,7 +31,7 @@ from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_M
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, ExitReason,
                         GuestMemfdFlag, KVM_X86_VALID_QUIRKS, DirtyLogManual, MemAttr, MemFlag,
-                        Quirk, VMType)
+                        KVM_EXIT_HYPERCALL_VALID_MASK, Quirk, VMType)
 from .errors import KvmError
 from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
                       NestedPageFault, Translation)
@@ -101,11 +102,12 @@ class HostInvalidation:
     """An MMU-notifier invalidation of host memory in progress (``VM.invalidate_host_range``):
     ``end()`` (or leaving a ``with`` block) finishes it, once."""
 
-    __slots__ = ("_vm", "_memory", "_found", "_ended", "hva", "size")
+    __slots__ = ("_vm", "_memory", "_found", "_ended", "_thread", "hva", "size")
 
     def __init__(self, vm: "VM", memory: VMMemory, found: bool, hva: int, size: int) -> None:
         self._vm = vm
         self._memory = memory
+        self._thread = threading.get_ident()
         self._found = found
         self._ended = False
         self.hva = hva
@@ -128,6 +130,7 @@ class HostInvalidation:
             self._vm._host_invalidations.discard(self)
             if self._found:
                 self._memory.invalidate_host_range_end()
+            self._vm._invalidations_done.notify_all()
         self._vm._flush_trace()
 
     def __enter__(self) -> "HostInvalidation":
@@ -252,11 +255,14 @@ class VM:
             initial |= Quirk.IGNORE_GUEST_PAT
         self._memory.disable_quirks(initial.value)
         self._vcpus: list[VCPU] = []
+        self._hypercall_exit_enabled = 0
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
         self._lock = threading.RLock()
+        #: Signalled when a host invalidation ends (memslot changes wait for them all).
+        self._invalidations_done = threading.Condition(self._lock)
 
     def __reduce__(self) -> Any:
         raise TypeError("a VM cannot be copied or pickled (it owns vCPUs and tables); "
@@ -285,6 +291,22 @@ class VM:
             raise KvmError(errno.EINVAL, f"quirk bits {value & ~KVM_X86_VALID_QUIRKS:#x} "
                                          f"are not supported")
         self._memory.disable_quirks(value)
+
+    @_ioctl
+    def enable_exit_hypercall(self, mask: Any) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) (kvm_vm_ioctl_enable_cap, x86.c, 6.18):
+        the hypercalls that exit to userspace; only ``1 << KVM_HC_MAP_GPA_RANGE`` exists
+        (EINVAL for any other bit).  The mask replaces the previous one."""
+        value = _args.u64("mask", mask)
+        if value & ~KVM_EXIT_HYPERCALL_VALID_MASK:
+            raise KvmError(errno.EINVAL, f"hypercall bits {value & ~KVM_EXIT_HYPERCALL_VALID_MASK:#x} "
+                                         f"cannot exit to userspace")
+        self._hypercall_exit_enabled = value
+
+    @property
+    def hypercall_exit_enabled(self) -> int:
+        """kvm->arch.hypercall_exit_enabled."""
+        return self._hypercall_exit_enabled
 
     @property
     def disabled_quirks(self) -> Quirk:
@@ -336,8 +358,22 @@ class VM:
 
         ``slot`` and ``flags`` are u32 (bits 31:16 of ``slot`` are the address space);
         ``memory_size`` 0 deletes.  ``host_level`` (1-3) is the level at which the host
-        maps the slot's userspace memory.  Raises KvmError with KVM's errno.
+        maps the slot's userspace memory.  Raises KvmError with KVM's errno.  A change
+        waits for host invalidations in progress on other threads to end (and is then
+        checked again from the start).
         """
+        while True:
+            try:
+                return self._set_memory_region(slot, guest_phys_addr, memory_size,
+                                               userspace_addr, flags, guest_memfd,
+                                               guest_memfd_offset, host_level)
+            except _WaitedForInvalidations:
+                continue
+
+    def _set_memory_region(self, slot: Any, guest_phys_addr: Any, memory_size: Any,
+                           userspace_addr: Any, flags: Any, guest_memfd: Any,
+                           guest_memfd_offset: Any, host_level: Any) -> None:
+        """set_user_memory_region's body, with the VM's lock held."""
         slot = _args.u32("slot", slot)
         gpa = _args.u64("guest_phys_addr", guest_phys_addr)
         size = _args.u64("memory_size", memory_size)
@@ -384,6 +420,7 @@ class VM:
         if not size:
             if old is None:
                 raise _einval(f"slot {slot:#x} does not exist")
+            self._wait_for_host_invalidations()
             self._delete_slot(as_id, slot_id, old)
             return
         base_gfn = gpa >> PAGE_SHIFT
@@ -407,6 +444,7 @@ class VM:
             raise KvmError(errno.EEXIST,
                            f"GPA range {gpa:#x}+{size:#x} overlaps another memslot")
         gmem_index, pgoff = -1, 0
+        self._wait_for_host_invalidations()
         if gmem_flag:
             gmem_index, pgoff = self._gmem_bind(guest_memfd, offset, npages, (as_id, slot_id))
             if self._gmem[gmem_index].flags & GuestMemfdFlag.MMAP.value:
@@ -428,6 +466,21 @@ class VM:
         else:
             state.create_slot(as_id, slot_id, base_gfn, npages, flags, uaddr, gmem_index, pgoff,
                               host_level)
+
+    def _wait_for_host_invalidations(self) -> None:
+        """kvm_swap_active_memslots (kvm_main.c, 6.18) waits while host invalidations are
+        in progress (mn_active_invalidate_count), so that their start and end see the
+        same memslots.  The caller holds the VM's lock, which the wait gives up.  An
+        invalidation begun on this very thread could never end: RuntimeError."""
+        me = threading.get_ident()
+        if not self._host_invalidations:
+            return
+        while self._host_invalidations:
+            if any(h._thread == me for h in self._host_invalidations):
+                raise RuntimeError("a host invalidation begun on this thread is in progress: "
+                                   "end() it before changing memslots")
+            self._invalidations_done.wait()
+        raise _WaitedForInvalidations        # the lock was given up: check everything again
 
     def _gmem_bind(self, gmem: Any, offset: int, npages: int, key: tuple[int, int]) -> tuple[int, int]:
         """kvm_gmem_bind: EBADF without a file, EINVAL for a foreign file or a bad range."""
@@ -756,6 +809,7 @@ class VM:
             memory.mmu.set_tracer(self._tracer)
         del self._vcpus[len(vcpu_states):]
         self._host_invalidations.clear()      # they belong to the replaced state
+        self._invalidations_done.notify_all()
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
@@ -832,6 +886,12 @@ class KvmRun:
         phys_addr: int
         is_write: bool
 
+    class _Hypercall(NamedTuple):
+        nr: int
+        args: tuple[int, ...]
+        ret: int
+        flags: int
+
     def __init__(self, state: Any) -> None:
         self._state = state
 
@@ -846,6 +906,12 @@ class KvmRun:
     @property
     def mmio(self) -> "KvmRun._Mmio":
         return KvmRun._Mmio(*self._state.mmio)
+
+    @property
+    def hypercall(self) -> "KvmRun._Hypercall":
+        """kvm_run.hypercall: what the last KVM_EXIT_HYPERCALL carried, and ``ret``."""
+        run = self._state.hypercall
+        return KvmRun._Hypercall(run.nr, run.args, run.ret, run.flags)
 
     def __repr__(self) -> str:
         return (f"KvmRun(exit_reason={self.exit_reason.name}, memory_fault={self.memory_fault}, "
@@ -878,6 +944,8 @@ class VCPU:
 
     def _attach(self, state: Any) -> None:
         state.mutex = self._mutex
+        if state.hypercall is None:
+            state.hypercall = NO_HYPERCALL
         self._c = state
         state.vcpu_id = self.vcpu_id
         self.run = KvmRun(state)
@@ -938,8 +1006,14 @@ class VCPU:
         g, e = _args.u64("gpa", gpa), _args.u64("exit_info_1", exit_info_1)
         return self._run(lambda state: state.handle_npf(g, e))
 
-    def _run(self, call: Callable[[Any], Any]) -> Any:
-        """``call(state)`` (the core takes the vCPU's mutex), then the trace events go out."""
+    def _run(self, call: Callable[[Any], Any], kvm_run: bool = True) -> Any:
+        """``call(state)`` (the core takes the vCPU's mutex), then the trace events go out.
+        A KVM_RUN (``kvm_run``) first runs a pending completion with what
+        kvm_run.hypercall.ret holds (vcpu->arch.complete_userspace_io)."""
+        if kvm_run and self._c.hypercall.pending is not None:
+            with _Held(self._mutex):
+                if self._c.hypercall.pending is not None:
+                    complete_hypercall(self._c, self._c.hypercall.ret)
         try:
             result = call(self._c)
         except BaseException:
@@ -948,6 +1022,35 @@ class VCPU:
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result
+
+    def hypercall(self, nr: Any, a0: Any = 0, a1: Any = 0, a2: Any = 0, a3: Any = 0) -> Any:
+        """The guest executes VMCALL / VMMCALL with RAX = ``nr`` and RBX, RCX, RDX, RSI =
+        ``a0`` .. ``a3`` (kvm_emulate_hypercall, x86.c, 6.18; see kvmemu._hypercall):
+        the guest's RAX afterwards (signed: -1000 is -KVM_ENOSYS), or a HypercallExit
+        that userspace answers with ``complete_hypercall``.  Not for a TD
+        (TDG.VP.VMCALL: ``tdvmcall_map_gpa``)."""
+        if self.vm.vm_type == VMType.TDX:
+            raise ValueError("a TD makes hypercalls with TDG.VP.VMCALL, not VMCALL")
+        values = [_args.u64(name, v) for name, v in
+                  (("nr", nr), ("a0", a0), ("a1", a1), ("a2", a2), ("a3", a3))]
+        with _Held(self._mutex):
+            state = self._c
+            if state.hypercall.pending is not None:        # KVM_RUN completes it first
+                complete_hypercall(state, state.hypercall.ret)
+            state.exit_reason = ExitReason.UNKNOWN.value
+            return emulate_hypercall(state, self.vm._hypercall_exit_enabled, *values)
+
+    def complete_hypercall(self, ret: Any) -> Any:
+        """KVM_RUN after a HypercallExit, with kvm_run.hypercall.ret = ``ret`` (an int in
+        -2**63 .. 2**64 - 1): the guest's RAX (signed).  RuntimeError when no hypercall
+        exit is pending."""
+        value = _args.integer("ret", ret)
+        if not -(1 << 63) <= value < 1 << 64:
+            raise OverflowError(f"ret {value} does not fit 64 bits")
+        with _Held(self._mutex):
+            state = self._c
+            state.exit_reason = ExitReason.UNKNOWN.value
+            return complete_hypercall(state, value)
 
     def pre_fault_memory(self, gpa: Any, size: Any, flags: Any = 0) -> int:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c, and
@@ -964,7 +1067,7 @@ class VCPU:
         s = _args.u64("size", size)
         f = _args.u64("flags", flags)
         self._pre_faulted = True
-        return self._run(lambda state: state.pre_fault_memory(g, s, f))
+        return self._run(lambda state: state.pre_fault_memory(g, s, f), kvm_run=False)
 
     def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:
         """``access`` for each element of ``gpas`` (1-D uint64) in order, ``flags`` an
@@ -989,6 +1092,26 @@ class VCPU:
         loop that does not settle raises RuntimeError."""
         return self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
                                                             encrypted, ACCESS_LOOP_LIMIT))
+
+
+class _WaitedForInvalidations(Exception):
+    """A memslot change waited for host invalidations and must check its arguments
+    against the VM's state again."""
+
+
+class _Held:
+    """``with`` a vCPU's mutex held (vcpu->mutex around a vCPU ioctl)."""
+
+    __slots__ = ("mutex",)
+
+    def __init__(self, mutex: Any) -> None:
+        self.mutex = mutex
+
+    def __enter__(self) -> None:
+        self.mutex.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mutex.release()
 
 
 class _AllVCPUs:

@@ -22,7 +22,10 @@ from enum import IntEnum, IntFlag
 __all__ = [
     "PFERR", "PFERR_SYNTHETIC_MASK", "EPT_VIOLATION", "EPT_VIOLATION_PROT_MASK",
     "VMType", "RetPF", "ExitReason", "Quirk", "KVM_X86_VALID_QUIRKS", "DirtyLogManual",
-    "PML_LOG_NR_ENTRIES", "MemAttr", "MemFlag", "GuestMemfdFlag",
+    "PML_LOG_NR_ENTRIES", "KVM_HC_VAPIC_POLL_IRQ", "KVM_HC_KICK_CPU", "KVM_HC_CLOCK_PAIRING",
+    "KVM_HC_SEND_IPI", "KVM_HC_SCHED_YIELD", "KVM_HC_MAP_GPA_RANGE", "KVM_ENOSYS",
+    "KVM_EOPNOTSUPP", "KVM_EXIT_HYPERCALL_VALID_MASK", "KVM_EXIT_HYPERCALL_LONG_MODE",
+    "MapGpaFlag", "MemAttr", "MemFlag", "GuestMemfdFlag",
     "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
     "PG_LEVEL_512G", "PG_LEVEL_256T", "KVM_MAX_HUGEPAGE_LEVEL", "PAGE_SHIFT",
     "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
@@ -221,6 +224,30 @@ class DirtyLogManual(_Flag):
 
     PROTECT_ENABLE = 1 << 0      # KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     INITIALLY_SET = 1 << 1       # KVM_DIRTY_LOG_INITIALLY_SET
+
+
+#: KVM hypercall numbers (include/uapi/linux/kvm_para.h, 6.18) that x86 handles.
+KVM_HC_VAPIC_POLL_IRQ = 1
+KVM_HC_KICK_CPU = 5
+KVM_HC_CLOCK_PAIRING = 9
+KVM_HC_SEND_IPI = 10
+KVM_HC_SCHED_YIELD = 11
+KVM_HC_MAP_GPA_RANGE = 12
+#: The hypercall error codes a guest sees (kvm_para.h): -KVM_ENOSYS and friends.
+KVM_ENOSYS = 1000
+KVM_EOPNOTSUPP = 95
+#: KVM_CAP_EXIT_HYPERCALL accepts only this (KVM_EXIT_HYPERCALL_VALID_MASK, x86.c).
+KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
+#: kvm_run.hypercall.flags: the guest was in long mode (KVM_EXIT_HYPERCALL_LONG_MODE).
+KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+
+
+class MapGpaFlag(_Flag):
+    """KVM_HC_MAP_GPA_RANGE's attributes argument (asm/kvm_para.h, 6.18)."""
+
+    PAGE_SZ_2M = 1 << 0          # KVM_MAP_GPA_RANGE_PAGE_SZ_2M (4K is 0)
+    PAGE_SZ_1G = 1 << 1          # KVM_MAP_GPA_RANGE_PAGE_SZ_1G
+    ENCRYPTED = 1 << 4           # KVM_MAP_GPA_RANGE_ENCRYPTED (decrypted is 0)
 
 
 #: PML_LOG_NR_ENTRIES (arch/x86/kvm/vmx/vmx.h, 6.18): the entries of a vCPU's

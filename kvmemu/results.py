@@ -15,7 +15,7 @@ from . import _args
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
 
 __all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "MemoryFaultExit",
-           "MmioExit", "AccessBatch"]
+           "MmioExit", "AccessBatch", "HypercallExit"]
 
 
 def _bit_names(flag: Any) -> str:
@@ -168,3 +168,29 @@ class AccessBatch:
 
     def __repr__(self) -> str:
         return f"AccessBatch(count={self.count}, of={len(self.hpa)}, exit={self.exit!r})"
+
+
+class HypercallExit(_Result):
+    """KVM_RUN returned to userspace with KVM_EXIT_HYPERCALL: ``nr`` (the hypercall),
+    ``args`` (six u64, as kvm_run.hypercall.args) and ``flags``
+    (KVM_EXIT_HYPERCALL_LONG_MODE for a 64-bit guest).  Userspace answers with
+    ``VCPU.complete_hypercall(ret)``."""
+
+    __slots__ = ()
+    _fields = ("nr", "args", "flags")
+    exit_reason: ClassVar[ExitReason] = ExitReason.HYPERCALL
+    nr: int
+    args: tuple[int, ...]
+    flags: int
+
+    def __new__(cls, nr: Any, args: Any, flags: Any) -> Any:
+        values = tuple(args)
+        if len(values) != 6:
+            raise TypeError(f"args must hold 6 values, not {len(values)}")
+        return tuple.__new__(cls, (_args.u64("nr", nr),
+                                   tuple(_args.u64("args", a) for a in values),
+                                   _args.u64("flags", flags)))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{a:#x}" for a in self.args)
+        return f"HypercallExit(nr={self.nr}, args=({args}), flags={self.flags:#x})"

@@ -116,7 +116,8 @@ def _dirty_bitmaps(vm: Any) -> list[Any]:
 
 
 def _vcpu_state(vcpu: Any) -> Any:
-    return (vcpu.run.exit_reason, vcpu.run.memory_fault, vcpu.run.mmio, vcpu.stats)
+    return (vcpu.run.exit_reason, vcpu.run.memory_fault, vcpu.run.mmio, vcpu.run.hypercall,
+            vcpu.stats)
 
 
 def _tables(pt: Any) -> tuple[Any, bytes]:
@@ -242,6 +243,8 @@ def _run(side: Side, op: tuple) -> Any:
         return vm.lpage_info(*args)
     if kind == "disable_quirks":
         return vm.disable_quirks(args[0])
+    if kind == "exit_hypercall":
+        return vm.enable_exit_hypercall(args[0])
     if kind == "manual_protect":
         return vm.enable_manual_dirty_log_protect(args[0])
     if kind == "get_dirty_log":
@@ -270,6 +273,10 @@ def _run(side: Side, op: tuple) -> Any:
         return vcpu.access_many(args[1], args[2])
     if kind == "pre_fault":
         return vcpu.pre_fault_memory(*args[1:])
+    if kind == "hypercall":
+        return vcpu.hypercall(*args[1:])
+    if kind == "complete_hypercall":
+        return vcpu.complete_hypercall(args[1])
     if kind == "ept_violation":
         return vcpu.handle_ept_violation(args[1], args[2])
     if kind == "ept_misconfig":

@@ -196,3 +196,25 @@ def test_frames_follow_the_reduced_width(kv):
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=1 << 21,
                               userspace_addr=(1 << 42) + 0x5000000)
     assert vm.create_vcpu().access(0x1000).hpa == 0x5001000
+
+
+def test_splitting_and_recovering_access_tracked_leaves_keeps_them_tracked(kv):
+    """make_small_spte / make_huge_spte change X through modify_spte_protections (spte.c),
+    which restores an access-tracked SPTE, changes it and tracks it again.  NX huge pages
+    without EPT A/D bits: the prefetched 2M leaf (no X) 0x8650000040000af0 splits into
+    4K children with R and X saved (0x8750000040000a70, RWX clear), and recovering the 2M
+    page from that child saves R only again (0x8650000040000af0)."""
+    vm = kv.VM(host=Host(ept_ad_bits=False), nx_huge_pages=True)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 << 20,
+                              userspace_addr=1 << 30, host_level=2)
+    vcpu = vm.create_vcpu()
+    vcpu.pre_fault_memory(0, 0x1000)
+    pt = vm.page_tables
+    assert pt.get_entry(0, 2) == 0x8650000040000AF0
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 << 20,
+                              userspace_addr=1 << 30, host_level=2,
+                              flags=MemFlag.LOG_DIRTY_PAGES)
+    assert pt.get_entry(0, 1) == 0x8750000040000A70
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 << 20,
+                              userspace_addr=1 << 30, host_level=2)
+    assert pt.get_entry(0, 2) == 0x8650000040000AF0

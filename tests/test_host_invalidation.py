@@ -16,6 +16,7 @@ from kvmemu import INVALID_GPA, MemAttr, MemFlag, VMType
 
 UADDR = 1 << 30
 MIB = 1 << 20
+GIB = 1 << 30
 NONPRESENT = 0x8000000000000000
 
 
@@ -177,3 +178,31 @@ def test_arguments(kv):
         vm.set_host_level(5, 2)
     with pytest.raises(ValueError):
         vm.set_host_level(0, 4)
+
+
+def test_memslot_changes_wait_for_invalidations_in_progress(kv):
+    """kvm_swap_active_memslots waits while mn_active_invalidate_count is not 0 (even for
+    an invalidation that found no memslot), so that start and end see the same memslots.
+    On the thread that holds one the wait could never end: RuntimeError."""
+    import threading
+    import time
+
+    vm, _ = vm_with_slot(kv)
+    handle = vm.invalidate_host_range(UADDR + 8 * MIB, 0x1000)     # no memslot there
+    with pytest.raises(RuntimeError):
+        vm.set_user_memory_region(slot=1, guest_phys_addr=GIB, memory_size=MIB,
+                                  userspace_addr=UADDR + 8 * MIB)
+    done = []
+
+    def change():
+        vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=MIB,
+                                  userspace_addr=UADDR + 8 * MIB)
+        done.append(vm.mmu_invalidate_in_progress)
+
+    thread = threading.Thread(target=change)
+    thread.start()
+    time.sleep(0.05)
+    assert not done                                      # still waiting
+    handle.end()
+    thread.join(30)
+    assert done == [0] and len(vm.memslots) == 2

@@ -4,7 +4,8 @@ Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting,
 of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
-host invalidations and THP level changes (also from stage hooks), pre-fault, accesses with every flag combination, batches with uint8
+host invalidations and THP level changes (also from stage hooks), pre-fault,
+hypercalls (KVM_HC_MAP_GPA_RANGE exits and their completion), accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
 kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
@@ -108,6 +109,20 @@ class TwinVMs(RuleBasedStateMachine):
     @rule(mask=st.sampled_from((0x80, 0x200, 0x280, 0, 1 << 11, -1, 1 << 64, "0x80")))
     def disable_quirks(self, mask):
         self.apply("disable_quirks", mask)
+
+    @rule(mask=st.sampled_from((1 << 12, 0, 1, 1 << 64, -1)))
+    def enable_exit_hypercall(self, mask):
+        self.apply("exit_hypercall", mask)
+
+    @rule(vcpu=st.integers(0, 3), nr=st.sampled_from((12, 12, 12, 1, 5, 9, 99)),
+          a0=st.sampled_from((0, 0x1000, 0x200000, 0x1001, U64_MAX - 0xFFF)),
+          a1=st.sampled_from((1, 512, 0, U64_MAX)), a2=st.sampled_from((0, 0x10, 0x11)))
+    def hypercall(self, vcpu, nr, a0, a1, a2):
+        self.apply("hypercall", vcpu, nr, a0, a1, a2)
+
+    @rule(vcpu=st.integers(0, 3), ret=st.sampled_from((0, -22, 1, 1 << 64, -(1 << 63))))
+    def complete_hypercall(self, vcpu, ret):
+        self.apply("complete_hypercall", vcpu, ret)
 
     @rule(initially_set=BOOL | st.sampled_from((2, None)))
     def enable_manual_dirty_log_protect(self, initially_set):

@@ -179,8 +179,8 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
     r = faultin_pfn(vcpu, f)
     if r != RET_PF_CONTINUE:
         return r
-    if vcpu.stage("map", f):
-        return RET_PF_RETRY                               # the memslot was deleted or moved
+    if vcpu.stage("map", f):                              # the memslot was deleted or moved
+        return -EAGAIN if f.prefetch else RET_PF_RETRY
     mmu.mmu_lock.acquire_read()
     try:
         if is_page_fault_stale(vcpu, f):

@@ -20,6 +20,8 @@ cdef bint spte_ad_enabled(uint64_t spte) noexcept nogil
 cdef bint is_access_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil
 cdef uint64_t mark_spte_for_access_track(const SpteFormat* f, uint64_t spte) noexcept nogil
 cdef uint64_t restore_acc_track_spte(const SpteFormat* f, uint64_t spte) noexcept nogil
+cdef uint64_t modify_spte_protections(const SpteFormat* f, uint64_t spte, uint64_t set_bits,
+                                      uint64_t clear_bits) noexcept nogil
 cdef uint64_t make_nonleaf_spte(const SpteFormat* f, uint64_t child_hpa) noexcept nogil
 cdef uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, int child_level,
                               uint64_t index, bint nx_huge_pages) noexcept nogil

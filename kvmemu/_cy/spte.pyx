@@ -113,7 +113,21 @@ cdef inline uint64_t make_small_spte(const SpteFormat* f, uint64_t huge_spte, in
     if child_level == PG_LEVEL_4K:
         spte &= ~PTE_LARGE
         if nx_huge_pages:                            # make_spte_executable
-            spte = (spte & ~f.nx) | f.x
+            spte = modify_spte_protections(f, spte, f.x, f.nx)
+    return spte
+
+
+cdef inline uint64_t modify_spte_protections(const SpteFormat* f, uint64_t spte,
+                                             uint64_t set_bits,
+                                             uint64_t clear_bits) noexcept nogil:
+    """Models modify_spte_protections (spte.c, 6.18): restore an access-tracked SPTE,
+    change it, track it again."""
+    cdef bint tracked = is_access_track_spte(f, spte)
+    if tracked:
+        spte = restore_acc_track_spte(f, spte)
+    spte = (spte | set_bits) & ~clear_bits
+    if tracked:
+        spte = mark_spte_for_access_track(f, spte)
     return spte
 
 
@@ -124,7 +138,7 @@ cdef inline uint64_t make_huge_spte(const SpteFormat* f, uint64_t small_spte, in
     cdef uint64_t spte = (small_spte | PTE_LARGE) & (
         ~((pages_per_hpage(level) << PAGE_SHIFT) - 1) | (<uint64_t>PAGE_SIZE - 1))
     if nx_huge_pages:                                # make_spte_nonexecutable
-        spte = (spte & ~f.x) | f.nx
+        spte = modify_spte_protections(f, spte, f.nx, f.x)
     return spte
 
 

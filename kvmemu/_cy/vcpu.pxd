@@ -26,6 +26,7 @@ cdef class VCPUState:
     cdef bint mmio_is_write
     cdef public uint64_t mmio_gfn, mmio_gen # the vCPU's MMIO cache
     cdef public object stage_hook
+    cdef public object hypercall            # run.hypercall (kvmemu._hypercall.HypercallRun)
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
     cdef SlotTable srcu                     # the memslots an exit's handling reads

@@ -56,6 +56,7 @@ cdef class VCPUState:
         self.mmio_gpa, self.mmio_is_write = 0, False
         self.mmio_gfn = self.mmio_gen = 0
         self.stage_hook = None
+        self.hypercall = None
         self.vcpu_id = 0
         self.rip = 0
 
@@ -89,6 +90,7 @@ cdef class VCPUState:
         c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
         c.mmio_gfn, c.mmio_gen = self.mmio_gfn, self.mmio_gen
         c.stage_hook = self.stage_hook
+        c.hypercall = self.hypercall
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
         return c
 

@@ -224,8 +224,8 @@ def tdp_mmu_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     r = faultin_pfn(vcpu, fault)
     if r != RET_PF_CONTINUE:
         return r
-    if vcpu.stage("map", fault):
-        return RET_PF_RETRY                                  # the memslot was deleted or moved
+    if vcpu.stage("map", fault):                             # the memslot was deleted or moved
+        return -errno.EAGAIN if fault.prefetch else RET_PF_RETRY
     mmu = vcpu.mmu
     mmu.mmu_lock.acquire_read()
     try:

@@ -156,7 +156,19 @@ def make_small_spte(f: SpteFormat, huge_spte: int, child_level: int, index: int,
     if child_level == PG_LEVEL_4K:
         spte &= ~PTE_LARGE
         if nx_huge_pages:                            # make_spte_executable
-            spte = (spte & ~f.nx) | f.x
+            spte = modify_spte_protections(f, spte, f.x, f.nx)
+    return spte
+
+
+def modify_spte_protections(f: SpteFormat, spte: int, set_bits: int, clear_bits: int) -> int:
+    """Models modify_spte_protections (spte.c, 6.18): an access-tracked SPTE is restored,
+    changed and tracked again, so that its saved R/X bits change, not its RWX."""
+    tracked = is_access_track_spte(f, spte)
+    if tracked:
+        spte = restore_acc_track_spte(f, spte)
+    spte = (spte | set_bits) & ~clear_bits
+    if tracked:
+        spte = mark_spte_for_access_track(f, spte)
     return spte
 
 
@@ -166,7 +178,7 @@ def make_huge_spte(f: SpteFormat, small_spte: int, level: int, nx_huge_pages: bo
     spte = (small_spte | PTE_LARGE) & (~((pages_per_hpage(level) << PAGE_SHIFT) - 1)
                                        | (PAGE_SIZE - 1))
     if nx_huge_pages:                                # make_spte_nonexecutable
-        spte = (spte & ~f.x) | f.nx
+        spte = modify_spte_protections(f, spte, f.nx, f.x)
     return spte
 
 

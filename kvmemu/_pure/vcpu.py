@@ -77,6 +77,8 @@ class VCPUState:
         self.mmio_gfn = 0
         self.mmio_gen = 0
         self.stage_hook: Callable[[str], Any] | None = None
+        #: run.hypercall (a kvmemu._hypercall.HypercallRun; the API layer sets it).
+        self.hypercall: Any = None
         #: What the kvm_page_fault trace event reports: vcpu_id and the guest RIP.
         self.vcpu_id = 0
         self.rip = 0
