@@ -63,6 +63,8 @@ from .constants import (
     Quirk as Quirk,
     KVM_X86_VALID_QUIRKS as KVM_X86_VALID_QUIRKS,
     DirtyLogManual as DirtyLogManual,
+    TdvmcallStatus as TdvmcallStatus,
+    TDX_MAP_GPA_MAX_LEN as TDX_MAP_GPA_MAX_LEN,
     KVM_HC_VAPIC_POLL_IRQ as KVM_HC_VAPIC_POLL_IRQ,
     KVM_HC_KICK_CPU as KVM_HC_KICK_CPU,
     KVM_HC_CLOCK_PAIRING as KVM_HC_CLOCK_PAIRING,
@@ -99,6 +101,7 @@ from .constants import (
     ACCESS_LOOP_LIMIT as ACCESS_LOOP_LIMIT,
 )
 from ._host import Host as Host
+from ._hypercall import TdvmcallResult as TdvmcallResult
 from ._vm import GuestMemfd as GuestMemfd, HostInvalidation as HostInvalidation, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 from .results import (
@@ -249,7 +252,8 @@ class VCPU:
                encrypted: bool = False) -> Translation | MemoryFaultExit | MmioExit: ...
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0,
                   a3: int = 0) -> int | HypercallExit: ...
-    def complete_hypercall(self, ret: int) -> int | HypercallExit: ...
+    def complete_hypercall(self, ret: int) -> int | HypercallExit | TdvmcallResult: ...
+    def tdvmcall_map_gpa(self, gpa: int, size: int) -> HypercallExit | TdvmcallResult: ...
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int: ...
     def access_many(self, gpas: U64Array,
                     flags: int | npt.NDArray[np.uint8] = 0) -> AccessBatch: ...

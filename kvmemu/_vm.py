@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _args, _invariants
 from ._host import Host, host_config
-from ._hypercall import NO_HYPERCALL, complete_hypercall, emulate_hypercall
+from ._hypercall import NO_HYPERCALL, complete_hypercall, emulate_hypercall, tdx_map_gpa
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
@@ -1013,7 +1013,7 @@ class VCPU:
         if kvm_run and self._c.hypercall.pending is not None:
             with _Held(self._mutex):
                 if self._c.hypercall.pending is not None:
-                    complete_hypercall(self._c, self._c.hypercall.ret)
+                    complete_hypercall(self._c, self._c.hypercall.ret, self.vm.shared_bit)
         try:
             result = call(self._c)
         except BaseException:
@@ -1036,7 +1036,7 @@ class VCPU:
         with _Held(self._mutex):
             state = self._c
             if state.hypercall.pending is not None:        # KVM_RUN completes it first
-                complete_hypercall(state, state.hypercall.ret)
+                complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit)
             state.exit_reason = ExitReason.UNKNOWN.value
             return emulate_hypercall(state, self.vm._hypercall_exit_enabled, *values)
 
@@ -1050,7 +1050,23 @@ class VCPU:
         with _Held(self._mutex):
             state = self._c
             state.exit_reason = ExitReason.UNKNOWN.value
-            return complete_hypercall(state, value)
+            return complete_hypercall(state, value, self.vm.shared_bit)
+
+    def tdvmcall_map_gpa(self, gpa: Any, size: Any) -> Any:
+        """A TD's TDG.VP.VMCALL<MapGPA> (tdx_map_gpa, tdx.c, 6.18; see kvmemu._hypercall):
+        a TdvmcallResult (status, r11) for the TD, or a HypercallExit per 2 MiB chunk,
+        each answered with ``complete_hypercall``.  Only for a TD (ValueError)."""
+        if self.vm.vm_type != VMType.TDX:
+            raise ValueError("TDG.VP.VMCALL<MapGPA> is a TD's request")
+        g = _args.u64("gpa", gpa)
+        s = _args.u64("size", size)
+        with _Held(self._mutex):
+            state = self._c
+            if state.hypercall.pending is not None:        # KVM_RUN completes it first
+                complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit)
+            state.exit_reason = ExitReason.UNKNOWN.value
+            return tdx_map_gpa(state, self.vm._hypercall_exit_enabled, self.vm.shared_bit,
+                               self.vm.gpaw, g, s)
 
     def pre_fault_memory(self, gpa: Any, size: Any, flags: Any = 0) -> int:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c, and

@@ -25,7 +25,7 @@ __all__ = [
     "PML_LOG_NR_ENTRIES", "KVM_HC_VAPIC_POLL_IRQ", "KVM_HC_KICK_CPU", "KVM_HC_CLOCK_PAIRING",
     "KVM_HC_SEND_IPI", "KVM_HC_SCHED_YIELD", "KVM_HC_MAP_GPA_RANGE", "KVM_ENOSYS",
     "KVM_EOPNOTSUPP", "KVM_EXIT_HYPERCALL_VALID_MASK", "KVM_EXIT_HYPERCALL_LONG_MODE",
-    "MapGpaFlag", "MemAttr", "MemFlag", "GuestMemfdFlag",
+    "MapGpaFlag", "TdvmcallStatus", "TDX_MAP_GPA_MAX_LEN", "MemAttr", "MemFlag", "GuestMemfdFlag",
     "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
     "PG_LEVEL_512G", "PG_LEVEL_256T", "KVM_MAX_HUGEPAGE_LEVEL", "PAGE_SHIFT",
     "PAGE_SIZE", "KVM_USER_MEM_SLOTS", "KVM_MEM_SLOTS_NUM", "KVM_MEM_MAX_NR_PAGES",
@@ -240,6 +240,20 @@ KVM_EOPNOTSUPP = 95
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << KVM_HC_MAP_GPA_RANGE
 #: kvm_run.hypercall.flags: the guest was in long mode (KVM_EXIT_HYPERCALL_LONG_MODE).
 KVM_EXIT_HYPERCALL_LONG_MODE = 1 << 0
+
+
+class TdvmcallStatus(IntEnum):
+    """TDG.VP.VMCALL status codes in R10 (arch/x86/include/asm/shared/tdx.h, 6.18)."""
+
+    SUCCESS = 0x0000000000000000
+    RETRY = 0x0000000000000001
+    INVALID_OPERAND = 0x8000000000000000
+    ALIGN_ERROR = 0x8000000000000002
+    SUBFUNC_UNSUPPORTED = 0x8000000000000003
+
+
+#: tdx_map_gpa's chunk (TDX_MAP_GPA_MAX_LEN, arch/x86/kvm/vmx/tdx.c): one exit per 2 MiB.
+TDX_MAP_GPA_MAX_LEN = 2 << 20
 
 
 class MapGpaFlag(_Flag):
@@ -577,7 +591,7 @@ def c_constants() -> dict[str, tuple[str, int]]:
     """Every integer constant of this module under its C name, with its C type.
 
     A flag class's members are ``<PREFIX>_<MEMBER>`` (uint64_t), an enum's members the
-    same as ``int``, and module-level integers keep their name (uint64_t); ``<PREFIX>`` is
+    same as ``int`` (uint64_t when a value does not fit), and module-level integers keep their name (uint64_t); ``<PREFIX>`` is
     the class name in upper snake case (``MemAttr`` -> ``MEM_ATTR``).
     """
     names: dict[str, tuple[str, int]] = {}
@@ -586,7 +600,8 @@ def c_constants() -> dict[str, tuple[str, int]]:
             continue
         if (isinstance(value, type) and issubclass(value, (IntEnum, IntFlag))
                 and value.__module__ == __name__):
-            ctype = "uint64_t" if issubclass(value, IntFlag) else "int"
+            ctype = ("uint64_t" if issubclass(value, IntFlag)
+                     or any(int(m) >> 31 for m in value.__members__.values()) else "int")
             for member_name, member in value.__members__.items():
                 entries = [(f"{_c_prefix(name)}_{member_name}", (ctype, int(member)))]
                 names.update(_unique(names, entries))

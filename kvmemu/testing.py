@@ -277,6 +277,8 @@ def _run(side: Side, op: tuple) -> Any:
         return vcpu.hypercall(*args[1:])
     if kind == "complete_hypercall":
         return vcpu.complete_hypercall(args[1])
+    if kind == "map_gpa":
+        return vcpu.tdvmcall_map_gpa(args[1], args[2])
     if kind == "ept_violation":
         return vcpu.handle_ept_violation(args[1], args[2])
     if kind == "ept_misconfig":

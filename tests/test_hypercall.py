@@ -119,3 +119,61 @@ def test_arguments_and_td(kv):
     assert v.complete_hypercall(5) == 5
     vm.restore(snap)
     assert v.complete_hypercall(7) == 7
+
+
+# --- TDX: TDG.VP.VMCALL<MapGPA> (tdx_map_gpa, __tdx_map_gpa, tdx_complete_vmcall_map_gpa,
+# arch/x86/kvm/vmx/tdx.c; status codes from arch/x86/include/asm/shared/tdx.h) ----------
+
+SHARED = 1 << 47          # a TD with GPAW 48
+
+
+def td(kv, enabled=True):
+    vm = kv.VM(VMType.TDX)
+    if enabled:
+        vm.enable_exit_hypercall(1 << KVM_HC_MAP_GPA_RANGE)
+    return vm, vm.create_vcpu()
+
+
+def test_map_gpa_goes_to_userspace_2mib_at_a_time(kv):
+    """5 MiB to shared: three exits of 512, 512 and 256 pages, each GPA without the
+    shared bit and attributes DECRYPTED (0); then SUCCESS."""
+    from kvmemu import TdvmcallResult, TdvmcallStatus
+    vm, vcpu = td(kv)
+    exit_ = vcpu.tdvmcall_map_gpa(SHARED | 0x400000, 5 << 20)
+    assert exit_ == HypercallExit(12, (0x400000, 512, 0, 0, 0, 0), 1)
+    exit_ = vcpu.complete_hypercall(0)
+    assert exit_ == HypercallExit(12, (0x600000, 512, 0, 0, 0, 0), 1)
+    exit_ = vcpu.complete_hypercall(0)
+    assert exit_ == HypercallExit(12, (0x800000, 256, 0, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(0) == TdvmcallResult(TdvmcallStatus.SUCCESS, 0)
+    assert vcpu.tdvmcall_map_gpa(0x1000, 0x1000) == HypercallExit(
+        12, (0x1000, 1, MapGpaFlag.ENCRYPTED, 0, 0, 0), 1)          # private: ENCRYPTED
+
+
+def test_map_gpa_userspace_error_stops_at_the_chunk(kv):
+    """A non-zero ret: INVALID_OPERAND with R11 = the GPA of the chunk that failed."""
+    from kvmemu import TdvmcallResult, TdvmcallStatus
+    vm, vcpu = td(kv)
+    vcpu.tdvmcall_map_gpa(0x200000, 4 << 20)
+    vcpu.complete_hypercall(0)
+    assert vcpu.complete_hypercall(-22) == TdvmcallResult(TdvmcallStatus.INVALID_OPERAND,
+                                                          0x400000)
+
+
+@pytest.mark.parametrize("gpa, size, status", [
+    (0x1000, 0, 0x8000000000000000),                   # gpa + size <= gpa
+    (1 << 48, 0x1000, 0x8000000000000000),             # beyond the GPA width
+    (SHARED - 0x1000, 0x2000, 0x8000000000000000),     # ends on both sides of the shared bit
+    (0x1800, 0x1000, 0x8000000000000002),              # ALIGN_ERROR
+    (0x1000, 0x800, 0x8000000000000002)])
+def test_map_gpa_checks(kv, gpa, size, status):
+    vm, vcpu = td(kv)
+    result = vcpu.tdvmcall_map_gpa(gpa, size)
+    assert (result.status, result.r11) == (status, gpa)
+
+
+def test_map_gpa_without_the_exit_is_unsupported(kv):
+    vm, vcpu = td(kv, enabled=False)
+    assert vcpu.tdvmcall_map_gpa(0x1000, 0x1000).status == 0x8000000000000003
+    with pytest.raises(ValueError):
+        kv.VM(VMType.SNP).create_vcpu().tdvmcall_map_gpa(0, 0x1000)

@@ -5,7 +5,7 @@ of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
 host invalidations and THP level changes (also from stage hooks), pre-fault,
-hypercalls (KVM_HC_MAP_GPA_RANGE exits and their completion), accesses with every flag combination, batches with uint8
+hypercalls and TDX MapGPA (KVM_HC_MAP_GPA_RANGE exits and their completion), accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
 kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
@@ -119,6 +119,13 @@ class TwinVMs(RuleBasedStateMachine):
           a1=st.sampled_from((1, 512, 0, U64_MAX)), a2=st.sampled_from((0, 0x10, 0x11)))
     def hypercall(self, vcpu, nr, a0, a1, a2):
         self.apply("hypercall", vcpu, nr, a0, a1, a2)
+
+    @rule(vcpu=st.integers(0, 3),
+          gpa=st.sampled_from((0, 0x1000, 0x200000, 0x1800, (1 << 47) | 0x400000, 1 << 48,
+                               (1 << 47) - 0x1000, (1 << 51) | 0x1000)),
+          size=st.sampled_from((0x1000, 5 << 20, 0, 0x800, 0x2000, U64_MAX)))
+    def tdvmcall_map_gpa(self, vcpu, gpa, size):
+        self.apply("map_gpa", vcpu, gpa, size)
 
     @rule(vcpu=st.integers(0, 3), ret=st.sampled_from((0, -22, 1, 1 << 64, -(1 << 63))))
     def complete_hypercall(self, vcpu, ret):
