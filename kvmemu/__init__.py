@@ -15,7 +15,7 @@ from .constants import __all__ as _constants_all
 from ._host import Host
 from ._vm import GuestMemfd, HostInvalidation, MemSlot
 from .errors import KvmError
-from ._hypercall import TdvmcallResult
+from ._hypercall import PscResult, TdvmcallResult
 from .results import HypercallExit
 
 IMPLEMENTATION: str = _select.default_implementation()
@@ -27,5 +27,5 @@ del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
            "HostInvalidation", "Host", "HypercallExit",
-           "TdvmcallResult",
+           "TdvmcallResult", "PscResult",
            "IMPLEMENTATION", "__version__"]

@@ -63,6 +63,15 @@ from .constants import (
     Quirk as Quirk,
     KVM_X86_VALID_QUIRKS as KVM_X86_VALID_QUIRKS,
     DirtyLogManual as DirtyLogManual,
+    SNP_PAGE_STATE_PRIVATE as SNP_PAGE_STATE_PRIVATE,
+    SNP_PAGE_STATE_SHARED as SNP_PAGE_STATE_SHARED,
+    GHCB_MSR_PSC_REQ as GHCB_MSR_PSC_REQ,
+    GHCB_MSR_PSC_RESP as GHCB_MSR_PSC_RESP,
+    GHCB_MSR_PSC_RESP_ERROR as GHCB_MSR_PSC_RESP_ERROR,
+    VMGEXIT_PSC_MAX_COUNT as VMGEXIT_PSC_MAX_COUNT,
+    VMGEXIT_PSC_ERROR_GENERIC as VMGEXIT_PSC_ERROR_GENERIC,
+    VMGEXIT_PSC_ERROR_INVALID_HDR as VMGEXIT_PSC_ERROR_INVALID_HDR,
+    VMGEXIT_PSC_ERROR_INVALID_ENTRY as VMGEXIT_PSC_ERROR_INVALID_ENTRY,
     TdvmcallStatus as TdvmcallStatus,
     TDX_MAP_GPA_MAX_LEN as TDX_MAP_GPA_MAX_LEN,
     KVM_HC_VAPIC_POLL_IRQ as KVM_HC_VAPIC_POLL_IRQ,
@@ -101,7 +110,7 @@ from .constants import (
     ACCESS_LOOP_LIMIT as ACCESS_LOOP_LIMIT,
 )
 from ._host import Host as Host
-from ._hypercall import TdvmcallResult as TdvmcallResult
+from ._hypercall import PscResult as PscResult, TdvmcallResult as TdvmcallResult
 from ._vm import GuestMemfd as GuestMemfd, HostInvalidation as HostInvalidation, MemSlot as MemSlot
 from .errors import KvmError as KvmError
 from .results import (
@@ -252,8 +261,11 @@ class VCPU:
                encrypted: bool = False) -> Translation | MemoryFaultExit | MmioExit: ...
     def hypercall(self, nr: int, a0: int = 0, a1: int = 0, a2: int = 0,
                   a3: int = 0) -> int | HypercallExit: ...
-    def complete_hypercall(self, ret: int) -> int | HypercallExit | TdvmcallResult: ...
+    def complete_hypercall(self, ret: int) -> int | HypercallExit | TdvmcallResult | PscResult: ...
     def tdvmcall_map_gpa(self, gpa: int, size: int) -> HypercallExit | TdvmcallResult: ...
+    def snp_page_state_change(self, entries: list[tuple[int, int, bool]]
+                              ) -> HypercallExit | PscResult: ...
+    def snp_psc_msr(self, gfn: int, op: int) -> HypercallExit | int: ...
     def pre_fault_memory(self, gpa: int, size: int, flags: int = 0) -> int: ...
     def access_many(self, gpas: U64Array,
                     flags: int | npt.NDArray[np.uint8] = 0) -> AccessBatch: ...

@@ -20,7 +20,11 @@ from typing import Any, NamedTuple
 from .constants import (KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EXIT_HYPERCALL_LONG_MODE,
                         KVM_HC_CLOCK_PAIRING, KVM_HC_KICK_CPU, KVM_HC_MAP_GPA_RANGE,
                         KVM_HC_SCHED_YIELD, KVM_HC_SEND_IPI, KVM_HC_VAPIC_POLL_IRQ, PAGE_SHIFT,
-                        PAGE_SIZE, TDX_MAP_GPA_MAX_LEN, ExitReason, MapGpaFlag, TdvmcallStatus)
+                        PAGE_SIZE, TDX_MAP_GPA_MAX_LEN, GHCB_MSR_PSC_RESP,
+                        GHCB_MSR_PSC_RESP_ERROR, SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED,
+                        VMGEXIT_PSC_ERROR_GENERIC, VMGEXIT_PSC_ERROR_INVALID_ENTRY,
+                        VMGEXIT_PSC_ERROR_INVALID_HDR, VMGEXIT_PSC_MAX_COUNT, ExitReason,
+                        MapGpaFlag, TdvmcallStatus)
 from .results import HypercallExit
 
 _U64 = (1 << 64) - 1
@@ -38,6 +42,10 @@ class HypercallRun(NamedTuple):
     pending: str | None = None
     map_gpa_next: int = 0
     map_gpa_end: int = 0
+    #: An SNP page state change in progress: the guest's entries as (gfn, operation,
+    #: pagesize, cur_page), the header's (cur_entry, end_entry), and psc_idx /
+    #: psc_inflight / psc_2m (vcpu_sev_es_state).
+    psc: tuple[Any, ...] | None = None
 
 
 class TdvmcallResult(NamedTuple):
@@ -91,17 +99,24 @@ def emulate_hypercall(state: Any, exit_enabled: int, nr: int, a0: int, a1: int, 
     return ret
 
 
-def complete_hypercall(state: Any, ret: int, shared_bit: int) -> Any:
+def complete_hypercall(state: Any, ret: int, shared_bit: int, exit_enabled: int) -> Any:
     """KVM_RUN after a KVM_EXIT_HYPERCALL, userspace having written ``ret`` to
     kvm_run.hypercall.ret, runs the pending completion: complete_hypercall_exit puts it in
     the guest's RAX (returned signed); tdx_complete_vmcall_map_gpa goes on with the next
-    chunk or ends the TDVMCALL.  RuntimeError when no hypercall exit is pending."""
+    chunk or ends the TDVMCALL; snp_complete_psc_msr answers in the GHCB MSR;
+    snp_complete_one_psc goes on with the next range.  RuntimeError when no hypercall
+    exit is pending."""
     run = state.hypercall
-    if run.pending is None:
+    kind = run.pending
+    if kind is None:
         raise RuntimeError("no hypercall exit is pending on this vCPU")
     state.hypercall = run = run._replace(ret=ret & _U64, pending=None)
-    if run.map_gpa_end:
+    if kind == "tdx_complete_vmcall_map_gpa":
         return complete_vmcall_map_gpa(state, shared_bit)
+    if kind == "snp_complete_psc_msr":
+        return GHCB_MSR_PSC_RESP_ERROR if run.ret else GHCB_MSR_PSC_RESP
+    if kind == "snp_complete_one_psc":
+        return complete_one_psc(state, exit_enabled)
     return signed(ret & _U64)
 
 
@@ -157,3 +172,128 @@ def complete_vmcall_map_gpa(state: Any, shared_bit: int) -> Any:
         return TdvmcallResult(TdvmcallStatus.SUCCESS, 0)
     state.hypercall = run._replace(map_gpa_next=nxt)
     return _map_gpa_exit(state, shared_bit)
+
+
+# --- SEV-SNP page state changes (arch/x86/kvm/svm/sev.c, 6.18) ---------------------------
+
+class PscResult(NamedTuple):
+    """The end of a GHCB page-state-change request: SW_EXITINFO2 (0, or a
+    VMGEXIT_PSC_ERROR_* code; SW_EXITINFO1 is always "no action"), the header's
+    cur_entry, and each entry's cur_page as KVM left them."""
+
+    ret: int
+    cur_entry: int
+    cur_pages: tuple[int, ...]
+
+
+def snp_begin_psc_msr(state: Any, exit_enabled: int, gfn: int, op: int) -> Any:
+    """Models snp_begin_psc_msr (sev.c, 6.18), the GHCB MSR protocol's page state change
+    request for one 4K page: an operation other than PRIVATE (1) or SHARED (2), or
+    KVM_HC_MAP_GPA_RANGE not exiting, answers GHCB_MSR_PSC_RESP_ERROR at once; else
+    KVM_EXIT_HYPERCALL for the page (ENCRYPTED for PRIVATE, 4K)."""
+    if op not in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED) or not (
+            exit_enabled & (1 << KVM_HC_MAP_GPA_RANGE)):
+        return GHCB_MSR_PSC_RESP_ERROR
+    attrs = MapGpaFlag.ENCRYPTED.value if op == SNP_PAGE_STATE_PRIVATE else 0
+    return _exit(state, (gfn << PAGE_SHIFT, 1, attrs, 0, 0, 0), "snp_complete_psc_msr")
+
+
+def _exit(state: Any, args: tuple[int, ...], pending: str) -> HypercallExit:
+    """KVM_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE with ``args``, ret 0, long mode."""
+    state.exit_reason = ExitReason.HYPERCALL.value
+    state.hypercall = state.hypercall._replace(nr=KVM_HC_MAP_GPA_RANGE, args=args, ret=0,
+                                               flags=KVM_EXIT_HYPERCALL_LONG_MODE,
+                                               pending=pending)
+    return HypercallExit(KVM_HC_MAP_GPA_RANGE, args, KVM_EXIT_HYPERCALL_LONG_MODE)
+
+
+def snp_page_state_change(state: Any, exit_enabled: int, entries: list[tuple[int, int, bool]],
+                          ) -> Any:
+    """A GHCB page state change request (VMGEXIT PSC) whose buffer holds ``entries``
+    ((gfn, operation, 2M page size)), cur_entry 0 and end_entry len - 1 (u16), every
+    cur_page 0: snp_begin_psc."""
+    psc = (tuple((gfn, op, bool(huge), 0) for gfn, op, huge in entries),
+           0, (len(entries) - 1) & 0xFFFF, 0, 0, False)
+    state.hypercall = state.hypercall._replace(psc=psc)
+    return begin_psc(state, exit_enabled)
+
+
+def _complete_psc(state: Any, ret: int) -> PscResult:
+    """Models snp_complete_psc (sev.c, 6.18): the request ends with SW_EXITINFO2 ``ret``."""
+    entries, cur_entry = state.hypercall.psc[0], state.hypercall.psc[1]
+    state.hypercall = state.hypercall._replace(psc=None)
+    return PscResult(ret, cur_entry, tuple(e[3] for e in entries))
+
+
+def _complete_one_psc_entries(state: Any) -> None:
+    """Models __snp_complete_one_psc (sev.c, 6.18): the in-flight entries are done
+    (cur_page 512 or 1), cur_entry moves past them."""
+    entries, _, end, idx, inflight, _ = state.hypercall.psc
+    new = list(entries)
+    while inflight:
+        gfn, op, huge, _ = new[idx]
+        new[idx] = (gfn, op, huge, 512 if huge else 1)
+        inflight -= 1
+        idx += 1
+    state.hypercall = state.hypercall._replace(psc=(tuple(new), idx, end, 0, 0, False))
+
+
+def complete_one_psc(state: Any, exit_enabled: int) -> Any:
+    """Models snp_complete_one_psc (sev.c, 6.18): userspace's non-zero ret ends the request
+    with VMGEXIT_PSC_ERROR_GENERIC; else the in-flight range is done, on to the next."""
+    if state.hypercall.ret:
+        return _complete_psc(state, VMGEXIT_PSC_ERROR_GENERIC)
+    _complete_one_psc_entries(state)
+    return begin_psc(state, exit_enabled)
+
+
+def begin_psc(state: Any, exit_enabled: int) -> Any:
+    """Models snp_begin_psc (sev.c, 6.18): GENERIC error without the exit; INVALID_HDR for
+    end_entry at or past the buffer's 253 entries; INVALID_ENTRY for an entry whose
+    cur_page exceeds its pages or whose gfn is not aligned to them; a partly done 2M
+    entry goes on in 4K pages; adjacent entries of the same operation and size join one
+    exit; operations other than PRIVATE and SHARED count as done; 0 when nothing is
+    left."""
+    if not exit_enabled & (1 << KVM_HC_MAP_GPA_RANGE):
+        return _complete_psc(state, VMGEXIT_PSC_ERROR_GENERIC)
+    while True:
+        entries, cur_entry, end, _, _, _ = state.hypercall.psc
+        if end >= VMGEXIT_PSC_MAX_COUNT:
+            return _complete_psc(state, VMGEXIT_PSC_ERROR_INVALID_HDR)
+        idx = cur_entry
+        while idx <= end:
+            gfn, op, huge, cur_page = entries[idx]
+            npages = 512 if huge else 1
+            if cur_page > npages or gfn % npages:
+                state.hypercall = state.hypercall._replace(
+                    psc=(entries, idx, end, 0, 0, False))
+                return _complete_psc(state, VMGEXIT_PSC_ERROR_INVALID_ENTRY)
+            if cur_page:
+                npages -= cur_page
+                gfn += cur_page
+                huge = False
+            if npages:
+                break
+            idx += 1
+        if idx > end:
+            state.hypercall = state.hypercall._replace(psc=(entries, idx, end, 0, 0, False))
+            return _complete_psc(state, 0)
+        start_gfn, start_op, start_huge = gfn, op, entries[idx][2]
+        first, inflight = idx, 1
+        while idx + 1 <= end:
+            nxt = entries[idx + 1]
+            # entry_start.gfn: the entry's own gfn, even when cur_page moved the start.
+            if (nxt[1] != start_op or nxt[0] != entries[first][0] + npages or nxt[3]
+                    or nxt[2] != huge):
+                break
+            idx += 1
+            inflight += 1
+            npages += 512 if huge else 1
+        state.hypercall = state.hypercall._replace(
+            psc=(entries, first, end, first, inflight, huge))
+        if start_op in (SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED):
+            attrs = ((MapGpaFlag.ENCRYPTED.value if start_op == SNP_PAGE_STATE_PRIVATE else 0)
+                     | (MapGpaFlag.PAGE_SZ_2M.value if start_huge else 0))
+            return _exit(state, (start_gfn << PAGE_SHIFT, npages, attrs, 0, 0, 0),
+                         "snp_complete_one_psc")
+        _complete_one_psc_entries(state)

@@ -23,7 +23,8 @@ import numpy as np
 
 from . import _args, _invariants
 from ._host import Host, host_config
-from ._hypercall import NO_HYPERCALL, complete_hypercall, emulate_hypercall, tdx_map_gpa
+from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
+                         snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
 from ._memory import Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
@@ -1013,7 +1014,8 @@ class VCPU:
         if kvm_run and self._c.hypercall.pending is not None:
             with _Held(self._mutex):
                 if self._c.hypercall.pending is not None:
-                    complete_hypercall(self._c, self._c.hypercall.ret, self.vm.shared_bit)
+                    complete_hypercall(self._c, self._c.hypercall.ret, self.vm.shared_bit,
+                                       self.vm._hypercall_exit_enabled)
         try:
             result = call(self._c)
         except BaseException:
@@ -1034,11 +1036,19 @@ class VCPU:
         values = [_args.u64(name, v) for name, v in
                   (("nr", nr), ("a0", a0), ("a1", a1), ("a2", a2), ("a3", a3))]
         with _Held(self._mutex):
-            state = self._c
-            if state.hypercall.pending is not None:        # KVM_RUN completes it first
-                complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit)
-            state.exit_reason = ExitReason.UNKNOWN.value
+            state = self._guest_request()
             return emulate_hypercall(state, self.vm._hypercall_exit_enabled, *values)
+
+    def _guest_request(self) -> Any:
+        """The vCPU's state for a guest request (the vCPU's mutex held): the next KVM_RUN
+        first completes a pending exit with kvm_run.hypercall.ret as it stands, and
+        starts with KVM_EXIT_UNKNOWN."""
+        state = self._c
+        if state.hypercall.pending is not None:
+            complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit,
+                               self.vm._hypercall_exit_enabled)
+        state.exit_reason = ExitReason.UNKNOWN.value
+        return state
 
     def complete_hypercall(self, ret: Any) -> Any:
         """KVM_RUN after a HypercallExit, with kvm_run.hypercall.ret = ``ret`` (an int in
@@ -1050,7 +1060,8 @@ class VCPU:
         with _Held(self._mutex):
             state = self._c
             state.exit_reason = ExitReason.UNKNOWN.value
-            return complete_hypercall(state, value, self.vm.shared_bit)
+            return complete_hypercall(state, value, self.vm.shared_bit,
+                                      self.vm._hypercall_exit_enabled)
 
     def tdvmcall_map_gpa(self, gpa: Any, size: Any) -> Any:
         """A TD's TDG.VP.VMCALL<MapGPA> (tdx_map_gpa, tdx.c, 6.18; see kvmemu._hypercall):
@@ -1061,12 +1072,42 @@ class VCPU:
         g = _args.u64("gpa", gpa)
         s = _args.u64("size", size)
         with _Held(self._mutex):
-            state = self._c
-            if state.hypercall.pending is not None:        # KVM_RUN completes it first
-                complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit)
-            state.exit_reason = ExitReason.UNKNOWN.value
+            state = self._guest_request()
             return tdx_map_gpa(state, self.vm._hypercall_exit_enabled, self.vm.shared_bit,
                                self.vm.gpaw, g, s)
+
+    def _snp_request(self, what: str) -> None:
+        if self.vm.vm_type != VMType.SNP:
+            raise ValueError(f"{what} is an SEV-SNP guest's request")
+
+    def snp_page_state_change(self, entries: Any) -> Any:
+        """An SNP guest's GHCB page state change request (VMGEXIT PSC; snp_begin_psc,
+        svm/sev.c, 6.18; see kvmemu._hypercall): ``entries`` a list of ``(gfn,
+        operation, page_size_2m)`` (gfn < 2**40, operation < 16: PRIVATE 1, SHARED 2).
+        A PscResult when it ends, or a HypercallExit per range that userspace answers
+        with ``complete_hypercall``."""
+        self._snp_request("a page state change")
+        checked = []
+        for entry in list(entries):
+            gfn, op, huge = entry
+            checked.append((_args.int_range("gfn", gfn, 0, (1 << 40) - 1),
+                            _args.int_range("operation", op, 0, 15),
+                            _args.flag("page_size_2m", huge)))
+        with _Held(self._mutex):
+            state = self._guest_request()
+            return snp_page_state_change(state, self.vm._hypercall_exit_enabled, checked)
+
+    def snp_psc_msr(self, gfn: Any, op: Any) -> Any:
+        """The GHCB MSR protocol's page state change request for one page
+        (snp_begin_psc_msr, svm/sev.c, 6.18): the GHCB MSR value the guest reads back
+        (GHCB_MSR_PSC_RESP, or with bit 63 for an error), or a HypercallExit that
+        ``complete_hypercall`` answers."""
+        self._snp_request("a page state change")
+        g = _args.int_range("gfn", gfn, 0, (1 << 40) - 1)
+        o = _args.int_range("op", op, 0, 15)
+        with _Held(self._mutex):
+            state = self._guest_request()
+            return snp_begin_psc_msr(state, self.vm._hypercall_exit_enabled, g, o)
 
     def pre_fault_memory(self, gpa: Any, size: Any, flags: Any = 0) -> int:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c, and

@@ -279,6 +279,10 @@ def _run(side: Side, op: tuple) -> Any:
         return vcpu.complete_hypercall(args[1])
     if kind == "map_gpa":
         return vcpu.tdvmcall_map_gpa(args[1], args[2])
+    if kind == "psc":
+        return vcpu.snp_page_state_change(args[1])
+    if kind == "psc_msr":
+        return vcpu.snp_psc_msr(args[1], args[2])
     if kind == "ept_violation":
         return vcpu.handle_ept_violation(args[1], args[2])
     if kind == "ept_misconfig":

@@ -127,11 +127,16 @@ def test_arguments_and_td(kv):
 SHARED = 1 << 47          # a TD with GPAW 48
 
 
-def td(kv, enabled=True):
-    vm = kv.VM(VMType.TDX)
+def vm_and_vcpu(kv, vm_type, enabled=True):
+    """A VM of ``vm_type`` (KVM_HC_MAP_GPA_RANGE exiting if ``enabled``) and a vCPU."""
+    vm = kv.VM(vm_type)
     if enabled:
         vm.enable_exit_hypercall(1 << KVM_HC_MAP_GPA_RANGE)
     return vm, vm.create_vcpu()
+
+
+def td(kv, enabled=True):
+    return vm_and_vcpu(kv, VMType.TDX, enabled)
 
 
 def test_map_gpa_goes_to_userspace_2mib_at_a_time(kv):
@@ -177,3 +182,60 @@ def test_map_gpa_without_the_exit_is_unsupported(kv):
     assert vcpu.tdvmcall_map_gpa(0x1000, 0x1000).status == 0x8000000000000003
     with pytest.raises(ValueError):
         kv.VM(VMType.SNP).create_vcpu().tdvmcall_map_gpa(0, 0x1000)
+
+
+# --- SEV-SNP page state change (snp_begin_psc, snp_complete_one_psc, __snp_complete_one_psc,
+# snp_complete_psc, snp_begin_psc_msr, snp_complete_psc_msr: arch/x86/kvm/svm/sev.c; the
+# values of arch/x86/include/asm/sev-common.h) -------------------------------------------
+
+def snp(kv, enabled=True):
+    return vm_and_vcpu(kv, VMType.SNP, enabled)
+
+
+def test_psc_msr_protocol(kv):
+    """One page: ENCRYPTED for PRIVATE (1), DECRYPTED for SHARED (2), 4K; the guest reads
+    GHCB_MSR_PSC_RESP (0x15) back, or with bit 63 set on error."""
+    vm, vcpu = snp(kv)
+    assert vcpu.snp_psc_msr(5, 1) == HypercallExit(12, (0x5000, 1, 0x10, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(0) == 0x15
+    assert vcpu.snp_psc_msr(5, 2) == HypercallExit(12, (0x5000, 1, 0, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(1) == 0x8000000000000015
+    assert vcpu.snp_psc_msr(5, 3) == 0x8000000000000015          # not PRIVATE/SHARED
+    assert snp(kv, enabled=False)[1].snp_psc_msr(5, 1) == 0x8000000000000015
+
+
+def test_psc_merges_adjacent_entries_and_skips_unknown_operations(kv):
+    """Adjacent entries with the same operation and size make one exit (two 2M entries:
+    1024 pages, PAGE_SZ_2M); an operation other than PRIVATE/SHARED counts as done;
+    each finished entry's cur_page is 512 or 1; SW_EXITINFO2 0 at the end."""
+    from kvmemu import PscResult
+    vm, vcpu = snp(kv)
+    entries = [(0, 2, True), (512, 2, True), (2000, 1, False), (2001, 1, False),
+               (7, 3, False), (3000, 2, False)]
+    assert vcpu.snp_page_state_change(entries) == HypercallExit(
+        12, (0, 1024, MapGpaFlag.PAGE_SZ_2M, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(0) == HypercallExit(
+        12, (2000 << 12, 2, MapGpaFlag.ENCRYPTED, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(0) == HypercallExit(12, (3000 << 12, 1, 0, 0, 0, 0), 1)
+    assert vcpu.complete_hypercall(0) == PscResult(0, 6, (512, 512, 1, 1, 1, 1))
+
+
+def test_psc_errors(kv):
+    """VMGEXIT_PSC_ERROR_*: INVALID_ENTRY (1 << 32 | 2) for a 2M entry whose gfn is not
+    2M-aligned; INVALID_HDR (1 << 32 | 1) for end_entry >= 253 (an empty list makes it
+    0xffff); GENERIC (0x100 << 32) without the exit or for userspace's error."""
+    from kvmemu import PscResult
+    vm, vcpu = snp(kv)
+    assert vcpu.snp_page_state_change([(1, 2, True)]) == PscResult((1 << 32) | 2, 0, (0,))
+    assert vcpu.snp_page_state_change([]) == PscResult((1 << 32) | 1, 0, ())
+    assert vcpu.snp_page_state_change([(0, 1, False)] * 254).ret == (1 << 32) | 1
+    assert isinstance(vcpu.snp_page_state_change([(0, 1, False)] * 253), HypercallExit)
+    assert vcpu.complete_hypercall(7).ret == 0x100 << 32
+    vcpu.snp_page_state_change([(0, 1, False), (9, 1, False)])
+    assert vcpu.complete_hypercall(5) == PscResult(0x100 << 32, 0, (0, 0))
+    assert snp(kv, enabled=False)[1].snp_page_state_change([(0, 1, False)]) == PscResult(
+        0x100 << 32, 0, (0,))
+    with pytest.raises(ValueError):
+        vcpu.snp_page_state_change([(1 << 40, 1, False)])
+    with pytest.raises(ValueError):
+        kv.VM(VMType.SEV).create_vcpu().snp_psc_msr(0, 1)

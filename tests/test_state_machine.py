@@ -5,7 +5,8 @@ of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
 host invalidations and THP level changes (also from stage hooks), pre-fault,
-hypercalls and TDX MapGPA (KVM_HC_MAP_GPA_RANGE exits and their completion), accesses with every flag combination, batches with uint8
+hypercalls, TDX MapGPA and SNP page state changes (KVM_HC_MAP_GPA_RANGE exits and
+their completion), accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
 vendor's), stage hooks, snapshots and restores, and arguments of the wrong
 kind.  ``kvmemu.testing.Twin`` applies each operation to both cores and compares
@@ -126,6 +127,18 @@ class TwinVMs(RuleBasedStateMachine):
           size=st.sampled_from((0x1000, 5 << 20, 0, 0x800, 0x2000, U64_MAX)))
     def tdvmcall_map_gpa(self, vcpu, gpa, size):
         self.apply("map_gpa", vcpu, gpa, size)
+
+    @rule(vcpu=st.integers(0, 3),
+          entries=st.lists(st.tuples(st.sampled_from((0, 1, 2, 512, 1024, 1 << 40)),
+                                     st.sampled_from((1, 2, 3, 16)), st.booleans()),
+                           max_size=5))
+    def snp_page_state_change(self, vcpu, entries):
+        self.apply("psc", vcpu, entries)
+
+    @rule(vcpu=st.integers(0, 3), gfn=st.sampled_from((0, 5, 512, 1 << 40)),
+          op=st.sampled_from((1, 2, 0, 3)))
+    def snp_psc_msr(self, vcpu, gfn, op):
+        self.apply("psc_msr", vcpu, gfn, op)
 
     @rule(vcpu=st.integers(0, 3), ret=st.sampled_from((0, -22, 1, 1 << 64, -(1 << 63))))
     def complete_hypercall(self, vcpu, ret):
