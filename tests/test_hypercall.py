@@ -239,3 +239,51 @@ def test_psc_errors(kv):
         vcpu.snp_page_state_change([(1 << 40, 1, False)])
     with pytest.raises(ValueError):
         kv.VM(VMType.SEV).create_vcpu().snp_psc_msr(0, 1)
+
+
+# --- the guest asks, the VMM answers, KVM maps what the attributes say ---------------------
+
+def test_a_td_converts_a_buffer_to_shared_with_map_gpa(kv):
+    """The VMM's part of MapGPA: on each exit, set the attributes the request names, then
+    answer 0.  Afterwards the shared alias of the buffer maps shared (host) memory and the
+    private GPA no longer does: a private access is KVM_EXIT_MEMORY_FAULT."""
+    from kvmemu import GuestMemfd, MemAttr, MemFlag, MemoryFaultExit, TdvmcallResult
+    vm, vcpu = td(kv)
+    gmem = vm.create_guest_memfd(8 << 20)
+    assert isinstance(gmem, GuestMemfd)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=8 << 20,
+                              userspace_addr=1 << 30, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=gmem)
+    vm.set_memory_attributes(0, 8 << 20, MemAttr.PRIVATE)
+    assert vcpu.access(0x201000).hpa >> 12 == gmem.pfn(0x201)
+    result = vcpu.tdvmcall_map_gpa(SHARED | 0x200000, 3 << 20)
+    while not isinstance(result, TdvmcallResult):
+        gpa, pages, attrs = result.args[:3]
+        vm.set_memory_attributes(gpa, pages << 12,
+                                 MemAttr.PRIVATE if attrs & MapGpaFlag.ENCRYPTED else 0)
+        result = vcpu.complete_hypercall(0)
+    assert result.status == 0
+    assert vcpu.access(SHARED | 0x201000).hpa == (1 << 30) + 0x201000
+    assert vcpu.access(0x201000) == MemoryFaultExit(8, 0x201000, 4096)
+    assert vm.check_invariants() == []
+
+
+def test_an_snp_guest_converts_pages_to_private_with_psc(kv):
+    """SNP: a page-state-change to PRIVATE; the VMM marks the range private and answers;
+    an encrypted access then maps the guest_memfd frame."""
+    from kvmemu import MemAttr, MemFlag, PscResult
+    vm, vcpu = snp(kv)
+    gmem = vm.create_guest_memfd(4 << 20)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 << 20,
+                              userspace_addr=1 << 30, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=gmem)
+    assert vcpu.access(0x3000).hpa == (1 << 30) + 0x3000          # shared to begin with
+    result = vcpu.snp_page_state_change([(3, 1, False), (4, 1, False)])
+    while not isinstance(result, PscResult):
+        gpa, pages, attrs = result.args[:3]
+        vm.set_memory_attributes(gpa, pages << 12,
+                                 MemAttr.PRIVATE if attrs & MapGpaFlag.ENCRYPTED else 0)
+        result = vcpu.complete_hypercall(0)
+    assert result == PscResult(0, 2, (1, 1))
+    assert vcpu.access(0x3000, encrypted=True).hpa >> 12 == gmem.pfn(3)
+    assert vm.check_invariants() == []
