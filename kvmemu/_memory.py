@@ -85,7 +85,7 @@ class Slot:
     """A user memslot (struct kvm_memory_slot) with its x86 lpage_info."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_id",
-                 "gmem_pgoff", "host_level", "lpage", "dirty_bitmap")
+                 "gmem_pgoff", "host_level", "lpage", "dirty_bitmap", "gmem_closed")
 
     def __init__(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
                  userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
@@ -103,6 +103,8 @@ class Slot:
         self.lpage: list[np.ndarray] = []
         #: memslot->dirty_bitmap: uint64 words, bit i = page i; None without dirty logging.
         self.dirty_bitmap: np.ndarray | None = None
+        #: slot->gmem.file is NULL: its guest_memfd was closed (kvm_gmem_release).
+        self.gmem_closed = False
 
     @property
     def end_gfn(self) -> int:
@@ -121,6 +123,7 @@ class Slot:
                  self.userspace_addr, self.gmem_id, self.gmem_pgoff, self.host_level)
         c.lpage = [linfo.copy() for linfo in self.lpage]
         c.dirty_bitmap = None if self.dirty_bitmap is None else self.dirty_bitmap.copy()
+        c.gmem_closed = self.gmem_closed
         return c
 
     def __repr__(self) -> str:
@@ -179,6 +182,8 @@ class VMMemory:
         self.disabled_quirks = 0
         #: kvm->manual_dirty_log_protect (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2's argument).
         self.manual_dirty_log_protect = 0
+        #: The guest_memfd files (by index) that were closed.
+        self.gmem_closed_files: set[int] = set()
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
@@ -210,6 +215,7 @@ class VMMemory:
         c._invalid = set(self._invalid)
         c.disabled_quirks = self.disabled_quirks
         c.manual_dirty_log_protect = self.manual_dirty_log_protect
+        c.gmem_closed_files = set(self.gmem_closed_files)
         c._slots = [{slot_id: s.clone() for slot_id, s in slots.items()} for slots in self._slots]
         c._sorted = [[] for _ in range(self.nr_as_ids)]
         c._bases = [[] for _ in range(self.nr_as_ids)]
@@ -755,6 +761,33 @@ class VMMemory:
         finally:
             if found:
                 self.invalidate_host_range_end()
+
+    # --- guest_memfd invalidations (virt/kvm/guest_memfd.c) ----------------------------------
+
+    def gmem_invalidate(self, pieces: list[tuple[Slot, int, int]], shared_filter: bool,
+                        close: bool) -> None:
+        """A guest_memfd invalidation over ``pieces`` (each bound slot's gfns in the range,
+        in file order): __kvm_gmem_invalidate_begin (begin at the first piece, then
+        kvm_mmu_unmap_gfn_range with the PRIVATE filter, or SHARED for an INIT_SHARED
+        file), the change itself (``close``: kvm_gmem_release sets slot->gmem.file to
+        NULL, so later faults on the slot's guest_memfd memory fail), and
+        __kvm_gmem_invalidate_end.  Nothing when no slot is bound in the range."""
+        if not pieces:
+            return
+        with self.mmu_write_locked():
+            self.invalidate_begin()
+            for slot, first, end in pieces:
+                self.invalidate_range_add(first, end)
+                self.unmap_gfn_range(slot, first, end, private=not shared_filter,
+                                     shared=shared_filter)
+        try:
+            if close:
+                for slot, _, _ in pieces:
+                    slot.gmem_closed = True
+                self._publish_slots(synchronize=False)
+        finally:
+            with self.mmu_write_locked():
+                self.invalidate_end()
 
     # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
 

@@ -78,14 +78,42 @@ class GuestMemfd:
     physical space and an eighth of it at most per file.
     """
 
-    __slots__ = ("_owner", "_frame", "index", "size", "flags")
+    __slots__ = ("_owner", "_vm", "_frame", "index", "size", "flags")
 
-    def __init__(self, owner: object, index: int, size: int, flags: int, frame: Any) -> None:
+    def __init__(self, owner: object, vm: "VM", index: int, size: int, flags: int,
+                 frame: Any) -> None:
         self._owner = owner
+        self._vm = vm
         self._frame = frame         # the core's gmem_frame
         self.index = index
         self.size = size
         self.flags = flags
+
+    @property
+    def closed(self) -> bool:
+        """The file was closed (``close``)."""
+        return self.index in self._vm._memory.gmem_closed_files
+
+    def punch_hole(self, offset: Any, size: Any) -> None:
+        """fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) (vfs_fallocate, then
+        kvm_gmem_fallocate and kvm_gmem_punch_hole, guest_memfd.c, 6.18): EBADF for a
+        closed file; EINVAL for an offset negative as a loff_t or a size not above 0;
+        EFBIG past the largest file size; EINVAL for an unaligned range.  Then an
+        invalidation of the bound memslots' gfns in the range (mmu_invalidate_seq moves
+        once if a slot is bound there): their private mappings are zapped (the shared
+        ones for an INIT_SHARED file; a VM other than a TD has one root and loses both),
+        and the pages are freed: a later fault allocates them again (in the model, at
+        the same frames)."""
+        self._vm._gmem_invalidate(self, _args.u64("offset", offset), _args.u64("size", size),
+                                  close=False)
+
+    def close(self) -> None:
+        """The last close of the file (kvm_gmem_release, guest_memfd.c, 6.18): every
+        bound memslot loses its file (a later fault on its guest_memfd memory fails with
+        KVM_EXIT_MEMORY_FAULT), inside an invalidation that zaps what the file backed.
+        The memory stays with the inode; binding the closed file again, punching it or
+        closing it again is EBADF."""
+        self._vm._gmem_invalidate(self, 0, 0, close=True)
 
     def pfn(self, page: Any) -> int:
         """The host frame backing page ``page`` of the file (ValueError beyond its end)."""
@@ -344,7 +372,7 @@ class VM:
             raise KvmError(errno.ENOSPC, f"the model's guest_memfd frames hold "
                                          f"{base // pages} files per VM")
         frame = functools.partial(self._core.gmem_frame, base, pages)
-        gmem = GuestMemfd(self._token, len(self._gmem), size, flags, frame)
+        gmem = GuestMemfd(self._token, self, len(self._gmem), size, flags, frame)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
         return gmem
@@ -492,6 +520,8 @@ class VM:
         if gmem.index >= len(self._gmem) or self._gmem[gmem.index] is not gmem:
             raise _einval("guest_memfd no longer exists (it was made after the snapshot that "
                           "was restored)")
+        if gmem.closed:
+            raise KvmError(errno.EBADF, "the guest_memfd was closed")
         # loff_t arithmetic, as the kernel does it (wrapping into the negative).
         signed_offset = offset - (1 << 64) if offset >> 63 else offset
         end = signed_offset + (npages << PAGE_SHIFT)
@@ -506,6 +536,38 @@ class VM:
                 raise _einval("guest_memfd range overlaps another memslot's binding")
         bindings[key] = (first, first + npages)
         return gmem.index, first
+
+    @_ioctl
+    def _gmem_invalidate(self, gmem: GuestMemfd, offset: int, size: int, close: bool) -> None:
+        """GuestMemfd.punch_hole / close: the checks, then the bound slots' gfns in the file
+        range, in file order, for VMMemory.gmem_invalidate."""
+        if gmem.index >= len(self._gmem) or self._gmem[gmem.index] is not gmem:
+            raise ValueError("this guest_memfd is not part of the VM's current state (it was "
+                             "made after the snapshot that was restored)")
+        if gmem.closed:
+            raise KvmError(errno.EBADF, "the guest_memfd was closed")
+        if close:
+            start, end = 0, 1 << 64                            # 0 .. -1ul
+        else:
+            if offset >> 63 or not size or size >> 63:
+                raise _einval(f"offset {offset:#x} or size {size:#x} is not a positive loff_t")
+            if offset + size > _LOFF_MAX:
+                raise KvmError(errno.EFBIG, "the range passes the largest file size")
+            if (offset | size) & _PAGE_MASK:
+                raise _einval("offset and size must be page-aligned")
+            start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
+        pieces = []
+        bindings = self._gmem_bindings[gmem.index]
+        for key, (first, stop) in sorted(bindings.items(), key=lambda item: item[1]):
+            if first < end and start < stop:
+                slot = self._memory.slot_by_id(*key)
+                assert slot is not None
+                pieces.append((slot, slot.base_gfn + max(first, start) - first,
+                               slot.base_gfn + min(stop, end) - first))
+        if close:
+            self._memory.gmem_closed_files.add(gmem.index)
+        self._memory.gmem_invalidate(pieces, bool(gmem.flags & GuestMemfdFlag.INIT_SHARED.value),
+                                     close)
 
     def _delete_slot(self, as_id: int, slot_id: int, old: Slot) -> None:
         self._memory.invalidate_slot(as_id, slot_id)

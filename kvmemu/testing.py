@@ -188,10 +188,17 @@ def _memory_op(side: Side, op: tuple) -> Any:
         return handle
     if kind == "host_level":
         return vm.set_host_level(op[1], op[2])
+    if kind == "punch":
+        gmem = _pick(side.gmems, op[1])
+        return None if gmem is None else gmem.punch_hole(op[2], op[3])
+    if kind == "gmem_close":
+        gmem = _pick(side.gmems, op[1])
+        return None if gmem is None else gmem.close()
     raise ValueError(f"not a memory operation: {kind!r}")
 
 
-MEMORY_OPS = ("gmem", "slot", "dirty", "attrs", "host_inval", "host_level")
+MEMORY_OPS = ("gmem", "slot", "dirty", "attrs", "host_inval", "host_level", "punch",
+              "gmem_close")
 
 
 def _one_shot_hook(side: Side, stage: str, op: tuple) -> Callable[[str], None]:

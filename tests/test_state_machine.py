@@ -4,7 +4,8 @@ Rules cover every VM type (GPA width 48/52, NX huge pages, eager page splitting,
 of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
-host invalidations and THP level changes (also from stage hooks), pre-fault,
+host invalidations, THP level changes and guest_memfd punch-hole (also from stage
+hooks) and close, pre-fault,
 hypercalls, TDX MapGPA and SNP page state changes (KVM_HC_MAP_GPA_RANGE exits and
 their completion), accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
@@ -164,6 +165,15 @@ class TwinVMs(RuleBasedStateMachine):
     def invalidate_host_range(self, base, offset, size):
         self.apply("host_inval", (1 << 40) + base + offset, size)
 
+    @rule(gmem=st.integers(0, 3), offset=st.sampled_from((0, 0x1000, 2 * MIB, 0x800, 1 << 63)),
+          size=st.sampled_from((0x1000, 2 * MIB, GIB, 0)))
+    def punch_hole(self, gmem, offset, size):
+        self.apply("punch", gmem, offset, size)
+
+    @rule(gmem=st.integers(0, 3))
+    def close_guest_memfd(self, gmem):
+        self.apply("gmem_close", gmem)
+
     @rule(slot=st.integers(0, 3) | st.just(1 << 16), level=st.integers(0, 4))
     def set_host_level(self, slot, level):
         self.apply("host_level", slot, level)
@@ -206,12 +216,13 @@ class TwinVMs(RuleBasedStateMachine):
     @rule(vcpu=st.integers(0, 3), stage=st.sampled_from(("fault", "faultin", "map")),
           address=BASES, size=st.sampled_from((0x1000, 2 * MIB)),
           attributes=st.sampled_from((0, 8)),
-          what=st.sampled_from(("attrs", "attrs", "delete", "host", "host_level")))
+          what=st.sampled_from(("attrs", "attrs", "delete", "host", "host_level", "punch")))
     def stage_hook(self, vcpu, stage, address, size, attributes, what):
         change = {"delete": ("slot", 0, 0, 0, 0, 0, None, 0, 1),
                   "attrs": ("attrs", address, size, attributes, 0),
                   "host": ("host_inval", (1 << 40) + address, size),
-                  "host_level": ("host_level", 0, 1 + (attributes >> 3))}[what]
+                  "host_level": ("host_level", 0, 1 + (attributes >> 3)),
+                  "punch": ("punch", 0, address, size)}[what]
         self.apply("hook", vcpu, stage, change)
 
     @rule()

@@ -45,7 +45,7 @@ cdef void record_slot(object slot, SlotRecord* rec) except *:
     rec.gmem_pgoff = slot.gmem_pgoff
     rec.id = slot.id
     rec.flags = slot.flags
-    rec.gmem_id = slot.gmem_id
+    rec.gmem_id = -1 if slot.gmem_closed else slot.gmem_id   # a closed file fails like none
     rec.host_level = slot.host_level
     rec.lpage_2m = &lpage_2m[0]
     rec.lpage_1g = &lpage_1g[0]

@@ -326,8 +326,8 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
-        if slot.gmem_id < 0:
-            return prepare_memory_fault_exit(vcpu, fault)
+        if slot.gmem_id < 0 or slot.gmem_closed:   # no guest_memfd, or kvm_gmem_get_pfn's
+            return prepare_memory_fault_exit(vcpu, fault)   # -EFAULT for a closed one
         fault.pfn = memslots.gmem_get_pfn(slot, fault.gfn)
         fault.map_writable = not slot.flags & MEM_FLAG_READONLY
         fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
