@@ -626,3 +626,45 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def interrupted_batch(vcpu: Any, gpas: np.ndarray, flags: int = 0,
+                      delay: float = 0.02) -> tuple[str, float]:
+    """Run ``vcpu.access_many(gpas, flags)`` on this (the main) thread and send SIGINT
+    ``delay`` seconds after the call has entered the core; returns the KeyboardInterrupt's
+    message and the seconds from the signal to the exception (AssertionError if the batch
+    was not interrupted)."""
+    import os
+    import signal
+    import sys
+    import threading
+    import time
+
+    main, sent = threading.get_ident(), []
+
+    def in_the_core() -> bool:
+        frame = sys._current_frames().get(main)
+        while frame is not None and not (frame.f_code.co_name == "<lambda>"
+                                         and frame.f_code.co_filename.endswith("_vm.py")):
+            frame = frame.f_back
+        return frame is not None
+
+    def interrupt_once_running() -> None:
+        deadline = time.perf_counter() + 10
+        while not in_the_core() and time.perf_counter() < deadline:
+            time.sleep(0.0005)
+        time.sleep(delay)
+        sent.append(time.perf_counter())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    helper = threading.Thread(target=interrupt_once_running)
+    helper.start()
+    try:
+        vcpu.access_many(gpas, flags)
+    except KeyboardInterrupt as exc:
+        stopped, message = time.perf_counter(), str(exc)
+    else:
+        helper.join()
+        raise AssertionError("the batch was not interrupted")
+    helper.join()
+    return message, stopped - sent[0]
