@@ -15,34 +15,14 @@
  *
  * Prints "ns_per_get_dirty_log <value>", "ns_per_wp_fault <value>" and a checksum.
  */
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
+#include "tables.h"
 #include <time.h>
 
-#define ENTRIES 512
 #define P 0x1ull
 #define W 0x2ull
 #define U 0x4ull
 #define A 0x20ull
 #define D 0x40ull
-#define ADDR_MASK 0x000ffffffffff000ull
-
-static uint64_t *mem;
-static uint64_t ntables, captables;
-
-static uint64_t new_table(void)
-{
-	if (ntables == captables) {
-		captables *= 2;
-		mem = realloc(mem, captables * ENTRIES * sizeof(uint64_t));
-		if (!mem)
-			exit(2);
-	}
-	for (int i = 0; i < ENTRIES; i++)
-		mem[ntables * ENTRIES + i] = 0;
-	return ntables++;
-}
 
 static uint64_t *leaf(uint64_t gfn, int create)
 {
@@ -76,19 +56,9 @@ int main(int argc, char **argv)
 	}
 	uint64_t slot_pages = strtoull(argv[1], NULL, 0);
 	long repeats = strtol(argv[3], NULL, 0);
-	FILE *f = fopen(argv[2], "rb");
-	if (!f)
-		return 2;
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f) / 8;
-	fseek(f, 0, SEEK_SET);
-	uint64_t *gfns = malloc(n * sizeof(uint64_t));
-	if (!gfns || fread(gfns, 8, n, f) != (size_t)n)
-		return 2;
-	fclose(f);
+	long n;
+	uint64_t *gfns = read_u64s(argv[2], &n);
 
-	captables = 64;
-	mem = malloc(captables * ENTRIES * sizeof(uint64_t));
 	new_table();
 	for (long i = 0; i < n; i++)
 		*leaf(gfns[i], 1) = ((0x40000000ull >> 12) + gfns[i]) << 12 | P | U | A | D;

@@ -9,12 +9,9 @@
  *   the way the CPU does (present and permission check at every level, leaf
  *   detection, accessed bit), and prints "ns_per_walk <value>" and a checksum.
  */
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
+#include "tables.h"
 #include <time.h>
 
-#define ENTRIES 512
 #define EPT_R 0x1ull
 #define EPT_W 0x2ull
 #define EPT_X 0x4ull
@@ -22,23 +19,6 @@
 #define EPT_A 0x100ull
 #define EPT_D 0x200ull
 #define EPT_WB (6ull << 3)
-#define ADDR_MASK 0x000ffffffffff000ull
-
-static uint64_t *mem;           /* tables, ENTRIES each; table k at frame k */
-static uint64_t ntables, captables;
-
-static uint64_t new_table(void)
-{
-	if (ntables == captables) {
-		captables *= 2;
-		mem = realloc(mem, captables * ENTRIES * sizeof(uint64_t));
-		if (!mem)
-			exit(2);
-	}
-	for (int i = 0; i < ENTRIES; i++)
-		mem[ntables * ENTRIES + i] = 0;
-	return ntables++;
-}
 
 static void map_4k(uint64_t gpa, uint64_t hpa)
 {
@@ -85,19 +65,9 @@ int main(int argc, char **argv)
 	}
 	uint64_t npages = strtoull(argv[1], NULL, 0);
 	long repeats = strtol(argv[3], NULL, 0);
-	FILE *f = fopen(argv[2], "rb");
-	if (!f)
-		return 2;
-	fseek(f, 0, SEEK_END);
-	long n = ftell(f) / 8;
-	fseek(f, 0, SEEK_SET);
-	uint64_t *gpas = malloc(n * sizeof(uint64_t));
-	if (!gpas || fread(gpas, 8, n, f) != (size_t)n)
-		return 2;
-	fclose(f);
+	long n;
+	uint64_t *gpas = read_u64s(argv[2], &n);
 
-	captables = 64;
-	mem = malloc(captables * ENTRIES * sizeof(uint64_t));
 	new_table();
 	for (uint64_t i = 0; i < npages; i++)
 		map_4k(i << 12, 0x7f0000000000ull + (i << 12));
