@@ -18,8 +18,8 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from .constants import (KVM_ENOSYS, KVM_EOPNOTSUPP, KVM_EXIT_HYPERCALL_LONG_MODE,
-                        KVM_HC_CLOCK_PAIRING, KVM_HC_KICK_CPU, KVM_HC_MAP_GPA_RANGE,
-                        KVM_HC_SCHED_YIELD, KVM_HC_SEND_IPI, KVM_HC_VAPIC_POLL_IRQ, PAGE_SHIFT,
+                        KVM_HC_CLOCK_PAIRING, KVM_HC_MAP_GPA_RANGE, KVM_HC_VAPIC_POLL_IRQ,
+                        PAGE_SHIFT,
                         PAGE_SIZE, TDX_MAP_GPA_MAX_LEN, GHCB_MSR_PSC_RESP,
                         GHCB_MSR_PSC_RESP_ERROR, SNP_PAGE_STATE_PRIVATE, SNP_PAGE_STATE_SHARED,
                         VMGEXIT_PSC_ERROR_GENERIC, VMGEXIT_PSC_ERROR_INVALID_ENTRY,
@@ -81,20 +81,13 @@ def emulate_hypercall(state: Any, exit_enabled: int, nr: int, a0: int, a1: int, 
         ret = 0
     elif nr == KVM_HC_CLOCK_PAIRING:
         ret = -KVM_EOPNOTSUPP
-    elif nr in (KVM_HC_KICK_CPU, KVM_HC_SEND_IPI, KVM_HC_SCHED_YIELD):
-        ret = -KVM_ENOSYS
     elif nr == KVM_HC_MAP_GPA_RANGE and exit_enabled & (1 << KVM_HC_MAP_GPA_RANGE):
         gpa, npages, attrs = a0, a1, a2
         gfn = gpa >> PAGE_SHIFT
         if gpa & ((1 << PAGE_SHIFT) - 1) or not npages or (gfn + npages) & _U64 <= gfn:
             ret = -KVM_EINVAL
         else:
-            state.exit_reason = ExitReason.HYPERCALL.value
-            state.hypercall = HypercallRun(KVM_HC_MAP_GPA_RANGE, (gpa, npages, attrs, 0, 0, 0),
-                                           0, KVM_EXIT_HYPERCALL_LONG_MODE,
-                                           "complete_hypercall_exit")
-            return HypercallExit(KVM_HC_MAP_GPA_RANGE, state.hypercall.args,
-                                 KVM_EXIT_HYPERCALL_LONG_MODE)
+            return _exit(state, (gpa, npages, attrs, 0, 0, 0), "complete_hypercall_exit")
     state.hypercall = state.hypercall._replace(ret=ret & _U64, pending=None)
     return ret
 
@@ -149,12 +142,8 @@ def _map_gpa_exit(state: Any, shared_bit: int) -> HypercallExit:
     gpa = run.map_gpa_next
     size = min(run.map_gpa_end - gpa, TDX_MAP_GPA_MAX_LEN)
     attrs = 0 if gpa & shared_bit else MapGpaFlag.ENCRYPTED.value
-    args = (gpa & ~shared_bit, size // PAGE_SIZE, attrs, 0, 0, 0)
-    state.exit_reason = ExitReason.HYPERCALL.value
-    state.hypercall = run._replace(nr=KVM_HC_MAP_GPA_RANGE, args=args, ret=0,
-                                   flags=KVM_EXIT_HYPERCALL_LONG_MODE,
-                                   pending="tdx_complete_vmcall_map_gpa")
-    return HypercallExit(KVM_HC_MAP_GPA_RANGE, args, KVM_EXIT_HYPERCALL_LONG_MODE)
+    return _exit(state, (gpa & ~shared_bit, size // PAGE_SIZE, attrs, 0, 0, 0),
+                 "tdx_complete_vmcall_map_gpa")
 
 
 def complete_vmcall_map_gpa(state: Any, shared_bit: int) -> Any:
@@ -199,7 +188,8 @@ def snp_begin_psc_msr(state: Any, exit_enabled: int, gfn: int, op: int) -> Any:
 
 
 def _exit(state: Any, args: tuple[int, ...], pending: str) -> HypercallExit:
-    """KVM_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE with ``args``, ret 0, long mode."""
+    """KVM_EXIT_HYPERCALL for KVM_HC_MAP_GPA_RANGE with ``args``, ret 0 (what every 6.18
+    handler writes for QEMU's sake), long mode, and the completion to run."""
     state.exit_reason = ExitReason.HYPERCALL.value
     state.hypercall = state.hypercall._replace(nr=KVM_HC_MAP_GPA_RANGE, args=args, ret=0,
                                                flags=KVM_EXIT_HYPERCALL_LONG_MODE,

@@ -141,19 +141,21 @@ def new_page_tables(core: Any, config: VMConfig) -> Any:
                            host_smep=False)
 
 
-class _WriteLocked:
-    """``with`` a lock held for write."""
+class Held:
+    """``with`` a lock held: ``acquire()`` on entry, ``release()`` on exit (kvm->mmu_lock
+    for write, a vCPU's mutex, ...)."""
 
-    __slots__ = ("lock",)
+    __slots__ = ("acquire", "release")
 
-    def __init__(self, lock: Any) -> None:
-        self.lock = lock
+    def __init__(self, acquire: Any, release: Any) -> None:
+        self.acquire = acquire
+        self.release = release
 
     def __enter__(self) -> None:
-        self.lock.acquire_write()
+        self.acquire()
 
     def __exit__(self, *exc: Any) -> None:
-        self.lock.release_write()
+        self.release()
 
 
 class VMMemory:
@@ -198,10 +200,11 @@ class VMMemory:
     def _publish_attributes(self) -> None:
         self.memslots.publish_attributes(self._attr_start, self._attr_end, self._attr_value)
 
-    def mmu_write_locked(self) -> "_WriteLocked":
+    def mmu_write_locked(self) -> Held:
         """write_lock(&kvm->mmu_lock) ... write_unlock, as a ``with`` block: no fault maps
         and no walk reads the tables meanwhile."""
-        return _WriteLocked(self.mmu.mmu_lock)
+        lock = self.mmu.mmu_lock
+        return Held(lock.acquire_write, lock.release_write)
 
     def clone(self) -> "VMMemory":
         """A deep copy, with a copy of the core's MMU (tables included) and a new
@@ -730,16 +733,25 @@ class VMMemory:
         pieces = self.hva_ranges(start, end)
         if not pieces:
             return False
+        self.invalidate_pieces(pieces, private=False, shared=True)
+        return True
+
+    def invalidate_pieces(self, pieces: list[tuple[Slot, int, int]], *, private: bool,
+                          shared: bool) -> None:
+        """The start that the MMU notifier and guest_memfd share (kvm_handle_hva_range,
+        __kvm_gmem_invalidate_begin), under mmu_lock: one kvm_mmu_invalidate_begin, then
+        per piece kvm_mmu_unmap_gfn_range (kvm_mmu_invalidate_range_add, then
+        kvm_unmap_gfn_range with the attribute filter)."""
         with self.mmu_write_locked():
             self.invalidate_begin()
             for slot, first, last in pieces:
                 self.invalidate_range_add(first, last)
-                self.unmap_gfn_range(slot, first, last, private=False, shared=True)
-        return True
+                self.unmap_gfn_range(slot, first, last, private=private, shared=shared)
 
     def invalidate_host_range_end(self) -> None:
-        """kvm_mmu_notifier_invalidate_range_end for a start that found a memslot:
-        kvm_mmu_invalidate_end under mmu_lock (seq + 1, then in_progress - 1)."""
+        """kvm_mmu_notifier_invalidate_range_end (and __kvm_gmem_invalidate_end) for a start
+        that found a memslot: kvm_mmu_invalidate_end under mmu_lock (seq + 1, then
+        in_progress - 1)."""
         with self.mmu_write_locked():
             self.invalidate_end()
 
@@ -774,20 +786,14 @@ class VMMemory:
         __kvm_gmem_invalidate_end.  Nothing when no slot is bound in the range."""
         if not pieces:
             return
-        with self.mmu_write_locked():
-            self.invalidate_begin()
-            for slot, first, end in pieces:
-                self.invalidate_range_add(first, end)
-                self.unmap_gfn_range(slot, first, end, private=not shared_filter,
-                                     shared=shared_filter)
+        self.invalidate_pieces(pieces, private=not shared_filter, shared=shared_filter)
         try:
             if close:
                 for slot, _, _ in pieces:
                     slot.gmem_closed = True
                 self._publish_slots(synchronize=False)
         finally:
-            with self.mmu_write_locked():
-                self.invalidate_end()
+            self.invalidate_host_range_end()
 
     # --- the invalidation protocol (include/linux/kvm_host.h, kvm_main.c) ----------------
 

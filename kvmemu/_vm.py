@@ -25,7 +25,7 @@ from . import _args, _invariants
 from ._host import Host, host_config
 from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
                          snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
-from ._memory import Slot, VMConfig, VMMemory
+from ._memory import Held, Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY,
@@ -624,12 +624,16 @@ class VM:
         """kvm->manual_dirty_log_protect."""
         return DirtyLogManual(self._memory.manual_dirty_log_protect)
 
-    def _dirty_log_slot(self, slot: int) -> Slot:
-        """The checks KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG share: EINVAL for an address
-        space or slot id out of range, ENOENT for a slot that is absent or not logging."""
+    def _dirty_log_slot(self, slot: int, first_page: int = 0) -> Slot:
+        """The checks KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG share, in their order: EINVAL
+        for an address space or slot id out of range, (CLEAR only) EINVAL for a
+        ``first_page`` that is not a multiple of 64, ENOENT for a slot that is absent or
+        not logging."""
         as_id, slot_id = slot >> 16, slot & 0xFFFF
         if as_id >= self.nr_memslot_as_ids or slot_id >= KVM_USER_MEM_SLOTS:
             raise _einval(f"slot {slot:#x} is out of range")
+        if first_page & 63:
+            raise _einval(f"first_page {first_page:#x} is not a multiple of 64")
         found = self._memory.slot_by_id(as_id, slot_id)
         if found is None or found.dirty_bitmap is None:
             raise KvmError(errno.ENOENT, f"slot {slot:#x} does not exist or does not log "
@@ -662,12 +666,7 @@ class VM:
         if not (isinstance(bitmap, np.ndarray) and bitmap.dtype == np.uint64
                 and bitmap.ndim == 1):
             raise TypeError("bitmap must be a 1-D numpy.uint64 array")
-        as_id, slot_id = slot >> 16, slot & 0xFFFF
-        if as_id >= self.nr_memslot_as_ids or slot_id >= KVM_USER_MEM_SLOTS:
-            raise _einval(f"slot {slot:#x} is out of range")
-        if first & 63:
-            raise _einval(f"first_page {first:#x} is not a multiple of 64")
-        found = self._dirty_log_slot(slot)
+        found = self._dirty_log_slot(slot, first)
         npages = found.npages
         if first > npages or count > npages - first or (count < npages - first and count & 63):
             raise _einval(f"pages {first:#x}+{count:#x} do not fit slot {slot:#x} of "
@@ -1074,7 +1073,7 @@ class VCPU:
         A KVM_RUN (``kvm_run``) first runs a pending completion with what
         kvm_run.hypercall.ret holds (vcpu->arch.complete_userspace_io)."""
         if kvm_run and self._c.hypercall.pending is not None:
-            with _Held(self._mutex):
+            with _held(self._mutex):
                 if self._c.hypercall.pending is not None:
                     complete_hypercall(self._c, self._c.hypercall.ret, self.vm.shared_bit,
                                        self.vm._hypercall_exit_enabled)
@@ -1097,7 +1096,7 @@ class VCPU:
             raise ValueError("a TD makes hypercalls with TDG.VP.VMCALL, not VMCALL")
         values = [_args.u64(name, v) for name, v in
                   (("nr", nr), ("a0", a0), ("a1", a1), ("a2", a2), ("a3", a3))]
-        with _Held(self._mutex):
+        with _held(self._mutex):
             state = self._guest_request()
             return emulate_hypercall(state, self.vm._hypercall_exit_enabled, *values)
 
@@ -1119,7 +1118,7 @@ class VCPU:
         value = _args.integer("ret", ret)
         if not -(1 << 63) <= value < 1 << 64:
             raise OverflowError(f"ret {value} does not fit 64 bits")
-        with _Held(self._mutex):
+        with _held(self._mutex):
             state = self._c
             state.exit_reason = ExitReason.UNKNOWN.value
             return complete_hypercall(state, value, self.vm.shared_bit,
@@ -1133,7 +1132,7 @@ class VCPU:
             raise ValueError("TDG.VP.VMCALL<MapGPA> is a TD's request")
         g = _args.u64("gpa", gpa)
         s = _args.u64("size", size)
-        with _Held(self._mutex):
+        with _held(self._mutex):
             state = self._guest_request()
             return tdx_map_gpa(state, self.vm._hypercall_exit_enabled, self.vm.shared_bit,
                                self.vm.gpaw, g, s)
@@ -1155,7 +1154,7 @@ class VCPU:
             checked.append((_args.int_range("gfn", gfn, 0, (1 << 40) - 1),
                             _args.int_range("operation", op, 0, 15),
                             _args.flag("page_size_2m", huge)))
-        with _Held(self._mutex):
+        with _held(self._mutex):
             state = self._guest_request()
             return snp_page_state_change(state, self.vm._hypercall_exit_enabled, checked)
 
@@ -1167,7 +1166,7 @@ class VCPU:
         self._snp_request("a page state change")
         g = _args.int_range("gfn", gfn, 0, (1 << 40) - 1)
         o = _args.int_range("op", op, 0, 15)
-        with _Held(self._mutex):
+        with _held(self._mutex):
             state = self._guest_request()
             return snp_begin_psc_msr(state, self.vm._hypercall_exit_enabled, g, o)
 
@@ -1218,19 +1217,9 @@ class _WaitedForInvalidations(Exception):
     against the VM's state again."""
 
 
-class _Held:
+def _held(mutex: Any) -> Held:
     """``with`` a vCPU's mutex held (vcpu->mutex around a vCPU ioctl)."""
-
-    __slots__ = ("mutex",)
-
-    def __init__(self, mutex: Any) -> None:
-        self.mutex = mutex
-
-    def __enter__(self) -> None:
-        self.mutex.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.mutex.release()
+    return Held(mutex.acquire, mutex.release)
 
 
 class _AllVCPUs:

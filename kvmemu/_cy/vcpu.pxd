@@ -38,6 +38,7 @@ cdef class VCPUState:
     cdef void leave_guest(self) noexcept
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1
+    cpdef object access(self, uint64_t gpa, uint64_t flags, int limit)
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
                            str where, int limit)
     cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,

@@ -32,6 +32,7 @@ cdef extern from "Python.h":
 STAGES = ("fault", "faultin", "map")
 
 
+@cython.final
 cdef class VCPUState:
     """One vCPU: kvm_run, the MMIO cache, the statistics, and the VM parts it reads.
 
@@ -265,7 +266,7 @@ cdef class VCPUState:
             raise KvmError(-err, f"KVM_RUN failed at GPA {gpa:#x}{where}")
         raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
 
-    def access(self, uint64_t gpa, uint64_t flags, int limit):
+    cpdef object access(self, uint64_t gpa, uint64_t flags, int limit):
         """One access of valid arguments: Translation, MemoryFaultExit or MmioExit."""
         cdef Outcome out
         cdef int err = 0, status
@@ -302,17 +303,7 @@ cdef class VCPUState:
         else:
             f = _args.access(write, fetch, user, stage, encrypted)
             g = _args.gpa(gpa, self.levels)
-        cdef Outcome out
-        cdef int err = 0, status
-        self.mutex.acquire()
-        try:
-            try:
-                status = self.vcpu_run(g, f, limit, &out, &err)
-            finally:
-                self.leave_guest()
-        finally:
-            self.mutex.release()
-        return self.outcome_of(status, &out, err, g, "", limit)
+        return self.access(g, f, limit)
 
     def access_many(self, const uint64_t[::1] gpas, flags, int limit):
         """``access`` for each GPA in order (checked arrays), stopping at the first access
