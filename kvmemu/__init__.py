@@ -16,7 +16,7 @@ from ._host import Host
 from ._vm import GuestMemfd, HostInvalidation, MemSlot
 from .errors import KvmError
 from ._hypercall import PscResult, TdvmcallResult
-from .results import HypercallExit
+from .results import GuestException, HypercallExit, RmpEntry
 
 IMPLEMENTATION: str = _select.default_implementation()
 
@@ -27,5 +27,5 @@ del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
            "HostInvalidation", "Host", "HypercallExit",
-           "TdvmcallResult", "PscResult",
+           "TdvmcallResult", "PscResult", "GuestException", "RmpEntry",
            "IMPLEMENTATION", "__version__"]

@@ -171,6 +171,9 @@ class VMMemory:
         # kvm_create_vm: address space i starts at generation i.
         for as_id in range(self.nr_as_ids):
             self.counters[VmCounter.GENERATION_0 + as_id] = as_id
+        # kvm->arch.pre_fault_allowed from vm_init; a VM without a launch is launched.
+        self.counters[VmCounter.PRE_FAULT_ALLOWED] = config.pre_fault_allowed
+        self.counters[VmCounter.LAUNCHED] = not (config.tdx or config.snp)
         self._slots: list[dict[int, Slot]] = [{} for _ in range(self.nr_as_ids)]
         # Per address space: slots sorted by base gfn, and their bases for bisect.
         self._sorted: list[list[Slot]] = [[] for _ in range(self.nr_as_ids)]
@@ -186,6 +189,8 @@ class VMMemory:
         self.manual_dirty_log_protect = 0
         #: The guest_memfd files (by index) that were closed.
         self.gmem_closed_files: set[int] = set()
+        #: Per guest_memfd file (by index): its frames' state, FrameState per page.
+        self.frames: dict[int, np.ndarray] = {}
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
@@ -229,7 +234,39 @@ class VMMemory:
         c.memslots = self.core.Memslots(self.config, c.counters)
         c._publish_slots(synchronize=False)
         c._publish_attributes()
+        c.frames = {}
+        with self.mmu_write_locked():           # faults update frames under mmu_lock
+            for index, frames in self.frames.items():
+                c.add_gmem_frames(index, frames.copy())
         return c
+
+    # --- guest_memfd frames (folio state, the SNP RMP, TDX page states) -------------------
+
+    def add_gmem_frames(self, index: int, frames: np.ndarray) -> None:
+        """Give guest_memfd number ``index`` its frame states (zero: no folio yet)."""
+        self.frames[index] = frames
+        self.memslots.publish_frames(index, frames)
+
+    def frame_at(self, pfn: int) -> tuple[np.ndarray, int] | None:
+        """Where guest_memfd frame ``pfn``'s state is kept, as (array, page), or None."""
+        if pfn < self.config.gmem_base:
+            return None
+        k, page = divmod(pfn - self.config.gmem_base, self.config.gmem_file_pages)
+        frames = self.frames.get(k)
+        if frames is None or page >= len(frames):
+            return None
+        return frames, page
+
+    def free_gmem_folios(self, index: int, start: int, end: int) -> None:
+        """The folios of pages [start, end) of guest_memfd ``index`` leave its page cache
+        (truncate_inode_pages_range in kvm_gmem_punch_hole, guest_memfd.c, 6.18): each
+        goes through kvm_gmem_free_folio, whose sev_gmem_invalidate (svm/sev.c) makes an
+        assigned RMP entry shared again (rmp_make_shared: every field 0); the page is no
+        longer prepared, and no Secure-EPT entry maps it any more (the zap removed it)."""
+        frames = self.frames.get(index)
+        if frames is not None:
+            with self.mmu_write_locked():
+                frames[start:min(end, len(frames))] = 0
 
     # --- the counters (struct kvm) ------------------------------------------------------
 
@@ -777,17 +814,23 @@ class VMMemory:
     # --- guest_memfd invalidations (virt/kvm/guest_memfd.c) ----------------------------------
 
     def gmem_invalidate(self, pieces: list[tuple[Slot, int, int]], shared_filter: bool,
-                        close: bool) -> None:
+                        close: bool, freed: tuple[int, int, int] | None = None) -> None:
         """A guest_memfd invalidation over ``pieces`` (each bound slot's gfns in the range,
         in file order): __kvm_gmem_invalidate_begin (begin at the first piece, then
         kvm_mmu_unmap_gfn_range with the PRIVATE filter, or SHARED for an INIT_SHARED
         file), the change itself (``close``: kvm_gmem_release sets slot->gmem.file to
         NULL, so later faults on the slot's guest_memfd memory fail), and
-        __kvm_gmem_invalidate_end.  Nothing when no slot is bound in the range."""
+        __kvm_gmem_invalidate_end.  No invalidation when no slot is bound in the range.
+        ``freed``: (file, first page, end page) whose folios a punch-hole frees between
+        the begin and the end (free_gmem_folios)."""
         if not pieces:
+            if freed is not None:
+                self.free_gmem_folios(*freed)
             return
         self.invalidate_pieces(pieces, private=not shared_filter, shared=shared_filter)
         try:
+            if freed is not None:
+                self.free_gmem_folios(*freed)
             if close:
                 for slot, _, _ in pieces:
                     slot.gmem_closed = True

@@ -79,6 +79,13 @@ class Tracer:
                   f"vcpu {vcpu_id} rip 0x{rip:x} address 0x{address:016x} "
                   f"error_code 0x{error_code:x}")
 
+    def rmp_fault(self, vcpu_id: int, gpa: int, pfn: int, error_code: int, rmp_level: int,
+                  psmash_ret: int) -> None:
+        """kvm:kvm_rmp_fault (trace.h): sev_handle_rmp_fault's verdict."""
+        self.emit("kvm_rmp_fault",
+                  f"vcpu {vcpu_id} gpa {gpa:016x} pfn 0x{pfn:x} error_code 0x{error_code:x} "
+                  f"rmp_level {rmp_level} psmash_ret {psmash_ret}")
+
     def spte_requested(self, gfn: int, pfn: int, level: int) -> None:
         """kvmmmu:kvm_mmu_spte_requested: ``pfn`` already includes the gfn's offset
         inside the goal level's huge page."""

@@ -25,6 +25,7 @@ from . import _args, _invariants
 from ._host import Host, host_config
 from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
                          snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
+from . import _launch
 from ._memory import Held, Slot, VMConfig, VMMemory
 from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
@@ -32,10 +33,11 @@ from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_M
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, ExitReason,
                         GuestMemfdFlag, KVM_X86_VALID_QUIRKS, DirtyLogManual, MemAttr, MemFlag,
-                        KVM_EXIT_HYPERCALL_VALID_MASK, Quirk, VMType)
+                        KVM_EXIT_HYPERCALL_VALID_MASK, Quirk, VMType, FRAME_GPA_MASK,
+                        KVM_SEV_SNP_PAGE_TYPE_NORMAL, SNP_GUEST_ASID, FrameState, VmCounter)
 from .errors import KvmError
 from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
-                      NestedPageFault, Translation)
+                      NestedPageFault, RmpEntry, Translation)
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
 _PRIVATE_MEM_TYPES = (VMType.SW_PROTECTED, VMType.SNP, VMType.TDX)
@@ -48,9 +50,9 @@ _LOFF_MAX = (1 << 63) - 1
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _ioctl(method: _F) -> _F:
-    """A VM ioctl: one at a time per VM (kvm->slots_lock), then the trace events it made
-    go to the sink."""
+def _locked(method: _F) -> _F:
+    """One at a time per VM (kvm->slots_lock), then the trace events it made go to the
+    sink."""
     @functools.wraps(method)
     def locked(self: "VM", *args: Any, **kwargs: Any) -> Any:
         try:
@@ -62,6 +64,18 @@ def _ioctl(method: _F) -> _F:
         self._flush_trace()
         return result
     return locked  # type: ignore[return-value]
+
+
+def _ioctl(method: _F) -> _F:
+    """A VM ioctl (kvm_vm_ioctl, kvm_main.c, 6.18): EIO once the VM is dead, else as
+    ``_locked``."""
+    inner = _locked(method)
+
+    @functools.wraps(method)
+    def ioctl(self: "VM", *args: Any, **kwargs: Any) -> Any:
+        self._check_alive()
+        return inner(self, *args, **kwargs)
+    return ioctl  # type: ignore[return-value]
 
 
 def _einval(message: str) -> KvmError:
@@ -337,6 +351,127 @@ class VM:
         """kvm->arch.hypercall_exit_enabled."""
         return self._hypercall_exit_enabled
 
+    # --- the launch of a confidential VM (API section 9) --------------------------------
+
+    @property
+    def dead(self) -> bool:
+        """kvm->vm_dead: KVM killed the VM (kvm_vm_dead); every ioctl now fails with EIO."""
+        return bool(self._memory.counters[VmCounter.VM_DEAD])
+
+    def _check_alive(self) -> None:
+        if self.dead:
+            raise KvmError(errno.EIO, "the VM is dead (kvm_vm_dead): KVM refuses every ioctl")
+
+    @property
+    def launched(self) -> bool:
+        """The launch is over: a TD is runnable (KVM_TDX_FINALIZE_VM), an SNP guest's
+        launch finished (KVM_SEV_SNP_LAUNCH_FINISH), or the VM has no launch at all."""
+        return _launch.launched(self._memory)
+
+    @property
+    def pre_fault_allowed(self) -> bool:
+        """kvm->arch.pre_fault_allowed: KVM_PRE_FAULT_MEMORY is not EOPNOTSUPP."""
+        return bool(self._memory.counters[VmCounter.PRE_FAULT_ALLOWED])
+
+    def _launch_implicitly(self) -> None:
+        """A vCPU of a TD or SNP guest whose launch was never ended runs: the launch ends
+        as if the program had ended it, and the modelled guest accepts / validates its
+        private pages on first touch (kvmemu._launch.finish_launch)."""
+        with self._lock:
+            if not _launch.launched(self._memory):
+                _launch.finish_launch(self._memory, implicit=True)
+                self._protect_vmsas()
+
+    def _protect_vmsas(self) -> None:
+        for vcpu in self._vcpus:
+            vcpu._state_protected = True
+
+    def _first_vcpu(self, ioctl: str) -> "VCPU":
+        if not self._vcpus:
+            raise KvmError(errno.EINVAL, f"{ioctl} is a vCPU ioctl: the VM has no vCPU")
+        return self._vcpus[0]
+
+    @_ioctl
+    def tdx_init_mem_region(self, gpa: Any, size: Any, *, measure: Any = False) -> int:
+        """KVM_TDX_INIT_MEM_REGION (tdx_vcpu_init_mem_region, vmx/tdx.c, 6.18; in the
+        kernel a vCPU ioctl: it runs on the VM's first vCPU, EINVAL without one): add
+        [gpa, gpa + size) to the TD's initial memory, a page at a time: the private GPA
+        is mapped in the mirror root and the page added with TDH.MEM.PAGE.ADD, already
+        accepted.  ``measure``: KVM_TDX_MEASURE_MEMORY_REGION (TDH.MR.EXTEND, not modelled
+        further).  Errors (KvmError): EINVAL after finalize, for an unaligned or empty
+        range or one with the shared bit, no guest_memfd memslot, memory not PRIVATE in
+        the attributes; EEXIST for a page already added or faulted in; EFAULT for a closed
+        guest_memfd.  Returns 0 (the pages left)."""
+        if self.vm_type != VMType.TDX:
+            raise KvmError(errno.EINVAL, "KVM_TDX_INIT_MEM_REGION is for a TD")
+        g, n = _args.u64("gpa", gpa), _args.u64("size", size)
+        flags = int(_args.flag("measure", measure))
+        if n & _PAGE_MASK:
+            raise _einval(f"KVM_TDX_INIT_MEM_REGION size {n:#x} is not a multiple of the page size")
+        vcpu = self._first_vcpu("KVM_TDX_INIT_MEM_REGION")
+        with _held(vcpu._mutex):
+            return _launch.tdx_init_mem_region(self._memory, vcpu._c, self.shared_bit, g,
+                                               n >> PAGE_SHIFT, flags) << PAGE_SHIFT
+
+    @_ioctl
+    def tdx_finalize_vm(self) -> None:
+        """KVM_TDX_FINALIZE_VM (tdx_td_finalize, vmx/tdx.c, 6.18): the TD becomes runnable:
+        KVM_PRE_FAULT_MEMORY works, KVM_TDX_INIT_MEM_REGION and a second finalize fail
+        with EINVAL, and private pages faulted in from now on are PENDING until the guest
+        accepts them (``VCPU.tdx_accept``)."""
+        if self.vm_type != VMType.TDX:
+            raise KvmError(errno.ENOTTY, "KVM_TDX_FINALIZE_VM is for a TD")
+        _launch.tdx_finalize_vm(self._memory)
+
+    @_ioctl
+    def snp_launch_update(self, gpa: Any, size: Any,
+                          page_type: Any = KVM_SEV_SNP_PAGE_TYPE_NORMAL) -> int:
+        """KVM_SEV_SNP_LAUNCH_UPDATE (snp_launch_update, svm/sev.c, 6.18): encrypt
+        [gpa, gpa + size) into the guest's initial memory: each page's RMP entry is
+        assigned to the guest for its GPA and validated by the firmware.  EINVAL for a VM
+        that is not SNP, an empty or unaligned size, an unknown ``page_type``, or no
+        guest_memfd memslot at ``gpa``; EIO when the first page fails (already populated
+        or faulted in, not PRIVATE in the attributes, a closed guest_memfd, or the launch
+        finished).  Returns the bytes left: after progress an error stops it early, and
+        the next call from there reports it."""
+        g, n = _args.u64("gpa", gpa), _args.u64("size", size)
+        t = _args.u64("page_type", page_type)
+        if self.vm_type != VMType.SNP:
+            if self.vm_type in (VMType.SEV, VMType.SEV_ES):
+                raise KvmError(errno.EINVAL, "KVM_SEV_SNP_LAUNCH_UPDATE needs an SNP guest")
+            raise KvmError(errno.ENOTTY, "KVM_SEV_SNP_LAUNCH_UPDATE needs an SEV guest")
+        return _launch.snp_launch_update(self._memory, g, n, t)
+
+    @_ioctl
+    def snp_launch_finish(self) -> None:
+        """KVM_SEV_SNP_LAUNCH_FINISH (snp_launch_finish, svm/sev.c, 6.18): the vCPUs' VMSAs
+        become protected (EINVAL if one already is: a second finish with a vCPU) and
+        KVM_PRE_FAULT_MEMORY works.  ENOTTY for a VM that is not SNP.  Private pages the
+        guest gets from now on must be validated with ``VCPU.pvalidate`` before use."""
+        if self.vm_type != VMType.SNP:
+            raise KvmError(errno.ENOTTY, "KVM_SEV_SNP_LAUNCH_FINISH needs an SNP guest")
+        if any(vcpu._state_protected for vcpu in self._vcpus):
+            raise KvmError(errno.EINVAL, "KVM_SEV_SNP_LAUNCH_FINISH: a vCPU's state is "
+                                         "already protected (sev_es_sync_vmsa)")
+        _launch.snp_launch_finish(self._memory)
+        self._protect_vmsas()
+
+    def rmp_entry(self, pfn: Any) -> RmpEntry:
+        """The RMP entry of host frame ``pfn`` (snp_lookup_rmpentry): what guest_memfd's
+        prepare and invalidate (sev_gmem_prepare, sev_gmem_invalidate), launch update and
+        the guest's PVALIDATE made of it.  A frame KVM never assigned reads as all zero
+        (4K, not assigned).  Only for an SNP VM (ValueError)."""
+        if self.vm_type != VMType.SNP:
+            raise ValueError("only an SEV-SNP VM has RMP entries")
+        p = _args.u64("pfn", pfn)
+        state = self._memory.memslots.frame(p)
+        assigned = bool(state & FrameState.RMP_ASSIGNED.value)
+        return tuple.__new__(RmpEntry, (
+            assigned, SNP_GUEST_ASID if assigned else 0, state & FRAME_GPA_MASK,
+            PG_LEVEL_2M if state & FrameState.RMP_PAGESIZE_2M.value else PG_LEVEL_4K,
+            bool(state & FrameState.RMP_VALIDATED.value),
+            bool(state & FrameState.RMP_IMMUTABLE.value)))
+
     @property
     def disabled_quirks(self) -> Quirk:
         """kvm->arch.disabled_quirks."""
@@ -373,6 +508,10 @@ class VM:
                                          f"{base // pages} files per VM")
         frame = functools.partial(self._core.gmem_frame, base, pages)
         gmem = GuestMemfd(self._token, self, len(self._gmem), size, flags, frame)
+        # One state word per page the file's frame window holds (np.zeros: untouched
+        # pages of a large file cost no memory).
+        self._memory.add_gmem_frames(gmem.index, np.zeros(min(size >> PAGE_SHIFT, pages),
+                                                          dtype=np.uint64))
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
         return gmem
@@ -537,7 +676,7 @@ class VM:
         bindings[key] = (first, first + npages)
         return gmem.index, first
 
-    @_ioctl
+    @_locked
     def _gmem_invalidate(self, gmem: GuestMemfd, offset: int, size: int, close: bool) -> None:
         """GuestMemfd.punch_hole / close: the checks, then the bound slots' gfns in the file
         range, in file order, for VMMemory.gmem_invalidate."""
@@ -567,7 +706,7 @@ class VM:
         if close:
             self._memory.gmem_closed_files.add(gmem.index)
         self._memory.gmem_invalidate(pieces, bool(gmem.flags & GuestMemfdFlag.INIT_SHARED.value),
-                                     close)
+                                     close, None if close else (gmem.index, start, end))
 
     def _delete_slot(self, as_id: int, slot_id: int, old: Slot) -> None:
         self._memory.invalidate_slot(as_id, slot_id)
@@ -999,6 +1138,8 @@ class VCPU:
         #: Whether it ever pre-faulted: pre-faults count pf_fast and pf_mmio_spte_created
         #: without the FIXED / EMULATE results check_invariants otherwise pairs them with.
         self._pre_faulted = False
+        #: vcpu->arch.guest_state_protected: SNP's LAUNCH_FINISH encrypted its VMSA.
+        self._state_protected = False
         #: vcpu->mutex: one call at a time on this vCPU (a second thread waits).
         self._mutex = vm._core.Mutex()
         memory = vm._memory
@@ -1050,11 +1191,21 @@ class VCPU:
         if self.vm.vendor != vendor:
             raise ValueError(f"{handler} is a {vendor} exit; this VM runs on {self.vm.vendor}")
 
-    def handle_ept_violation(self, gpa: Any, exit_qualification: Any) -> int:
-        """handle_ept_violation (VMX) or tdx_handle_ept_violation (TDX)."""
+    def handle_ept_violation(self, gpa: Any, exit_qualification: Any,
+                             ext_exit_qualification: Any = 0) -> int:
+        """handle_ept_violation (VMX) or tdx_handle_ept_violation (TDX).  For a TD,
+        ``ext_exit_qualification`` is the extended exit qualification the TDX module
+        gives (RDX): type 6 (PENDING_EPT_VIOLATION) on a private GPA without permission
+        bits means the guest touched a page it had not accepted, and KVM kills the VM
+        (-EIO; ``VM.dead``)."""
         self._vendor("vmx", "handle_ept_violation")
         g, q = _args.u64("gpa", gpa), _args.u64("exit_qualification", exit_qualification)
-        return self._run(lambda state: state.handle_ept_violation(g, q))
+        x = _args.u64("ext_exit_qualification", ext_exit_qualification)
+
+        def handle(state: Any) -> int:
+            state.ext_exit_qual = x
+            return int(state.handle_ept_violation(g, q))
+        return self._run(handle)
 
     def handle_ept_misconfig(self, gpa: Any) -> int:
         """handle_ept_misconfig: the MMIO path (a KVM bug, -EIO, for a TD)."""
@@ -1072,6 +1223,10 @@ class VCPU:
         """``call(state)`` (the core takes the vCPU's mutex), then the trace events go out.
         A KVM_RUN (``kvm_run``) first runs a pending completion with what
         kvm_run.hypercall.ret holds (vcpu->arch.complete_userspace_io)."""
+        vm = self.vm
+        vm._check_alive()
+        if kvm_run and not _launch.launched(vm._memory):
+            vm._launch_implicitly()
         if kvm_run and self._c.hypercall.pending is not None:
             with _held(self._mutex):
                 if self._c.hypercall.pending is not None:
@@ -1102,8 +1257,13 @@ class VCPU:
 
     def _guest_request(self) -> Any:
         """The vCPU's state for a guest request (the vCPU's mutex held): the next KVM_RUN
-        first completes a pending exit with kvm_run.hypercall.ret as it stands, and
-        starts with KVM_EXIT_UNKNOWN."""
+        (EIO on a dead VM; a launch never ended ends implicitly) first completes a
+        pending exit with kvm_run.hypercall.ret as it stands, and starts with
+        KVM_EXIT_UNKNOWN."""
+        vm = self.vm
+        vm._check_alive()
+        if not _launch.launched(vm._memory):
+            vm._launch_implicitly()
         state = self._c
         if state.hypercall.pending is not None:
             complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit,
@@ -1169,6 +1329,38 @@ class VCPU:
         with _held(self._mutex):
             state = self._guest_request()
             return snp_begin_psc_msr(state, self.vm._hypercall_exit_enabled, g, o)
+
+    def pvalidate(self, gpa: Any, page_size: Any = PG_LEVEL_4K, validate: Any = True) -> Any:
+        """The SNP guest executes PVALIDATE on ``gpa`` (its GVA is its GPA in the model;
+        AMD APM vol. 3, see kvmemu._launch.pvalidate): 0 when the RMP entry's Validated
+        bit changed, 255 (PVALIDATE_FAIL_NOUPDATE) when it already had that value, 6 for
+        a 2M request on a 4K RMP entry, 1 for an address not aligned to ``page_size``
+        (PG_LEVEL_4K or PG_LEVEL_2M).  Its nested walk runs as any access of the
+        guest's: a #NPF is handled by KVM, and when KVM leaves to userspace the exit
+        (e.g. a MemoryFaultExit for a GPA the attributes call shared) is returned
+        instead.  Only for an SNP VM (ValueError)."""
+        if self.vm.vm_type != VMType.SNP:
+            raise ValueError("PVALIDATE is an SEV-SNP guest's instruction")
+        g = _args.u64("gpa", gpa)
+        size = _args.int_range("page_size", page_size, PG_LEVEL_4K, PG_LEVEL_2M)
+        v = _args.flag("validate", validate)
+        return self._run(lambda state: _launch.pvalidate(
+            self.vm._memory, lambda a, f: state.access(a, f, ACCESS_LOOP_LIMIT), g, size, v))
+
+    def tdx_accept(self, gpa: Any, level: Any = PG_LEVEL_4K) -> Any:
+        """The TD executes TDG.MEM.PAGE.ACCEPT on ``gpa`` at ``level`` (PG_LEVEL_4K,
+        PG_LEVEL_2M or PG_LEVEL_1G; see kvmemu._launch.tdx_accept): a TdxModuleStatus
+        (SUCCESS, PAGE_ALREADY_ACCEPTED, PAGE_SIZE_MISMATCH, OPERAND_INVALID).  A page
+        not yet mapped is first an EPT violation that KVM handles (TDH.MEM.PAGE.AUG);
+        when KVM leaves to userspace instead, that exit is returned.  Only for a TD
+        (ValueError)."""
+        if self.vm.vm_type != VMType.TDX:
+            raise ValueError("TDG.MEM.PAGE.ACCEPT is a TD's instruction")
+        g = _args.u64("gpa", gpa)
+        lvl = _args.int_range("level", level, PG_LEVEL_4K, PG_LEVEL_1G)
+        return self._run(lambda state: _launch.tdx_accept(
+            self.vm._memory, lambda a, f: state.access(a, f, ACCESS_LOOP_LIMIT),
+            self.vm.shared_bit, g, lvl))
 
     def pre_fault_memory(self, gpa: Any, size: Any, flags: Any = 0) -> int:
         """KVM_PRE_FAULT_MEMORY (kvm_vcpu_pre_fault_memory, kvm_main.c, and

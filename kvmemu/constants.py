@@ -26,7 +26,14 @@ __all__ = [
     "KVM_HC_SEND_IPI", "KVM_HC_SCHED_YIELD", "KVM_HC_MAP_GPA_RANGE", "KVM_ENOSYS",
     "KVM_EOPNOTSUPP", "KVM_EXIT_HYPERCALL_VALID_MASK", "KVM_EXIT_HYPERCALL_LONG_MODE",
     "MapGpaFlag", "TdvmcallStatus", "TDX_MAP_GPA_MAX_LEN", "SNP_PAGE_STATE_PRIVATE",
-    "SNP_PAGE_STATE_SHARED", "GHCB_MSR_PSC_REQ", "GHCB_MSR_PSC_RESP",
+    "SNP_PAGE_STATE_SHARED", "TDX_EXT_EXIT_QUAL_TYPE_MASK",
+    "TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION", "TdxModuleStatus", "PVALIDATE_SUCCESS",
+    "PVALIDATE_FAIL_INPUT", "PVALIDATE_FAIL_SIZEMISMATCH", "PVALIDATE_FAIL_NOUPDATE",
+    "X86_TRAP_VC", "SVM_EXIT_PAGE_NOT_VALIDATED", "SNP_GUEST_ASID",
+    "KVM_SEV_SNP_PAGE_TYPE_NORMAL", "KVM_SEV_SNP_PAGE_TYPE_ZERO",
+    "KVM_SEV_SNP_PAGE_TYPE_UNMEASURED", "KVM_SEV_SNP_PAGE_TYPE_SECRETS",
+    "KVM_SEV_SNP_PAGE_TYPE_CPUID", "KVM_TDX_MEASURE_MEMORY_REGION", "FrameState",
+    "FRAME_GPA_MASK", "GHCB_MSR_PSC_REQ", "GHCB_MSR_PSC_RESP",
     "GHCB_MSR_PSC_RESP_ERROR", "VMGEXIT_PSC_MAX_COUNT", "VMGEXIT_PSC_ERROR_GENERIC",
     "VMGEXIT_PSC_ERROR_INVALID_HDR", "VMGEXIT_PSC_ERROR_INVALID_ENTRY", "MemAttr", "MemFlag", "GuestMemfdFlag",
     "MEMORY_EXIT_FLAG_PRIVATE", "PG_LEVEL_4K", "PG_LEVEL_2M", "PG_LEVEL_1G",
@@ -268,6 +275,67 @@ VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
 VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
 VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
 
+#: The TDX extended exit qualification (RDX of a TD exit; arch/x86/kvm/vmx/tdx.h, 6.18):
+#: its type field, and the type of an EPT violation on a private page the TD has not
+#: accepted (a PENDING Secure-EPT entry; the TDX module reports it this way to the VMM).
+TDX_EXT_EXIT_QUAL_TYPE_MASK = 0xF
+TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION = 6
+
+
+class TdxModuleStatus(IntEnum):
+    """Completion status of TDG.MEM.PAGE.ACCEPT in RAX (Intel TDX Module ABI Reference,
+    "TDG.MEM.PAGE.ACCEPT" completion status codes; no kernel header defines them)."""
+
+    SUCCESS = 0x0000000000000000
+    PAGE_ALREADY_ACCEPTED = 0x00000B0A00000000
+    PAGE_SIZE_MISMATCH = 0xC0000B0B00000000
+    OPERAND_INVALID = 0xC000010000000000
+
+
+#: PVALIDATE's return codes (AMD APM vol. 3, "PVALIDATE"): FAIL_INPUT 1 from the APM
+#: (6.18 defines no name for it), FAIL_SIZEMISMATCH 6 and the software value
+#: FAIL_NOUPDATE 255 that the kernel's pvalidate() returns when rFLAGS.CF says nothing
+#: changed (arch/x86/include/asm/sev.h, 6.18).
+PVALIDATE_SUCCESS = 0
+PVALIDATE_FAIL_INPUT = 1
+PVALIDATE_FAIL_SIZEMISMATCH = 6
+PVALIDATE_FAIL_NOUPDATE = 255
+#: #VC (vector 29) and its error code for an access to a page the guest has not
+#: validated (AMD APM vol. 2, "RMP and VMPL Access Checks": PAGE_NOT_VALIDATED 0x404).
+X86_TRAP_VC = 29
+SVM_EXIT_PAGE_NOT_VALIDATED = 0x404
+#: The ASID of the modelled SNP guest (sev_asid_new hands out the SNP range from 1).
+SNP_GUEST_ASID = 1
+#: KVM_SEV_SNP_LAUNCH_UPDATE page types (arch/x86/include/uapi/asm/kvm.h, 6.18).
+KVM_SEV_SNP_PAGE_TYPE_NORMAL = 0x1
+KVM_SEV_SNP_PAGE_TYPE_ZERO = 0x3
+KVM_SEV_SNP_PAGE_TYPE_UNMEASURED = 0x4
+KVM_SEV_SNP_PAGE_TYPE_SECRETS = 0x5
+KVM_SEV_SNP_PAGE_TYPE_CPUID = 0x6
+#: KVM_TDX_INIT_MEM_REGION's only flag (KVM_TDX_MEASURE_MEMORY_REGION, uapi asm/kvm.h).
+KVM_TDX_MEASURE_MEMORY_REGION = 1 << 0
+
+
+class FrameState(_Flag):
+    """Not a KVM value: what the model keeps per guest_memfd frame, one uint64 each.
+
+    PREPARED is the folio's uptodate flag (kvm_gmem_mark_prepared); the RMP_* bits and
+    the GPA in bits 51:12 are the frame's SEV-SNP RMP entry (assigned, validated,
+    immutable, 2M page size; the ASID is the VM's); TDX_PENDING is the TDX module's
+    PENDING state of the Secure-EPT entry that maps the frame (after TDH.MEM.PAGE.AUG,
+    until TDG.MEM.PAGE.ACCEPT)."""
+
+    PREPARED = 1 << 0
+    RMP_ASSIGNED = 1 << 1
+    RMP_VALIDATED = 1 << 2
+    RMP_IMMUTABLE = 1 << 3
+    RMP_PAGESIZE_2M = 1 << 4
+    TDX_PENDING = 1 << 5
+
+
+#: FrameState's GPA field (bits 51:12).
+FRAME_GPA_MASK = ((1 << 52) - 1) & ~((1 << 12) - 1)
+
 #: tdx_map_gpa's chunk (TDX_MAP_GPA_MAX_LEN, arch/x86/kvm/vmx/tdx.c): one exit per 2 MiB.
 TDX_MAP_GPA_MAX_LEN = 2 << 20
 
@@ -486,6 +554,12 @@ class AccessFlags(_Flag):
     NOGVA = 1 << 5
 
 
+#: Not an AccessFlags member (callers cannot pass it): the access of a PVALIDATE or
+#: TDG.MEM.PAGE.ACCEPT, which the RMP's Validated check and the TDX PENDING check do not
+#: stop (those instructions exist to change exactly that state).
+ACCESS_PROBE = 1 << 7
+
+
 # --- KVM's SPTE format (arch/x86/kvm/mmu/spte.h, spte.c; Linux 6.18) --------------------
 
 class SPTE(_Flag):
@@ -577,7 +651,11 @@ class VmCounter(IntEnum):
     GENERATION_0 = 4
     GENERATION_1 = 5
     NR_MEMSLOTS_DIRTY_LOGGING = 6      # kvm->nr_memslots_dirty_logging
-    COUNT = 7
+    PRE_FAULT_ALLOWED = 7              # kvm->arch.pre_fault_allowed
+    LAUNCHED = 8                       # TD_STATE_RUNNABLE / SNP launch finished
+    VM_DEAD = 9                        # kvm->vm_dead (kvm_vm_dead)
+    GUEST_ACCEPTS = 10                 # the modelled guest accepts / validates on first touch
+    COUNT = 11
 
 
 class CoreReturn(IntEnum):

@@ -15,7 +15,7 @@ from . import _args
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
 
 __all__ = ["Translation", "EptViolation", "EptMisconfig", "NestedPageFault", "MemoryFaultExit",
-           "MmioExit", "AccessBatch", "HypercallExit"]
+           "MmioExit", "AccessBatch", "HypercallExit", "GuestException", "RmpEntry"]
 
 
 def _bit_names(flag: Any) -> str:
@@ -149,6 +149,40 @@ class MmioExit(_Result):
 
     def __repr__(self) -> str:
         return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"
+
+
+class GuestException(_Result):
+    """The access raised an exception inside the guest, with no VM exit: on SEV-SNP, #VC
+    (vector 29) with error code 0x404 (PAGE_NOT_VALIDATED) for a private access to a page
+    the guest has not validated with PVALIDATE (AMD APM vol. 2, "RMP and VMPL Access
+    Checks").  ``gpa`` is the page accessed."""
+
+    __slots__ = ()
+    _fields = ("vector", "error_code", "gpa")
+    vector: int
+    error_code: int
+    gpa: int
+
+
+class RmpEntry(_Result):
+    """A frame's SEV-SNP RMP entry (struct rmpentry, arch/x86/virt/svm/sev.c, with the
+    Validated bit the hardware keeps): ``page_size`` as a level (PG_LEVEL_4K 1,
+    PG_LEVEL_2M 2, as snp_lookup_rmpentry reports it), ``gpa`` the guest-physical
+    address it is assigned for, ``asid`` the guest's."""
+
+    __slots__ = ()
+    _fields = ("assigned", "asid", "gpa", "page_size", "validated", "immutable")
+    assigned: bool
+    asid: int
+    gpa: int
+    page_size: int
+    validated: bool
+    immutable: bool
+
+    def __repr__(self) -> str:
+        return (f"RmpEntry(assigned={self.assigned}, asid={self.asid}, gpa={self.gpa:#x}, "
+                f"page_size={self.page_size}, validated={self.validated}, "
+                f"immutable={self.immutable})")
 
 
 class AccessBatch:

@@ -199,6 +199,17 @@ cdef int handle_ept_violation(VCPUState vcpu, uint64_t gpa,
     return page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, 0))
 
 
+cdef bint tdx_is_sept_violation_unexpected_pending(uint64_t ext_exit_qual,
+                                                   uint64_t exit_qualification) noexcept nogil:
+    """Models tdx_is_sept_violation_unexpected_pending (tdx.c, 6.18): the TDX module says
+    the EPT violation hit a PENDING page (extended type 6), and the qualification has no
+    permission bits (the entry is not present to the TD)."""
+    return ((ext_exit_qual & TDX_EXT_EXIT_QUAL_TYPE_MASK)
+            == TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
+            and not (exit_qualification & (EPT_VIOLATION_PROT_MASK
+                                           | EPT_VIOLATION_EXEC_FOR_RING3_LIN)))
+
+
 cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                                   uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION:
     """Models tdx_handle_ept_violation (arch/x86/kvm/vmx/tdx.c, 6.18): a private GPA is
@@ -208,6 +219,9 @@ cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
     cdef bint local_retry = not (gpa & shared_bit)
     cdef int r = RET_PF_RETRY, i
     if local_retry:
+        if tdx_is_sept_violation_unexpected_pending(vcpu.ext_exit_qual, exit_qualification):
+            vcpu.memslots.c[VM_COUNTER_VM_DEAD] = 1   # "Guest access before accepting": kvm_vm_dead
+            return -EIO
         exit_qualification = EPT_VIOLATION_ACC_WRITE
     elif exit_qualification & EPT_VIOLATION_ACC_INSTR:
         return -EIO
@@ -248,8 +262,33 @@ cdef int handle_ept_misconfig(VCPUState vcpu, uint64_t gpa) except CORE_RETURN_P
 
 cdef int npf_interception(VCPUState vcpu, uint64_t gpa,
                           uint64_t exit_info_1) except CORE_RETURN_PY_EXCEPTION:
-    """Models npf_interception (arch/x86/kvm/svm/svm.c, 6.18); without an RMP model,
-    sev_handle_rmp_fault does nothing."""
+    """Models npf_interception (arch/x86/kvm/svm/svm.c, 6.18): the fault, then, when it
+    resumes the guest and the RMP check failed, sev_handle_rmp_fault."""
     cdef uint64_t error_code = svm_ec(exit_info_1, vcpu.snp)
+    cdef int rc
     trace_kvm_page_fault(vcpu, gpa, error_code)
-    return page_fault(vcpu, gpa, error_code)
+    rc = page_fault(vcpu, gpa, error_code)
+    if rc > 0 and error_code & PFERR_GUEST_RMP:
+        sev_handle_rmp_fault(vcpu, gpa, error_code)
+    return rc
+
+
+cdef int sev_handle_rmp_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code) except -1:
+    """Models sev_handle_rmp_fault (svm/sev.c, 6.18); the twin tells the rules."""
+    cdef uint64_t gfn = gpa >> PAGE_SHIFT, pfn
+    cdef const SlotRecord* slot
+    cdef uint64_t* frame
+    if not vcpu.memslots.mem_is_private(gfn):
+        return 0
+    slot = vcpu.srcu.gfn_to_memslot(gfn)
+    if slot == NULL or slot.gmem_id < 0:
+        return 0
+    pfn = gmem_frame(vcpu.memslots.gmem_base, vcpu.memslots.gmem_file_pages, slot.gmem_id,
+                     slot.gmem_pgoff + (gfn - slot.base_gfn))
+    frame = vcpu.memslots.frame_state(pfn)
+    gmem_prepare(vcpu, frame, gfn)
+    if frame == NULL or not (frame[0] & FRAME_STATE_RMP_ASSIGNED):
+        return 0
+    if vcpu.mmu.tracing:
+        vcpu.mmu.tracer.rmp_fault(vcpu.vcpu_id, gpa, pfn, error_code, PG_LEVEL_4K, 0)
+    return 0

@@ -45,6 +45,14 @@ cdef class Memslots:
     cdef const uint64_t* attr_end
     cdef const uint64_t* attr_value
     cdef Py_ssize_t nattr
+    # Per guest_memfd file: its frames' state (kvmemu.constants.FrameState), one uint64
+    # per page, published once when the file is made and never moved or freed before
+    # the Memslots (frame_arrays keeps the arrays alive).
+    cdef uint64_t** frames
+    cdef uint64_t* frame_pages
+    cdef readonly Py_ssize_t max_files
+    cdef list frame_arrays
+    cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil
     cdef SlotTable srcu_read_lock(self)
     cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil
     cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil

@@ -9,7 +9,7 @@
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 import numpy as np
 
@@ -128,6 +128,12 @@ cdef class Memslots:
         self.gmem_base, self.gmem_file_pages = config.gmem_base, config.gmem_file_pages
         self.counters = counters
         self.c = &view[0]
+        self.max_files = self.gmem_base // self.gmem_file_pages
+        self.frames = <uint64_t**>calloc(self.max_files, sizeof(uint64_t*))
+        self.frame_pages = <uint64_t*>calloc(self.max_files, sizeof(uint64_t))
+        if self.frames == NULL or self.frame_pages == NULL:
+            raise MemoryError()
+        self.frame_arrays = []
         self.table = SlotTable([])
         empty = np.zeros(1, dtype=np.uint64)
         self.publish_attributes(empty[:0], empty[:0], empty[:0])
@@ -146,6 +152,42 @@ cdef class Memslots:
         with nogil:
             while atomic_load(&old.readers) != 0:
                 sched_yield()
+
+    def __cinit__(self):
+        self.frames = NULL
+        self.frame_pages = NULL
+
+    def __dealloc__(self):
+        free(self.frames)
+        free(self.frame_pages)
+
+    def publish_frames(self, Py_ssize_t index, frames):
+        """Take guest_memfd number ``index``'s frame states (a uint64 array, one per page,
+        that the caller never reallocates): the fault path reads and updates them."""
+        cdef uint64_t[::1] view = frames
+        if not 0 <= index < self.max_files:
+            raise ValueError(f"guest_memfd {index} is beyond the {self.max_files} files")
+        self.frame_arrays.append(frames)
+        self.frame_pages[index] = min(<uint64_t>view.shape[0], self.gmem_file_pages)
+        self.frames[index] = &view[0] if view.shape[0] else NULL
+
+    cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil:
+        """The state of guest_memfd frame ``pfn`` (kvmemu.constants.FrameState), or NULL
+        for a frame of user memory (never assigned in the RMP, never in a Secure EPT)."""
+        cdef uint64_t off, k, page
+        if pfn < self.gmem_base:
+            return NULL
+        off = pfn - self.gmem_base
+        k = off // self.gmem_file_pages
+        page = off - k * self.gmem_file_pages
+        if k >= <uint64_t>self.max_files or page >= self.frame_pages[k] or self.frames[k] == NULL:
+            return NULL
+        return &self.frames[k][page]
+
+    def frame(self, uint64_t pfn):
+        """frame_state for Python: the state, 0 for a frame of user memory."""
+        cdef uint64_t* st = self.frame_state(pfn)
+        return 0 if st == NULL else st[0]
 
     def publish_attributes(self, attr_start, attr_end, attr_value):
         """Take the attribute ranges as sorted arrays (never changed in place)."""

@@ -12,6 +12,8 @@ cdef struct FaultRecord:
     bint nx_huge_page_workaround_enabled, map_writable, huge_page_disallowed
     int max_level, req_level, goal_level
     bint has_slot
+    bint aug                # a TD's private leaf goes in with TDH.MEM.PAGE.AUG (pending)
+    uint64_t* frame         # the guest_memfd frame's state (Memslots.frame_state), or NULL
     SlotRecord slot         # a copy of the memslot record (refreshed after a stage hook)
 
 cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
@@ -34,6 +36,7 @@ cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
                                   Py_ssize_t index, uint64_t old, uint64_t new) noexcept
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept nogil
 cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) noexcept nogil
 cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil
 cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,

@@ -37,6 +37,8 @@ cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_
     f.pfn = 0
     f.map_writable = False
     f.huge_page_disallowed = False
+    f.aug = False
+    f.frame = NULL
 
 
 cdef int page_fault(VCPUState vcpu, uint64_t gpa,
@@ -118,7 +120,7 @@ cdef int pre_fault_memory(VCPUState vcpu, uint64_t gpa,
     Returns the bytes done or a negative errno (as int: a step is at most 1 GiB)."""
     cdef uint64_t error_code = PFERR_GUEST_FINAL, direct_bits = 0, span
     cdef int level = PG_LEVEL_4K, r
-    if not vcpu.pre_fault_allowed:
+    if not vcpu.memslots.c[VM_COUNTER_PRE_FAULT_ALLOWED]:
         return -EOPNOTSUPP
     if (gpa >> PAGE_SHIFT) & vcpu.direct_bits_gfn:
         return -EINVAL
@@ -279,6 +281,9 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
             return prepare_memory_fault_exit(vcpu, f)
         f.pfn = gmem_frame(memslots.gmem_base, memslots.gmem_file_pages, f.slot.gmem_id,
                            f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
+        f.frame = memslots.frame_state(f.pfn)
+        gmem_prepare(vcpu, f.frame, f.gfn)
+        f.aug = vcpu.tdx and f.is_private and memslots.c[VM_COUNTER_LAUNCHED] != 0
         f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
         f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
     else:
@@ -290,6 +295,21 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept nogil:
+    """Models the preparation in __kvm_gmem_get_pfn (guest_memfd.c, 6.18): a folio not
+    yet up to date is cleared and prepared (kvm_gmem_prepare_folio), which for SNP runs
+    sev_gmem_prepare (svm/sev.c): an RMP entry not yet assigned becomes
+    rmp_make_private(pfn, gfn_to_gpa(gfn), PG_LEVEL_4K, asid, immutable=false), and
+    RMPUPDATE leaves it not validated (APM vol. 2, "RMPUPDATE")."""
+    if frame == NULL or frame[0] & FRAME_STATE_PREPARED:
+        return
+    if vcpu.snp and not (frame[0] & FRAME_STATE_RMP_ASSIGNED):
+        frame[0] = (FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
+                    | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
+    else:
+        atomic_or64(frame, FRAME_STATE_PREPARED)
 
 
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept:

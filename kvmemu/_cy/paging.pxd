@@ -13,6 +13,8 @@ cdef enum OutcomeKind:
     OUT_EPT_MISCONFIG = 2
     OUT_NPF = 3
     OUT_PML_FULL = 4        # the VMX exit "page-modification log full" (reason 62)
+    OUT_TDX_PENDING = 5     # an EPT violation on a PENDING private page (extended type 6)
+    OUT_GUEST_VC = 6        # #VC in the guest: no VM exit
 
 # A vCPU's page-modification log: the 512-entry buffer and the PML index, which counts
 # down from 511 and wraps to 0xFFFF after entry 0.
@@ -76,6 +78,9 @@ cdef class PageTables:
     cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept
     cpdef bint is_large(self, int level, uint64_t e) noexcept
 
+cdef uint64_t ept_access_bits(const PagingConfig* c, uint64_t flags) noexcept nogil
+cdef uint64_t ept_gva_bits(uint64_t q, uint64_t flags) noexcept nogil
+cdef uint64_t npf_error_bits(const PagingConfig* c, uint64_t flags) noexcept nogil
 cdef uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil
 cdef Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil
 cdef uint64_t level_page_mask(int level) noexcept nogil

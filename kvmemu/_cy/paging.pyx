@@ -196,6 +196,50 @@ cdef inline Outcome translated(const WalkPath* path, const PagingConfig* c, uint
     return out
 
 
+cdef uint64_t ept_access_bits(const PagingConfig* c, uint64_t flags) noexcept nogil:
+    """The access bits (2:0) of an EPT-violation exit qualification (Intel SDM vol. 3C,
+    Table 29-7): a guest paging-structure access is a read, and a write too when EPT A/D
+    bits are on (the CPU sets the entry's A/D bits)."""
+    if flags & ACCESS_FLAGS_WALK:
+        return EPT_VIOLATION_ACC_READ | (
+            EPT_VIOLATION_ACC_WRITE if c.ad_bits or (flags & ACCESS_FLAGS_WRITE) else 0)
+    if flags & ACCESS_FLAGS_FETCH:
+        return EPT_VIOLATION_ACC_INSTR
+    if flags & ACCESS_FLAGS_WRITE:
+        return EPT_VIOLATION_ACC_WRITE
+    return EPT_VIOLATION_ACC_READ
+
+
+cdef uint64_t ept_gva_bits(uint64_t q, uint64_t flags) noexcept nogil:
+    """``q`` with bits 7 and 8 of an EPT-violation exit qualification (SDM Table 29-7):
+    a guest-linear address is valid unless NOGVA, and it was translated unless the access
+    was to a guest paging-structure entry."""
+    if not (flags & ACCESS_FLAGS_NOGVA):
+        q |= EPT_VIOLATION_GVA_IS_VALID
+        if not (flags & ACCESS_FLAGS_WALK):
+            q |= EPT_VIOLATION_GVA_TRANSLATED
+    return q
+
+
+cdef uint64_t npf_error_bits(const PagingConfig* c, uint64_t flags) noexcept nogil:
+    """The bits of a #NPF EXITINFO1 that come from the access, not from the entries (AMD
+    APM vol. 2, "Nested versus Guest Page Faults"): USER (the nested walk is a user
+    access), WRITE (guest page-table accesses count as writes), FETCH (with NX or SMEP on),
+    GUEST_PAGE or GUEST_FINAL (unless no guest address), and GUEST_ENC for the C-bit."""
+    cdef uint64_t code = PFERR_USER
+    if flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK):
+        code |= PFERR_WRITE
+    if flags & ACCESS_FLAGS_FETCH and (c.host_nx or c.host_smep):
+        code |= PFERR_FETCH
+    if flags & ACCESS_FLAGS_WALK:
+        code |= PFERR_GUEST_PAGE
+    elif not (flags & ACCESS_FLAGS_NOGVA):
+        code |= PFERR_GUEST_FINAL
+    if flags & ACCESS_FLAGS_ENCRYPTED:
+        code |= PFERR_GUEST_ENC
+    return code
+
+
 cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t gpa,
                                   uint64_t flags, const WalkPath* path,
                                   PmlLog* pml) noexcept nogil:
@@ -210,17 +254,7 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
         out.kind = OUT_EPT_MISCONFIG
         out.value = 0
         return out
-    if flags & ACCESS_FLAGS_WALK:
-        # Reading a guest paging-structure entry; setting its A/D bits is a
-        # read+write, and with EPT A/D on every such access is a write.
-        acc = EPT_VIOLATION_ACC_READ | (
-            EPT_VIOLATION_ACC_WRITE if c.ad_bits or (flags & ACCESS_FLAGS_WRITE) else 0)
-    elif flags & ACCESS_FLAGS_FETCH:
-        acc = EPT_VIOLATION_ACC_INSTR
-    elif flags & ACCESS_FLAGS_WRITE:
-        acc = EPT_VIOLATION_ACC_WRITE
-    else:
-        acc = EPT_VIOLATION_ACC_READ
+    acc = ept_access_bits(c, flags)
     for i in range(path.n):          # AND over every entry used, the last one included
         rwx &= path.entry[i]
         xu &= path.entry[i]
@@ -233,13 +267,9 @@ cdef inline Outcome ept_translate(const PagingConfig* c, uint64_t* mem, uint64_t
             return translated(path, c, gpa, mem, EPTE_ACCESSED, EPTE_DIRTY,
                               (acc & EPT_VIOLATION_ACC_WRITE) != 0, pml)
         return translated(path, c, gpa, mem, 0, 0, False, NULL)
-    q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
+    q = ept_gva_bits(acc, flags) | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
     if c.mbec and xu:
         q |= EPT_VIOLATION_PROT_USER_EXEC
-    if not (flags & ACCESS_FLAGS_NOGVA):
-        q |= EPT_VIOLATION_GVA_IS_VALID
-        if not (flags & ACCESS_FLAGS_WALK):
-            q |= EPT_VIOLATION_GVA_TRANSLATED
     out.kind = OUT_EPT_VIOLATION
     out.value = q
     return out
@@ -251,7 +281,7 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
     cdef Outcome out
     cdef bint write = (flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK)) != 0   # walks count as writes
     cdef bint fetch = (flags & ACCESS_FLAGS_FETCH) != 0
-    cdef uint64_t code = PFERR_USER                  # NPT walks are user-mode accesses
+    cdef uint64_t code = npf_error_bits(c, flags)
     cdef uint64_t us = PTE_USER | PTE_WRITABLE, nx = 0
     cdef int i
     if path.stop == STOP_RESERVED:
@@ -264,16 +294,6 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
                 and not (fetch and c.host_nx and nx)):
             return translated(path, c, gpa, mem, PTE_ACCESSED, PTE_DIRTY, write, NULL)
         code |= PFERR_PRESENT
-    if write:
-        code |= PFERR_WRITE
-    if fetch and (c.host_nx or c.host_smep):
-        code |= PFERR_FETCH
-    if flags & ACCESS_FLAGS_WALK:
-        code |= PFERR_GUEST_PAGE
-    elif not (flags & ACCESS_FLAGS_NOGVA):
-        code |= PFERR_GUEST_FINAL
-    if flags & ACCESS_FLAGS_ENCRYPTED:
-        code |= PFERR_GUEST_ENC
     out.kind = OUT_NPF
     out.level = 0
     out.value = code

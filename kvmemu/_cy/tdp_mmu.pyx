@@ -272,8 +272,13 @@ cdef class TdpMmu:
         ret = RET_PF_FIXED
         if new == old:
             ret = RET_PF_SPURIOUS
-        elif not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
-            return RET_PF_RETRY
+        else:
+            if f.aug and f.frame != NULL:
+                # tdx_sept_set_private_spte (tdx.c, 6.18) on a runnable TD: TDH.MEM.PAGE.AUG,
+                # and the page is PENDING until the TD accepts it (TDX module ABI).
+                atomic_or64(f.frame, FRAME_STATE_TDX_PENDING)
+            if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
+                return RET_PF_RETRY
         if is_mmio_spte(&self.fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracing:

@@ -8,14 +8,15 @@ cdef enum AccessStatus:
     ACCESS_MMIO = 2
     ACCESS_UNSETTLED = 3
     ACCESS_FAILED = 4
+    ACCESS_GUEST_EXCEPTION = 5
 
 cdef class VCPUState:
     cdef readonly Memslots memslots
     cdef readonly TdpMmu mmu
     cdef readonly bint ept, tdx, snp, sw_protected, has_private_mem, nx_huge_pages
+    cdef bint confidential                  # tdx or snp: the hardware checks frames
     cdef readonly uint64_t direct_bits_gfn
     cdef readonly int levels
-    cdef readonly bint pre_fault_allowed    # kvm->arch.pre_fault_allowed
     cdef readonly uint64_t max_gfn          # kvm_mmu_max_gfn()
     cdef readonly bint pml_on               # enable_pml for this VM (cpu_dirty_log_size)
     cdef PmlLog pml                         # the vCPU's page-modification log
@@ -29,6 +30,8 @@ cdef class VCPUState:
     cdef public object hypercall            # run.hypercall (kvmemu._hypercall.HypercallRun)
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
+    cdef public uint64_t ext_exit_qual      # a TD exit's extended exit qualification (RDX)
+    cdef uint64_t vc_gpa                    # the page of the last #VC
     cdef SlotTable srcu                     # the memslots an exit's handling reads
     cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)
     cdef int handle_exit(self, int kind, uint64_t gpa,
@@ -36,6 +39,8 @@ cdef class VCPUState:
     cdef int stage(self, str name, FaultRecord* f) except -1
     cdef PmlLog* active_pml(self) noexcept
     cdef void leave_guest(self) noexcept
+    cdef void confidential_check(self, const PagingConfig* c, uint64_t gpa, uint64_t flags,
+                                 Outcome* out) noexcept nogil
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1
     cpdef object access(self, uint64_t gpa, uint64_t flags, int limit)

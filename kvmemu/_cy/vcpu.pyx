@@ -15,7 +15,8 @@ import numpy as np
 from kvmemu import _args
 from kvmemu.constants import PF_STAT_NAMES
 from kvmemu.errors import KvmError
-from kvmemu.results import AccessBatch, MemoryFaultExit, MmioExit, Translation
+from kvmemu.results import (AccessBatch, GuestException, MemoryFaultExit, MmioExit,
+                            Translation)
 
 #: access_many releases the GIL once this many accesses in a row translated.
 cdef int TRANSLATION_STREAK = 8
@@ -43,11 +44,11 @@ cdef class VCPUState:
     def __init__(self, config, Memslots memslots, TdpMmu mmu):
         self.memslots, self.mmu = memslots, mmu
         self.ept, self.tdx, self.snp = config.ept, config.tdx, config.snp
+        self.confidential = config.tdx or config.snp
         self.sw_protected, self.has_private_mem = config.sw_protected, config.has_private_mem
         self.direct_bits_gfn = config.direct_bits_gfn
         self.nx_huge_pages = config.nx_huge_pages
         self.levels = config.levels
-        self.pre_fault_allowed = config.pre_fault_allowed
         self.max_gfn = config.max_gfn
         self.pml_on = config.pml
         self.pml.index = PML_LOG_NR_ENTRIES - 1
@@ -60,10 +61,17 @@ cdef class VCPUState:
         self.hypercall = None
         self.vcpu_id = 0
         self.rip = 0
+        self.ext_exit_qual = 0
+        self.vc_gpa = 0
 
     @property
     def stats(self):
         return {name: self.counters[i] for i, name in enumerate(PF_STAT_NAMES)}
+
+    @property
+    def pre_fault_allowed(self):
+        """kvm->arch.pre_fault_allowed (VM-wide: launch finish / finalize sets it)."""
+        return self.memslots.c[VM_COUNTER_PRE_FAULT_ALLOWED] != 0
 
     @property
     def memory_fault(self):
@@ -78,11 +86,11 @@ cdef class VCPUState:
         cdef VCPUState c = VCPUState.__new__(VCPUState)
         c.memslots, c.mmu = memslots, mmu
         c.ept, c.tdx, c.snp = self.ept, self.tdx, self.snp
+        c.confidential = self.confidential
         c.sw_protected, c.has_private_mem = self.sw_protected, self.has_private_mem
         c.direct_bits_gfn, c.nx_huge_pages, c.levels = (self.direct_bits_gfn,
                                                         self.nx_huge_pages, self.levels)
         memcpy(c.counters, self.counters, sizeof(self.counters))
-        c.pre_fault_allowed = self.pre_fault_allowed
         c.max_gfn = self.max_gfn
         c.pml_on = self.pml_on
         c.pml = self.pml
@@ -93,6 +101,7 @@ cdef class VCPUState:
         c.stage_hook = self.stage_hook
         c.hypercall = self.hypercall
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
+        c.ext_exit_qual, c.vc_gpa = self.ext_exit_qual, self.vc_gpa
         return c
 
     cdef int handle_exit(self, int kind, uint64_t gpa,
@@ -193,6 +202,18 @@ cdef class VCPUState:
             raise KvmError(-r, f"KVM_PRE_FAULT_MEMORY failed at GPA {gpa:#x}")
         return size
 
+    def map_page(self, uint64_t gpa, uint64_t error_code):
+        """kvm_tdp_map_page as a launch-time population calls it (the caller holds the
+        vCPU's mutex): 0, or a negative errno."""
+        cdef int level = PG_LEVEL_4K, r
+        self.srcu = self.memslots.srcu_read_lock()
+        try:
+            r = tdp_map_page(self, gpa, error_code, &level)
+        finally:
+            self.memslots.srcu_read_unlock(self.srcu)
+            self.srcu = None
+        return r
+
     # --- the access loop ------------------------------------------------------------------------
 
     cdef PmlLog* active_pml(self) noexcept:
@@ -207,6 +228,42 @@ cdef class VCPUState:
         flushed, as __vmx_handle_exit does on every exit."""
         if self.pml_on:
             vmx_flush_pml_buffer(self)
+
+    cdef void confidential_check(self, const PagingConfig* c, uint64_t gpa, uint64_t flags,
+                                 Outcome* out) noexcept nogil:
+        """The checks the hardware makes after a translation of a confidential VM's access
+        (the twin tells the rules): the SNP RMP check, or a TD's PENDING page.  ``out``
+        becomes the exit (or the #VC) when one fails."""
+        cdef uint64_t* frame
+        cdef uint64_t e
+        cdef bint enc
+        if self.snp:
+            frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
+            e = frame[0] if frame != NULL else 0
+            enc = (flags & ACCESS_FLAGS_ENCRYPTED) != 0
+            if enc:
+                if (not (e & FRAME_STATE_RMP_ASSIGNED) or (e & FRAME_STATE_RMP_IMMUTABLE)
+                        or (e & FRAME_GPA_MASK) != (gpa & FRAME_GPA_MASK)
+                        or (out.level > <int>PG_LEVEL_4K) != ((e & FRAME_STATE_RMP_PAGESIZE_2M) != 0)):
+                    out.kind = OUT_NPF
+                    out.value = npf_error_bits(c, flags) | PFERR_PRESENT | PFERR_GUEST_RMP
+                elif not (e & FRAME_STATE_RMP_VALIDATED) and not (flags & ACCESS_PROBE):
+                    if self.memslots.c[VM_COUNTER_GUEST_ACCEPTS]:
+                        atomic_or64(frame, FRAME_STATE_RMP_VALIDATED)   # PVALIDATE first
+                    else:
+                        out.kind = OUT_GUEST_VC
+                        out.value = SVM_EXIT_PAGE_NOT_VALIDATED
+            elif flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) and e & FRAME_STATE_RMP_ASSIGNED:
+                out.kind = OUT_NPF
+                out.value = npf_error_bits(c, flags) | PFERR_PRESENT | PFERR_GUEST_RMP
+        elif self.tdx and not (gpa & (self.direct_bits_gfn << PAGE_SHIFT)):
+            frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
+            if frame != NULL and frame[0] & FRAME_STATE_TDX_PENDING and not (flags & ACCESS_PROBE):
+                if self.memslots.c[VM_COUNTER_GUEST_ACCEPTS]:
+                    fetch_andnot64(frame, FRAME_STATE_TDX_PENDING)      # TDG.MEM.PAGE.ACCEPT first
+                else:
+                    out.kind = OUT_TDX_PENDING
+                    out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
 
     cdef int vcpu_run(self, uint64_t gpa, uint64_t flags, int limit, Outcome* out,
                       int* err) except -1:
@@ -226,12 +283,21 @@ cdef class VCPUState:
             # No mmu_lock: every writer of table memory writes it holding the GIL, as this
             # walk does (walks without the GIL, in access_many, take the lock).
             out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags, self.active_pml())
+            if out.kind == OUT_TRANSLATED and self.confidential:
+                self.confidential_check(&pt.cfg, gpa, flags, out)
             if out.kind == OUT_TRANSLATED:
                 return ACCESS_TRANSLATED
             if out.kind == OUT_PML_FULL:
                 vmx_flush_pml_buffer(self)           # handle_pml_full: resume the guest
                 n_exits += 1
                 continue
+            if out.kind == OUT_GUEST_VC:
+                self.vc_gpa = gpa & ~(<uint64_t>PAGE_SIZE - 1)
+                return ACCESS_GUEST_EXCEPTION
+            self.ext_exit_qual = 0
+            if out.kind == OUT_TDX_PENDING:
+                out.kind = OUT_EPT_VIOLATION
+                self.ext_exit_qual = TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
             r = self.handle_exit(out.kind, gpa, out.value)
             if r < 0:
                 if r == -EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
@@ -262,6 +328,8 @@ cdef class VCPUState:
             return tuple.__new__(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
         if status == ACCESS_MMIO:
             return tuple.__new__(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
+        if status == ACCESS_GUEST_EXCEPTION:
+            return tuple.__new__(GuestException, (X86_TRAP_VC, out.value, self.vc_gpa))
         if status == ACCESS_FAILED:
             raise KvmError(-err, f"KVM_RUN failed at GPA {gpa:#x}{where}")
         raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
@@ -336,7 +404,7 @@ cdef class VCPUState:
         cdef uint64_t[::1] hpa = hpa_arr
         cdef uint8_t[::1] level = level_arr
         cdef uint64_t g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
-        cdef bint tdx = self.tdx
+        cdef bint tdx = self.tdx, snp = self.snp
         cdef PageTables dpt = self.mmu.direct.pt, mpt = self.mmu.mirror.pt if tdx else dpt
         cdef uint64_t* dmem
         cdef uint64_t* mmem
@@ -380,9 +448,13 @@ cdef class VCPUState:
                             f = fl[i]
                         if tdx and not (g & shared_bit):
                             out = translate_one(&mcfg, mmem, mn, g, f, pml)
+                            if out.kind == OUT_TRANSLATED:
+                                self.confidential_check(&mcfg, g, f, &out)
                         elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4,
                                                                pml)):
                             out = translate_one(&dcfg, dmem, dn, g, f, pml)
+                            if snp and out.kind == OUT_TRANSLATED:
+                                self.confidential_check(&dcfg, g, f, &out)
                         if out.kind != OUT_TRANSLATED:
                             break
                         hpa[i] = out.value

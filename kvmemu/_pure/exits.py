@@ -142,14 +142,30 @@ def handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> int:
     return mmu.page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, 0))
 
 
+def tdx_is_sept_violation_unexpected_pending(ext_exit_qual: int,
+                                             exit_qualification: int) -> bool:
+    """Models tdx_is_sept_violation_unexpected_pending (tdx.c, 6.18): the TDX module says
+    the EPT violation hit a PENDING page (extended type 6), and the qualification has no
+    permission bits (the entry is not present to the TD)."""
+    return ((ext_exit_qual & TDX_EXT_EXIT_QUAL_TYPE_MASK)
+            == TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
+            and not exit_qualification & (EPT_VIOLATION_PROT_MASK
+                                          | EPT_VIOLATION_EXEC_FOR_RING3_LIN))
+
+
 def tdx_handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> int:
-    """Models tdx_handle_ept_violation (arch/x86/kvm/vmx/tdx.c, 6.18): a private GPA is
-    handled as a write whatever the TDX module reported, and its fault retries inside
-    KVM (up to TDX_LOCAL_RETRY_LIMIT times here); a fetch from shared memory is a KVM
-    bug (-EIO)."""
+    """Models tdx_handle_ept_violation (arch/x86/kvm/vmx/tdx.c, 6.18): a private GPA on a
+    page the TD has not accepted (the extended exit qualification, ``vcpu.ext_exit_qual``,
+    says PENDING) kills the VM (kvm_vm_dead, -EIO); any other private GPA is handled as a
+    write whatever the TDX module reported, and its fault retries inside KVM (up to
+    TDX_LOCAL_RETRY_LIMIT times here); a fetch from shared memory is a KVM bug (-EIO)."""
     shared_bit = vcpu.direct_bits_gfn << PAGE_SHIFT
     local_retry = not gpa & shared_bit
     if local_retry:
+        if tdx_is_sept_violation_unexpected_pending(vcpu.ext_exit_qual, exit_qualification):
+            # pr_warn("Guest access before accepting ..."), then kvm_vm_dead.
+            vcpu.memslots.counters[VM_COUNTER_VM_DEAD] = 1
+            return -errno.EIO
         exit_qualification = EPT_VIOLATION_ACC_WRITE
     elif exit_qualification & EPT_VIOLATION_ACC_INSTR:
         return -errno.EIO
@@ -189,9 +205,36 @@ def handle_ept_misconfig(vcpu: Any, gpa: int) -> int:
 
 
 def npf_interception(vcpu: Any, gpa: int, exit_info_1: int) -> int:
-    """Models npf_interception (arch/x86/kvm/svm/svm.c, 6.18).  Without an RMP model,
-    sev_handle_rmp_fault finds no assigned RMP entry and does nothing, as KVM does in
-    that case."""
+    """Models npf_interception (arch/x86/kvm/svm/svm.c, 6.18): the fault, then, when it
+    resumes the guest (rc > 0) and the RMP check failed (GUEST_RMP), sev_handle_rmp_fault."""
     error_code = svm_ec(exit_info_1, vcpu.snp)
     trace_kvm_page_fault(vcpu, gpa, error_code)
-    return mmu.page_fault(vcpu, gpa, error_code)
+    rc = mmu.page_fault(vcpu, gpa, error_code)
+    if rc > 0 and error_code & PFERR_GUEST_RMP:
+        sev_handle_rmp_fault(vcpu, gpa, error_code)
+    return rc
+
+
+def sev_handle_rmp_fault(vcpu: Any, gpa: int, error_code: int) -> None:
+    """Models sev_handle_rmp_fault (arch/x86/kvm/svm/sev.c, 6.18): nothing for a gfn the
+    attributes call shared, a memslot without guest_memfd or a file that is gone
+    (kvm_gmem_get_pfn fails); otherwise the frame is got (and prepared if it was not),
+    nothing more if its RMP entry is not assigned, and a 4K entry is a spurious fault:
+    only the kvm_rmp_fault event (rmp_level 1, psmash_ret 0).  The PSMASH of a 2M entry
+    and the zap of its 512 gfns never happen: 6.18's guest_memfd has only 4K folios, so
+    every RMP entry KVM makes is 4K."""
+    gfn = gpa >> PAGE_SHIFT
+    memslots_ = vcpu.memslots
+    if not memslots_.mem_is_private(gfn):
+        return
+    slot = vcpu.srcu.gfn_to_memslot(gfn)
+    if slot is None or slot.gmem_id < 0 or slot.gmem_closed:
+        return
+    pfn = memslots_.gmem_get_pfn(slot, gfn)
+    frame = memslots_.frame_state(pfn)
+    mmu.gmem_prepare(vcpu, frame, gfn)
+    if frame is None or not int(frame[0][frame[1]]) & FRAME_STATE_RMP_ASSIGNED:
+        return
+    tracer = vcpu.mmu.tracer
+    if tracer is not None:
+        tracer.rmp_fault(vcpu.vcpu_id, gpa, pfn, error_code, PG_LEVEL_4K, 0)

@@ -89,6 +89,33 @@ class Memslots:
         #: The attribute ranges (starts, ends, values), replaced as one: a reader takes
         #: the tuple once and sees one consistent set whatever other threads publish.
         self.attrs = (empty, empty, empty)
+        #: Per guest_memfd file, its frames' state (kvmemu.constants.FrameState), one
+        #: uint64 per page, published once when the file is made.
+        self.max_files = self.gmem_base // self.gmem_file_pages
+        self.frames: dict[int, np.ndarray] = {}
+
+    def publish_frames(self, index: int, frames: np.ndarray) -> None:
+        """Take guest_memfd number ``index``'s frame states (a uint64 array, one per page,
+        that the caller never reallocates): the fault path reads and updates them."""
+        if not 0 <= index < self.max_files:
+            raise ValueError(f"guest_memfd {index} is beyond the {self.max_files} files")
+        self.frames[index] = frames[:self.gmem_file_pages]
+
+    def frame_state(self, pfn: int) -> tuple[np.ndarray, int] | None:
+        """Where the state of guest_memfd frame ``pfn`` is kept, as (array, index), or None
+        for a frame of user memory (never assigned in the RMP, never in a Secure EPT)."""
+        if pfn < self.gmem_base:
+            return None
+        k, page = divmod(pfn - self.gmem_base, self.gmem_file_pages)
+        frames = self.frames.get(k)
+        if frames is None or page >= len(frames):
+            return None
+        return frames, page
+
+    def frame(self, pfn: int) -> int:
+        """frame_state for Python: the state, 0 for a frame of user memory."""
+        where = self.frame_state(pfn)
+        return 0 if where is None else int(where[0][where[1]])
 
     def publish_slots(self, slots: list[Any], synchronize: bool) -> None:
         """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots

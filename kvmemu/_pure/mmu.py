@@ -27,7 +27,7 @@ from typing import Any
 
 from . import memslots, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
-from .locking import cmpxchg64
+from .locking import atomic_or64, cmpxchg64
 from .levels import gfn_to_index, pages_per_hpage
 
 
@@ -37,7 +37,7 @@ class FaultRecord:
     __slots__ = ("addr", "error_code", "exec_", "write", "present", "rsvd", "user",
                  "prefetch", "is_private", "nx_huge_page_workaround_enabled", "max_level",
                  "req_level", "goal_level", "gfn", "slot", "mmu_seq", "pfn", "map_writable",
-                 "huge_page_disallowed")
+                 "huge_page_disallowed", "aug", "frame")
     addr: int
     error_code: int
     exec_: bool
@@ -57,6 +57,8 @@ class FaultRecord:
     pfn: int
     map_writable: bool
     huge_page_disallowed: bool
+    aug: bool                      # a TD's private leaf goes in with TDH.MEM.PAGE.AUG
+    frame: Any                     # the guest_memfd frame's state (Memslots.frame_state)
 
 
 def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool,
@@ -83,6 +85,8 @@ def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool,
     f.pfn = 0
     f.map_writable = False
     f.huge_page_disallowed = False
+    f.aug = False
+    f.frame = None
     return f
 
 
@@ -329,6 +333,10 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
         if slot.gmem_id < 0 or slot.gmem_closed:   # no guest_memfd, or kvm_gmem_get_pfn's
             return prepare_memory_fault_exit(vcpu, fault)   # -EFAULT for a closed one
         fault.pfn = memslots.gmem_get_pfn(slot, fault.gfn)
+        fault.frame = memslots.frame_state(fault.pfn)
+        gmem_prepare(vcpu, fault.frame, fault.gfn)
+        fault.aug = bool(vcpu.tdx and fault.is_private
+                         and memslots.counters[VM_COUNTER_LAUNCHED])
         fault.map_writable = not slot.flags & MEM_FLAG_READONLY
         fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
     else:
@@ -339,6 +347,25 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+def gmem_prepare(vcpu: Any, frame: Any, gfn: int) -> None:
+    """Models the preparation in __kvm_gmem_get_pfn (guest_memfd.c, 6.18): a folio not
+    yet up to date is cleared and prepared (kvm_gmem_prepare_folio), which for SNP runs
+    sev_gmem_prepare (svm/sev.c): an RMP entry not yet assigned becomes
+    rmp_make_private(pfn, gfn_to_gpa(gfn), PG_LEVEL_4K, asid, immutable=false), and
+    RMPUPDATE leaves it not validated (APM vol. 2, "RMPUPDATE")."""
+    if frame is None:
+        return
+    frames, page = frame
+    state = int(frames[page])
+    if state & FRAME_STATE_PREPARED:
+        return
+    if vcpu.snp and not state & FRAME_STATE_RMP_ASSIGNED:
+        frames[page] = (FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
+                        | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
+    else:
+        atomic_or64(frames, page, FRAME_STATE_PREPARED)
 
 
 def handle_noslot_fault(vcpu: Any, fault: FaultRecord) -> int:

@@ -44,6 +44,8 @@ OUT_EPT_VIOLATION = 1
 OUT_EPT_MISCONFIG = 2
 OUT_NPF = 3
 OUT_PML_FULL = 4    # the VMX exit "page-modification log full" (reason 62)
+OUT_TDX_PENDING = 5  # an EPT violation on a PENDING private page (extended type 6)
+OUT_GUEST_VC = 6    # #VC in the guest: no VM exit
 
 
 class WalkPath:
@@ -192,22 +194,56 @@ def translated(path: WalkPath, c: Any, gpa: int, mem: np.ndarray, accessed: int,
     return Outcome(OUT_TRANSLATED, level, (path.entry[last] & c.addr_mask & ~mask) | (gpa & mask))
 
 
+def ept_access_bits(c: Any, flags: int) -> int:
+    """The access bits (2:0) of an EPT-violation exit qualification (Intel SDM vol. 3C,
+    Table 29-7): a guest paging-structure access is a read, and a write too when EPT A/D
+    bits are on (the CPU sets the entry's A/D bits)."""
+    if flags & ACCESS_FLAGS_WALK:
+        return EPT_VIOLATION_ACC_READ | (
+            EPT_VIOLATION_ACC_WRITE if c.ad_bits or flags & ACCESS_FLAGS_WRITE else 0)
+    if flags & ACCESS_FLAGS_FETCH:
+        return EPT_VIOLATION_ACC_INSTR
+    if flags & ACCESS_FLAGS_WRITE:
+        return EPT_VIOLATION_ACC_WRITE
+    return EPT_VIOLATION_ACC_READ
+
+
+def ept_gva_bits(q: int, flags: int) -> int:
+    """``q`` with bits 7 and 8 of an EPT-violation exit qualification (SDM Table 29-7):
+    a guest-linear address is valid unless NOGVA, and it was translated unless the access
+    was to a guest paging-structure entry."""
+    if not flags & ACCESS_FLAGS_NOGVA:
+        q |= EPT_VIOLATION_GVA_IS_VALID
+        if not flags & ACCESS_FLAGS_WALK:
+            q |= EPT_VIOLATION_GVA_TRANSLATED
+    return q
+
+
+def npf_error_bits(c: Any, flags: int) -> int:
+    """The bits of a #NPF EXITINFO1 that come from the access, not from the entries (AMD
+    APM vol. 2, "Nested versus Guest Page Faults"): USER (the nested walk is a user
+    access), WRITE (guest page-table accesses count as writes), FETCH (with NX or SMEP on),
+    GUEST_PAGE or GUEST_FINAL (unless no guest address), and GUEST_ENC for the C-bit."""
+    code = PFERR_USER
+    if flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK):
+        code |= PFERR_WRITE
+    if flags & ACCESS_FLAGS_FETCH and (c.host_nx or c.host_smep):
+        code |= PFERR_FETCH
+    if flags & ACCESS_FLAGS_WALK:
+        code |= PFERR_GUEST_PAGE
+    elif not flags & ACCESS_FLAGS_NOGVA:
+        code |= PFERR_GUEST_FINAL
+    if flags & ACCESS_FLAGS_ENCRYPTED:
+        code |= PFERR_GUEST_ENC
+    return code
+
+
 def ept_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath,
                   pml: Any = None) -> Outcome:
     """EPT: misconfiguration first, then violation, then the translation."""
     if path.stop == STOP_RESERVED:
         return Outcome(OUT_EPT_MISCONFIG)
-    if flags & ACCESS_FLAGS_WALK:
-        # Reading a guest paging-structure entry; setting its A/D bits is a
-        # read+write, and with EPT A/D on every such access is a write.
-        acc = EPT_VIOLATION_ACC_READ | (
-            EPT_VIOLATION_ACC_WRITE if c.ad_bits or flags & ACCESS_FLAGS_WRITE else 0)
-    elif flags & ACCESS_FLAGS_FETCH:
-        acc = EPT_VIOLATION_ACC_INSTR
-    elif flags & ACCESS_FLAGS_WRITE:
-        acc = EPT_VIOLATION_ACC_WRITE
-    else:
-        acc = EPT_VIOLATION_ACC_READ
+    acc = ept_access_bits(c, flags)
     rwx, xu = EPTE_READ | EPTE_WRITE | EPTE_EXEC, EPTE_USER_EXEC
     for e in path.entry:   # AND over every entry used, the last one included
         rwx &= e
@@ -222,13 +258,9 @@ def ept_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath,
                               acc & EPT_VIOLATION_ACC_WRITE != 0, pml)
         return translated(path, c, gpa, mem, 0, 0, False)
     # The qualification's bits 5:3 are the R/W/X bits 2:0 of the entries, moved up.
-    q = acc | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
+    q = ept_gva_bits(acc, flags) | rwx * (EPT_VIOLATION_PROT_READ // EPTE_READ)
     if c.mbec and xu:
         q |= EPT_VIOLATION_PROT_USER_EXEC
-    if not flags & ACCESS_FLAGS_NOGVA:
-        q |= EPT_VIOLATION_GVA_IS_VALID
-        if not flags & ACCESS_FLAGS_WALK:
-            q |= EPT_VIOLATION_GVA_TRANSLATED
     return Outcome(OUT_EPT_VIOLATION, 0, q)
 
 
@@ -236,7 +268,7 @@ def npt_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath)
     """NPT: a not-present or reserved entry, or a permission fault."""
     write = flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) != 0   # walks count as writes
     fetch = flags & ACCESS_FLAGS_FETCH != 0
-    code = PFERR_USER                                 # NPT walks are user-mode accesses
+    code = npf_error_bits(c, flags)
     if path.stop == STOP_RESERVED:
         code |= PFERR_PRESENT | PFERR_RSVD
     elif path.stop == STOP_LEAF:
@@ -248,16 +280,6 @@ def npt_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath)
                                                                          and nx):
             return translated(path, c, gpa, mem, PTE_ACCESSED, PTE_DIRTY, write)
         code |= PFERR_PRESENT
-    if write:
-        code |= PFERR_WRITE
-    if fetch and (c.host_nx or c.host_smep):
-        code |= PFERR_FETCH
-    if flags & ACCESS_FLAGS_WALK:
-        code |= PFERR_GUEST_PAGE
-    elif not flags & ACCESS_FLAGS_NOGVA:
-        code |= PFERR_GUEST_FINAL
-    if flags & ACCESS_FLAGS_ENCRYPTED:
-        code |= PFERR_GUEST_ENC
     return Outcome(OUT_NPF, 0, code)
 
 

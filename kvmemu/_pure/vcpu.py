@@ -20,8 +20,9 @@ import numpy as np
 from .. import _args
 from ..constants import PF_STAT_NAMES
 from ..errors import KvmError
-from ..results import AccessBatch, MemoryFaultExit, MmioExit, Translation
+from ..results import AccessBatch, GuestException, MemoryFaultExit, MmioExit, Translation
 from . import exits, mmu, paging
+from .locking import atomic_or64, fetch_andnot64
 from .cnames import *  # noqa: F403  (the constants under their C names)
 
 _U64 = (1 << 64) - 1
@@ -33,6 +34,7 @@ ACCESS_MEMORY_FAULT = 1
 ACCESS_MMIO = 2
 ACCESS_UNSETTLED = 3
 ACCESS_FAILED = 4
+ACCESS_GUEST_EXCEPTION = 5
 
 
 class VCPUState:
@@ -65,8 +67,6 @@ class VCPUState:
         self.levels = config.levels
         #: kvm_mmu_max_gfn().
         self.max_gfn = config.max_gfn
-        #: kvm->arch.pre_fault_allowed.
-        self.pre_fault_allowed = config.pre_fault_allowed
         #: enable_pml for this VM (kvm->arch.cpu_dirty_log_size), and the vCPU's log.
         self.pml_on = config.pml
         self.pml = paging.PmlLog()
@@ -82,6 +82,10 @@ class VCPUState:
         #: What the kvm_page_fault trace event reports: vcpu_id and the guest RIP.
         self.vcpu_id = 0
         self.rip = 0
+        #: A TD exit's extended exit qualification (RDX; tdx->ext_exit_qualification).
+        self.ext_exit_qual = 0
+        #: The page of the last #VC.
+        self.vc_gpa = 0
         #: The memslots an exit's handling reads (its kvm->srcu read-side section).
         self.srcu: Any = None
         #: vcpu->mutex (the API's VCPU owns it).
@@ -90,6 +94,11 @@ class VCPUState:
     @property
     def stats(self) -> dict[str, int]:
         return dict(zip(PF_STAT_NAMES, self.counters))
+
+    @property
+    def pre_fault_allowed(self) -> bool:
+        """kvm->arch.pre_fault_allowed (VM-wide: launch finish / finalize sets it)."""
+        return bool(self.memslots.counters[VM_COUNTER_PRE_FAULT_ALLOWED])
 
     @property
     def memory_fault(self) -> tuple[int, int, int]:
@@ -213,6 +222,59 @@ class VCPUState:
         if self.pml_on:
             exits.vmx_flush_pml_buffer(self)
 
+    def confidential_check(self, c: Any, gpa: int, flags: int, out: Any) -> Any:
+        """The checks the hardware makes after a translation ``out`` of a confidential VM's
+        access; returns ``out`` or the outcome of the check that failed.
+
+        SEV-SNP (AMD APM vol. 2, "RMP and VMPL Access Checks"): an access with the
+        C-bit (ENCRYPTED) needs the frame's RMP entry assigned to the guest (a frame of
+        user memory never is), for this GPA, not immutable and of the NPT mapping's page
+        size, else #NPF with GUEST_RMP; then validated, else #VC 0x404 in the guest.  A
+        write (or guest page-table access) without the C-bit needs a frame not assigned,
+        else #NPF with GUEST_RMP; a read without it is not checked.  A TD's private
+        access to a PENDING page (after TDH.MEM.PAGE.AUG, before TDG.MEM.PAGE.ACCEPT)
+        is an EPT violation with extended exit qualification type 6 (TDX module ABI).
+        When the VM's guest accepts on first touch (an implicit launch finish), it
+        validates or accepts the page first instead (PVALIDATE / TDG.MEM.PAGE.ACCEPT).
+        The access of those instructions themselves (ACCESS_PROBE) passes both checks."""
+        accepts = self.memslots.counters[VM_COUNTER_GUEST_ACCEPTS]
+        if self.snp:
+            frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
+            e = 0 if frame is None else int(frame[0][frame[1]])
+            rmp_npf = paging.Outcome(paging.OUT_NPF, 0, paging.npf_error_bits(c, flags)
+                                     | PFERR_PRESENT | PFERR_GUEST_RMP)
+            if flags & ACCESS_FLAGS_ENCRYPTED:
+                if (not e & FRAME_STATE_RMP_ASSIGNED or e & FRAME_STATE_RMP_IMMUTABLE
+                        or e & FRAME_GPA_MASK != gpa & FRAME_GPA_MASK
+                        or (out.level > PG_LEVEL_4K) != bool(e & FRAME_STATE_RMP_PAGESIZE_2M)):
+                    return rmp_npf
+                if not e & FRAME_STATE_RMP_VALIDATED and not flags & ACCESS_PROBE:
+                    if not accepts:
+                        return paging.Outcome(paging.OUT_GUEST_VC, 0,
+                                              SVM_EXIT_PAGE_NOT_VALIDATED)
+                    atomic_or64(frame[0], frame[1], FRAME_STATE_RMP_VALIDATED)  # PVALIDATE
+            elif flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) and e & FRAME_STATE_RMP_ASSIGNED:
+                return rmp_npf
+        elif self.tdx and not gpa & (self.direct_bits_gfn << PAGE_SHIFT):
+            frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
+            if (frame is not None and int(frame[0][frame[1]]) & FRAME_STATE_TDX_PENDING
+                    and not flags & ACCESS_PROBE):
+                if not accepts:
+                    return paging.Outcome(paging.OUT_TDX_PENDING, 0, paging.ept_gva_bits(
+                        paging.ept_access_bits(c, flags), flags))
+                fetch_andnot64(frame[0], frame[1], FRAME_STATE_TDX_PENDING)  # ACCEPT first
+        return out
+
+    def map_page(self, gpa: int, error_code: int) -> int:
+        """kvm_tdp_map_page as a launch-time population calls it (the caller holds the
+        vCPU's mutex): 0, or a negative errno."""
+        self.srcu = self.memslots.srcu_read_lock()
+        try:
+            return mmu.tdp_map_page(self, gpa, error_code, [PG_LEVEL_4K])
+        finally:
+            self.memslots.srcu_read_unlock(self.srcu)
+            self.srcu = None
+
     def vcpu_run(self, gpa: int, flags: int, limit: int) -> tuple[int, Any]:
         """Walk, exit, handle, resume until the access translates or leaves to userspace.
 
@@ -229,13 +291,23 @@ class VCPUState:
                                            self.active_pml())
             finally:
                 pt.lock.release_read()
+            if out.kind == paging.OUT_TRANSLATED and (self.snp or self.tdx):
+                out = self.confidential_check(pt, gpa, flags, out)
             if out.kind == paging.OUT_TRANSLATED:
                 return ACCESS_TRANSLATED, out
             if out.kind == paging.OUT_PML_FULL:
                 exits.vmx_flush_pml_buffer(self)     # handle_pml_full: resume the guest
                 n_exits += 1
                 continue
-            r = self.handle_exit(out.kind, gpa, out.value)
+            if out.kind == paging.OUT_GUEST_VC:
+                self.vc_gpa = gpa & ~(PAGE_SIZE - 1)
+                return ACCESS_GUEST_EXCEPTION, out.value
+            self.ext_exit_qual = 0
+            kind = out.kind
+            if kind == paging.OUT_TDX_PENDING:
+                kind = paging.OUT_EPT_VIOLATION
+                self.ext_exit_qual = TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION
+            r = self.handle_exit(kind, gpa, out.value)
             if r < 0:
                 if r == -errno.EFAULT and self.exit_reason == EXIT_REASON_MEMORY_FAULT:
                     return ACCESS_MEMORY_FAULT, None
@@ -262,6 +334,8 @@ class VCPUState:
             return MemoryFaultExit(*self.memory_fault)
         if status == ACCESS_MMIO:
             return MmioExit(*self.mmio)
+        if status == ACCESS_GUEST_EXCEPTION:
+            return GuestException(X86_TRAP_VC, value, self.vc_gpa)
         if status == ACCESS_FAILED:
             raise KvmError(-value, f"KVM_RUN failed at GPA {gpa:#x}{where}")
         raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
