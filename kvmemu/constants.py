@@ -69,6 +69,10 @@ class _Flag(IntFlag):
         member._value_ = value
         return member
 
+    def __invert__(self) -> "_Flag":
+        """The complement within 64 bits (what ``~`` means for a register)."""
+        return type(self)(~int(self) & 0xFFFF_FFFF_FFFF_FFFF)
+
     def __repr__(self) -> str:
         cls = type(self).__name__
         value = int(self)
@@ -664,6 +668,12 @@ class CoreReturn(IntEnum):
     is a value that is neither (their Cython ``except`` value)."""
 
     PY_EXCEPTION = 0x7FFF_FFFF
+
+
+# EnumType gives every Flag class Flag's own operators unless the class body defines
+# them, so _Flag's complement is installed on each flag class here.
+for _cls in _Flag.__subclasses__():
+    _cls.__invert__ = _Flag.__invert__  # type: ignore[method-assign]
 
 
 def _c_prefix(class_name: str) -> str:

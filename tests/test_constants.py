@@ -103,3 +103,12 @@ def test_the_twins_c_names_stub_is_current():
     stub = Path(cnames.__file__).with_suffix(".pyi")
     assert stub.read_text() == cnames.stub(), (
         "regenerate it: python -m kvmemu._pure.cnames > kvmemu/_pure/cnames.pyi")
+
+
+def test_flag_complement_stays_within_64_bits():
+    """``~flag`` clears the flag's bits of a 64-bit register, as in C (it raised
+    ValueError: the complement of a Python int is negative)."""
+    from kvmemu import PFERR
+    assert ~PFERR.GUEST_ENC == (1 << 64) - 1 - (1 << 34)
+    code = PFERR.PRESENT | PFERR.GUEST_ENC
+    assert code & ~PFERR.GUEST_ENC == PFERR.PRESENT
