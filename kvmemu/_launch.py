@@ -42,13 +42,8 @@ SNP_PAGE_TYPES = (KVM_SEV_SNP_PAGE_TYPE_NORMAL, KVM_SEV_SNP_PAGE_TYPE_ZERO,
                   KVM_SEV_SNP_PAGE_TYPE_UNMEASURED, KVM_SEV_SNP_PAGE_TYPE_SECRETS,
                   KVM_SEV_SNP_PAGE_TYPE_CPUID)
 
-#: post_populate(gfn, frame): 0 or a negative errno (the frame is (array, page)).
+#: post_populate(gfn, pfn): 0 or a negative errno.
 PostPopulate = Callable[[int, Any], int]
-
-
-def clear_bits(frames: Any, page: int, bits: int) -> None:
-    """Clear ``bits`` in the uint64 state word ``frames[page]``."""
-    frames[page] = int(frames[page]) & ~bits & _U64
 
 
 def launched(memory: Any) -> bool:
@@ -79,23 +74,21 @@ def gmem_populate(memory: Any, gfn: int, npages: int, post_populate: PostPopulat
     if slot.gmem_closed:
         return -errno.EFAULT
     npages = min(slot.end_gfn - gfn, npages)
+    memslots = memory.memslots
     ret, i = 0, 0
     while i < npages:
         g = gfn + i
-        pfn = memory.memslots.gmem_get_pfn(slot, g)
-        frame = memory.frame_at(pfn)
-        assert frame is not None, "every page of a guest_memfd has a frame state"
-        frames, page = frame
-        if int(frames[page]) & _PREPARED:
+        pfn = memslots.gmem_get_pfn(slot, g)
+        if memslots.frame(pfn) & _PREPARED:
             ret = -errno.EEXIST
             break
-        if not memory.memslots.range_has_memory_attributes(g, g + 1, _PRIVATE, _PRIVATE):
+        if not memslots.range_has_memory_attributes(g, g + 1, _PRIVATE, _PRIVATE):
             ret = -errno.EINVAL
             break
-        ret = post_populate(g, frame)
+        ret = post_populate(g, pfn)
         if ret:
             break
-        frames[page] |= _PREPARED                  # kvm_gmem_mark_prepared
+        memslots.set_frame(pfn, memslots.frame(pfn) | _PREPARED)   # kvm_gmem_mark_prepared
         i += 1
     return ret if ret and not i else i
 
@@ -125,12 +118,13 @@ def tdx_init_mem_region(memory: Any, state: Any, shared_bit: int, gpa: int, nr_p
                                      f"{nr_pages:#x}: not an aligned, non-empty range of "
                                      "private GPAs")
 
-    def post_populate(gfn: int, frame: Any) -> int:
+    def post_populate(gfn: int, pfn: int) -> int:
         r = state.map_page(gfn << PAGE_SHIFT, PFERR.GUEST_FINAL.value
                            | PFERR.PRIVATE_ACCESS.value)
         if r < 0:
             return int(r)
-        clear_bits(frame[0], frame[1], _PENDING)   # TDH.MEM.PAGE.ADD: MAPPED, not PENDING
+        # TDH.MEM.PAGE.ADD: the page is MAPPED, not PENDING.
+        memory.memslots.set_frame(pfn, memory.memslots.frame(pfn) & ~_PENDING & _U64)
         return 0
 
     while nr_pages:
@@ -175,15 +169,15 @@ def snp_launch_update(memory: Any, gpa: int, length: int, page_type: int) -> int
                                      f"GPA {gpa:#x}")
     finished = launched(memory)
 
-    def post_populate(gfn: int, frame: Any) -> int:
-        frames, page = frame
-        if int(frames[page]) & _ASSIGNED:
+    def post_populate(gfn: int, pfn: int) -> int:
+        state = memory.memslots.frame(pfn)
+        if state & _ASSIGNED:
             return -errno.EEXIST
         if finished:                    # firmware error, snp_page_reclaim: shared again
             return -errno.EIO
         # rmp_make_private(..., immutable=true), then the firmware: validated, mutable.
-        frames[page] = ((int(frames[page]) & _PREPARED) | _ASSIGNED | _VALIDATED
-                        | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
+        memory.memslots.set_frame(pfn, (state & _PREPARED) | _ASSIGNED | _VALIDATED
+                                  | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
         return 0
 
     count = gmem_populate(memory, gpa >> PAGE_SHIFT, length >> PAGE_SHIFT, post_populate)
@@ -216,20 +210,15 @@ def pvalidate(memory: Any, access: Callable[[int, int], Any], gpa: int, page_siz
     result = access(gpa, AccessFlags.ENCRYPTED.value | ACCESS_PROBE)
     if not isinstance(result, Translation):
         return result
-    frame = memory.frame_at(result.hpa >> PAGE_SHIFT)
-    if frame is None:                   # not reachable: the walk's RMP check stops it
-        return PVALIDATE_FAIL_INPUT
-    frames, page = frame
-    state = int(frames[page])
-    if page_size == PG_LEVEL_2M and not state & FrameState.RMP_PAGESIZE_2M.value:
-        return PVALIDATE_FAIL_SIZEMISMATCH
-    if bool(state & _VALIDATED) == validate:
-        return PVALIDATE_FAIL_NOUPDATE
-    with memory.mmu_write_locked():
-        if validate:
-            frames[page] |= _VALIDATED
-        else:
-            clear_bits(frames, page, _VALIDATED)
+    pfn = result.hpa >> PAGE_SHIFT
+    with memory.mmu_write_locked():                 # no GIL-free walk meanwhile
+        state = memory.memslots.frame(pfn)
+        if page_size == PG_LEVEL_2M and not state & FrameState.RMP_PAGESIZE_2M.value:
+            return PVALIDATE_FAIL_SIZEMISMATCH
+        if bool(state & _VALIDATED) == validate:
+            return PVALIDATE_FAIL_NOUPDATE
+        memory.memslots.set_frame(pfn, state | _VALIDATED if validate
+                                  else state & ~_VALIDATED & _U64)
     return PVALIDATE_SUCCESS
 
 
@@ -249,10 +238,11 @@ def tdx_accept(memory: Any, access: Callable[[int, int], Any], shared_bit: int, 
         return result
     if result.level < level:
         return TdxModuleStatus.PAGE_SIZE_MISMATCH
-    frame = memory.frame_at(result.hpa >> PAGE_SHIFT)
-    if frame is None or not int(frame[0][frame[1]]) & _PENDING:
-        return TdxModuleStatus.PAGE_ALREADY_ACCEPTED
-    with memory.mmu_write_locked():
-        clear_bits(frame[0], frame[1], _PENDING)
+    pfn = result.hpa >> PAGE_SHIFT
+    with memory.mmu_write_locked():                 # no GIL-free walk meanwhile
+        state = memory.memslots.frame(pfn)
+        if not state & _PENDING:
+            return TdxModuleStatus.PAGE_ALREADY_ACCEPTED
+        memory.memslots.set_frame(pfn, state & ~_PENDING & _U64)
     return TdxModuleStatus.SUCCESS
 

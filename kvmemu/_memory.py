@@ -189,8 +189,6 @@ class VMMemory:
         self.manual_dirty_log_protect = 0
         #: The guest_memfd files (by index) that were closed.
         self.gmem_closed_files: set[int] = set()
-        #: Per guest_memfd file (by index): its frames' state, FrameState per page.
-        self.frames: dict[int, np.ndarray] = {}
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
@@ -234,28 +232,11 @@ class VMMemory:
         c.memslots = self.core.Memslots(self.config, c.counters)
         c._publish_slots(synchronize=False)
         c._publish_attributes()
-        c.frames = {}
         with self.mmu_write_locked():           # faults update frames under mmu_lock
-            for index, frames in self.frames.items():
-                c.add_gmem_frames(index, frames.copy())
+            c.memslots.copy_frames(self.memslots)
         return c
 
     # --- guest_memfd frames (folio state, the SNP RMP, TDX page states) -------------------
-
-    def add_gmem_frames(self, index: int, frames: np.ndarray) -> None:
-        """Give guest_memfd number ``index`` its frame states (zero: no folio yet)."""
-        self.frames[index] = frames
-        self.memslots.publish_frames(index, frames)
-
-    def frame_at(self, pfn: int) -> tuple[np.ndarray, int] | None:
-        """Where guest_memfd frame ``pfn``'s state is kept, as (array, page), or None."""
-        if pfn < self.config.gmem_base:
-            return None
-        k, page = divmod(pfn - self.config.gmem_base, self.config.gmem_file_pages)
-        frames = self.frames.get(k)
-        if frames is None or page >= len(frames):
-            return None
-        return frames, page
 
     def free_gmem_folios(self, index: int, start: int, end: int) -> None:
         """The folios of pages [start, end) of guest_memfd ``index`` leave its page cache
@@ -263,10 +244,8 @@ class VMMemory:
         goes through kvm_gmem_free_folio, whose sev_gmem_invalidate (svm/sev.c) makes an
         assigned RMP entry shared again (rmp_make_shared: every field 0); the page is no
         longer prepared, and no Secure-EPT entry maps it any more (the zap removed it)."""
-        frames = self.frames.get(index)
-        if frames is not None:
-            with self.mmu_write_locked():
-                frames[start:min(end, len(frames))] = 0
+        with self.mmu_write_locked():
+            self.memslots.clear_frames(index, start, end)
 
     # --- the counters (struct kvm) ------------------------------------------------------
 

@@ -508,10 +508,7 @@ class VM:
                                          f"{base // pages} files per VM")
         frame = functools.partial(self._core.gmem_frame, base, pages)
         gmem = GuestMemfd(self._token, self, len(self._gmem), size, flags, frame)
-        # One state word per page the file's frame window holds (np.zeros: untouched
-        # pages of a large file cost no memory).
-        self._memory.add_gmem_frames(gmem.index, np.zeros(min(size >> PAGE_SHIFT, pages),
-                                                          dtype=np.uint64))
+        self._memory.memslots.add_gmem_file(gmem.index, size >> PAGE_SHIFT)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = {}
         return gmem
@@ -818,7 +815,7 @@ class VM:
 
     # --- host (MMU-notifier) invalidations -----------------------------------------------------
 
-    @_ioctl
+    @_locked
     def invalidate_host_range(self, hva: Any, size: Any) -> HostInvalidation:
         """The start of an MMU-notifier invalidation of host memory [hva, hva + size)
         (kvm_mmu_notifier_invalidate_range_start, kvm_main.c, 6.18): if a memslot maps
@@ -838,7 +835,7 @@ class VM:
         self._host_invalidations.add(handle)
         return handle
 
-    @_ioctl
+    @_locked
     def set_host_level(self, slot: Any, level: Any) -> None:
         """A THP collapse (level 2M / 1G) or split (4K) of a memslot's host memory: the
         host's invalidation of the slot's host range (its shared mappings are zapped,
@@ -882,7 +879,7 @@ class VM:
             raise TypeError("gfns must be a 1-D numpy.uint64 array")
         return self._memory.memslots.find_memslots(values)
 
-    @_ioctl
+    @_locked
     def lpage_info(self, slot: Any, level: Any) -> list[int]:
         """lpage_info[level].disallow_lpage of a memslot, as u32 (bit 31: mixed attributes)."""
         slot = _args.u32("slot", slot)
@@ -892,7 +889,7 @@ class VM:
             raise ValueError(f"slot {slot:#x} does not exist")
         return self._memory.lpage_info(as_id, slot_id, level)
 
-    @_ioctl
+    @_locked
     def memory_attribute_ranges(self) -> list[tuple[int, int, int]]:
         """The attribute store as merged ``(start_gfn, end_gfn, attributes)`` ranges."""
         return self._memory.attribute_ranges()
@@ -910,7 +907,7 @@ class VM:
         """(mmu_invalidate_range_start, mmu_invalidate_range_end) in gfns; INVALID_GPA if none."""
         return self._memory.mmu_invalidate_range
 
-    @_ioctl
+    @_locked
     def memslots_generation(self, as_id: Any = 0) -> int:
         """The memslot generation of an address space (kvm_memslots(kvm)->generation)."""
         as_id = _args.u64("as_id", as_id)
@@ -977,7 +974,7 @@ class VM:
         """Every vCPU's mutex, taken in vCPU order: no access runs meanwhile."""
         return _AllVCPUs(self._vcpus)
 
-    @_ioctl
+    @_locked
     def snapshot(self) -> "Snapshot":
         """The whole VM state: memslots, guest_memfd files and bindings, attributes,
         lpage_info, page tables, invalidation and generation counters, vCPUs (stats,
@@ -991,7 +988,7 @@ class VM:
                             list(self._gmem),
                             {k: dict(v) for k, v in self._gmem_bindings.items()})
 
-    @_ioctl
+    @_locked
     def restore(self, snapshot: "Snapshot") -> None:
         """Put the state of ``snapshot`` (taken from this VM) back, exactly.  vCPUs
         created after the snapshot no longer exist afterwards: using them raises."""
@@ -1014,7 +1011,7 @@ class VM:
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
 
-    @_ioctl
+    @_locked
     def check_invariants(self) -> list[str]:
         """What must hold between the MMU's tables and the memory model, checked from
         scratch; returns the violations found (an empty list when all hold):

@@ -339,6 +339,9 @@ class FrameState(_Flag):
 
 #: FrameState's GPA field (bits 51:12).
 FRAME_GPA_MASK = ((1 << 52) - 1) & ~((1 << 12) - 1)
+#: Not a KVM value: the cores keep frame states in chunks of this many pages, made on
+#: first write.
+FRAME_CHUNK = 512
 
 #: tdx_map_gpa's chunk (TDX_MAP_GPA_MAX_LEN, arch/x86/kvm/vmx/tdx.c): one exit per 2 MiB.
 TDX_MAP_GPA_MAX_LEN = 2 << 20

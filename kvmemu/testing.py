@@ -94,6 +94,8 @@ def vm_state(side: "Side") -> Any:
         "dirty_logs": (int(vm.manual_dirty_log_protect), _dirty_bitmaps(vm)),
         "tables": _tables(vm.page_tables),
         "private_tables": None if private is None else _tables(private),
+        "launch": (vm.launched, vm.pre_fault_allowed, vm.dead),
+        "frames": [vm._memory.memslots.frame_items(g.index) for g in side.gmems],
     }
 
 
@@ -262,6 +264,16 @@ def _run(side: Side, op: tuple) -> Any:
         vcpu = vm.create_vcpu()
         side.vcpus.append(vcpu)
         return vcpu
+    if kind == "tdx_init":
+        return vm.tdx_init_mem_region(*args)
+    if kind == "tdx_finalize":
+        return vm.tdx_finalize_vm()
+    if kind == "snp_update":
+        return vm.snp_launch_update(*args)
+    if kind == "snp_finish":
+        return vm.snp_launch_finish()
+    if kind == "rmp":
+        return vm.rmp_entry(args[0])
     if kind == "snapshot":
         snap = vm.snapshot()
         side.snapshots.append(snap)
@@ -291,7 +303,11 @@ def _run(side: Side, op: tuple) -> Any:
     if kind == "psc_msr":
         return vcpu.snp_psc_msr(args[1], args[2])
     if kind == "ept_violation":
-        return vcpu.handle_ept_violation(args[1], args[2])
+        return vcpu.handle_ept_violation(*args[1:])
+    if kind == "pvalidate":
+        return vcpu.pvalidate(*args[1:])
+    if kind == "accept":
+        return vcpu.tdx_accept(*args[1:])
     if kind == "ept_misconfig":
         return vcpu.handle_ept_misconfig(args[1])
     if kind == "npf":

@@ -35,6 +35,8 @@ COMPILED_ONLY = {
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "
                                    "lock around the whole loop",
+    ("locking", "load_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
+    ("locking", "store_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
     ("locking", "xchg64"): "one word of xchg_words; the twin holds its atomic lock around "
                            "the whole loop",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",

@@ -225,6 +225,44 @@ class TwinVMs(RuleBasedStateMachine):
                   "punch": ("punch", 0, address, size)}[what]
         self.apply("hook", vcpu, stage, change)
 
+    @rule(gpa=st.sampled_from((0, 0x1000, 2 * MIB, GIB, 1 << 47, 0x800)),
+          size=st.sampled_from((0x1000, 0x3000, 0, 0x800)),
+          measure=BOOL)
+    def tdx_init_mem_region(self, gpa, size, measure):
+        self.apply("tdx_init", gpa, size, measure)
+
+    @rule()
+    def tdx_finalize_vm(self):
+        self.apply("tdx_finalize")
+
+    @rule(gpa=st.sampled_from((0, 0x1000, 2 * MIB, GIB, 0x800)),
+          size=st.sampled_from((0x1000, 0x3000, 0, 0x800)),
+          page_type=st.sampled_from((1, 1, 3, 2, 7)))
+    def snp_launch_update(self, gpa, size, page_type):
+        self.apply("snp_update", gpa, size, page_type)
+
+    @rule()
+    def snp_launch_finish(self):
+        self.apply("snp_finish")
+
+    @rule(pfn=st.sampled_from((0, 1 << 35, (1 << 35) + 1, (1 << 35) + 512, 1 << 28)))
+    def rmp_entry(self, pfn):
+        self.apply("rmp", pfn)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, page_size=st.sampled_from((1, 1, 2, 3)),
+          validate=BOOL)
+    def pvalidate(self, vcpu, gpa, page_size, validate):
+        self.apply("pvalidate", vcpu, gpa, page_size, validate)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, level=st.sampled_from((1, 1, 2, 3, 0)))
+    def tdx_accept(self, vcpu, gpa, level):
+        self.apply("accept", vcpu, gpa, level)
+
+    @rule(vcpu=st.integers(0, 3), gpa=GPA, qualification=QUALIFICATION,
+          ext=st.sampled_from((6, 6, 0, 0x16)))
+    def ept_violation_ext(self, vcpu, gpa, qualification, ext):
+        self.apply("ept_violation", vcpu, gpa, qualification, ext)
+
     @rule()
     def snapshot(self):
         self.apply("snapshot")

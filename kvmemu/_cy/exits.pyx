@@ -285,7 +285,7 @@ cdef int sev_handle_rmp_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code)
         return 0
     pfn = gmem_frame(vcpu.memslots.gmem_base, vcpu.memslots.gmem_file_pages, slot.gmem_id,
                      slot.gmem_pgoff + (gfn - slot.base_gfn))
-    frame = vcpu.memslots.frame_state(pfn)
+    frame = vcpu.memslots.frame_state_alloc(pfn)
     gmem_prepare(vcpu, frame, gfn)
     if frame == NULL or not (frame[0] & FRAME_STATE_RMP_ASSIGNED):
         return 0

@@ -49,6 +49,12 @@ cdef extern from *:
     static inline uint64_t kvmemu_fetch_andnot64(uint64_t *p, uint64_t v) {
         return __atomic_fetch_and(p, ~v, __ATOMIC_SEQ_CST);
     }
+    static inline uint64_t *kvmemu_load_ptr(uint64_t **p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    static inline void kvmemu_store_ptr(uint64_t **p, uint64_t *v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
     }
@@ -65,6 +71,9 @@ cdef extern from *:
     # atomic_long_fetch_andnot: the old value.
     uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
     uint64_t xchg64 "kvmemu_xchg64" (uint64_t* p, uint64_t v) nogil
+    # Publishing a pointer to memory made on first use (a frame-state chunk).
+    uint64_t* load_ptr "kvmemu_load_ptr" (uint64_t** p) nogil
+    void store_ptr "kvmemu_store_ptr" (uint64_t** p, uint64_t* v) nogil
 
 cdef class Mutex:
     cdef pthread_mutex_t mutex

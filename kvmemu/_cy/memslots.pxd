@@ -23,6 +23,13 @@ cdef struct SlotRecord:
 # after publication, kept alive by whoever reads it.  ``readers`` counts the faults in
 # flight that read it (their kvm->srcu read-side sections); a memslot change waits
 # for it to drop to 0 before it zaps (synchronize_srcu).
+# One guest_memfd file's frame states: ``chunks`` pointers, each NULL or FRAME_CHUNK
+# uint64 words.
+cdef struct FrameFile:
+    uint64_t** chunk
+    uint64_t nchunks
+    uint64_t pages
+
 cdef class SlotTable:
     cdef SlotRecord* records
     cdef uint64_t* bases
@@ -46,13 +53,13 @@ cdef class Memslots:
     cdef const uint64_t* attr_value
     cdef Py_ssize_t nattr
     # Per guest_memfd file: its frames' state (kvmemu.constants.FrameState), one uint64
-    # per page, published once when the file is made and never moved or freed before
-    # the Memslots (frame_arrays keeps the arrays alive).
-    cdef uint64_t** frames
-    cdef uint64_t* frame_pages
+    # per page in chunks of FRAME_CHUNK pages made on first write (a missing chunk reads
+    # as zero), never moved or freed before the Memslots.
+    cdef FrameFile* files
     cdef readonly Py_ssize_t max_files
-    cdef list frame_arrays
+    cdef FrameFile* frame_file(self, uint64_t pfn, uint64_t* page) noexcept nogil
     cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil
+    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL
     cdef SlotTable srcu_read_lock(self)
     cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil
     cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil

@@ -10,6 +10,8 @@
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
 
 import numpy as np
 
@@ -128,12 +130,11 @@ cdef class Memslots:
         self.gmem_base, self.gmem_file_pages = config.gmem_base, config.gmem_file_pages
         self.counters = counters
         self.c = &view[0]
-        self.max_files = self.gmem_base // self.gmem_file_pages
-        self.frames = <uint64_t**>calloc(self.max_files, sizeof(uint64_t*))
-        self.frame_pages = <uint64_t*>calloc(self.max_files, sizeof(uint64_t))
-        if self.frames == NULL or self.frame_pages == NULL:
+        self.files = <FrameFile*>calloc(self.gmem_base // self.gmem_file_pages,
+                                        sizeof(FrameFile))
+        if self.files == NULL:
             raise MemoryError()
-        self.frame_arrays = []
+        self.max_files = self.gmem_base // self.gmem_file_pages
         self.table = SlotTable([])
         empty = np.zeros(1, dtype=np.uint64)
         self.publish_attributes(empty[:0], empty[:0], empty[:0])
@@ -154,40 +155,138 @@ cdef class Memslots:
                 sched_yield()
 
     def __cinit__(self):
-        self.frames = NULL
-        self.frame_pages = NULL
+        self.files = NULL
+        self.max_files = 0
 
     def __dealloc__(self):
-        free(self.frames)
-        free(self.frame_pages)
+        cdef Py_ssize_t i
+        cdef uint64_t k
+        if self.files == NULL:
+            return
+        for i in range(self.max_files):
+            if self.files[i].chunk != NULL:
+                for k in range(self.files[i].nchunks):
+                    free(self.files[i].chunk[k])
+                free(self.files[i].chunk)
+        free(self.files)
 
-    def publish_frames(self, Py_ssize_t index, frames):
-        """Take guest_memfd number ``index``'s frame states (a uint64 array, one per page,
-        that the caller never reallocates): the fault path reads and updates them."""
-        cdef uint64_t[::1] view = frames
+    def add_gmem_file(self, Py_ssize_t index, uint64_t pages):
+        """Guest_memfd number ``index`` has ``pages`` pages: their frame states start at 0
+        (no folio yet).  The file's frame window holds at most gmem_file_pages."""
+        cdef FrameFile* f
         if not 0 <= index < self.max_files:
             raise ValueError(f"guest_memfd {index} is beyond the {self.max_files} files")
-        self.frame_arrays.append(frames)
-        self.frame_pages[index] = min(<uint64_t>view.shape[0], self.gmem_file_pages)
-        self.frames[index] = &view[0] if view.shape[0] else NULL
+        f = &self.files[index]
+        if f.chunk != NULL:
+            raise ValueError(f"guest_memfd {index} already has its frames")
+        f.pages = min(pages, self.gmem_file_pages)
+        f.nchunks = (f.pages + FRAME_CHUNK - 1) // FRAME_CHUNK
+        f.chunk = <uint64_t**>calloc(max(f.nchunks, 1), sizeof(uint64_t*))
+        if f.chunk == NULL:
+            raise MemoryError()
 
-    cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil:
-        """The state of guest_memfd frame ``pfn`` (kvmemu.constants.FrameState), or NULL
-        for a frame of user memory (never assigned in the RMP, never in a Secure EPT)."""
-        cdef uint64_t off, k, page
+    cdef inline FrameFile* frame_file(self, uint64_t pfn, uint64_t* page) noexcept nogil:
+        cdef uint64_t off, k
         if pfn < self.gmem_base:
             return NULL
         off = pfn - self.gmem_base
         k = off // self.gmem_file_pages
-        page = off - k * self.gmem_file_pages
-        if k >= <uint64_t>self.max_files or page >= self.frame_pages[k] or self.frames[k] == NULL:
+        if k >= <uint64_t>self.max_files or self.files[k].chunk == NULL:
             return NULL
-        return &self.frames[k][page]
+        page[0] = off - k * self.gmem_file_pages
+        if page[0] >= self.files[k].pages:
+            return NULL
+        return &self.files[k]
+
+    cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil:
+        """The state of guest_memfd frame ``pfn`` (kvmemu.constants.FrameState), or NULL
+        when it is 0 and was never written, or for a frame of user memory (never assigned
+        in the RMP, never in a Secure EPT)."""
+        cdef uint64_t page = 0
+        cdef FrameFile* f = self.frame_file(pfn, &page)
+        cdef uint64_t* chunk
+        if f == NULL:
+            return NULL
+        chunk = load_ptr(&f.chunk[page // FRAME_CHUNK])
+        return NULL if chunk == NULL else &chunk[page % FRAME_CHUNK]
+
+    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL:
+        """frame_state, making the frame's chunk if it has none yet (the GIL serialises
+        the writers; a reader sees NULL or the zeroed chunk).  NULL only for a frame
+        that is not a guest_memfd page."""
+        cdef uint64_t page = 0
+        cdef FrameFile* f = self.frame_file(pfn, &page)
+        cdef uint64_t* chunk
+        if f == NULL:
+            return NULL
+        chunk = f.chunk[page // FRAME_CHUNK]
+        if chunk == NULL:
+            chunk = <uint64_t*>calloc(FRAME_CHUNK, sizeof(uint64_t))
+            if chunk == NULL:
+                raise MemoryError()
+            store_ptr(&f.chunk[page // FRAME_CHUNK], chunk)
+        return &chunk[page % FRAME_CHUNK]
 
     def frame(self, uint64_t pfn):
-        """frame_state for Python: the state, 0 for a frame of user memory."""
+        """The state of frame ``pfn`` (0 for a frame of user memory)."""
         cdef uint64_t* st = self.frame_state(pfn)
         return 0 if st == NULL else st[0]
+
+    def set_frame(self, uint64_t pfn, uint64_t value):
+        """Store the state of guest_memfd frame ``pfn`` (ValueError for another frame)."""
+        cdef uint64_t* st = self.frame_state_alloc(pfn)
+        if st == NULL:
+            raise ValueError(f"frame {pfn:#x} is not a guest_memfd page")
+        xchg64(st, value)
+
+    def clear_frames(self, Py_ssize_t index, uint64_t start, uint64_t end):
+        """Pages [start, end) of guest_memfd ``index`` have no folio any more: state 0."""
+        cdef FrameFile* f
+        cdef uint64_t page
+        cdef uint64_t* chunk
+        if not 0 <= index < self.max_files or self.files[index].chunk == NULL:
+            return
+        f = &self.files[index]
+        page = start
+        while page < min(end, f.pages):
+            chunk = f.chunk[page // FRAME_CHUNK]
+            if chunk == NULL:
+                page = (page // FRAME_CHUNK + 1) * FRAME_CHUNK
+                continue
+            xchg64(&chunk[page % FRAME_CHUNK], 0)
+            page += 1
+
+    def frame_items(self, Py_ssize_t index):
+        """The non-zero frame states of guest_memfd ``index``: [(page, state), ...]."""
+        cdef FrameFile* f
+        cdef uint64_t k, i
+        out = []
+        if not 0 <= index < self.max_files or self.files[index].chunk == NULL:
+            return out
+        f = &self.files[index]
+        for k in range(f.nchunks):
+            if f.chunk[k] != NULL:
+                for i in range(FRAME_CHUNK):
+                    if f.chunk[k][i]:
+                        out.append((k * FRAME_CHUNK + i, f.chunk[k][i]))
+        return out
+
+    def copy_frames(self, Memslots src):
+        """Take a copy of every file's frame states from ``src`` (a snapshot's clone)."""
+        cdef Py_ssize_t i
+        cdef uint64_t k
+        cdef FrameFile* f
+        for i in range(src.max_files):
+            if src.files[i].chunk == NULL:
+                continue
+            self.add_gmem_file(i, src.files[i].pages)
+            f = &self.files[i]
+            for k in range(f.nchunks):
+                if src.files[i].chunk[k] != NULL:
+                    f.chunk[k] = <uint64_t*>malloc(FRAME_CHUNK * sizeof(uint64_t))
+                    if f.chunk[k] == NULL:
+                        raise MemoryError()
+                    memcpy(f.chunk[k], src.files[i].chunk[k], FRAME_CHUNK * sizeof(uint64_t))
 
     def publish_attributes(self, attr_start, attr_end, attr_value):
         """Take the attribute ranges as sorted arrays (never changed in place)."""

@@ -281,7 +281,7 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
             return prepare_memory_fault_exit(vcpu, f)
         f.pfn = gmem_frame(memslots.gmem_base, memslots.gmem_file_pages, f.slot.gmem_id,
                            f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
-        f.frame = memslots.frame_state(f.pfn)
+        f.frame = memslots.frame_state_alloc(f.pfn)
         gmem_prepare(vcpu, f.frame, f.gfn)
         f.aug = vcpu.tdx and f.is_private and memslots.c[VM_COUNTER_LAUNCHED] != 0
         f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)

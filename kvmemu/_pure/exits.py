@@ -231,9 +231,9 @@ def sev_handle_rmp_fault(vcpu: Any, gpa: int, error_code: int) -> None:
     if slot is None or slot.gmem_id < 0 or slot.gmem_closed:
         return
     pfn = memslots_.gmem_get_pfn(slot, gfn)
-    frame = memslots_.frame_state(pfn)
+    frame = memslots_.frame_state_alloc(pfn)
     mmu.gmem_prepare(vcpu, frame, gfn)
-    if frame is None or not int(frame[0][frame[1]]) & FRAME_STATE_RMP_ASSIGNED:
+    if frame is None or not frame[0].get(frame[1]) & FRAME_STATE_RMP_ASSIGNED:
         return
     tracer = vcpu.mmu.tracer
     if tracer is not None:

@@ -25,14 +25,6 @@ def atomic_or64(mem: Any, where: Any, value: int) -> None:
         mem[where] |= np.uint64(value)
 
 
-def fetch_andnot64(mem: Any, where: Any, value: int) -> int:
-    """atomic64_fetch_andnot on ``mem[where]``: the old value."""
-    with _ATOMIC:
-        old = int(mem[where])
-        mem[where] = np.uint64(old & ~value & 0xFFFF_FFFF_FFFF_FFFF)
-    return old
-
-
 def fetch_andnot_words(bitmap: np.ndarray, first: int, masks: np.ndarray) -> np.ndarray:
     """atomic_long_fetch_andnot on ``bitmap[first + k]`` with ``masks[k]``, for each k (the
     kernel's xchg(&word, 0) is the all-ones mask): the bits cleared, ``old & mask``."""

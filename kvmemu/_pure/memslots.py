@@ -23,6 +23,36 @@ from .cnames import *  # noqa: F403  (the constants under their C names)
 from .locking import atomic_or64
 
 
+#: The twin's stand-in for the atomic updates of frame states.
+_FRAMES = threading.Lock()
+
+
+class FrameFile:
+    """One guest_memfd file's frame states (struct FrameFile): ``pages`` and
+    ``states``, {page: state} without the zeros.  frame_state gives (file, page) where
+    the compiled core gives a ``uint64_t*``."""
+
+    __slots__ = ("pages", "states")
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.states: dict[int, int] = {}
+
+    def get(self, page: int) -> int:
+        return self.states.get(page, 0)
+
+    def update(self, page: int, change: Any) -> int:
+        """Atomically replace page's state with ``change(old)``; returns the old."""
+        with _FRAMES:
+            old = self.states.get(page, 0)
+            new = change(old)
+            if new:
+                self.states[page] = new
+            else:
+                self.states.pop(page, None)
+        return old
+
+
 def gmem_frame(base: int, file_pages: int, gmem_id: int, page: int) -> int:
     """The host frame of page ``page`` of guest_memfd number ``gmem_id`` of a VM: the
     upper half of the host physical space (from frame ``base``), a window of
@@ -89,33 +119,72 @@ class Memslots:
         #: The attribute ranges (starts, ends, values), replaced as one: a reader takes
         #: the tuple once and sees one consistent set whatever other threads publish.
         self.attrs = (empty, empty, empty)
-        #: Per guest_memfd file, its frames' state (kvmemu.constants.FrameState), one
-        #: uint64 per page, published once when the file is made.
+        #: Per guest_memfd file (by index): its page count and its frames' state
+        #: (kvmemu.constants.FrameState), {page: state} without the zeros.
         self.max_files = self.gmem_base // self.gmem_file_pages
-        self.frames: dict[int, np.ndarray] = {}
+        self.files: dict[int, FrameFile] = {}
 
-    def publish_frames(self, index: int, frames: np.ndarray) -> None:
-        """Take guest_memfd number ``index``'s frame states (a uint64 array, one per page,
-        that the caller never reallocates): the fault path reads and updates them."""
+    def add_gmem_file(self, index: int, pages: int) -> None:
+        """Guest_memfd number ``index`` has ``pages`` pages: their frame states start at 0
+        (no folio yet).  The file's frame window holds at most gmem_file_pages."""
         if not 0 <= index < self.max_files:
             raise ValueError(f"guest_memfd {index} is beyond the {self.max_files} files")
-        self.frames[index] = frames[:self.gmem_file_pages]
+        if index in self.files:
+            raise ValueError(f"guest_memfd {index} already has its frames")
+        self.files[index] = FrameFile(min(pages, self.gmem_file_pages))
 
-    def frame_state(self, pfn: int) -> tuple[np.ndarray, int] | None:
-        """Where the state of guest_memfd frame ``pfn`` is kept, as (array, index), or None
-        for a frame of user memory (never assigned in the RMP, never in a Secure EPT)."""
+    def frame_file(self, pfn: int) -> tuple[FrameFile, int] | None:
+        """The guest_memfd file holding frame ``pfn`` and the page, or None for a frame
+        of user memory (never assigned in the RMP, never in a Secure EPT)."""
         if pfn < self.gmem_base:
             return None
         k, page = divmod(pfn - self.gmem_base, self.gmem_file_pages)
-        frames = self.frames.get(k)
-        if frames is None or page >= len(frames):
+        file = self.files.get(k)
+        if file is None or page >= file.pages:
             return None
-        return frames, page
+        return file, page
+
+    def frame_state(self, pfn: int) -> tuple[FrameFile, int] | None:
+        """The state of guest_memfd frame ``pfn``, as (file, page), or None for a frame
+        of user memory."""
+        return self.frame_file(pfn)
+
+    def frame_state_alloc(self, pfn: int) -> tuple[FrameFile, int] | None:
+        """frame_state (the compiled core makes the frame's chunk here; the twin's
+        states need none)."""
+        return self.frame_file(pfn)
 
     def frame(self, pfn: int) -> int:
-        """frame_state for Python: the state, 0 for a frame of user memory."""
+        """The state of frame ``pfn`` (0 for a frame of user memory)."""
         where = self.frame_state(pfn)
-        return 0 if where is None else int(where[0][where[1]])
+        return 0 if where is None else where[0].get(where[1])
+
+    def set_frame(self, pfn: int, value: int) -> None:
+        """Store the state of guest_memfd frame ``pfn`` (ValueError for another frame)."""
+        where = self.frame_state(pfn)
+        if where is None:
+            raise ValueError(f"frame {pfn:#x} is not a guest_memfd page")
+        where[0].update(where[1], lambda _: value)
+
+    def clear_frames(self, index: int, start: int, end: int) -> None:
+        """Pages [start, end) of guest_memfd ``index`` have no folio any more: state 0."""
+        file = self.files.get(index)
+        if file is not None:
+            with _FRAMES:
+                for page in [p for p in file.states if start <= p < end]:
+                    del file.states[page]
+
+    def frame_items(self, index: int) -> list[tuple[int, int]]:
+        """The non-zero frame states of guest_memfd ``index``: [(page, state), ...]."""
+        file = self.files.get(index)
+        return [] if file is None else sorted(file.states.items())
+
+    def copy_frames(self, src: "Memslots") -> None:
+        """Take a copy of every file's frame states from ``src`` (a snapshot's clone)."""
+        with _FRAMES:
+            for i, file in src.files.items():
+                self.add_gmem_file(i, file.pages)
+                self.files[i].states = dict(file.states)
 
     def publish_slots(self, slots: list[Any], synchronize: bool) -> None:
         """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import memslots, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
-from .locking import atomic_or64, cmpxchg64
+from .locking import cmpxchg64
 from .levels import gfn_to_index, pages_per_hpage
 
 
@@ -333,7 +333,7 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
         if slot.gmem_id < 0 or slot.gmem_closed:   # no guest_memfd, or kvm_gmem_get_pfn's
             return prepare_memory_fault_exit(vcpu, fault)   # -EFAULT for a closed one
         fault.pfn = memslots.gmem_get_pfn(slot, fault.gfn)
-        fault.frame = memslots.frame_state(fault.pfn)
+        fault.frame = memslots.frame_state_alloc(fault.pfn)
         gmem_prepare(vcpu, fault.frame, fault.gfn)
         fault.aug = bool(vcpu.tdx and fault.is_private
                          and memslots.counters[VM_COUNTER_LAUNCHED])
@@ -357,15 +357,15 @@ def gmem_prepare(vcpu: Any, frame: Any, gfn: int) -> None:
     RMPUPDATE leaves it not validated (APM vol. 2, "RMPUPDATE")."""
     if frame is None:
         return
-    frames, page = frame
-    state = int(frames[page])
-    if state & FRAME_STATE_PREPARED:
-        return
-    if vcpu.snp and not state & FRAME_STATE_RMP_ASSIGNED:
-        frames[page] = (FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
-                        | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
-    else:
-        atomic_or64(frames, page, FRAME_STATE_PREPARED)
+
+    def prepare(state: int) -> int:
+        if state & FRAME_STATE_PREPARED:
+            return state
+        if vcpu.snp and not state & FRAME_STATE_RMP_ASSIGNED:
+            return (FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
+                    | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
+        return state | FRAME_STATE_PREPARED
+    frame[0].update(frame[1], prepare)
 
 
 def handle_noslot_fault(vcpu: Any, fault: FaultRecord) -> int:

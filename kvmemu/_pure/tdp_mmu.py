@@ -30,7 +30,7 @@ import numpy as np
 from . import memslots, mmu, spte
 from .cnames import *  # noqa: F403  (the constants under their C names)
 from .levels import end_index, first_index, pages_per_hpage
-from .locking import RwLock, atomic_or64, cmpxchg64
+from .locking import RwLock, cmpxchg64
 
 
 class Root:
@@ -262,7 +262,8 @@ class TdpMmu:
             if fault.aug and fault.frame is not None:
                 # tdx_sept_set_private_spte (tdx.c, 6.18) on a runnable TD: TDH.MEM.PAGE.AUG,
                 # and the page is PENDING until the TD accepts it (TDX module ABI).
-                atomic_or64(fault.frame[0], fault.frame[1], FRAME_STATE_TDX_PENDING)
+                fault.frame[0].update(fault.frame[1],
+                                      lambda old: old | FRAME_STATE_TDX_PENDING)
             if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
                 return RET_PF_RETRY
         if spte.is_mmio_spte(fmt, new):

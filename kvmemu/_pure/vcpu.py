@@ -22,7 +22,6 @@ from ..constants import PF_STAT_NAMES
 from ..errors import KvmError
 from ..results import AccessBatch, GuestException, MemoryFaultExit, MmioExit, Translation
 from . import exits, mmu, paging
-from .locking import atomic_or64, fetch_andnot64
 from .cnames import *  # noqa: F403  (the constants under their C names)
 
 _U64 = (1 << 64) - 1
@@ -240,7 +239,7 @@ class VCPUState:
         accepts = self.memslots.counters[VM_COUNTER_GUEST_ACCEPTS]
         if self.snp:
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
-            e = 0 if frame is None else int(frame[0][frame[1]])
+            e = 0 if frame is None else frame[0].get(frame[1])
             rmp_npf = paging.Outcome(paging.OUT_NPF, 0, paging.npf_error_bits(c, flags)
                                      | PFERR_PRESENT | PFERR_GUEST_RMP)
             if flags & ACCESS_FLAGS_ENCRYPTED:
@@ -252,17 +251,17 @@ class VCPUState:
                     if not accepts:
                         return paging.Outcome(paging.OUT_GUEST_VC, 0,
                                               SVM_EXIT_PAGE_NOT_VALIDATED)
-                    atomic_or64(frame[0], frame[1], FRAME_STATE_RMP_VALIDATED)  # PVALIDATE
+                    frame[0].update(frame[1], lambda old: old | FRAME_STATE_RMP_VALIDATED)
             elif flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) and e & FRAME_STATE_RMP_ASSIGNED:
                 return rmp_npf
         elif self.tdx and not gpa & (self.direct_bits_gfn << PAGE_SHIFT):
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
-            if (frame is not None and int(frame[0][frame[1]]) & FRAME_STATE_TDX_PENDING
+            if (frame is not None and frame[0].get(frame[1]) & FRAME_STATE_TDX_PENDING
                     and not flags & ACCESS_PROBE):
                 if not accepts:
                     return paging.Outcome(paging.OUT_TDX_PENDING, 0, paging.ept_gva_bits(
                         paging.ept_access_bits(c, flags), flags))
-                fetch_andnot64(frame[0], frame[1], FRAME_STATE_TDX_PENDING)  # ACCEPT first
+                frame[0].update(frame[1], lambda old: old & ~FRAME_STATE_TDX_PENDING)
         return out
 
     def map_page(self, gpa: int, error_code: int) -> int:
