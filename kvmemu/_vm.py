@@ -402,8 +402,9 @@ class VM:
         range or one with the shared bit, no guest_memfd memslot, memory not PRIVATE in
         the attributes; EEXIST for a page already added or faulted in; EFAULT for a closed
         guest_memfd.  Returns 0 (the pages left)."""
-        if self.vm_type != VMType.TDX:
-            raise KvmError(errno.EINVAL, "KVM_TDX_INIT_MEM_REGION is for a TD")
+        if self.vm_type != VMType.TDX:       # vt_vcpu_mem_enc_ioctl; SVM has no such hook
+            raise KvmError(errno.EINVAL if self.vendor == "vmx" else errno.ENOTTY,
+                           "KVM_TDX_INIT_MEM_REGION is for a TD")
         g, n = _args.u64("gpa", gpa), _args.u64("size", size)
         flags = int(_args.flag("measure", measure))
         if n & _PAGE_MASK:

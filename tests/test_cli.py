@@ -129,11 +129,16 @@ def test_demo_reports_every_vm_type(capsys):
     header = [line for line in out.splitlines() if line.startswith("VM type")][0]
     assert "mem-fault exits" in header and "MMIO exits" in header and "2M" in header
     # 64 MMIO pages, read then written: 128 MMIO exits on every VM type.
-    assert all(row[3] == "128" for row in rows.values())
-    # A TD takes 4 MiB (1024 pages) private and back through memory-fault exits; SNP
-    # only towards private; the others never exit for memory faults.
-    assert rows["TDX"][2] == "2048" and rows["SNP"][2] == "1024"
+    assert all(row[4] == "128" for row in rows.values())
+    # A TD and an SNP guest take 4 MiB (1024 pages) private through memory-fault exits
+    # (SNP's through the RMP check where phase 1 mapped pages shared) and accept or
+    # validate each page; the others never exit for memory faults.
+    assert rows["TDX"][2] == rows["SNP"][2] == "1024"
+    assert rows["TDX"][9] == rows["SNP"][9] == "1024"
     assert rows["DEFAULT"][2] == rows["SW_PROTECTED"][2] == "0"
+    # Back to shared explicitly: MapGPA goes out 2 MiB at a time (two exits), SNP's two
+    # adjacent 2M entries merge into one, KVM_HC_MAP_GPA_RANGE is one.
+    assert (rows["TDX"][3], rows["SNP"][3], rows["SW_PROTECTED"][3]) == ("2", "1", "1")
     assert all(row[-2] == "1" for row in rows.values())      # the 1 GiB slot: one 1G leaf
 
 

@@ -84,6 +84,11 @@ def test_init_mem_region_checks(kv):
     raises(errno.EINVAL, vm.tdx_finalize_vm)                         # twice
     raises(errno.EINVAL, kv.VM(VMType.TDX).tdx_init_mem_region, 0, 0x1000)   # no vCPU
     raises(errno.ENOTTY, kv.VM().tdx_finalize_vm)
+    vmx, svm = kv.VM(), kv.VM(VMType.SNP)
+    for vm_ in (vmx, svm):
+        vm_.create_vcpu()
+    raises(errno.EINVAL, vmx.tdx_init_mem_region, 0, 0x1000)   # not a TD vCPU
+    raises(errno.ENOTTY, svm.tdx_init_mem_region, 0, 0x1000)   # no vcpu_mem_enc_ioctl
 
 
 def test_init_mem_region_stops_at_a_page_already_added(kv):
@@ -233,12 +238,14 @@ def test_rmp_check_failures_are_npf_with_guest_rmp(kv):
     assert vcpu.access(0x300000).hpa == UADDR + 0x300000
     assert vcpu.access(0x300000, encrypted=True) == MemoryFaultExit(8, 0x300000, 4096)
     rmp = PFERR.PRESENT | PFERR.USER | PFERR.GUEST_FINAL | PFERR.GUEST_ENC | PFERR.GUEST_RMP
+    assert rmp == 0x580000005
     assert ("kvm_page_fault", "vcpu 0 rip 0x0 address 0x0000000000300000 error_code "
             f"0x{rmp | PFERR.PRIVATE_ACCESS:x}") in events
     vcpu.pvalidate(0x5000)
     assert vcpu.access(0x5000) == Translation(gmem.pfn(5) << 12, 1)   # C=0 read
     assert vcpu.access(0x5000, write=True) == MemoryFaultExit(0, 0x5000, 4096)
     wr = PFERR.PRESENT | PFERR.WRITE | PFERR.USER | PFERR.GUEST_FINAL | PFERR.GUEST_RMP
+    assert wr == 0x180000007
     assert ("kvm_page_fault", f"vcpu 0 rip 0x0 address 0x0000000000005000 error_code "
             f"0x{wr:x}") in events
     assert not any(event == "kvm_rmp_fault" for event, _ in events)    # rc < 0: not run
