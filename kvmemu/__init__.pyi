@@ -292,6 +292,7 @@ class VCPU:
                user: bool = False, stage: str = "final",
                encrypted: bool = False
                ) -> Translation | MemoryFaultExit | MmioExit | GuestException: ...
+    interrupt_pending: bool
     def pvalidate(self, gpa: int, page_size: int = 1, validate: bool = True
                   ) -> int | MemoryFaultExit | MmioExit | GuestException: ...
     def tdx_accept(self, gpa: int, level: int = 1

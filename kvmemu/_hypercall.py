@@ -92,11 +92,13 @@ def emulate_hypercall(state: Any, exit_enabled: int, nr: int, a0: int, a1: int, 
     return ret
 
 
-def complete_hypercall(state: Any, ret: int, shared_bit: int, exit_enabled: int) -> Any:
+def complete_hypercall(state: Any, ret: int, shared_bit: int, exit_enabled: int,
+                       has_events: bool = False) -> Any:
     """KVM_RUN after a KVM_EXIT_HYPERCALL, userspace having written ``ret`` to
     kvm_run.hypercall.ret, runs the pending completion: complete_hypercall_exit puts it in
     the guest's RAX (returned signed); tdx_complete_vmcall_map_gpa goes on with the next
-    chunk or ends the TDVMCALL; snp_complete_psc_msr answers in the GHCB MSR;
+    chunk or ends the TDVMCALL (RETRY when ``has_events``: kvm_vcpu_has_events);
+    snp_complete_psc_msr answers in the GHCB MSR;
     snp_complete_one_psc goes on with the next range.  RuntimeError when no hypercall
     exit is pending."""
     run = state.hypercall
@@ -105,7 +107,7 @@ def complete_hypercall(state: Any, ret: int, shared_bit: int, exit_enabled: int)
         raise RuntimeError("no hypercall exit is pending on this vCPU")
     state.hypercall = run = run._replace(ret=ret & _U64, pending=None)
     if kind == "tdx_complete_vmcall_map_gpa":
-        return complete_vmcall_map_gpa(state, shared_bit)
+        return complete_vmcall_map_gpa(state, shared_bit, has_events)
     if kind == "snp_complete_psc_msr":
         return GHCB_MSR_PSC_RESP_ERROR if run.ret else GHCB_MSR_PSC_RESP
     if kind == "snp_complete_one_psc":
@@ -146,11 +148,12 @@ def _map_gpa_exit(state: Any, shared_bit: int) -> HypercallExit:
                  "tdx_complete_vmcall_map_gpa")
 
 
-def complete_vmcall_map_gpa(state: Any, shared_bit: int) -> Any:
+def complete_vmcall_map_gpa(state: Any, shared_bit: int, has_events: bool = False) -> Any:
     """Models tdx_complete_vmcall_map_gpa (tdx.c, 6.18): userspace's non-zero ret ends the
     TDVMCALL with INVALID_OPERAND and R11 = the chunk's GPA; past the end, SUCCESS;
-    else the next chunk exits (no interrupt is ever pending in the model, so RETRY does
-    not happen)."""
+    with an event pending for the vCPU (``has_events``: kvm_vcpu_has_events, e.g. an
+    interrupt to deliver) RETRY with R11 = the next chunk's GPA, where the guest
+    resumes the request; else the next chunk exits."""
     run = state.hypercall
     if run.ret:
         state.hypercall = run._replace(map_gpa_end=0)
@@ -159,6 +162,9 @@ def complete_vmcall_map_gpa(state: Any, shared_bit: int) -> Any:
     if nxt >= run.map_gpa_end:
         state.hypercall = run._replace(map_gpa_next=nxt, map_gpa_end=0)
         return TdvmcallResult(TdvmcallStatus.SUCCESS, 0)
+    if has_events:
+        state.hypercall = run._replace(map_gpa_next=nxt, map_gpa_end=0)
+        return TdvmcallResult(TdvmcallStatus.RETRY, nxt)
     state.hypercall = run._replace(map_gpa_next=nxt)
     return _map_gpa_exit(state, shared_bit)
 

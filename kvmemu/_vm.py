@@ -36,7 +36,8 @@ from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_M
                         KVM_EXIT_HYPERCALL_VALID_MASK, Quirk, VMType, FRAME_GPA_MASK,
                         KVM_SEV_SNP_PAGE_TYPE_NORMAL, SNP_GUEST_ASID, FrameState, VmCounter)
 from .errors import KvmError
-from .results import (AccessBatch, EptMisconfig, EptViolation, MemoryFaultExit, MmioExit,
+from .results import (AccessBatch, EptMisconfig, EptViolation, HypercallExit,
+                      MemoryFaultExit, MmioExit,
                       NestedPageFault, RmpEntry, Translation)
 
 _SVM_TYPES = (VMType.SEV, VMType.SEV_ES, VMType.SNP)
@@ -299,6 +300,9 @@ class VM:
         self._memory.disable_quirks(initial.value)
         self._vcpus: list[VCPU] = []
         self._hypercall_exit_enabled = 0
+        #: Mirrors of the core's VM_DEAD and LAUNCHED counters (_sync_launch_state).
+        self._dead = False
+        self._launched = _launch.launched(self._memory)
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
@@ -356,17 +360,24 @@ class VM:
     @property
     def dead(self) -> bool:
         """kvm->vm_dead: KVM killed the VM (kvm_vm_dead); every ioctl now fails with EIO."""
-        return bool(self._memory.counters[VmCounter.VM_DEAD])
+        self._sync_launch_state()
+        return self._dead
+
+    def _sync_launch_state(self) -> None:
+        """Read what the core may have changed: kvm_vm_dead (a handler that returned
+        -EIO), and the launch (a snapshot restored)."""
+        self._dead = bool(self._memory.counters[VmCounter.VM_DEAD])
+        self._launched = _launch.launched(self._memory)
 
     def _check_alive(self) -> None:
-        if self.dead:
+        if self._dead:
             raise KvmError(errno.EIO, "the VM is dead (kvm_vm_dead): KVM refuses every ioctl")
 
     @property
     def launched(self) -> bool:
         """The launch is over: a TD is runnable (KVM_TDX_FINALIZE_VM), an SNP guest's
         launch finished (KVM_SEV_SNP_LAUNCH_FINISH), or the VM has no launch at all."""
-        return _launch.launched(self._memory)
+        return self._launched
 
     @property
     def pre_fault_allowed(self) -> bool:
@@ -381,6 +392,7 @@ class VM:
             if not _launch.launched(self._memory):
                 _launch.finish_launch(self._memory, implicit=True)
                 self._protect_vmsas()
+            self._launched = True
 
     def _protect_vmsas(self) -> None:
         for vcpu in self._vcpus:
@@ -423,6 +435,7 @@ class VM:
         if self.vm_type != VMType.TDX:
             raise KvmError(errno.ENOTTY, "KVM_TDX_FINALIZE_VM is for a TD")
         _launch.tdx_finalize_vm(self._memory)
+        self._launched = True
 
     @_ioctl
     def snp_launch_update(self, gpa: Any, size: Any,
@@ -456,6 +469,7 @@ class VM:
                                          "already protected (sev_es_sync_vmsa)")
         _launch.snp_launch_finish(self._memory)
         self._protect_vmsas()
+        self._launched = True
 
     def rmp_entry(self, pfn: Any) -> RmpEntry:
         """The RMP entry of host frame ``pfn`` (snp_lookup_rmpentry): what guest_memfd's
@@ -1011,6 +1025,7 @@ class VM:
         self._invalidations_done.notify_all()
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
+        self._sync_launch_state()
 
     @_locked
     def check_invariants(self) -> list[str]:
@@ -1138,6 +1153,7 @@ class VCPU:
         self._pre_faulted = False
         #: vcpu->arch.guest_state_protected: SNP's LAUNCH_FINISH encrypted its VMSA.
         self._state_protected = False
+        self._interrupt_pending = False
         #: vcpu->mutex: one call at a time on this vCPU (a second thread waits).
         self._mutex = vm._core.Mutex()
         memory = vm._memory
@@ -1223,18 +1239,23 @@ class VCPU:
         kvm_run.hypercall.ret holds (vcpu->arch.complete_userspace_io)."""
         vm = self.vm
         vm._check_alive()
-        if kvm_run and not _launch.launched(vm._memory):
+        if kvm_run and not vm._launched:
             vm._launch_implicitly()
         if kvm_run and self._c.hypercall.pending is not None:
             with _held(self._mutex):
                 if self._c.hypercall.pending is not None:
-                    complete_hypercall(self._c, self._c.hypercall.ret, self.vm.shared_bit,
-                                       self.vm._hypercall_exit_enabled)
+                    self._complete(self._c, self._c.hypercall.ret)
+        if kvm_run:
+            self._interrupt_pending = False     # the guest runs and takes it
         try:
             result = call(self._c)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, KvmError) and exc.errno == errno.EIO:
+                vm._sync_launch_state()          # kvm_vm_dead, perhaps
             self.vm._flush_trace(raise_errors=False)
             raise
+        if result == -errno.EIO and type(result) is int:
+            vm._sync_launch_state()
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result
@@ -1260,14 +1281,34 @@ class VCPU:
         KVM_EXIT_UNKNOWN."""
         vm = self.vm
         vm._check_alive()
-        if not _launch.launched(vm._memory):
+        if not vm._launched:
             vm._launch_implicitly()
         state = self._c
         if state.hypercall.pending is not None:
-            complete_hypercall(state, state.hypercall.ret, self.vm.shared_bit,
-                               self.vm._hypercall_exit_enabled)
+            self._complete(state, state.hypercall.ret)
         state.exit_reason = ExitReason.UNKNOWN.value
         return state
+
+    @property
+    def interrupt_pending(self) -> bool:
+        """An event is pending for the vCPU (kvm_vcpu_has_events: an interrupt the VMM
+        injected or raised).  The model delivers nothing; it only lets a TD's MapGPA stop
+        with RETRY (tdx_complete_vmcall_map_gpa).  Cleared when the guest next runs: a
+        request's final result, an access."""
+        return self._interrupt_pending
+
+    @interrupt_pending.setter
+    def interrupt_pending(self, value: Any) -> None:
+        self._interrupt_pending = _args.flag("interrupt_pending", value)
+
+    def _complete(self, state: Any, ret: int) -> Any:
+        """A pending hypercall completion (the vCPU's mutex held); the guest runs again
+        unless another exit follows, and takes a pending interrupt then."""
+        result = complete_hypercall(state, ret, self.vm.shared_bit,
+                                    self.vm._hypercall_exit_enabled, self._interrupt_pending)
+        if not isinstance(result, HypercallExit):
+            self._interrupt_pending = False
+        return result
 
     def complete_hypercall(self, ret: Any) -> Any:
         """KVM_RUN after a HypercallExit, with kvm_run.hypercall.ret = ``ret`` (an int in
@@ -1279,8 +1320,7 @@ class VCPU:
         with _held(self._mutex):
             state = self._c
             state.exit_reason = ExitReason.UNKNOWN.value
-            return complete_hypercall(state, value, self.vm.shared_bit,
-                                      self.vm._hypercall_exit_enabled)
+            return self._complete(state, value)
 
     def tdvmcall_map_gpa(self, gpa: Any, size: Any) -> Any:
         """A TD's TDG.VP.VMCALL<MapGPA> (tdx_map_gpa, tdx.c, 6.18; see kvmemu._hypercall):

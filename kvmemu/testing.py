@@ -119,7 +119,7 @@ def _dirty_bitmaps(vm: Any) -> list[Any]:
 
 def _vcpu_state(vcpu: Any) -> Any:
     return (vcpu.run.exit_reason, vcpu.run.memory_fault, vcpu.run.mmio, vcpu.run.hypercall,
-            vcpu.stats)
+            vcpu.stats, vcpu.interrupt_pending)
 
 
 def _tables(pt: Any) -> tuple[Any, bytes]:
@@ -304,6 +304,9 @@ def _run(side: Side, op: tuple) -> Any:
         return vcpu.snp_psc_msr(args[1], args[2])
     if kind == "ept_violation":
         return vcpu.handle_ept_violation(*args[1:])
+    if kind == "irq":
+        vcpu.interrupt_pending = args[1]
+        return None
     if kind == "pvalidate":
         return vcpu.pvalidate(*args[1:])
     if kind == "accept":

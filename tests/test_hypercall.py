@@ -287,3 +287,25 @@ def test_an_snp_guest_converts_pages_to_private_with_psc(kv):
     assert result == PscResult(0, 2, (1, 1))
     assert vcpu.access(0x3000, encrypted=True).hpa >> 12 == gmem.pfn(3)
     assert vm.check_invariants() == []
+
+
+def test_map_gpa_stops_with_retry_when_an_interrupt_is_pending(kv):
+    """tdx_complete_vmcall_map_gpa: after a chunk, kvm_vcpu_has_events -> RETRY with R11 =
+    the next chunk's GPA (as the guest gave it, shared bit included); the guest resumes
+    from there.  Past the last chunk the request ends with SUCCESS whatever is pending,
+    and a userspace error wins over the interrupt."""
+    from kvmemu import TdvmcallResult, TdvmcallStatus
+    vm, vcpu = td(kv)
+    assert vcpu.tdvmcall_map_gpa(SHARED | 0x400000, 5 << 20).args[:2] == (0x400000, 512)
+    vcpu.interrupt_pending = True
+    assert vcpu.complete_hypercall(0) == TdvmcallResult(TdvmcallStatus.RETRY, SHARED | 0x600000)
+    assert not vcpu.interrupt_pending                        # the guest ran and took it
+    assert vcpu.tdvmcall_map_gpa(SHARED | 0x600000, 3 << 20).args[:2] == (0x600000, 512)
+    assert vcpu.complete_hypercall(0).args[:2] == (0x800000, 256)
+    vcpu.interrupt_pending = True
+    assert vcpu.complete_hypercall(0) == TdvmcallResult(TdvmcallStatus.SUCCESS, 0)
+    vcpu.tdvmcall_map_gpa(0x1000, 4 << 20)
+    vcpu.interrupt_pending = True
+    assert vcpu.complete_hypercall(-22) == TdvmcallResult(TdvmcallStatus.INVALID_OPERAND, 0x1000)
+    with pytest.raises(TypeError):
+        vcpu.interrupt_pending = "yes"

@@ -258,6 +258,10 @@ class TwinVMs(RuleBasedStateMachine):
     def tdx_accept(self, vcpu, gpa, level):
         self.apply("accept", vcpu, gpa, level)
 
+    @rule(vcpu=st.integers(0, 3), pending=BOOL)
+    def interrupt_pending(self, vcpu, pending):
+        self.apply("irq", vcpu, pending)
+
     @rule(vcpu=st.integers(0, 3), gpa=GPA, qualification=QUALIFICATION,
           ext=st.sampled_from((6, 6, 0, 0x16)))
     def ept_violation_ext(self, vcpu, gpa, qualification, ext):

@@ -57,6 +57,7 @@ cdef class Memslots:
     # as zero), never moved or freed before the Memslots.
     cdef FrameFile* files
     cdef readonly Py_ssize_t max_files
+    cdef int file_shift                     # log2(gmem_file_pages)
     cdef FrameFile* frame_file(self, uint64_t pfn, uint64_t* page) noexcept nogil
     cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil
     cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL

@@ -135,6 +135,9 @@ cdef class Memslots:
         if self.files == NULL:
             raise MemoryError()
         self.max_files = self.gmem_base // self.gmem_file_pages
+        if self.gmem_file_pages & (self.gmem_file_pages - 1):
+            raise ValueError("gmem_file_pages must be a power of two")
+        self.file_shift = (self.gmem_file_pages - 1).bit_length()
         self.table = SlotTable([])
         empty = np.zeros(1, dtype=np.uint64)
         self.publish_attributes(empty[:0], empty[:0], empty[:0])
@@ -190,10 +193,10 @@ cdef class Memslots:
         if pfn < self.gmem_base:
             return NULL
         off = pfn - self.gmem_base
-        k = off // self.gmem_file_pages
+        k = off >> self.file_shift              # gmem_file_pages is a power of two
         if k >= <uint64_t>self.max_files or self.files[k].chunk == NULL:
             return NULL
-        page[0] = off - k * self.gmem_file_pages
+        page[0] = off & (self.gmem_file_pages - 1)
         if page[0] >= self.files[k].pages:
             return NULL
         return &self.files[k]
