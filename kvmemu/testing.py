@@ -514,7 +514,7 @@ def _vm_op(r: Reader) -> tuple:
 
 
 def _op(r: Reader) -> tuple:
-    code = r.byte() % 26
+    code = r.byte() % 27
     if code == 0:
         return _vm_op(r)
     if code in (1, 2, 3):
@@ -570,6 +570,14 @@ def _op(r: Reader) -> tuple:
         return ("pt_set_entry", r.byte(), r.value(GPAS), r.value((1, 2, 3, 4, 5, 0, 6)),
                 r.value((0x7, 0x87, 0xABC000 | 0x37, 0x3, 0x2, 0x4, 0xE7, 0x1 | 0x80,
                          1 << 51 | 0x7, 0x8000000000000007)), {})
+    if code == 26:                      # the confidential lifecycle
+        gpa, size = r.value(GPAS), r.value((0x1000, 0x3000, 2 * MIB, 0, 0x800))
+        return r.pick((("tdx_init", gpa, size, r.boolean()), ("tdx_finalize",),
+                       ("snp_update", gpa, size, r.value((1, 3, 2))), ("snp_finish",),
+                       ("pvalidate", r.byte(), gpa, r.value((1, 2, 1)), r.boolean()),
+                       ("accept", r.byte(), gpa, r.value((1, 2, 3))),
+                       ("irq", r.byte(), r.boolean()),
+                       ("ept_violation", r.byte(), gpa, r.value(QUALS), r.value((6, 0, 6)))))
     return r.pick((("pt_get_entry", r.byte(), r.value(GPAS), r.value((1, 2, 3, 4)), {}),
                    ("pt_walk", r.byte(), r.value(GPAS), {}),
                    ("pt_translate", r.byte(), r.value(GPAS), _access_kwargs(r)),
