@@ -11,7 +11,7 @@ from typing import Any
 from ._pure.levels import gfn_to_index, pages_per_hpage
 from .constants import (EPTE, KVM_MEMSLOT_GMEM_ONLY, PAGE_SHIFT, PG_LEVEL_1G,
                         PG_LEVEL_4K, PT_BASE_HPA, PT_ENTRIES, PTE, SPTE, SPTE_BASE_ADDR_MASK,
-                        MemAttr, MemFlag, VMType)
+                        FrameState, MemAttr, MemFlag, VMType)
 
 _LEVELS = range(PG_LEVEL_4K, PG_LEVEL_1G + 1)
 
@@ -23,6 +23,8 @@ def check_invariants(vm: Any) -> list[str]:
     * every present leaf maps memory of an existing address-space-0 memslot, with
       the frame faultin would give it (guest_memfd frame for private or gmem-only
       memory, else the host frame), and writable only if the slot is not READONLY;
+    * a guest_memfd frame that a leaf maps is prepared (its folio is up to date),
+      and on SNP assigned in the RMP;
     * a TDX mirror leaf maps only private gfns, a direct leaf only shared ones; on
       other private-memory VMs the frame kind matches the gfn's attributes;
     * no huge leaf crosses a memslot edge, spans mixed attributes, or sits where
@@ -66,6 +68,12 @@ def check_invariants(vm: Any) -> list[str]:
         frame = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
         if frame != pfn:
             problems.append(f"{where} maps frame {frame:#x}, not {pfn:#x}")
+        state = int(memory.memslots.frame(frame))
+        if frame >= memory.config.gmem_base and pfn == frame:
+            if not state & FrameState.PREPARED.value:
+                problems.append(f"{where} maps a guest_memfd folio that is not prepared")
+            if vm.vm_type == VMType.SNP and not state & FrameState.RMP_ASSIGNED.value:
+                problems.append(f"{where} maps a guest_memfd frame the RMP does not assign")
         if spte & PTE.WRITABLE.value and slot.flags & MemFlag.READONLY.value:
             problems.append(f"{where} is writable in a READONLY memslot")
         bitmap = slot.dirty_bitmap

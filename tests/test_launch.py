@@ -311,3 +311,15 @@ def test_launch_state_travels_in_snapshots(kv):
     vm.restore(snap)
     assert not vm.launched
     assert vm.rmp_entry(gmem.pfn(0)).validated and not vm.rmp_entry(gmem.pfn(5)).assigned
+
+
+def test_the_invariant_checker_sees_a_mapped_frame_the_rmp_lost(kv):
+    """A mapped guest_memfd frame must be prepared and, on SNP, RMP-assigned."""
+    vm, vcpu, gmem = confidential_vm(kv, VMType.SNP)
+    vcpu.access(0x5000, encrypted=True)
+    assert vm.check_invariants() == []
+    vm._memory.memslots.set_frame(gmem.pfn(5), 1)            # prepared, not assigned
+    assert vm.check_invariants() == [
+        "direct leaf gfn 0x5 level 1 maps a guest_memfd frame the RMP does not assign"]
+    vm._memory.memslots.set_frame(gmem.pfn(5), 0)
+    assert len(vm.check_invariants()) == 2
