@@ -59,6 +59,9 @@ def _u64_array(name: str, value: np.ndarray) -> np.ndarray:
         raise TypeError(f"{name} must have dtype uint64, not {value.dtype}")
     # A misaligned view (np.frombuffer at an odd offset) is copied: the cores load
     # whole uint64 words.
+    flags = value.flags
+    if flags.c_contiguous and flags.aligned:
+        return value
     return np.require(value, requirements=("C", "A"))
 
 
@@ -219,9 +222,9 @@ def gpa(value: Any, levels: int) -> int:
 def gpa_array(value: Any, levels: int) -> np.ndarray:
     """``gpas`` as a 1-D uint64 array, every element within the walk's reach."""
     arr = u64_array("gpas", value)
-    beyond = (arr >> np.uint64(gpa_reach(levels))) != 0
-    if beyond.any():
-        i = int(beyond.argmax())
+    reach = gpa_reach(levels)
+    if len(arr) and int(arr.max()) >> reach:
+        i = int(((arr >> np.uint64(reach)) != 0).argmax())
         raise ValueError(f"gpas[{i}] = {int(arr[i]):#x} has bits above bit "
                          f"{gpa_reach(levels) - 1}, beyond the reach of a {levels}-level walk")
     return arr
@@ -229,6 +232,8 @@ def gpa_array(value: Any, levels: int) -> np.ndarray:
 
 _STAGE_FLAGS = {"final": 0, "walk": AccessFlags.WALK.value, "nogva": AccessFlags.NOGVA.value}
 _ALL_ACCESS_FLAGS = sum(f.value for f in AccessFlags)
+_WALK, _NOGVA, _FETCH = (AccessFlags.WALK.value, AccessFlags.NOGVA.value,
+                         AccessFlags.FETCH.value)
 
 
 def access_flags(value: Any, name: str = "flags") -> int:
@@ -238,10 +243,10 @@ def access_flags(value: Any, name: str = "flags") -> int:
     v = u64(name, value)
     if v & ~_ALL_ACCESS_FLAGS:
         raise ValueError(f"{name} = {v:#x} has bits that are not AccessFlags")
-    stage_bits = v & (AccessFlags.WALK | AccessFlags.NOGVA)
-    if stage_bits == AccessFlags.WALK | AccessFlags.NOGVA:
+    stage_bits = v & (_WALK | _NOGVA)
+    if stage_bits == _WALK | _NOGVA:
         raise ValueError(f"{name} = {v:#x} has both WALK and NOGVA")
-    if stage_bits and v & AccessFlags.FETCH:
+    if stage_bits and v & _FETCH:
         raise ValueError(f"{name} = {v:#x}: an instruction fetch is a final-stage access "
                          "(WALK and NOGVA accesses are data accesses)")
     return v

@@ -303,6 +303,7 @@ class VM:
         #: Mirrors of the core's VM_DEAD and LAUNCHED counters (_sync_launch_state).
         self._dead = False
         self._launched = _launch.launched(self._memory)
+        self._plain = self._launched      # and no tracer yet
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
@@ -368,6 +369,13 @@ class VM:
         -EIO), and the launch (a snapshot restored)."""
         self._dead = bool(self._memory.counters[VmCounter.VM_DEAD])
         self._launched = _launch.launched(self._memory)
+        self._refresh_plain()
+
+    def _refresh_plain(self) -> None:
+        """``_plain``: a vCPU access needs none of the Python around KVM_RUN (the VM is
+        alive and launched, nothing is traced): VCPU.access goes straight to the core."""
+        self._plain = (not self._dead and self._launched
+                       and getattr(self, "_tracer", None) is None)
 
     def _check_alive(self) -> None:
         if self._dead:
@@ -393,6 +401,7 @@ class VM:
                 _launch.finish_launch(self._memory, implicit=True)
                 self._protect_vmsas()
             self._launched = True
+            self._refresh_plain()
 
     def _protect_vmsas(self) -> None:
         for vcpu in self._vcpus:
@@ -436,6 +445,7 @@ class VM:
             raise KvmError(errno.ENOTTY, "KVM_TDX_FINALIZE_VM is for a TD")
         _launch.tdx_finalize_vm(self._memory)
         self._launched = True
+        self._refresh_plain()
 
     @_ioctl
     def snp_launch_update(self, gpa: Any, size: Any,
@@ -470,6 +480,7 @@ class VM:
         _launch.snp_launch_finish(self._memory)
         self._protect_vmsas()
         self._launched = True
+        self._refresh_plain()
 
     def rmp_entry(self, pfn: Any) -> RmpEntry:
         """The RMP entry of host frame ``pfn`` (snp_lookup_rmpentry): what guest_memfd's
@@ -978,6 +989,7 @@ class VM:
             self._flush_trace()
             self._tracer = tracer
             self._memory.mmu.set_tracer(tracer)
+            self._refresh_plain()
 
     def _flush_trace(self, raise_errors: bool = True) -> None:
         """Give the trace events made so far to the sink (see kvmemu._trace)."""
@@ -1435,9 +1447,19 @@ class VCPU:
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
                stage: Any = "final", encrypted: Any = False) -> Any:
         """Hardware walk, exit, handler, resume, until the access translates (Translation)
-        or KVM leaves to userspace (MemoryFaultExit, MmioExit).  A TDX private GPA walks
-        the private tables.  Another failure of KVM_RUN raises KvmError with its errno; a
-        loop that does not settle raises RuntimeError."""
+        or KVM leaves to userspace (MemoryFaultExit, MmioExit) or the guest takes an
+        exception (GuestException).  A TDX private GPA walks the private tables.  Another
+        failure of KVM_RUN raises KvmError with its errno; a loop that does not settle
+        raises RuntimeError."""
+        state = self._c
+        if self.vm._plain and not self._interrupt_pending and state.hypercall.pending is None:
+            try:                          # nothing to do around KVM_RUN: straight in
+                return state.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                            ACCESS_LOOP_LIMIT)
+            except KvmError as exc:
+                if exc.errno == errno.EIO:
+                    self.vm._sync_launch_state()      # kvm_vm_dead, perhaps
+                raise
         return self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
                                                             encrypted, ACCESS_LOOP_LIMIT))
 
