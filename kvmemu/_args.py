@@ -234,6 +234,8 @@ _STAGE_FLAGS = {"final": 0, "walk": AccessFlags.WALK.value, "nogva": AccessFlags
 _ALL_ACCESS_FLAGS = sum(f.value for f in AccessFlags)
 _WALK, _NOGVA, _FETCH = (AccessFlags.WALK.value, AccessFlags.NOGVA.value,
                          AccessFlags.FETCH.value)
+_WRITE, _USER, _ENCRYPTED = (AccessFlags.WRITE.value, AccessFlags.USER.value,
+                             AccessFlags.ENCRYPTED.value)
 
 
 def access_flags(value: Any, name: str = "flags") -> int:
@@ -254,12 +256,13 @@ def access_flags(value: Any, name: str = "flags") -> int:
 
 def access(write: Any, fetch: Any, user: Any, stage: Any, encrypted: Any) -> int:
     """The keyword arguments of ``translate`` as one ``AccessFlags`` value."""
+    if (stage == "final" and type(write) is bool and type(fetch) is bool
+            and type(user) is bool and type(encrypted) is bool):
+        return write * _WRITE | fetch * _FETCH | user * _USER | encrypted * _ENCRYPTED
     stage_bits = _STAGE_FLAGS[choice("stage", stage, tuple(_STAGE_FLAGS))]
-    v = (flag("write", write) * AccessFlags.WRITE.value
-         | flag("fetch", fetch) * AccessFlags.FETCH.value
-         | flag("user", user) * AccessFlags.USER.value
-         | flag("encrypted", encrypted) * AccessFlags.ENCRYPTED.value | stage_bits)
-    if stage_bits and v & AccessFlags.FETCH:
+    v = (flag("write", write) * _WRITE | flag("fetch", fetch) * _FETCH
+         | flag("user", user) * _USER | flag("encrypted", encrypted) * _ENCRYPTED | stage_bits)
+    if stage_bits and v & _FETCH:
         raise ValueError(f"fetch=True needs stage='final', not {stage!r}: guest paging-structure "
                          "accesses and PDPTE loads are data accesses")
     return v

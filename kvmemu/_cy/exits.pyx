@@ -140,6 +140,15 @@ def vmx_error_code(exit_qualification, gpa, shared_bit=0, *, out=None):
     broadcast) give a uint64 array, written into ``out`` when given.
     """
     cdef Py_ssize_t n
+    cdef uint64_t q1, g1, s1
+    if (out is None and type(exit_qualification) is int and type(gpa) is int
+            and type(shared_bit) is int):
+        try:                            # three u64 ints: no checks beyond the conversion
+            q1, g1, s1 = exit_qualification, gpa, shared_bit
+        except OverflowError:
+            pass                        # _args.operands says which one, as the twin does
+        else:
+            return vmx_ec(q1, g1, s1)
     n, (q, g, s), out = _args.operands(out, ("exit_qualification", exit_qualification),
                                        ("gpa", gpa), ("shared_bit", shared_bit))
     if n < 0:
@@ -165,8 +174,17 @@ def svm_error_code(exit_info_1, snp=False, *, out=None):
     GUEST_ENC (bit 34) is set.  Ints give an int; a 1-D uint64 array gives a
     uint64 array, written into ``out`` when given.
     """
-    cdef bint is_snp = _args.flag("snp", snp)
+    cdef bint is_snp
     cdef Py_ssize_t n
+    cdef uint64_t e1
+    if out is None and type(exit_info_1) is int and type(snp) is bool:
+        try:
+            e1 = exit_info_1
+        except OverflowError:
+            pass
+        else:
+            return svm_ec(e1, snp is True)
+    is_snp = _args.flag("snp", snp)
     n, (e,), out = _args.operands(out, ("exit_info_1", exit_info_1))
     if n < 0:
         return svm_ec(e, is_snp)
