@@ -28,7 +28,7 @@ zaps go to the core's ``TdpMmu``.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from typing import Any, Iterator, NamedTuple
 
 import numpy as np
@@ -85,7 +85,8 @@ class Slot:
     """A user memslot (struct kvm_memory_slot) with its x86 lpage_info."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_id",
-                 "gmem_pgoff", "host_level", "lpage", "dirty_bitmap", "gmem_closed")
+                 "gmem_pgoff", "host_level", "lpage", "dirty_bitmap", "gmem_closed",
+                 "published")
 
     def __init__(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
                  userspace_addr: int, gmem_id: int, gmem_pgoff: int, host_level: int) -> None:
@@ -105,6 +106,8 @@ class Slot:
         self.dirty_bitmap: np.ndarray | None = None
         #: slot->gmem.file is NULL: its guest_memfd was closed (kvm_gmem_release).
         self.gmem_closed = False
+        #: The base gfn the core's current SlotTable has it at; None: not published.
+        self.published: int | None = None
 
     @property
     def end_gfn(self) -> int:
@@ -198,7 +201,26 @@ class VMMemory:
         """Hand the core address space 0's usable slots; with ``synchronize``, return
         when no fault reads the slots it replaced (synchronize_srcu)."""
         usable = [s for s in self._sorted[0] if (0, s.id) not in self._invalid]
+        for slot in self._sorted[0]:
+            slot.published = None
+        for slot in usable:
+            slot.published = slot.base_gfn
         self.memslots.publish_slots(usable, synchronize)
+
+    def _publish_change(self, slots: list[Slot], synchronize: bool = True) -> None:
+        """Publish what changed for ``slots`` of address space 0 (each dropped from where
+        the core had it, and published again if still usable): the core copies only the
+        records it touches."""
+        removed, added = [], []
+        for slot in dict.fromkeys(slots):
+            if slot.published is not None:
+                removed.append((slot.published, slot))
+            usable = (self._slots[0].get(slot.id) is slot
+                      and (0, slot.id) not in self._invalid)
+            slot.published = slot.base_gfn if usable else None
+            if usable:
+                added.append(slot)
+        self.memslots.publish_changes(removed, added, synchronize)
 
     def _publish_attributes(self) -> None:
         self.memslots.publish_attributes(self._attr_start, self._attr_end, self._attr_value)
@@ -271,6 +293,21 @@ class VMMemory:
         self._sorted[as_id] = ordered
         self._bases[as_id] = [s.base_gfn for s in ordered]
 
+    def _resort(self, as_id: int, slot: Slot, old_base: int | None) -> None:
+        """Keep address space ``as_id``'s slots sorted after ``slot`` changed: out of its
+        old place (``old_base``, None if it was not there), into its new one if it is
+        still a slot (a binary search and a list move each)."""
+        ordered, bases = self._sorted[as_id], self._bases[as_id]
+        if old_base is not None:
+            i = bisect_left(bases, old_base)
+            while ordered[i] is not slot:
+                i += 1
+            del ordered[i], bases[i]
+        if self._slots[as_id].get(slot.id) is slot:
+            i = bisect_right(bases, slot.base_gfn)
+            ordered.insert(i, slot)
+            bases.insert(i, slot.base_gfn)
+
     def find_slot(self, as_id: int, gfn: int) -> Slot | None:
         """The memslot of address space ``as_id`` containing ``gfn`` (a binary search)."""
         i = bisect_right(self._bases[as_id], gfn) - 1
@@ -314,12 +351,12 @@ class VMMemory:
             with self.mmu_write_locked():
                 self.mmu.zap_all_fast()
 
-    def _changed(self, as_id: int) -> None:
-        """A memslot of ``as_id`` changed: re-sort, publish (waiting for the faults that
-        read the old slots), swap (one generation step)."""
-        self._reindex(as_id)
+    def _changed(self, as_id: int, slot: Slot, old_base: int | None) -> None:
+        """``slot`` of ``as_id`` changed (it was at ``old_base``): re-sort, publish
+        (waiting for the faults that read the old slots), swap (one generation step)."""
+        self._resort(as_id, slot, old_base)
         if as_id == 0:
-            self._publish_slots()
+            self._publish_change([slot])
         self.swap_active_memslots(as_id)
 
     def create_slot(self, as_id: int, slot_id: int, base_gfn: int, npages: int, flags: int,
@@ -330,7 +367,7 @@ class VMMemory:
         self._alloc_metadata(slot)
         slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         self._slots[as_id][slot_id] = slot
-        self._changed(as_id)
+        self._changed(as_id, slot, None)
         self._count_dirty_logging(0, flags)
 
     def invalidate_slot(self, as_id: int, slot_id: int) -> None:
@@ -341,7 +378,7 @@ class VMMemory:
         slot = self._slots[as_id][slot_id]
         self._invalid.add((as_id, slot_id))
         if as_id == 0:
-            self._publish_slots()
+            self._publish_change([slot])
         self.swap_active_memslots(as_id)
         self.flush_shadow_memslot(slot)
 
@@ -373,26 +410,26 @@ class VMMemory:
         """A DELETE / MOVE whose prepare step failed: the old slot is swapped back in."""
         self._invalid.discard((as_id, slot_id))
         if as_id == 0:
-            self._publish_slots()
+            self._publish_change([self._slots[as_id][slot_id]])
         self.swap_active_memslots(as_id)
 
     def delete_slot(self, as_id: int, slot_id: int) -> None:
         """KVM_MR_DELETE after kvm_invalidate_memslot."""
         old = self._slots[as_id].pop(slot_id)
         self._invalid.discard((as_id, slot_id))
-        self._changed(as_id)
+        self._changed(as_id, old, old.base_gfn)
         self._count_dirty_logging(old.flags, 0)
 
     def move_slot(self, as_id: int, slot_id: int, base_gfn: int, flags: int) -> None:
         """KVM_MR_MOVE after kvm_invalidate_memslot: new metadata at the new base."""
         slot = self._slots[as_id][slot_id]
-        old_flags = slot.flags
+        old_flags, old_base = slot.flags, slot.base_gfn
         slot.base_gfn = base_gfn
         slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         slot.flags = flags
         self._alloc_metadata(slot)
         self._invalid.discard((as_id, slot_id))
-        self._changed(as_id)
+        self._changed(as_id, slot, old_base)
         self._count_dirty_logging(old_flags, flags)
 
     def set_slot_flags(self, as_id: int, slot_id: int, flags: int) -> None:
@@ -403,7 +440,7 @@ class VMMemory:
         old_flags = slot.flags
         slot.dirty_bitmap = self._prepare_dirty_bitmap(slot, flags)
         slot.flags = flags
-        self._changed(as_id)
+        self._changed(as_id, slot, slot.base_gfn)
         self._count_dirty_logging(old_flags, flags)
         self._slot_apply_flags(slot, old_flags, flags)
 
@@ -785,7 +822,7 @@ class VMMemory:
                 # Not a memslot change: faults that read the old level are inside the
                 # invalidation and retry, so nothing waits for them (a THP collapse never
                 # waits for kvm->srcu).
-                self._publish_slots(synchronize=False)
+                self._publish_change([slot], synchronize=False)
         finally:
             if found:
                 self.invalidate_host_range_end()
@@ -813,7 +850,8 @@ class VMMemory:
             if close:
                 for slot, _, _ in pieces:
                     slot.gmem_closed = True
-                self._publish_slots(synchronize=False)
+                self._publish_change([slot for slot, _, _ in pieces if slot.as_id == 0],
+                                     synchronize=False)
         finally:
             self.invalidate_host_range_end()
 

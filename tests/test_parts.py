@@ -31,6 +31,18 @@ NOT_PARTS = {"__init__", "cnames"}
 #: Compiled-only names, each with the reason the twin has no counterpart.
 COMPILED_ONLY = {
     ("memslots", "record_slot"): "copies a Slot into a C SlotRecord; the twin reads Slots",
+    ("memslots", "new_chunk"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
+    ("memslots", "chunk_put"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
+    ("memslots", "chunk_set"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
+    ("memslots", "chunk_copy"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
+    ("memslots", "chunk_index"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
+    ("memslots", "SlotTable.set_chunks"): "SlotTable's chunks of C records, shared between tables; the twin's "
+                          "table is a list of Slots",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "

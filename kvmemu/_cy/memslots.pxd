@@ -30,13 +30,23 @@ cdef struct FrameFile:
     uint64_t nchunks
     uint64_t pages
 
+# SLOT_CHUNK records at most, shared by the tables that hold them (``refs``, changed
+# with the GIL held) and never changed once a table holds them; ``keep`` holds, per
+# record, the Slot and the arrays its record points into (lpage_info, dirty bitmap).
+cdef struct SlotChunk:
+    long refs
+    int n
+    uint64_t bases[64]
+    SlotRecord records[64]
+    void* keep[256]
+
 cdef class SlotTable:
-    cdef SlotRecord* records
-    cdef uint64_t* bases
+    cdef SlotChunk** chunks
+    cdef uint64_t* firsts                   # each chunk's first base gfn
+    cdef Py_ssize_t nchunks
     cdef readonly Py_ssize_t nslots
-    cdef list slots                         # the Slot objects, by base gfn
-    cdef list lpage                         # their lpage_info and dirty bitmaps (kept alive)
     cdef long readers
+    cdef int set_chunks(self, SlotChunk** chunks, Py_ssize_t n) except -1
     cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil
     cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil
 

@@ -11,6 +11,7 @@ cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
+from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 
 
 import numpy as np
@@ -58,63 +59,244 @@ cdef void record_slot(object slot, SlotRecord* rec) except *:
     rec.owner = <void*>slot
 
 
+cdef enum:
+    SLOT_CHUNK = 64         # records per chunk (SlotChunk's arrays)
+
+
+cdef SlotChunk* new_chunk() except NULL:
+    cdef SlotChunk* c = <SlotChunk*>calloc(1, sizeof(SlotChunk))
+    if c == NULL:
+        raise MemoryError()
+    c.refs = 1
+    return c
+
+
+cdef void chunk_put(SlotChunk* c) noexcept:
+    """Drop a table's hold on ``c``; the last one frees it (the GIL is held)."""
+    cdef int i
+    c.refs -= 1
+    if c.refs:
+        return
+    for i in range(4 * c.n):
+        Py_XDECREF(<PyObject*>c.keep[i])
+    free(c)
+
+
+cdef void chunk_set(SlotChunk* c, int i, object slot) except *:
+    """Record ``slot`` at position ``i`` of ``c`` (a chunk no table holds yet)."""
+    cdef object bitmap = slot.dirty_bitmap
+    cdef object arrays = (slot, slot.lpage[0], slot.lpage[1], bitmap)
+    cdef int k
+    record_slot(slot, &c.records[i])
+    c.bases[i] = c.records[i].base_gfn
+    for k in range(4):
+        Py_XINCREF(<PyObject*>arrays[k] if arrays[k] is not None else NULL)
+        c.keep[4 * i + k] = <void*>arrays[k] if arrays[k] is not None else NULL
+
+
+cdef SlotChunk* chunk_copy(const SlotChunk* src, int skip, int insert_at,
+                           object slot) except NULL:
+    """A new chunk with ``src``'s records, less the one at ``skip`` (-1: none), and
+    ``slot`` recorded at ``insert_at`` of the result (-1: none)."""
+    cdef SlotChunk* c = new_chunk()
+    cdef int i, j = 0, k
+    for i in range(src.n):
+        if i == skip:
+            continue
+        if j == insert_at:
+            j += 1
+        c.records[j] = src.records[i]
+        c.bases[j] = src.bases[i]
+        for k in range(4):
+            c.keep[4 * j + k] = src.keep[4 * i + k]
+            Py_XINCREF(<PyObject*>c.keep[4 * j + k])
+        j += 1
+    c.n = src.n - (1 if skip >= 0 else 0)
+    if insert_at >= 0:
+        c.n += 1
+        try:
+            chunk_set(c, insert_at, slot)
+        except BaseException:
+            chunk_put(c)                 # its keep entries are still NULL (calloc)
+            raise
+    return c
+
+
 @cython.final
 cdef class SlotTable:
     """One published set of address-space-0 memslots, by base gfn (struct kvm_memslots);
-    never changed after it is made."""
+    never changed after it is made.  Its records sit in chunks of at most SLOT_CHUNK
+    that tables share: a memslot change makes a table that copies only the chunk it
+    changes (``with_changes``)."""
 
     def __cinit__(self):
-        self.records = NULL
-        self.bases = NULL
+        self.chunks = NULL
+        self.firsts = NULL
+        self.nchunks = 0
         self.nslots = 0
         self.readers = 0
 
     def __dealloc__(self):
-        free(self.records)
-        free(self.bases)
+        cdef Py_ssize_t k
+        for k in range(self.nchunks):
+            chunk_put(self.chunks[k])
+        free(self.chunks)
+        free(self.firsts)
 
     def __init__(self, slots):
-        cdef Py_ssize_t i, n = len(slots)
-        self.records = <SlotRecord*>malloc(max(n, 1) * sizeof(SlotRecord))
-        self.bases = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
-        if self.records == NULL or self.bases == NULL:
+        cdef Py_ssize_t i, n = len(slots), k = 0
+        cdef Py_ssize_t nchunks = (n + SLOT_CHUNK // 2 - 1) // (SLOT_CHUNK // 2)
+        cdef SlotChunk** chunks = <SlotChunk**>calloc(max(nchunks, 1), sizeof(SlotChunk*))
+        if chunks == NULL:
             raise MemoryError()
-        self.slots = list(slots)
-        self.lpage = [array for slot in self.slots for array in slot.lpage]
-        self.lpage += [slot.dirty_bitmap for slot in self.slots
-                       if slot.dirty_bitmap is not None]
-        for i in range(n):
-            record_slot(self.slots[i], &self.records[i])
-            self.bases[i] = self.records[i].base_gfn
-        self.nslots = n
+        try:
+            for i in range(n):          # half-full chunks: room to insert
+                if i % (SLOT_CHUNK // 2) == 0:
+                    chunks[k] = new_chunk()
+                    k += 1
+                chunks[k - 1].n += 1
+                chunk_set(chunks[k - 1], chunks[k - 1].n - 1, slots[i])
+        except BaseException:
+            for i in range(k):
+                chunk_put(chunks[i])
+            free(chunks)
+            raise
+        self.set_chunks(chunks, k)
+
+    cdef int set_chunks(self, SlotChunk** chunks, Py_ssize_t n) except -1:
+        """Take ``chunks`` (this table's own holds, a malloc'd array it now owns)."""
+        cdef Py_ssize_t k
+        self.firsts = <uint64_t*>malloc(max(n, 1) * sizeof(uint64_t))
+        if self.firsts == NULL:
+            for k in range(n):
+                chunk_put(chunks[k])
+            free(chunks)
+            raise MemoryError()
+        self.chunks, self.nchunks = chunks, n
+        self.nslots = 0
+        for k in range(n):
+            self.firsts[k] = chunks[k].bases[0]
+            self.nslots += chunks[k].n
+        return 0
 
     @property
     def in_flight(self):
         """Faults in flight that read this table."""
         return atomic_load(&self.readers)
 
-    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil:
-        """Index of the slot containing gfn, or -1 (search_memslots).
+    def with_changes(self, removed, added):
+        """A new table: this one without the slots ``removed`` ((base gfn when published,
+        Slot) pairs) and with ``added`` (Slots, published at their base gfn).  Only the
+        chunks touched are copied (a full chunk splits in two, an empty one goes)."""
+        cdef Py_ssize_t n = self.nchunks, k, c
+        cdef SlotChunk** chunks = <SlotChunk**>malloc((n + len(added) + 1) * sizeof(SlotChunk*))
+        cdef SlotChunk* old
+        cdef SlotChunk* made
+        cdef SlotChunk* second
+        cdef int i, at
+        cdef uint64_t base
+        if chunks == NULL:
+            raise MemoryError()
+        for k in range(n):
+            chunks[k] = self.chunks[k]
+            chunks[k].refs += 1
+        try:
+            for base, owner in removed:
+                c = chunk_index(chunks, n, base)
+                i = -1
+                if c >= 0:
+                    for at in range(chunks[c].n):
+                        if chunks[c].bases[at] == base and chunks[c].keep[4 * at] == <void*>owner:
+                            i = at
+                if i < 0:
+                    raise ValueError(f"no published memslot at gfn {base:#x} to remove")
+                old = chunks[c]
+                if old.n == 1:
+                    chunk_put(old)
+                    for k in range(c, n - 1):
+                        chunks[k] = chunks[k + 1]
+                    n -= 1
+                else:
+                    chunks[c] = chunk_copy(old, i, -1, None)
+                    chunk_put(old)
+            for slot in added:
+                base = slot.base_gfn
+                if n == 0:
+                    chunks[0] = new_chunk()
+                    chunks[0].n = 1
+                    try:
+                        chunk_set(chunks[0], 0, slot)
+                    except BaseException:
+                        chunks[0].n = 0
+                        chunk_put(chunks[0])
+                        raise
+                    n = 1
+                    continue
+                c = max(chunk_index(chunks, n, base), 0)
+                old = chunks[c]
+                at = 0
+                while at < old.n and old.bases[at] <= base:
+                    at += 1
+                made = chunk_copy(old, -1, at, slot)
+                chunk_put(old)
+                chunks[c] = made
+                if made.n == SLOT_CHUNK:             # split: two half-full chunks
+                    second = new_chunk()
+                    second.n = SLOT_CHUNK // 2
+                    for i in range(SLOT_CHUNK // 2):
+                        second.records[i] = made.records[SLOT_CHUNK // 2 + i]
+                        second.bases[i] = made.bases[SLOT_CHUNK // 2 + i]
+                        for at in range(4):
+                            second.keep[4 * i + at] = made.keep[4 * (SLOT_CHUNK // 2 + i) + at]
+                    made.n = SLOT_CHUNK // 2
+                    for k in range(n, c + 1, -1):
+                        chunks[k] = chunks[k - 1]
+                    chunks[c + 1] = second
+                    n += 1
+        except BaseException:
+            for k in range(n):
+                chunk_put(chunks[k])
+            free(chunks)
+            raise
+        table = SlotTable.__new__(SlotTable)
+        (<SlotTable>table).set_chunks(chunks, n)
+        return table
 
-        A branch-free binary search over the contiguous base gfns: lookups in a
-        batch are random, and a mispredicted branch per step would dominate.
-        """
-        cdef Py_ssize_t lo = 0, n = self.nslots, half
-        if n == 0:
+    cdef Py_ssize_t search_memslots(self, uint64_t gfn) noexcept nogil:
+        """Index of the slot containing gfn, or -1 (search_memslots): chunk * SLOT_CHUNK
+        + position.  Binary searches over the chunks' first base gfns, then the chunk's."""
+        cdef Py_ssize_t c = chunk_index(self.chunks, self.nchunks, gfn)
+        cdef const SlotChunk* chunk
+        cdef int lo = 0, n, half
+        if c < 0:
             return -1
+        chunk = self.chunks[c]
+        n = chunk.n
         while n > 1:
             half = n >> 1
-            lo = lo + half if self.bases[lo + half] <= gfn else lo
+            lo = lo + half if chunk.bases[lo + half] <= gfn else lo
             n -= half
-        if self.bases[lo] <= gfn and gfn - self.bases[lo] < self.records[lo].npages:
-            return lo
+        if chunk.bases[lo] <= gfn and gfn - chunk.bases[lo] < chunk.records[lo].npages:
+            return c * SLOT_CHUNK + lo
         return -1
 
     cdef const SlotRecord* gfn_to_memslot(self, uint64_t gfn) noexcept nogil:
         """Models __gfn_to_memslot (include/linux/kvm_host.h, 6.18): the memslot holding
         ``gfn``, or NULL."""
         cdef Py_ssize_t i = self.search_memslots(gfn)
-        return &self.records[i] if i >= 0 else NULL
+        return &self.chunks[i // SLOT_CHUNK].records[i % SLOT_CHUNK] if i >= 0 else NULL
+
+
+cdef Py_ssize_t chunk_index(SlotChunk** chunks, Py_ssize_t n, uint64_t gfn) noexcept nogil:
+    """The last chunk whose first base gfn is at or below ``gfn``, or -1."""
+    cdef Py_ssize_t lo = 0, half
+    if n == 0 or chunks[0].bases[0] > gfn:
+        return -1
+    while n > 1:
+        half = n >> 1
+        lo = lo + half if chunks[lo + half].bases[0] <= gfn else lo
+        n -= half
+    return lo
 
 
 @cython.final
@@ -141,6 +323,15 @@ cdef class Memslots:
         self.table = SlotTable([])
         empty = np.zeros(1, dtype=np.uint64)
         self.publish_attributes(empty[:0], empty[:0], empty[:0])
+
+    def publish_changes(self, removed, added, bint synchronize):
+        """publish_slots of the current table with ``removed`` and ``added`` (see
+        SlotTable.with_changes): what one memslot change publishes, without rebuilding
+        the others' records."""
+        cdef SlotTable old = self.table
+        self.table = old.with_changes(removed, added)
+        if synchronize:
+            self.synchronize_srcu(old)
 
     def publish_slots(self, slots, bint synchronize):
         """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots
@@ -329,7 +520,8 @@ cdef class Memslots:
         with nogil:
             for i in range(n):
                 k = table.search_memslots(gfns[i])
-                ids[i] = -1 if k < 0 else <int32_t>table.records[k].id
+                ids[i] = (-1 if k < 0 else
+                          <int32_t>table.chunks[k // SLOT_CHUNK].records[k % SLOT_CHUNK].id)
         return out
 
     def gmem_get_pfn(self, slot, uint64_t gfn):

@@ -86,6 +86,25 @@ class SlotTable:
         """Faults in flight that read this table."""
         return self.readers
 
+    def with_changes(self, removed: list[tuple[int, Any]], added: list[Any]) -> "SlotTable":
+        """A new table: this one without the slots ``removed`` ((base gfn when published,
+        Slot) pairs) and with ``added`` (Slots, published at their base gfn).  The compiled
+        core copies only the chunks of records it changes."""
+        slots = list(self.slots)
+        bases = list(self.bases)
+        for base, owner in removed:
+            i = bisect_right(bases, base) - 1
+            while i >= 0 and bases[i] == base and slots[i] is not owner:
+                i -= 1
+            if i < 0 or bases[i] != base:
+                raise ValueError(f"no published memslot at gfn {base:#x} to remove")
+            del slots[i], bases[i]
+        for slot in added:
+            i = bisect_right(bases, slot.base_gfn)
+            slots.insert(i, slot)
+            bases.insert(i, slot.base_gfn)
+        return SlotTable(slots)
+
     def search_memslots(self, gfn: int) -> int:
         """Index of the slot containing ``gfn``, or -1 (search_memslots, a binary search by
         base gfn)."""
@@ -185,6 +204,15 @@ class Memslots:
             for i, file in src.files.items():
                 self.add_gmem_file(i, file.pages)
                 self.files[i].states = dict(file.states)
+
+    def publish_changes(self, removed: list[tuple[int, Any]], added: list[Any],
+                        synchronize: bool) -> None:
+        """publish_slots of the current table with ``removed`` and ``added`` (see
+        SlotTable.with_changes): what one memslot change publishes, without rebuilding
+        the others' records."""
+        old, self.table = self.table, self.table.with_changes(removed, added)
+        if synchronize:
+            self.synchronize_srcu(old)
 
     def publish_slots(self, slots: list[Any], synchronize: bool) -> None:
         """Make ``slots`` (address space 0's, sorted by base gfn) the current memslots
