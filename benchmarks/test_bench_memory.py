@@ -84,3 +84,42 @@ def test_find_memslots_batch(benchmark, many_slots, rng, per_element):
     expected = np.where((gfns % (4 * GIB >> 12)) < (GIB >> 12), slot_of, -1)
     np.testing.assert_array_equal(ids, expected)
     per_element(N_LOOKUP)
+
+
+# --- how the bookkeeping grows (one round each: the curve, not a tight figure) ------------
+
+@pytest.mark.benchmark(group="memory-slot-growth")
+@pytest.mark.parametrize("count", [1000, 8000, 32000])
+def test_create_memslots(benchmark, count):
+    """``count`` 2 MiB memslots created one after the other (compiled core): each change
+    copies one chunk of records and moves list entries, so the curve is near-linear."""
+    from kvmemu import _select
+    core = _select.load("cython")
+
+    def build():
+        vm = core.VM()
+        for i in range(count):
+            vm.set_user_memory_region(slot=i, guest_phys_addr=i << 21, memory_size=1 << 21,
+                                      userspace_addr=(1 << 40) + (i << 21))
+        return vm
+
+    vm = benchmark.pedantic(build, rounds=1, iterations=1)
+    assert len(vm.memslots) == count
+
+
+@pytest.mark.benchmark(group="memory-attribute-growth")
+@pytest.mark.parametrize("count", [1000, 8000, 32000])
+def test_build_attribute_ranges(benchmark, count):
+    """``count`` separate private ranges set one after the other (compiled core): each
+    change still copies the range arrays, so this curve is quadratic."""
+    from kvmemu import MemAttr, VMType, _select
+    core = _select.load("cython")
+
+    def build():
+        vm = core.VM(VMType.SW_PROTECTED)
+        for i in range(count):
+            vm.set_memory_attributes(i * 0x2000, 0x1000, MemAttr.PRIVATE)
+        return vm
+
+    vm = benchmark.pedantic(build, rounds=1, iterations=1)
+    assert len(vm.memory_attribute_ranges()) == count

@@ -636,8 +636,8 @@ class VMMemory:
 
     def _change_points(self, start: int, end: int) -> Iterator[int]:
         """gfns g in (start, end) where attributes(g - 1) != attributes(g)."""
-        k = max(int(np.searchsorted(self._attr_start, start, side="right")) - 1, 0)
-        stop = int(np.searchsorted(self._attr_start, end, side="left"))
+        k = max(int(self._attr_start.searchsorted(np.uint64(start), side="right")) - 1, 0)
+        stop = int(self._attr_start.searchsorted(np.uint64(end), side="left"))
         for s, e in zip(self._attr_start[k:stop].tolist(), self._attr_end[k:stop].tolist()):
             for point in (s, e):
                 if start < point < end:
@@ -696,8 +696,9 @@ class VMMemory:
         of [start, end) survive whole, the two that straddle it are cut, and a new range
         merges with a neighbour that touches it and has the same value."""
         starts, ends, values = self._attr_start, self._attr_end, self._attr_value
-        lo = int(np.searchsorted(ends, start, side="right"))
-        hi = int(np.searchsorted(starts, end, side="left"))
+        # uint64 keys: a Python int would make numpy compare in float64 (a whole copy).
+        lo = int(ends.searchsorted(np.uint64(start), side="right"))
+        hi = int(starts.searchsorted(np.uint64(end), side="left"))
         pieces: list[tuple[int, int, int]] = []
         if lo < hi and int(starts[lo]) < start:
             pieces.append((int(starts[lo]), start, int(values[lo])))

@@ -275,7 +275,8 @@ class Memslots:
 
     def attribute_index(self, starts: np.ndarray, gfn: int) -> int:
         """Index of the last attribute range starting at or below ``gfn``, or -1."""
-        return int(np.searchsorted(starts, gfn, side="right")) - 1
+        # A uint64 key: a Python int would make numpy compare in float64 (a whole copy).
+        return int(starts.searchsorted(np.uint64(gfn), side="right")) - 1
 
     def get_memory_attributes(self, gfn: int) -> int:
         """Models kvm_get_memory_attributes (include/linux/kvm_host.h, 6.18)."""
