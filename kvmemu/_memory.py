@@ -47,8 +47,6 @@ _NOT_MIXED = np.uint32(~KVM_LPAGE_MIXED_FLAG & 0xFFFF_FFFF)
 HUGE_LEVELS = tuple(range(PG_LEVEL_2M, KVM_MAX_HUGEPAGE_LEVEL + 1))
 _SEQ, _IN_PROGRESS = VmCounter.MMU_INVALIDATE_SEQ, VmCounter.MMU_INVALIDATE_IN_PROGRESS
 _RANGE_START, _RANGE_END = VmCounter.MMU_INVALIDATE_RANGE_START, VmCounter.MMU_INVALIDATE_RANGE_END
-_EMPTY = np.zeros(0, dtype=np.uint64)
-_EMPTY.flags.writeable = False
 _LOG = MemFlag.LOG_DIRTY_PAGES.value
 _READONLY = MemFlag.READONLY.value
 _ALL_ONES = (1 << 64) - 1
@@ -181,8 +179,6 @@ class VMMemory:
         # Per address space: slots sorted by base gfn, and their bases for bisect.
         self._sorted: list[list[Slot]] = [[] for _ in range(self.nr_as_ids)]
         self._bases: list[list[int]] = [[] for _ in range(self.nr_as_ids)]
-        # Memory attributes: disjoint, sorted, merged ranges [start, end) of non-zero value.
-        self._attr_start = self._attr_end = self._attr_value = _EMPTY
         # Slots being deleted or moved (KVM_MEMSLOT_INVALID): no fault finds them.
         self._invalid: set[tuple[int, int]] = set()
         #: kvm->arch.disabled_quirks (the VM layer sets it at creation and on
@@ -195,7 +191,6 @@ class VMMemory:
         self.mmu = core.TdpMmu(config, lambda: new_page_tables(core, config))
         self.memslots = core.Memslots(config, self.counters)
         self._publish_slots(synchronize=False)
-        self._publish_attributes()
 
     def _publish_slots(self, synchronize: bool = True) -> None:
         """Hand the core address space 0's usable slots; with ``synchronize``, return
@@ -222,8 +217,6 @@ class VMMemory:
                 added.append(slot)
         self.memslots.publish_changes(removed, added, synchronize)
 
-    def _publish_attributes(self) -> None:
-        self.memslots.publish_attributes(self._attr_start, self._attr_end, self._attr_value)
 
     def mmu_write_locked(self) -> Held:
         """write_lock(&kvm->mmu_lock) ... write_unlock, as a ``with`` block: no fault maps
@@ -249,11 +242,9 @@ class VMMemory:
         c._bases = [[] for _ in range(self.nr_as_ids)]
         for as_id in range(self.nr_as_ids):
             c._reindex(as_id)
-        c._attr_start, c._attr_end, c._attr_value = (self._attr_start, self._attr_end,
-                                                    self._attr_value)
         c.memslots = self.core.Memslots(self.config, c.counters)
         c._publish_slots(synchronize=False)
-        c._publish_attributes()
+        c.memslots.copy_attributes(self.memslots)
         with self.mmu_write_locked():           # faults update frames under mmu_lock
             c.memslots.copy_frames(self.memslots)
         return c
@@ -610,11 +601,7 @@ class VMMemory:
 
     def _attributes_at(self, gfns: np.ndarray) -> np.ndarray:
         """kvm_get_memory_attributes for each element of ``gfns``."""
-        i = np.searchsorted(self._attr_start, gfns, side="right").astype(np.int64) - 1
-        found = (i >= 0) & (gfns < self._attr_end[np.maximum(i, 0)] if len(self._attr_end)
-                            else np.zeros(len(gfns), dtype=bool))
-        return np.where(found, self._attr_value[np.maximum(i, 0)] if len(self._attr_value)
-                        else 0, 0)
+        return self.memslots.attributes_at(np.ascontiguousarray(gfns, dtype=np.uint64))
 
     def _init_memslot_memory_attributes(self, slot: Slot) -> None:
         """kvm_mmu_init_memslot_memory_attributes, for every hugepage fully inside the slot.
@@ -636,9 +623,7 @@ class VMMemory:
 
     def _change_points(self, start: int, end: int) -> Iterator[int]:
         """gfns g in (start, end) where attributes(g - 1) != attributes(g)."""
-        k = max(int(self._attr_start.searchsorted(np.uint64(start), side="right")) - 1, 0)
-        stop = int(self._attr_start.searchsorted(np.uint64(end), side="left"))
-        for s, e in zip(self._attr_start[k:stop].tolist(), self._attr_end[k:stop].tolist()):
+        for s, e, _ in self.memslots.attribute_ranges(start, end):
             for point in (s, e):
                 if start < point < end:
                     yield point
@@ -686,47 +671,7 @@ class VMMemory:
     # --- memory attributes (kvm_main.c) --------------------------------------------------
 
     def attribute_ranges(self) -> list[tuple[int, int, int]]:
-        return list(zip(self._attr_start.tolist(), self._attr_end.tolist(),
-                        self._attr_value.tolist()))
-
-    def _store_attributes(self, start: int, end: int, attrs: int) -> None:
-        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged.
-
-        New arrays each time (the core may hold the old ones): the ranges left and right
-        of [start, end) survive whole, the two that straddle it are cut, and a new range
-        merges with a neighbour that touches it and has the same value."""
-        starts, ends, values = self._attr_start, self._attr_end, self._attr_value
-        # uint64 keys: a Python int would make numpy compare in float64 (a whole copy).
-        lo = int(ends.searchsorted(np.uint64(start), side="right"))
-        hi = int(starts.searchsorted(np.uint64(end), side="left"))
-        pieces: list[tuple[int, int, int]] = []
-        if lo < hi and int(starts[lo]) < start:
-            pieces.append((int(starts[lo]), start, int(values[lo])))
-        if attrs:
-            pieces.append((start, end, attrs))
-        if lo < hi and int(ends[hi - 1]) > end:
-            pieces.append((end, int(ends[hi - 1]), int(values[hi - 1])))
-        # Neighbours that touch the pieces with the same value join them.
-        if pieces and lo > 0 and int(ends[lo - 1]) == pieces[0][0] and int(values[lo - 1]) == \
-                pieces[0][2]:
-            lo -= 1
-            pieces[0] = (int(starts[lo]), pieces[0][1], pieces[0][2])
-        if pieces and hi < len(starts) and int(starts[hi]) == pieces[-1][1] and int(values[hi]) == \
-                pieces[-1][2]:
-            pieces[-1] = (pieces[-1][0], int(ends[hi]), pieces[-1][2])
-            hi += 1
-        merged: list[tuple[int, int, int]] = []
-        for piece in pieces:
-            if merged and merged[-1][1] == piece[0] and merged[-1][2] == piece[2]:
-                merged[-1] = (merged[-1][0], piece[1], piece[2])
-            else:
-                merged.append(piece)
-        middle = np.array(merged, dtype=np.uint64).reshape(-1, 3)
-        new = [np.concatenate((old[:lo], middle[:, column], old[hi:]))
-               for column, old in enumerate((starts, ends, values))]
-        for array in new:
-            array.flags.writeable = False
-        self._attr_start, self._attr_end, self._attr_value = new
+        return [(int(s), int(e), int(v)) for s, e, v in self.memslots.attribute_ranges()]
 
     def set_memory_attributes(self, start: int, end: int, attrs: int) -> None:
         """kvm_vm_set_mem_attributes for a validated gfn range [start, end)."""
@@ -743,9 +688,8 @@ class VMMemory:
                     begun = True
                     for slot, s, e in touched:
                         self._pre_set_memory_attributes(slot, s, e, attrs)
-            self._store_attributes(start, end, attrs)
+            self.memslots.store_attributes(start, end, attrs)
             stored = True
-            self._publish_attributes()
         finally:
             # Even when interrupted (Ctrl-C): the invalidation ends, and the mixed flags
             # follow what was stored, so no fault is left retrying for good.

@@ -322,3 +322,43 @@ def test_invalidation_makes_a_racing_fault_retry(kv):
     memory.invalidate_end()
     assert retry(seq, gfn + 512)      # the sequence moved on
     assert vm.mmu_invalidate_in_progress == 0
+
+
+def test_thousands_of_ranges_match_a_page_by_page_model(kv):
+    """Random stores and erases over a 64K-page space, enough ranges that the compiled
+    core's store spreads them over many chunks: the ranges, the lookups and
+    kvm_range_has_memory_attributes match a page-by-page model."""
+    import random
+
+    import numpy as np
+    rng = random.Random(11)
+    vm = kv.VM(VMType.SW_PROTECTED)
+    pages = np.zeros(1 << 16, dtype=np.uint8)
+    for step in range(5000):
+        start = rng.randrange(1 << 16)
+        size = rng.choice((1, 1, 2, 3, 17, 40)) if step % 100 else rng.randrange(1, 2000)
+        end = min(start + size, 1 << 16)
+        attrs = 0 if rng.random() < 0.3 else 8
+        vm.set_memory_attributes(start << 12, (end - start) << 12, attrs)
+        pages[start:end] = attrs
+    # The model's runs, merged, are the store's ranges.
+    expect, run = [], None
+    for gfn, value in enumerate(pages.tolist()):
+        if value and run is not None and run[1] == gfn:
+            run[1] = gfn + 1
+        elif value:
+            run = [gfn, gfn + 1, value]
+            expect.append(run)
+        else:
+            run = None
+    assert vm.memory_attribute_ranges() == [tuple(r) for r in expect]
+    assert len(expect) > 1000
+    probe = rng.sample(range(1 << 16), 500)
+    assert [vm.get_memory_attributes(g) for g in probe] == [int(pages[g]) for g in probe]
+    mem = vm._memory.memslots
+    for _ in range(300):
+        s = rng.randrange(1 << 16)
+        e = min(s + rng.choice((2, 5, 40)), 1 << 16)
+        for attrs in (0, 8):
+            assert mem.range_has_memory_attributes(s, e, ~0, attrs) == bool(
+                (pages[s:e] == attrs).all()), (s, e, attrs)

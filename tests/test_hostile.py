@@ -98,7 +98,8 @@ def test_a_hook_cannot_change_a_batch_under_the_core(kv):
 
 
 def test_an_interrupted_conversion_leaves_no_invalidation_behind(kv, monkeypatch):
-    """Ctrl-C inside set_memory_attributes (here: in the attribute store) used to leave
+    """Ctrl-C inside set_memory_attributes (here: in the pre-set hook, with the
+    invalidation begun) used to leave
     mmu_invalidate_in_progress at 1 for good, and every later fault in the range retried
     until it 'did not settle'."""
     vm = kv.VM(VMType.SW_PROTECTED)
@@ -113,7 +114,7 @@ def test_an_interrupted_conversion_leaves_no_invalidation_behind(kv, monkeypatch
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(memory, "_store_attributes", interrupted)
+    monkeypatch.setattr(memory, "_pre_set_memory_attributes", interrupted)
     with pytest.raises(KeyboardInterrupt):
         vm.set_memory_attributes(0, 2 * MIB, MemAttr.PRIVATE)
     monkeypatch.undo()

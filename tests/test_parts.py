@@ -31,6 +31,10 @@ NOT_PARTS = {"__init__", "cnames"}
 #: Compiled-only names, each with the reason the twin has no counterpart.
 COMPILED_ONLY = {
     ("memslots", "record_slot"): "copies a Slot into a C SlotRecord; the twin reads Slots",
+    ("memslots", "chunk_after"): "finds a chunk of the compiled attribute store; the twin's "
+                                 "ranges are flat arrays",
+    ("memslots", "Memslots.attribute_next"): "walks the compiled attribute store's chunks",
+    ("memslots", "Memslots.attr_replace"): "rewrites chunks of the compiled attribute store",
     ("memslots", "new_chunk"): "SlotTable's chunks of C records, shared between tables; the twin's "
                           "table is a list of Slots",
     ("memslots", "chunk_put"): "SlotTable's chunks of C records, shared between tables; the twin's "

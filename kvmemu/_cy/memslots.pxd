@@ -40,6 +40,13 @@ cdef struct SlotChunk:
     SlotRecord records[64]
     void* keep[256]
 
+# At most ATTR_CHUNK attribute ranges, sorted: [start, end) has value.
+cdef struct AttrChunk:
+    int n
+    uint64_t start[512]
+    uint64_t end[512]
+    uint64_t value[512]
+
 cdef class SlotTable:
     cdef SlotChunk** chunks
     cdef uint64_t* firsts                   # each chunk's first base gfn
@@ -57,11 +64,10 @@ cdef class Memslots:
     cdef readonly object counters           # numpy uint64 indexed by VmCounter
     cdef uint64_t* c                        # counters' memory
     cdef readonly SlotTable table           # the current memslots
-    cdef tuple attr_arrays                  # the published attribute arrays (kept alive)
-    cdef const uint64_t* attr_start
-    cdef const uint64_t* attr_end
-    cdef const uint64_t* attr_value
-    cdef Py_ssize_t nattr
+    # The memory attributes: disjoint merged ranges in chunks, changed in place with the
+    # GIL held (every reader holds it too), so a change copies one window of chunks.
+    cdef AttrChunk** attr_chunks
+    cdef Py_ssize_t attr_nchunks, attr_cap
     # Per guest_memfd file: its frames' state (kvmemu.constants.FrameState), one uint64
     # per page in chunks of FRAME_CHUNK pages made on first write (a missing chunk reads
     # as zero), never moved or freed before the Memslots.
@@ -73,7 +79,10 @@ cdef class Memslots:
     cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL
     cdef SlotTable srcu_read_lock(self)
     cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil
-    cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil
+    cdef bint attribute_index(self, uint64_t gfn, Py_ssize_t* c, int* i) noexcept nogil
+    cdef bint attribute_next(self, Py_ssize_t* c, int* i) noexcept nogil
+    cdef int attr_replace(self, Py_ssize_t ca, Py_ssize_t cb, uint64_t* s, uint64_t* e,
+                          uint64_t* v, Py_ssize_t m) except -1
     cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil
     cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil
     cpdef bint mmu_invalidate_retry_gfn(self, uint64_t mmu_seq, uint64_t gfn) noexcept nogil

@@ -9,8 +9,8 @@
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove
 from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 
 
@@ -299,6 +299,23 @@ cdef Py_ssize_t chunk_index(SlotChunk** chunks, Py_ssize_t n, uint64_t gfn) noex
     return lo
 
 
+cdef Py_ssize_t chunk_after(AttrChunk** chunks, Py_ssize_t n, uint64_t gfn,
+                            bint by_end) noexcept nogil:
+    """The first chunk whose last range ends after ``gfn`` (``by_end``) or starts at or
+    after ``gfn``; ``n`` when none."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    cdef uint64_t key
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        key = (chunks[mid].end[chunks[mid].n - 1] if by_end
+               else chunks[mid].start[chunks[mid].n - 1])
+        if (key > gfn) if by_end else (key >= gfn):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
 @cython.final
 cdef class Memslots:
     """What the fault path reads of a VM's memory: address space 0's memslots (one
@@ -321,8 +338,7 @@ cdef class Memslots:
             raise ValueError("gmem_file_pages must be a power of two")
         self.file_shift = (self.gmem_file_pages - 1).bit_length()
         self.table = SlotTable([])
-        empty = np.zeros(1, dtype=np.uint64)
-        self.publish_attributes(empty[:0], empty[:0], empty[:0])
+
 
     def publish_changes(self, removed, added, bint synchronize):
         """publish_slots of the current table with ``removed`` and ``added`` (see
@@ -351,10 +367,15 @@ cdef class Memslots:
     def __cinit__(self):
         self.files = NULL
         self.max_files = 0
+        self.attr_chunks = NULL
+        self.attr_nchunks = self.attr_cap = 0
 
     def __dealloc__(self):
         cdef Py_ssize_t i
         cdef uint64_t k
+        for i in range(self.attr_nchunks):
+            free(self.attr_chunks[i])
+        free(self.attr_chunks)
         if self.files == NULL:
             return
         for i in range(self.max_files):
@@ -482,18 +503,6 @@ cdef class Memslots:
                         raise MemoryError()
                     memcpy(f.chunk[k], src.files[i].chunk[k], FRAME_CHUNK * sizeof(uint64_t))
 
-    def publish_attributes(self, attr_start, attr_end, attr_value):
-        """Take the attribute ranges as sorted arrays (never changed in place)."""
-        cdef const uint64_t[::1] starts = attr_start
-        cdef const uint64_t[::1] ends = attr_end
-        cdef const uint64_t[::1] values = attr_value
-        # A zero-length view has no element 0: point at a valid dummy instead.
-        self.attr_arrays = (attr_start, attr_end, attr_value)
-        self.nattr = starts.shape[0]
-        self.attr_start = &starts[0] if self.nattr else self.c
-        self.attr_end = &ends[0] if self.nattr else self.c
-        self.attr_value = &values[0] if self.nattr else self.c
-
     cdef SlotTable srcu_read_lock(self):
         """srcu_read_lock(&kvm->srcu): the current memslots, held until the unlock."""
         cdef SlotTable table = self.table
@@ -538,22 +547,46 @@ cdef class Memslots:
 
     # --- memory attributes ----------------------------------------------------------------
 
-    cdef Py_ssize_t attribute_index(self, uint64_t gfn) noexcept nogil:
-        """Index of the last attribute range starting at or below ``gfn``, or -1."""
-        cdef Py_ssize_t lo = 0, hi = self.nattr, mid
-        while lo < hi:
-            mid = (lo + hi) >> 1
-            if self.attr_start[mid] <= gfn:
-                lo = mid + 1
+    cdef bint attribute_index(self, uint64_t gfn, Py_ssize_t* c, int* i) noexcept nogil:
+        """The last attribute range starting at or below ``gfn``, as (chunk, index); False
+        when there is none."""
+        cdef Py_ssize_t lo = 0, n = self.attr_nchunks, half
+        cdef const AttrChunk* chunk
+        cdef int a, b, mid
+        if n == 0 or self.attr_chunks[0].start[0] > gfn:
+            return False
+        while n > 1:
+            half = n >> 1
+            lo = lo + half if self.attr_chunks[lo + half].start[0] <= gfn else lo
+            n -= half
+        chunk = self.attr_chunks[lo]
+        a, b = 0, chunk.n
+        while a < b:
+            mid = (a + b) >> 1
+            if chunk.start[mid] <= gfn:
+                a = mid + 1
             else:
-                hi = mid
-        return lo - 1
+                b = mid
+        c[0], i[0] = lo, a - 1
+        return True
+
+    cdef bint attribute_next(self, Py_ssize_t* c, int* i) noexcept nogil:
+        """Move (chunk, index) to the next range; False past the last."""
+        if i[0] + 1 < self.attr_chunks[c[0]].n:
+            i[0] += 1
+            return True
+        if c[0] + 1 < self.attr_nchunks:
+            c[0] += 1
+            i[0] = 0
+            return True
+        return False
 
     cpdef uint64_t get_memory_attributes(self, uint64_t gfn) noexcept nogil:
         """Models kvm_get_memory_attributes (include/linux/kvm_host.h, 6.18)."""
-        cdef Py_ssize_t i = self.attribute_index(gfn)
-        if i >= 0 and gfn < self.attr_end[i]:
-            return self.attr_value[i]
+        cdef Py_ssize_t c = 0
+        cdef int i = 0
+        if self.attribute_index(gfn, &c, &i) and gfn < self.attr_chunks[c].end[i]:
+            return self.attr_chunks[c].value[i]
         return 0
 
     cpdef bint mem_is_private(self, uint64_t gfn) noexcept nogil:
@@ -564,28 +597,197 @@ cdef class Memslots:
         """Models kvm_range_has_memory_attributes (virt/kvm/kvm_main.c, 6.18): every gfn of
         [start, end) has ``attrs`` under ``mask`` (masked by what the VM supports)."""
         cdef uint64_t m = <uint64_t>(mask & _args.U64_MAX) & self.supported_attributes
-        cdef Py_ssize_t i, k
+        cdef Py_ssize_t c = 0
+        cdef int i = 0, k
         cdef uint64_t gfn
+        cdef const AttrChunk* chunk
         if attrs & ~m:
             return False
         if end == start + 1:
             return (self.get_memory_attributes(start) & m) == attrs
-        i = max(self.attribute_index(start), 0)
-        if not attrs:
-            for k in range(i, min(i + 2, self.nattr)):
-                if self.attr_start[k] < end and self.attr_end[k] > start:
+        if self.attr_nchunks == 0:
+            return not attrs
+        if not self.attribute_index(start, &c, &i):
+            c, i = 0, 0
+        if not attrs:                   # the range at or before start, and the next
+            for k in range(2):
+                chunk = self.attr_chunks[c]
+                if chunk.start[i] < end and chunk.end[i] > start:
                     return False
+                if not self.attribute_next(&c, &i):
+                    break
             return True
         gfn = start
-        for k in range(i, self.nattr):
-            if self.attr_end[k] <= gfn:
-                continue
-            if self.attr_start[k] > gfn or (self.attr_value[k] & m) != attrs:
+        while True:
+            chunk = self.attr_chunks[c]
+            if chunk.end[i] > gfn:
+                if chunk.start[i] > gfn or (chunk.value[i] & m) != attrs:
+                    return False
+                gfn = chunk.end[i]
+                if gfn >= end:
+                    return True
+            if not self.attribute_next(&c, &i):
                 return False
-            gfn = self.attr_end[k]
-            if gfn >= end:
-                return True
-        return False
+
+    def store_attributes(self, uint64_t start, uint64_t end, uint64_t attrs):
+        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged: the
+        ranges that straddle it are cut, and a range merges with a neighbour that touches
+        it and has the same value (the twin tells the rule).  Only the chunks around the
+        change are rewritten."""
+        cdef Py_ssize_t n = self.attr_nchunks, ca, cb, c, cl, ch, lo_c
+        cdef Py_ssize_t total = 0, k, lo, hi, m = 0
+        cdef int i
+        cdef uint64_t* ws
+        cdef uint64_t* we
+        cdef uint64_t* wv
+        cdef uint64_t ps[3]
+        cdef uint64_t pe[3]
+        cdef uint64_t pv[3]
+        cdef int np_ = 0, q
+        # The window: from the chunk of the range before the first one ending after
+        # start, to the chunk of the first one starting at or after end.
+        if n == 0:
+            ca, cb = 0, -1
+        else:
+            cl = chunk_after(self.attr_chunks, n, start, True)
+            ch = chunk_after(self.attr_chunks, n, end, False)
+            ca = max(min(cl, n - 1) - 1, 0)
+            cb = min(ch, n - 1)
+        for c in range(ca, cb + 1):
+            total += self.attr_chunks[c].n
+        ws = <uint64_t*>malloc((total + 3) * 3 * sizeof(uint64_t))
+        if ws == NULL:
+            raise MemoryError()
+        we, wv = ws + total + 3, ws + 2 * (total + 3)
+        try:
+            k = 0
+            for c in range(ca, cb + 1):
+                for i in range(self.attr_chunks[c].n):
+                    ws[k], we[k], wv[k] = (self.attr_chunks[c].start[i],
+                                           self.attr_chunks[c].end[i],
+                                           self.attr_chunks[c].value[i])
+                    k += 1
+            lo = 0
+            while lo < total and we[lo] <= start:
+                lo += 1
+            hi = lo
+            while hi < total and ws[hi] < end:
+                hi += 1
+            if lo < hi and ws[lo] < start:
+                ps[np_], pe[np_], pv[np_] = ws[lo], start, wv[lo]
+                np_ += 1
+            if attrs:
+                ps[np_], pe[np_], pv[np_] = start, end, attrs
+                np_ += 1
+            if lo < hi and we[hi - 1] > end:
+                ps[np_], pe[np_], pv[np_] = end, we[hi - 1], wv[hi - 1]
+                np_ += 1
+            if np_ and lo > 0 and we[lo - 1] == ps[0] and wv[lo - 1] == pv[0]:
+                lo -= 1
+                ps[0] = ws[lo]
+            if np_ and hi < total and ws[hi] == pe[np_ - 1] and wv[hi] == pv[np_ - 1]:
+                pe[np_ - 1] = we[hi]
+                hi += 1
+            m = 0                            # merge touching pieces of one value
+            for q in range(np_):
+                if m and pe[m - 1] == ps[q] and pv[m - 1] == pv[q]:
+                    pe[m - 1] = pe[q]
+                else:
+                    ps[m], pe[m], pv[m] = ps[q], pe[q], pv[q]
+                    m += 1
+            # The window becomes [0, lo) + pieces + [hi, total): written in place.
+            k = hi - lo - m                  # how far the tail moves left
+            if k > 0:
+                for q in range(lo + m, total - k):
+                    ws[q], we[q], wv[q] = ws[q + k], we[q + k], wv[q + k]
+            elif k < 0:
+                for q in range(total - 1, hi - 1, -1):
+                    ws[q - k], we[q - k], wv[q - k] = ws[q], we[q], wv[q]
+            for q in range(m):
+                ws[lo + q], we[lo + q], wv[lo + q] = ps[q], pe[q], pv[q]
+            self.attr_replace(ca, cb, ws, we, wv, total - k)
+        finally:
+            free(ws)
+
+    cdef int attr_replace(self, Py_ssize_t ca, Py_ssize_t cb, uint64_t* s, uint64_t* e,
+                          uint64_t* v, Py_ssize_t m) except -1:
+        """Chunks ca..cb become ``m`` ranges, in chunks of at most 384 (room to grow)."""
+        cdef Py_ssize_t k = (m + 383) // 384, old = cb - ca + 1, c, q, first = 0, count
+        cdef Py_ssize_t need = self.attr_nchunks - old + k
+        cdef AttrChunk** grown
+        cdef AttrChunk** made = <AttrChunk**>calloc(max(k, 1), sizeof(AttrChunk*))
+        if made == NULL:
+            raise MemoryError()
+        for c in range(k):
+            made[c] = <AttrChunk*>malloc(sizeof(AttrChunk))
+            if made[c] == NULL:
+                for q in range(c):
+                    free(made[q])
+                free(made)
+                raise MemoryError()
+            count = (m - first) // (k - c)
+            made[c].n = <int>count
+            for q in range(count):
+                made[c].start[q], made[c].end[q], made[c].value[q] = (
+                    s[first + q], e[first + q], v[first + q])
+            first += count
+        if need > self.attr_cap:
+            grown = <AttrChunk**>realloc(self.attr_chunks, max(need, 2 * self.attr_cap, 4)
+                                         * sizeof(AttrChunk*))
+            if grown == NULL:
+                for q in range(k):
+                    free(made[q])
+                free(made)
+                raise MemoryError()
+            self.attr_chunks, self.attr_cap = grown, max(need, 2 * self.attr_cap, 4)
+        for c in range(ca, ca + old):
+            free(self.attr_chunks[c])
+        memmove(&self.attr_chunks[ca + k], &self.attr_chunks[ca + old],
+                (self.attr_nchunks - ca - old) * sizeof(AttrChunk*))
+        for c in range(k):
+            self.attr_chunks[ca + c] = made[c]
+        self.attr_nchunks = need
+        free(made)
+        return 0
+
+    def attribute_ranges(self, uint64_t start=0, uint64_t end=0xFFFFFFFFFFFFFFFF):
+        """The attribute ranges intersecting [start, end), as (start, end, value)."""
+        cdef Py_ssize_t c = 0
+        cdef int i = 0
+        out = []
+        if self.attr_nchunks == 0:
+            return out
+        if not self.attribute_index(start, &c, &i):
+            c, i = 0, 0
+        while True:
+            if self.attr_chunks[c].start[i] >= end:
+                break
+            if self.attr_chunks[c].end[i] > start:
+                out.append((self.attr_chunks[c].start[i], self.attr_chunks[c].end[i],
+                            self.attr_chunks[c].value[i]))
+            if not self.attribute_next(&c, &i):
+                break
+        return out
+
+    def attributes_at(self, const uint64_t[::1] gfns):
+        """kvm_get_memory_attributes for each element of ``gfns``."""
+        out = np.empty(gfns.shape[0], dtype=np.uint64)
+        cdef uint64_t[::1] o = out
+        cdef Py_ssize_t k
+        for k in range(gfns.shape[0]):
+            o[k] = self.get_memory_attributes(gfns[k])
+        return out
+
+    def copy_attributes(self, Memslots src):
+        """Take a copy of ``src``'s attribute ranges (a snapshot's clone)."""
+        cdef Py_ssize_t c
+        for c in range(src.attr_nchunks):
+            self.attr_chunks = <AttrChunk**>realloc(self.attr_chunks,
+                                                   (c + 1) * sizeof(AttrChunk*))
+            self.attr_chunks[c] = <AttrChunk*>malloc(sizeof(AttrChunk))
+            memcpy(self.attr_chunks[c], src.attr_chunks[c], sizeof(AttrChunk))
+            self.attr_nchunks = self.attr_cap = c + 1
+
 
     # --- the invalidation protocol ----------------------------------------------------------
 

@@ -228,10 +228,64 @@ class Memslots:
             while old.readers:
                 self._srcu.wait()
 
-    def publish_attributes(self, attr_start: np.ndarray, attr_end: np.ndarray,
-                           attr_value: np.ndarray) -> None:
-        """Take the attribute ranges as sorted arrays (never changed in place)."""
-        self.attrs = (attr_start, attr_end, attr_value)
+    def store_attributes(self, start: int, end: int, attrs: int) -> None:
+        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged.
+
+        New arrays each time (a reader holds the tuple it took): the ranges left and
+        right of [start, end) survive whole, the two that straddle it are cut, and a new
+        range merges with a neighbour that touches it and has the same value.  (The
+        compiled core rewrites only the chunks of ranges around the change.)"""
+        starts, ends, values = self.attrs
+        lo = int(ends.searchsorted(np.uint64(start), side="right"))
+        hi = int(starts.searchsorted(np.uint64(end), side="left"))
+        pieces: list[tuple[int, int, int]] = []
+        if lo < hi and int(starts[lo]) < start:
+            pieces.append((int(starts[lo]), start, int(values[lo])))
+        if attrs:
+            pieces.append((start, end, attrs))
+        if lo < hi and int(ends[hi - 1]) > end:
+            pieces.append((end, int(ends[hi - 1]), int(values[hi - 1])))
+        # Neighbours that touch the pieces with the same value join them.
+        if (pieces and lo > 0 and int(ends[lo - 1]) == pieces[0][0]
+                and int(values[lo - 1]) == pieces[0][2]):
+            lo -= 1
+            pieces[0] = (int(starts[lo]), pieces[0][1], pieces[0][2])
+        if (pieces and hi < len(starts) and int(starts[hi]) == pieces[-1][1]
+                and int(values[hi]) == pieces[-1][2]):
+            pieces[-1] = (pieces[-1][0], int(ends[hi]), pieces[-1][2])
+            hi += 1
+        merged: list[tuple[int, int, int]] = []
+        for piece in pieces:
+            if merged and merged[-1][1] == piece[0] and merged[-1][2] == piece[2]:
+                merged[-1] = (merged[-1][0], piece[1], piece[2])
+            else:
+                merged.append(piece)
+        middle = np.array(merged, dtype=np.uint64).reshape(-1, 3)
+        new = [np.concatenate((old[:lo], middle[:, column], old[hi:]))
+               for column, old in enumerate((starts, ends, values))]
+        self.attrs = (new[0], new[1], new[2])
+
+    def attribute_ranges(self, start: int = 0,
+                         end: int = 0xFFFF_FFFF_FFFF_FFFF) -> list[tuple[int, int, int]]:
+        """The attribute ranges intersecting [start, end), as (start, end, value)."""
+        starts, ends, values = self.attrs
+        k = max(self.attribute_index(starts, start), 0)
+        out = []
+        for s, e, v in zip(starts[k:].tolist(), ends[k:].tolist(), values[k:].tolist()):
+            if s >= end:
+                break
+            if e > start:
+                out.append((s, e, v))
+        return out
+
+    def attributes_at(self, gfns: np.ndarray) -> np.ndarray:
+        """kvm_get_memory_attributes for each element of ``gfns``."""
+        return np.array([self.get_memory_attributes(g) for g in gfns.tolist()],
+                        dtype=np.uint64)
+
+    def copy_attributes(self, src: "Memslots") -> None:
+        """Take a copy of ``src``'s attribute ranges (a snapshot's clone)."""
+        self.attrs = src.attrs
 
     def srcu_read_lock(self) -> SlotTable:
         """srcu_read_lock(&kvm->srcu): the current memslots, held until the unlock."""
