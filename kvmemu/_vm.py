@@ -303,7 +303,6 @@ class VM:
         #: Mirrors of the core's VM_DEAD and LAUNCHED counters (_sync_launch_state).
         self._dead = False
         self._launched = _launch.launched(self._memory)
-        self._plain = self._launched      # and no tracer yet
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
@@ -369,13 +368,6 @@ class VM:
         -EIO), and the launch (a snapshot restored)."""
         self._dead = bool(self._memory.counters[VmCounter.VM_DEAD])
         self._launched = _launch.launched(self._memory)
-        self._refresh_plain()
-
-    def _refresh_plain(self) -> None:
-        """``_plain``: a vCPU access needs none of the Python around KVM_RUN (the VM is
-        alive and launched, nothing is traced): VCPU.access goes straight to the core."""
-        self._plain = (not self._dead and self._launched
-                       and getattr(self, "_tracer", None) is None)
 
     def _check_alive(self) -> None:
         if self._dead:
@@ -401,7 +393,6 @@ class VM:
                 _launch.finish_launch(self._memory, implicit=True)
                 self._protect_vmsas()
             self._launched = True
-            self._refresh_plain()
 
     def _protect_vmsas(self) -> None:
         for vcpu in self._vcpus:
@@ -445,7 +436,6 @@ class VM:
             raise KvmError(errno.ENOTTY, "KVM_TDX_FINALIZE_VM is for a TD")
         _launch.tdx_finalize_vm(self._memory)
         self._launched = True
-        self._refresh_plain()
 
     @_ioctl
     def snp_launch_update(self, gpa: Any, size: Any,
@@ -480,7 +470,6 @@ class VM:
         _launch.snp_launch_finish(self._memory)
         self._protect_vmsas()
         self._launched = True
-        self._refresh_plain()
 
     def rmp_entry(self, pfn: Any) -> RmpEntry:
         """The RMP entry of host frame ``pfn`` (snp_lookup_rmpentry): what guest_memfd's
@@ -989,7 +978,6 @@ class VM:
             self._flush_trace()
             self._tracer = tracer
             self._memory.mmu.set_tracer(tracer)
-            self._refresh_plain()
 
     def _flush_trace(self, raise_errors: bool = True) -> None:
         """Give the trace events made so far to the sink (see kvmemu._trace)."""
@@ -1165,7 +1153,6 @@ class VCPU:
         self._pre_faulted = False
         #: vcpu->arch.guest_state_protected: SNP's LAUNCH_FINISH encrypted its VMSA.
         self._state_protected = False
-        self._interrupt_pending = False
         #: vcpu->mutex: one call at a time on this vCPU (a second thread waits).
         self._mutex = vm._core.Mutex()
         memory = vm._memory
@@ -1173,6 +1160,11 @@ class VCPU:
 
     def _attach(self, state: Any) -> None:
         state.mutex = self._mutex
+        # VCPU.access goes straight to the core, which comes back to the method below
+        # when it needs Python.
+        state.slow_access = functools.partial(VCPU.access, self)
+        state.on_death = self.vm._sync_launch_state
+        self.access = state.access_api      # type: ignore[method-assign]
         if state.hypercall is None:
             state.hypercall = NO_HYPERCALL
         self._c = state
@@ -1180,6 +1172,7 @@ class VCPU:
         self.run = KvmRun(state)
 
     def _detach(self) -> None:
+        self.__dict__.pop("access", None)
         self._c = _DetachedVCPU(self.vcpu_id)
         self.run = KvmRun(self._c)
 
@@ -1258,7 +1251,7 @@ class VCPU:
                 if self._c.hypercall.pending is not None:
                     self._complete(self._c, self._c.hypercall.ret)
         if kvm_run:
-            self._interrupt_pending = False     # the guest runs and takes it
+            self._c.interrupt_pending = False   # the guest runs and takes it
         try:
             result = call(self._c)
         except BaseException as exc:
@@ -1307,19 +1300,19 @@ class VCPU:
         injected or raised).  The model delivers nothing; it only lets a TD's MapGPA stop
         with RETRY (tdx_complete_vmcall_map_gpa).  Cleared when the guest next runs: a
         request's final result, an access."""
-        return self._interrupt_pending
+        return bool(self._c.interrupt_pending)
 
     @interrupt_pending.setter
     def interrupt_pending(self, value: Any) -> None:
-        self._interrupt_pending = _args.flag("interrupt_pending", value)
+        self._c.interrupt_pending = _args.flag("interrupt_pending", value)
 
     def _complete(self, state: Any, ret: int) -> Any:
         """A pending hypercall completion (the vCPU's mutex held); the guest runs again
         unless another exit follows, and takes a pending interrupt then."""
         result = complete_hypercall(state, ret, self.vm.shared_bit,
-                                    self.vm._hypercall_exit_enabled, self._interrupt_pending)
+                                    self.vm._hypercall_exit_enabled, state.interrupt_pending)
         if not isinstance(result, HypercallExit):
-            self._interrupt_pending = False
+            state.interrupt_pending = False
         return result
 
     def complete_hypercall(self, ret: Any) -> Any:
@@ -1450,16 +1443,8 @@ class VCPU:
         or KVM leaves to userspace (MemoryFaultExit, MmioExit) or the guest takes an
         exception (GuestException).  A TDX private GPA walks the private tables.  Another
         failure of KVM_RUN raises KvmError with its errno; a loop that does not settle
-        raises RuntimeError."""
-        state = self._c
-        if self.vm._plain and not self._interrupt_pending and state.hypercall.pending is None:
-            try:                          # nothing to do around KVM_RUN: straight in
-                return state.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                            ACCESS_LOOP_LIMIT)
-            except KvmError as exc:
-                if exc.errno == errno.EIO:
-                    self.vm._sync_launch_state()      # kvm_vm_dead, perhaps
-                raise
+        raises RuntimeError.  (Each VCPU calls its core's ``access_api``, which comes
+        back here only when something around KVM_RUN needs Python.)"""
         return self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
                                                             encrypted, ACCESS_LOOP_LIMIT))
 

@@ -31,6 +31,9 @@ cdef class VCPUState:
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
     cdef public uint64_t ext_exit_qual      # a TD exit's extended exit qualification (RDX)
+    cdef public bint interrupt_pending      # kvm_vcpu_has_events (the API sets it)
+    cdef public object slow_access          # the API's VCPU.access, for what needs Python
+    cdef public object on_death             # told when KVM_RUN failed with EIO
     cdef uint64_t vc_gpa                    # the page of the last #VC
     cdef SlotTable srcu                     # the memslots an exit's handling reads
     cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)

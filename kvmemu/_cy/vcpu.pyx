@@ -6,7 +6,7 @@
 # record is re-read from the published records; the fault keeps the Slot object
 # alive meanwhile).  Failures are raised here, as the twin raises them.
 
-from libc.errno cimport EFAULT, EINVAL
+from libc.errno cimport EFAULT, EINVAL, EIO
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -63,6 +63,8 @@ cdef class VCPUState:
         self.rip = 0
         self.ext_exit_qual = 0
         self.vc_gpa = 0
+        self.interrupt_pending = False
+        self.slow_access = self.on_death = None
 
     @property
     def stats(self):
@@ -102,6 +104,8 @@ cdef class VCPUState:
         c.hypercall = self.hypercall
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
         c.ext_exit_qual, c.vc_gpa = self.ext_exit_qual, self.vc_gpa
+        c.interrupt_pending = self.interrupt_pending
+        c.slow_access, c.on_death = self.slow_access, self.on_death
         return c
 
     cdef int handle_exit(self, int kind, uint64_t gpa,
@@ -347,6 +351,25 @@ cdef class VCPUState:
         finally:
             self.mutex.release()
         return self.outcome_of(status, &out, err, gpa, "", limit)
+
+    def access_api(self, gpa, *, write=False, fetch=False, user=False, stage="final",
+                   encrypted=False):
+        """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
+        around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
+        hypercall completion or interrupt); else ``slow_access``."""
+        if (not self.interrupt_pending and not self.mmu.tracing
+                and self.memslots.c[VM_COUNTER_LAUNCHED]
+                and not self.memslots.c[VM_COUNTER_VM_DEAD]
+                and self.hypercall.pending is None):
+            try:
+                return self.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                           ACCESS_LOOP_LIMIT)
+            except KvmError as exc:
+                if exc.errno == EIO and self.on_death is not None:
+                    self.on_death()
+                raise
+        return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
+                                encrypted=encrypted)
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
         """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain

@@ -85,6 +85,11 @@ class VCPUState:
         self.ext_exit_qual = 0
         #: The page of the last #VC.
         self.vc_gpa = 0
+        #: kvm_vcpu_has_events (the API sets it).
+        self.interrupt_pending = False
+        #: The API's VCPU.access, for what needs Python; told when KVM_RUN fails with EIO.
+        self.slow_access: Any = None
+        self.on_death: Any = None
         #: The memslots an exit's handling reads (its kvm->srcu read-side section).
         self.srcu: Any = None
         #: vcpu->mutex (the API's VCPU owns it).
@@ -350,6 +355,25 @@ class VCPUState:
         finally:
             self.mutex.release()
         return self.outcome_of(status, value, gpa, "", limit)
+
+    def access_api(self, gpa: Any, *, write: Any = False, fetch: Any = False,
+                   user: Any = False, stage: Any = "final", encrypted: Any = False) -> Any:
+        """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
+        around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
+        hypercall completion or interrupt); else ``slow_access``."""
+        c = self.memslots.counters
+        if (not self.interrupt_pending and self.mmu.tracer is None
+                and c[VM_COUNTER_LAUNCHED] and not c[VM_COUNTER_VM_DEAD]
+                and self.hypercall.pending is None):
+            try:
+                return self.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                           ACCESS_LOOP_LIMIT)
+            except KvmError as exc:
+                if exc.errno == errno.EIO and self.on_death is not None:
+                    self.on_death()
+                raise
+        return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
+                                encrypted=encrypted)
 
     def access_checked(self, gpa: Any, write: Any, fetch: Any, user: Any, stage: Any,
                        encrypted: Any, limit: int) -> Any:
