@@ -1163,8 +1163,10 @@ class VCPU:
         # VCPU.access goes straight to the core, which comes back to the method below
         # when it needs Python.
         state.slow_access = functools.partial(VCPU.access, self)
+        state.slow_access_many = functools.partial(VCPU.access_many, self)
         state.on_death = self.vm._sync_launch_state
         self.access = state.access_api      # type: ignore[method-assign]
+        self.access_many = state.access_many_api    # type: ignore[method-assign]
         if state.hypercall is None:
             state.hypercall = NO_HYPERCALL
         self._c = state
@@ -1173,6 +1175,7 @@ class VCPU:
 
     def _detach(self) -> None:
         self.__dict__.pop("access", None)
+        self.__dict__.pop("access_many", None)
         self._c = _DetachedVCPU(self.vcpu_id)
         self.run = KvmRun(self._c)
 

@@ -670,11 +670,12 @@ def interrupted_batch(vcpu: Any, gpas: np.ndarray, flags: int = 0,
     main, sent = threading.get_ident(), []
 
     def in_the_core() -> bool:
+        # The main thread's innermost Python frame is this function, at the batch's call
+        # line: it is inside the compiled call (VCPU.access_many has no Python frame of
+        # its own when it goes straight to the core).
         frame = sys._current_frames().get(main)
-        while frame is not None and not (frame.f_code.co_name == "<lambda>"
-                                         and frame.f_code.co_filename.endswith("_vm.py")):
-            frame = frame.f_back
-        return frame is not None
+        return (frame is not None and frame.f_code is interrupted_batch.__code__
+                and frame.f_lineno == call_line)
 
     def interrupt_once_running() -> None:
         deadline = time.perf_counter() + 10
@@ -685,6 +686,7 @@ def interrupted_batch(vcpu: Any, gpas: np.ndarray, flags: int = 0,
         os.kill(os.getpid(), signal.SIGINT)
 
     helper = threading.Thread(target=interrupt_once_running)
+    call_line = sys._getframe().f_lineno + 3
     helper.start()
     try:
         vcpu.access_many(gpas, flags)

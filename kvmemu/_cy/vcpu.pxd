@@ -33,6 +33,7 @@ cdef class VCPUState:
     cdef public uint64_t ext_exit_qual      # a TD exit's extended exit qualification (RDX)
     cdef public bint interrupt_pending      # kvm_vcpu_has_events (the API sets it)
     cdef public object slow_access          # the API's VCPU.access, for what needs Python
+    cdef public object slow_access_many     # and its VCPU.access_many
     cdef public object on_death             # told when KVM_RUN failed with EIO
     cdef uint64_t vc_gpa                    # the page of the last #VC
     cdef SlotTable srcu                     # the memslots an exit's handling reads
@@ -40,6 +41,7 @@ cdef class VCPUState:
     cdef int handle_exit(self, int kind, uint64_t gpa,
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION
     cdef int stage(self, str name, FaultRecord* f) except -1
+    cdef bint quiet(self) noexcept
     cdef PmlLog* active_pml(self) noexcept
     cdef void leave_guest(self) noexcept
     cdef void confidential_check(self, const PagingConfig* c, uint64_t gpa, uint64_t flags,

@@ -64,7 +64,7 @@ cdef class VCPUState:
         self.ext_exit_qual = 0
         self.vc_gpa = 0
         self.interrupt_pending = False
-        self.slow_access = self.on_death = None
+        self.slow_access = self.slow_access_many = self.on_death = None
 
     @property
     def stats(self):
@@ -106,6 +106,7 @@ cdef class VCPUState:
         c.ext_exit_qual, c.vc_gpa = self.ext_exit_qual, self.vc_gpa
         c.interrupt_pending = self.interrupt_pending
         c.slow_access, c.on_death = self.slow_access, self.on_death
+        c.slow_access_many = self.slow_access_many
         return c
 
     cdef int handle_exit(self, int kind, uint64_t gpa,
@@ -357,10 +358,7 @@ cdef class VCPUState:
         """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
         hypercall completion or interrupt); else ``slow_access``."""
-        if (not self.interrupt_pending and not self.mmu.tracing
-                and self.memslots.c[VM_COUNTER_LAUNCHED]
-                and not self.memslots.c[VM_COUNTER_VM_DEAD]
-                and self.hypercall.pending is None):
+        if self.quiet():
             try:
                 return self.access_checked(gpa, write, fetch, user, stage, encrypted,
                                            ACCESS_LOOP_LIMIT)
@@ -370,6 +368,46 @@ cdef class VCPUState:
                 raise
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
                                 encrypted=encrypted)
+
+    cdef bint quiet(self) noexcept:
+        """Nothing around KVM_RUN needs Python: the VM alive and launched, no trace sink,
+        no pending hypercall completion or interrupt."""
+        return (not self.interrupt_pending and not self.mmu.tracing
+                and self.memslots.c[VM_COUNTER_LAUNCHED] != 0
+                and not self.memslots.c[VM_COUNTER_VM_DEAD]
+                and self.hypercall.pending is None)
+
+    def access_many_api(self, gpas, flags=0):
+        """VCPU.access_many as the API binds it: a C-contiguous, aligned 1-D uint64
+        ndarray within the walk's reach and a valid AccessFlags int go straight to the
+        batch loop when ``quiet`` and no stage hook is set; anything else (arrays of
+        flags, errors to report) goes to ``slow_access_many``."""
+        cdef const uint64_t[::1] view
+        cdef Py_ssize_t i
+        cdef uint64_t f, top = 0
+        if (type(gpas) is np.ndarray and type(flags) is int and self.stage_hook is None
+                and self.quiet()):
+            try:
+                view = gpas
+                f = flags
+            except (ValueError, TypeError, OverflowError, BufferError):
+                pass
+            else:
+                if (f < 64 and (f & (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA))
+                        != (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA)
+                        and not (f & (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA)
+                                 and f & ACCESS_FLAGS_FETCH)
+                        and (view.shape[0] == 0 or (<size_t>&view[0]) % 8 == 0)):
+                    for i in range(view.shape[0]):
+                        top |= view[i]
+                    if not top >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels):
+                        try:
+                            return self.access_many(gpas, f, ACCESS_LOOP_LIMIT)
+                        except KvmError as exc:
+                            if exc.errno == EIO and self.on_death is not None:
+                                self.on_death()
+                            raise
+        return self.slow_access_many(gpas, flags)
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
         """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain

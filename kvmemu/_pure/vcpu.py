@@ -89,6 +89,7 @@ class VCPUState:
         self.interrupt_pending = False
         #: The API's VCPU.access, for what needs Python; told when KVM_RUN fails with EIO.
         self.slow_access: Any = None
+        self.slow_access_many: Any = None
         self.on_death: Any = None
         #: The memslots an exit's handling reads (its kvm->srcu read-side section).
         self.srcu: Any = None
@@ -356,15 +357,25 @@ class VCPUState:
             self.mutex.release()
         return self.outcome_of(status, value, gpa, "", limit)
 
+    def quiet(self) -> bool:
+        """Nothing around KVM_RUN needs Python: the VM alive and launched, no trace sink,
+        no pending hypercall completion or interrupt."""
+        c = self.memslots.counters
+        return bool(not self.interrupt_pending and self.mmu.tracer is None
+                    and c[VM_COUNTER_LAUNCHED] and not c[VM_COUNTER_VM_DEAD]
+                    and self.hypercall.pending is None)
+
+    def access_many_api(self, gpas: Any, flags: Any = 0) -> Any:
+        """VCPU.access_many as the API binds it (the compiled core checks a plain call
+        itself); the twin always goes through ``slow_access_many``."""
+        return self.slow_access_many(gpas, flags)
+
     def access_api(self, gpa: Any, *, write: Any = False, fetch: Any = False,
                    user: Any = False, stage: Any = "final", encrypted: Any = False) -> Any:
         """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
         hypercall completion or interrupt); else ``slow_access``."""
-        c = self.memslots.counters
-        if (not self.interrupt_pending and self.mmu.tracer is None
-                and c[VM_COUNTER_LAUNCHED] and not c[VM_COUNTER_VM_DEAD]
-                and self.hypercall.pending is None):
+        if self.quiet():
             try:
                 return self.access_checked(gpa, write, fetch, user, stage, encrypted,
                                            ACCESS_LOOP_LIMIT)
