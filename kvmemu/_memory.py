@@ -15,12 +15,13 @@ What the fault path reads is kept in numpy arrays that the core reads in place:
 
 * ``counters`` (uint64, indexed by ``VmCounter``): the invalidation sequence,
   the in-progress count, the invalidated gfn range, the generations;
-* each slot's ``lpage`` arrays (uint32 ``lpage_info[level].disallow_lpage``);
-* the attribute ranges (three sorted uint64 arrays, never changed in place:
-  each change makes new ones).
+* each slot's ``lpage`` arrays (uint32 ``lpage_info[level].disallow_lpage``).
 
-After each change the core's ``Memslots`` is given the sorted address-space-0
-slots and the attribute arrays (``publish``); its hot lookups
+The memory attributes live in the core (``Memslots.store_attributes``; the
+compiled core keeps the ranges in chunks and rewrites the ones around a change).
+After each memslot change the core's ``Memslots`` is told what changed
+(``publish_changes``: the compiled core copies only the chunk of records it
+touches); its hot lookups
 (``gfn_to_memslot``, ``get_memory_attributes``, ``range_has_memory_attributes``,
 ``mmu_invalidate_retry_gfn``) are the per-access rules, one per core.  The
 zaps go to the core's ``TdpMmu``.

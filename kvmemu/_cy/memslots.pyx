@@ -2,10 +2,11 @@
 #
 # The compiled twin of kvmemu/_pure/memslots.py (which names the Linux 6.18
 # functions).  kvmemu._memory keeps the state and hands it over after every change:
-# publish_slots turns address space 0's slots into a SlotTable (SlotRecords by base
-# gfn, the base gfns contiguous for the search), never changed afterwards, so a
-# reader that holds one reads valid memory whatever other threads publish;
-# publish_attributes and the counters array are read in place.
+# publish_slots / publish_changes make a SlotTable (SlotRecords by base gfn, in
+# chunks that tables share), never changed afterwards, so a reader that holds one
+# reads valid memory whatever other threads publish.  The memory attributes are
+# kept here, in chunks of ranges changed in place with the GIL held (every reader
+# holds it); the counters array is read in place.
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
