@@ -685,15 +685,21 @@ def interrupted_batch(vcpu: Any, gpas: np.ndarray, flags: int = 0,
         sent.append(time.perf_counter())
         os.kill(os.getpid(), signal.SIGINT)
 
-    helper = threading.Thread(target=interrupt_once_running)
-    call_line = sys._getframe().f_lineno + 3
-    helper.start()
+    # A process started in the background by a shell inherits SIGINT ignored, and then
+    # Python installs no KeyboardInterrupt handler: install it for the call.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        vcpu.access_many(gpas, flags)
-    except KeyboardInterrupt as exc:
-        stopped, message = time.perf_counter(), str(exc)
-    else:
+        helper = threading.Thread(target=interrupt_once_running)
+        call_line = sys._getframe().f_lineno + 3
+        helper.start()
+        try:
+            vcpu.access_many(gpas, flags)
+        except KeyboardInterrupt as exc:
+            stopped, message = time.perf_counter(), str(exc)
+        else:
+            helper.join()
+            raise AssertionError("the batch was not interrupted")
         helper.join()
-        raise AssertionError("the batch was not interrupted")
-    helper.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return message, stopped - sent[0]
