@@ -618,9 +618,26 @@ cdef class PageTables:
         translation sets accessed bits in every entry used and dirty in the leaf
         for a write (EPT only with ad_bits); an exit changes nothing.
         """
-        cdef uint64_t g = _args.gpa(gpa, self.levels)
-        cdef uint64_t flags = _args.access(write, fetch, user, stage, encrypted)
+        cdef uint64_t g = 0, flags
         cdef Outcome out
+        cdef bint fast = (type(gpa) is int and type(write) is bool and type(fetch) is bool
+                          and type(user) is bool and type(encrypted) is bool
+                          and type(stage) is str and stage == "final")
+        if fast:                        # plain arguments: checked here, as _args would
+            try:
+                g = gpa
+            except OverflowError:
+                fast = False
+            else:
+                fast = (g >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels)) == 0
+        if fast:
+            flags = ((ACCESS_FLAGS_WRITE if write is True else 0)
+                     | (ACCESS_FLAGS_FETCH if fetch is True else 0)
+                     | (ACCESS_FLAGS_USER if user is True else 0)
+                     | (ACCESS_FLAGS_ENCRYPTED if encrypted is True else 0))
+        else:
+            g = _args.gpa(gpa, self.levels)
+            flags = _args.access(write, fetch, user, stage, encrypted)
         self.lock.acquire_read()
         out = translate_one(&self.cfg, self.mem, self.ntables, g, flags, NULL)
         self.lock.release_read()
