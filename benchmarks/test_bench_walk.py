@@ -63,3 +63,32 @@ def test_mapped_batch_walk_python_twin(benchmark, gpas, per_element):
 def test_mapped_scalar_access(benchmark, kv):
     vcpu = mapped_vcpu(kv, npages=16)
     assert benchmark(vcpu.access, 0x5123) == Translation(0x7F0000005123, 1)
+
+
+LARGE = 1 << 24                  # 64 GiB of mapped 4K pages: 128 MiB of leaf tables
+
+
+@pytest.fixture(scope="module")
+def large_gpas():
+    rng = np.random.default_rng(20261128)
+    return (rng.integers(0, LARGE, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
+
+
+@pytest.mark.benchmark(group="walk-mapped-batch-128m-tables")
+def test_mapped_batch_walk_large_tables_vs_c(benchmark, large_gpas, per_element,
+                                             tmp_path_factory):
+    """1M random reads over 16M mapped 4K pages (128 MiB of tables, far beyond the
+    caches and the TLB's reach), next to the C walk with and without software
+    prefetching of the leaf entry 16 walks ahead, in the same session."""
+    tmp = tmp_path_factory.mktemp("c_baseline_large")
+    c_plain = float(run_c_baseline("walk", tmp, large_gpas, LARGE, 3)[1])
+    c_ahead = float(run_c_baseline("walk", tmp, large_gpas, LARGE, 3, 16)[1])
+    vcpu = mapped_vcpu(_select.load("cython"), npages=LARGE)
+    result = benchmark.pedantic(vcpu.access_many, (large_gpas,), rounds=3, iterations=1)
+    assert result.count == N and result.exit is None
+    per_element(N)
+    benchmark.extra_info["c_baseline_ns_per_walk"] = c_plain
+    benchmark.extra_info["c_prefetch_ns_per_walk"] = c_ahead
+    if "ns_per_element" in benchmark.extra_info:
+        benchmark.extra_info["ratio_to_c_prefetch"] = round(
+            benchmark.extra_info["ns_per_element"] / c_ahead, 2)
