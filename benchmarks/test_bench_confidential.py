@@ -95,26 +95,35 @@ def test_snp_walk_shared_writes(benchmark, gpas, per_element, c_walk_ns):
     record(benchmark, "snp_shared", per_element, c_walk_ns)
 
 
+def requesting_vm(impl, vm_type):
+    """A VM whose KVM_HC_MAP_GPA_RANGE exits, 4 MiB of guest_memfd memory, a vCPU."""
+    vm = _select.load(impl).VM(vm_type)
+    vm.enable_exit_hypercall(1 << KVM_HC_MAP_GPA_RANGE)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
+                              userspace_addr=UADDR, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=vm.create_guest_memfd(4 * MIB))
+    return vm, vm.create_vcpu()
+
+
+def answer(vm, vcpu, result):
+    """The VMM: each KVM_HC_MAP_GPA_RANGE exit converts its range and is answered 0."""
+    while isinstance(result, HypercallExit):
+        gpa, pages, attrs = result.args[:3]
+        vm.set_memory_attributes(gpa, pages << 12, MemAttr.PRIVATE if attrs & 16 else 0)
+        result = vcpu.complete_hypercall(0)
+    return result
+
+
 @pytest.mark.benchmark(group="map-gpa-2m")
 @pytest.mark.parametrize("impl", ["cython", "python"])
 def test_map_gpa_round_trip_2mib(benchmark, impl):
     """A TD's MapGPA of 2 MiB to shared and back: one exit each, the VMM converts and
     answers (tdx_map_gpa, KVM_SET_MEMORY_ATTRIBUTES, tdx_complete_vmcall_map_gpa)."""
-    vm = _select.load(impl).VM(VMType.TDX)
-    vm.enable_exit_hypercall(1 << KVM_HC_MAP_GPA_RANGE)
-    gmem = vm.create_guest_memfd(4 * MIB)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
-                              userspace_addr=UADDR, flags=MemFlag.GUEST_MEMFD,
-                              guest_memfd=gmem)
+    vm, vcpu = requesting_vm(impl, VMType.TDX)
     vm.set_memory_attributes(0, 4 * MIB, MemAttr.PRIVATE)
-    vcpu = vm.create_vcpu()
 
     def serve(result):
-        while isinstance(result, HypercallExit):
-            gpa, pages, attrs = result.args[:3]
-            vm.set_memory_attributes(gpa, pages << 12, MemAttr.PRIVATE if attrs & 16 else 0)
-            result = vcpu.complete_hypercall(0)
-        return result
+        return answer(vm, vcpu, result)
 
     def round_trip():
         a = serve(vcpu.tdvmcall_map_gpa(vm.shared_bit | 2 * MIB, 2 * MIB))
@@ -131,24 +140,13 @@ def test_page_state_change_512_entries(benchmark, impl):
     """An SNP guest's page state change of 512 4K entries (two GHCB requests: 253 at
     most each, so 253 + 253 + 6), shared then private; adjacent entries merge, so each
     request is one exit that the VMM answers."""
-    vm = _select.load(impl).VM(VMType.SNP)
-    vm.enable_exit_hypercall(1 << KVM_HC_MAP_GPA_RANGE)
-    gmem = vm.create_guest_memfd(4 * MIB)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
-                              userspace_addr=UADDR, flags=MemFlag.GUEST_MEMFD,
-                              guest_memfd=gmem)
-    vcpu = vm.create_vcpu()
+    vm, vcpu = requesting_vm(impl, VMType.SNP)
 
     def request(op):
         done = 0
         for first in range(0, 512, 253):
             entries = [(512 + page, op, False) for page in range(first, min(first + 253, 512))]
-            result = vcpu.snp_page_state_change(entries)
-            while isinstance(result, HypercallExit):
-                gpa, pages, attrs = result.args[:3]
-                vm.set_memory_attributes(gpa, pages << 12,
-                                         MemAttr.PRIVATE if attrs & 16 else 0)
-                result = vcpu.complete_hypercall(0)
+            result = answer(vm, vcpu, vcpu.snp_page_state_change(entries))
             assert isinstance(result, PscResult) and result.ret == 0
             done += len(entries)
         return done

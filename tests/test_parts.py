@@ -56,6 +56,8 @@ COMPILED_ONLY = {
     ("locking", "xchg64"): "one word of xchg_words; the twin holds its atomic lock around "
                            "the whole loop",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
+    ("paging", "plain_access"): "the compiled core's check of plain access arguments; the "
+                                "twin checks every call through kvmemu._args",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",

@@ -81,6 +81,8 @@ cdef class PageTables:
 cdef uint64_t ept_access_bits(const PagingConfig* c, uint64_t flags) noexcept nogil
 cdef uint64_t ept_gva_bits(uint64_t q, uint64_t flags) noexcept nogil
 cdef uint64_t npf_error_bits(const PagingConfig* c, uint64_t flags) noexcept nogil
+cdef bint plain_access(object gpa, object write, object fetch, object user, object stage,
+                       object encrypted, int levels, uint64_t* g, uint64_t* flags)
 cdef uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil
 cdef Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil
 cdef uint64_t level_page_mask(int level) noexcept nogil

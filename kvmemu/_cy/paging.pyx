@@ -370,6 +370,29 @@ cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntab
     return npt_translate(c, mem, gpa, flags, &path)
 
 
+cdef bint plain_access(object gpa, object write, object fetch, object user, object stage,
+                       object encrypted, int levels, uint64_t* g, uint64_t* flags):
+    """The keyword arguments of an access when they are plain (an int GPA within a
+    ``levels``-level walk's reach, bools, stage "final"): the GPA and AccessFlags in
+    ``g`` and ``flags``, True.  False for anything else, which kvmemu._args checks
+    (and explains)."""
+    if not (type(gpa) is int and type(write) is bool and type(fetch) is bool
+            and type(user) is bool and type(encrypted) is bool and type(stage) is str
+            and stage == "final"):
+        return False
+    try:
+        g[0] = gpa
+    except OverflowError:
+        return False
+    if g[0] >> (PAGE_SHIFT + PT_LEVEL_BITS * levels):
+        return False
+    flags[0] = ((ACCESS_FLAGS_WRITE if write is True else 0)
+                | (ACCESS_FLAGS_FETCH if fetch is True else 0)
+                | (ACCESS_FLAGS_USER if user is True else 0)
+                | (ACCESS_FLAGS_ENCRYPTED if encrypted is True else 0))
+    return True
+
+
 cdef object outcome_object(const Outcome* out, uint64_t gpa):
     """The result object of an outcome: Translation or the exit (built directly, without
     the result classes' checking __new__)."""
@@ -618,24 +641,10 @@ cdef class PageTables:
         translation sets accessed bits in every entry used and dirty in the leaf
         for a write (EPT only with ad_bits); an exit changes nothing.
         """
-        cdef uint64_t g = 0, flags
+        cdef uint64_t g = 0, flags = 0
         cdef Outcome out
-        cdef bint fast = (type(gpa) is int and type(write) is bool and type(fetch) is bool
-                          and type(user) is bool and type(encrypted) is bool
-                          and type(stage) is str and stage == "final")
-        if fast:                        # plain arguments: checked here, as _args would
-            try:
-                g = gpa
-            except OverflowError:
-                fast = False
-            else:
-                fast = (g >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels)) == 0
-        if fast:
-            flags = ((ACCESS_FLAGS_WRITE if write is True else 0)
-                     | (ACCESS_FLAGS_FETCH if fetch is True else 0)
-                     | (ACCESS_FLAGS_USER if user is True else 0)
-                     | (ACCESS_FLAGS_ENCRYPTED if encrypted is True else 0))
-        else:
+        if not plain_access(gpa, write, fetch, user, stage, encrypted, self.levels, &g,
+                            &flags):
             g = _args.gpa(gpa, self.levels)
             flags = _args.access(write, fetch, user, stage, encrypted)
         self.lock.acquire_read()

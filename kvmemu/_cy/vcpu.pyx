@@ -413,23 +413,8 @@ cdef class VCPUState:
         """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain
         bools, ``stage="final"`` and an int GPA within the walk's reach take a fast path;
         anything else goes through kvmemu._args, as in the pure-Python twin."""
-        cdef uint64_t g = 0, f
-        cdef bint fast = (type(write) is bool and type(fetch) is bool and type(user) is bool
-                          and type(encrypted) is bool and type(stage) is str
-                          and stage == "final" and type(gpa) is int and gpa >= 0)
-        if fast:
-            try:
-                g = gpa
-            except OverflowError:
-                fast = False
-            else:
-                fast = (g >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels)) == 0
-        if fast:
-            f = ((ACCESS_FLAGS_WRITE if write is True else 0)
-                 | (ACCESS_FLAGS_FETCH if fetch is True else 0)
-                 | (ACCESS_FLAGS_USER if user is True else 0)
-                 | (ACCESS_FLAGS_ENCRYPTED if encrypted is True else 0))
-        else:
+        cdef uint64_t g = 0, f = 0
+        if not plain_access(gpa, write, fetch, user, stage, encrypted, self.levels, &g, &f):
             f = _args.access(write, fetch, user, stage, encrypted)
             g = _args.gpa(gpa, self.levels)
         return self.access(g, f, limit)
