@@ -85,7 +85,6 @@ class VCPUState:
     ext_exit_qual: int
     interrupt_pending: bool
     slow_access: Callable[..., Any] | None
-    on_death: Callable[[], None] | None
     def __init__(self, config: Any, memslots: Memslots, mmu: TdpMmu) -> None: ...
     @property
     def pre_fault_allowed(self) -> bool: ...

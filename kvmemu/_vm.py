@@ -300,9 +300,6 @@ class VM:
         self._memory.disable_quirks(initial.value)
         self._vcpus: list[VCPU] = []
         self._hypercall_exit_enabled = 0
-        #: Mirrors of the core's VM_DEAD and LAUNCHED counters (_sync_launch_state).
-        self._dead = False
-        self._launched = _launch.launched(self._memory)
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Tracer | None = None
@@ -360,24 +357,24 @@ class VM:
     @property
     def dead(self) -> bool:
         """kvm->vm_dead: KVM killed the VM (kvm_vm_dead); every ioctl now fails with EIO."""
-        self._sync_launch_state()
-        return self._dead
-
-    def _sync_launch_state(self) -> None:
-        """Read what the core may have changed: kvm_vm_dead (a handler that returned
-        -EIO), and the launch (a snapshot restored)."""
-        self._dead = bool(self._memory.counters[VmCounter.VM_DEAD])
-        self._launched = _launch.launched(self._memory)
+        return bool(self._memory.counters[VmCounter.VM_DEAD])
 
     def _check_alive(self) -> None:
-        if self._dead:
+        if self.dead:
             raise KvmError(errno.EIO, "the VM is dead (kvm_vm_dead): KVM refuses every ioctl")
+
+    def _enter_guest(self) -> None:
+        """What a KVM_RUN of any vCPU checks first: EIO on a dead VM; a TD or SNP guest
+        whose launch was never ended ends it now (_launch_implicitly)."""
+        self._check_alive()
+        if not _launch.launched(self._memory):
+            self._launch_implicitly()
 
     @property
     def launched(self) -> bool:
         """The launch is over: a TD is runnable (KVM_TDX_FINALIZE_VM), an SNP guest's
         launch finished (KVM_SEV_SNP_LAUNCH_FINISH), or the VM has no launch at all."""
-        return self._launched
+        return _launch.launched(self._memory)
 
     @property
     def pre_fault_allowed(self) -> bool:
@@ -392,7 +389,6 @@ class VM:
             if not _launch.launched(self._memory):
                 _launch.finish_launch(self._memory, implicit=True)
                 self._protect_vmsas()
-            self._launched = True
 
     def _protect_vmsas(self) -> None:
         for vcpu in self._vcpus:
@@ -435,7 +431,6 @@ class VM:
         if self.vm_type != VMType.TDX:
             raise KvmError(errno.ENOTTY, "KVM_TDX_FINALIZE_VM is for a TD")
         _launch.tdx_finalize_vm(self._memory)
-        self._launched = True
 
     @_ioctl
     def snp_launch_update(self, gpa: Any, size: Any,
@@ -469,7 +464,6 @@ class VM:
                                          "already protected (sev_es_sync_vmsa)")
         _launch.snp_launch_finish(self._memory)
         self._protect_vmsas()
-        self._launched = True
 
     def rmp_entry(self, pfn: Any) -> RmpEntry:
         """The RMP entry of host frame ``pfn`` (snp_lookup_rmpentry): what guest_memfd's
@@ -1025,7 +1019,6 @@ class VM:
         self._invalidations_done.notify_all()
         self._gmem = list(snapshot._gmem)
         self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
-        self._sync_launch_state()
 
     @_locked
     def check_invariants(self) -> list[str]:
@@ -1164,7 +1157,6 @@ class VCPU:
         # when it needs Python.
         state.slow_access = functools.partial(VCPU.access, self)
         state.slow_access_many = functools.partial(VCPU.access_many, self)
-        state.on_death = self.vm._sync_launch_state
         self.access = state.access_api      # type: ignore[method-assign]
         self.access_many = state.access_many_api    # type: ignore[method-assign]
         if state.hypercall is None:
@@ -1246,9 +1238,10 @@ class VCPU:
         A KVM_RUN (``kvm_run``) first runs a pending completion with what
         kvm_run.hypercall.ret holds (vcpu->arch.complete_userspace_io)."""
         vm = self.vm
-        vm._check_alive()
-        if kvm_run and not vm._launched:
-            vm._launch_implicitly()
+        if kvm_run:
+            vm._enter_guest()
+        else:
+            vm._check_alive()
         if kvm_run and self._c.hypercall.pending is not None:
             with _held(self._mutex):
                 if self._c.hypercall.pending is not None:
@@ -1257,13 +1250,9 @@ class VCPU:
             self._c.interrupt_pending = False   # the guest runs and takes it
         try:
             result = call(self._c)
-        except BaseException as exc:
-            if isinstance(exc, KvmError) and exc.errno == errno.EIO:
-                vm._sync_launch_state()          # kvm_vm_dead, perhaps
+        except BaseException:
             self.vm._flush_trace(raise_errors=False)
             raise
-        if result == -errno.EIO and type(result) is int:
-            vm._sync_launch_state()
         if self.vm._tracer is not None:
             self.vm._flush_trace()
         return result
@@ -1287,10 +1276,7 @@ class VCPU:
         (EIO on a dead VM; a launch never ended ends implicitly) first completes a
         pending exit with kvm_run.hypercall.ret as it stands, and starts with
         KVM_EXIT_UNKNOWN."""
-        vm = self.vm
-        vm._check_alive()
-        if not vm._launched:
-            vm._launch_implicitly()
+        self.vm._enter_guest()
         state = self._c
         if state.hypercall.pending is not None:
             self._complete(state, state.hypercall.ret)

@@ -34,7 +34,6 @@ cdef class VCPUState:
     cdef public bint interrupt_pending      # kvm_vcpu_has_events (the API sets it)
     cdef public object slow_access          # the API's VCPU.access, for what needs Python
     cdef public object slow_access_many     # and its VCPU.access_many
-    cdef public object on_death             # told when KVM_RUN failed with EIO
     cdef uint64_t vc_gpa                    # the page of the last #VC
     cdef SlotTable srcu                     # the memslots an exit's handling reads
     cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)

@@ -6,7 +6,7 @@
 # record is re-read from the published records; the fault keeps the Slot object
 # alive meanwhile).  Failures are raised here, as the twin raises them.
 
-from libc.errno cimport EFAULT, EINVAL, EIO
+from libc.errno cimport EFAULT, EINVAL
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
@@ -64,7 +64,7 @@ cdef class VCPUState:
         self.ext_exit_qual = 0
         self.vc_gpa = 0
         self.interrupt_pending = False
-        self.slow_access = self.slow_access_many = self.on_death = None
+        self.slow_access = self.slow_access_many = None
 
     @property
     def stats(self):
@@ -105,7 +105,7 @@ cdef class VCPUState:
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
         c.ext_exit_qual, c.vc_gpa = self.ext_exit_qual, self.vc_gpa
         c.interrupt_pending = self.interrupt_pending
-        c.slow_access, c.on_death = self.slow_access, self.on_death
+        c.slow_access = self.slow_access
         c.slow_access_many = self.slow_access_many
         return c
 
@@ -241,24 +241,26 @@ cdef class VCPUState:
         becomes the exit (or the #VC) when one fails."""
         cdef uint64_t* frame
         cdef uint64_t e
-        cdef bint enc
+        cdef bint rmp_fault
         if self.snp:
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
             e = frame[0] if frame != NULL else 0
-            enc = (flags & ACCESS_FLAGS_ENCRYPTED) != 0
-            if enc:
-                if (not (e & FRAME_STATE_RMP_ASSIGNED) or (e & FRAME_STATE_RMP_IMMUTABLE)
-                        or (e & FRAME_GPA_MASK) != (gpa & FRAME_GPA_MASK)
-                        or (out.level > <int>PG_LEVEL_4K) != ((e & FRAME_STATE_RMP_PAGESIZE_2M) != 0)):
-                    out.kind = OUT_NPF
-                    out.value = npf_error_bits(c, flags) | PFERR_PRESENT | PFERR_GUEST_RMP
-                elif not (e & FRAME_STATE_RMP_VALIDATED) and not (flags & ACCESS_PROBE):
+            if flags & ACCESS_FLAGS_ENCRYPTED:
+                rmp_fault = (not (e & FRAME_STATE_RMP_ASSIGNED) or (e & FRAME_STATE_RMP_IMMUTABLE)
+                             or (e & FRAME_GPA_MASK) != (gpa & FRAME_GPA_MASK)
+                             or (out.level > <int>PG_LEVEL_4K)
+                             != ((e & FRAME_STATE_RMP_PAGESIZE_2M) != 0))
+                if (not rmp_fault and not (e & FRAME_STATE_RMP_VALIDATED)
+                        and not (flags & ACCESS_PROBE)):
                     if self.memslots.c[VM_COUNTER_GUEST_ACCEPTS]:
                         atomic_or64(frame, FRAME_STATE_RMP_VALIDATED)   # PVALIDATE first
                     else:
                         out.kind = OUT_GUEST_VC
                         out.value = SVM_EXIT_PAGE_NOT_VALIDATED
-            elif flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) and e & FRAME_STATE_RMP_ASSIGNED:
+            else:
+                rmp_fault = ((flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK)) != 0
+                             and (e & FRAME_STATE_RMP_ASSIGNED) != 0)
+            if rmp_fault:
                 out.kind = OUT_NPF
                 out.value = npf_error_bits(c, flags) | PFERR_PRESENT | PFERR_GUEST_RMP
         elif self.tdx and not (gpa & (self.direct_bits_gfn << PAGE_SHIFT)):
@@ -359,13 +361,8 @@ cdef class VCPUState:
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
         hypercall completion or interrupt); else ``slow_access``."""
         if self.quiet():
-            try:
-                return self.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                           ACCESS_LOOP_LIMIT)
-            except KvmError as exc:
-                if exc.errno == EIO and self.on_death is not None:
-                    self.on_death()
-                raise
+            return self.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                       ACCESS_LOOP_LIMIT)
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
                                 encrypted=encrypted)
 
@@ -401,12 +398,7 @@ cdef class VCPUState:
                     for i in range(view.shape[0]):
                         top |= view[i]
                     if not top >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels):
-                        try:
-                            return self.access_many(gpas, f, ACCESS_LOOP_LIMIT)
-                        except KvmError as exc:
-                            if exc.errno == EIO and self.on_death is not None:
-                                self.on_death()
-                            raise
+                        return self.access_many(gpas, f, ACCESS_LOOP_LIMIT)
         return self.slow_access_many(gpas, flags)
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):

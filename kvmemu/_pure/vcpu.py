@@ -87,10 +87,9 @@ class VCPUState:
         self.vc_gpa = 0
         #: kvm_vcpu_has_events (the API sets it).
         self.interrupt_pending = False
-        #: The API's VCPU.access, for what needs Python; told when KVM_RUN fails with EIO.
+        #: The API's VCPU.access and access_many, for what needs Python.
         self.slow_access: Any = None
         self.slow_access_many: Any = None
-        self.on_death: Any = None
         #: The memslots an exit's handling reads (its kvm->srcu read-side section).
         self.srcu: Any = None
         #: vcpu->mutex (the API's VCPU owns it).
@@ -246,20 +245,24 @@ class VCPUState:
         if self.snp:
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
             e = 0 if frame is None else frame[0].get(frame[1])
-            rmp_npf = paging.Outcome(paging.OUT_NPF, 0, paging.npf_error_bits(c, flags)
-                                     | PFERR_PRESENT | PFERR_GUEST_RMP)
             if flags & ACCESS_FLAGS_ENCRYPTED:
-                if (not e & FRAME_STATE_RMP_ASSIGNED or e & FRAME_STATE_RMP_IMMUTABLE
-                        or e & FRAME_GPA_MASK != gpa & FRAME_GPA_MASK
-                        or (out.level > PG_LEVEL_4K) != bool(e & FRAME_STATE_RMP_PAGESIZE_2M)):
-                    return rmp_npf
-                if not e & FRAME_STATE_RMP_VALIDATED and not flags & ACCESS_PROBE:
+                rmp_fault = bool(not e & FRAME_STATE_RMP_ASSIGNED
+                                 or e & FRAME_STATE_RMP_IMMUTABLE
+                                 or e & FRAME_GPA_MASK != gpa & FRAME_GPA_MASK
+                                 or (out.level > PG_LEVEL_4K)
+                                 != bool(e & FRAME_STATE_RMP_PAGESIZE_2M))
+                if (not rmp_fault and not e & FRAME_STATE_RMP_VALIDATED
+                        and not flags & ACCESS_PROBE):
                     if not accepts:
                         return paging.Outcome(paging.OUT_GUEST_VC, 0,
                                               SVM_EXIT_PAGE_NOT_VALIDATED)
                     frame[0].update(frame[1], lambda old: old | FRAME_STATE_RMP_VALIDATED)
-            elif flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK) and e & FRAME_STATE_RMP_ASSIGNED:
-                return rmp_npf
+            else:
+                rmp_fault = bool(flags & (ACCESS_FLAGS_WRITE | ACCESS_FLAGS_WALK)
+                                 and e & FRAME_STATE_RMP_ASSIGNED)
+            if rmp_fault:
+                return paging.Outcome(paging.OUT_NPF, 0, paging.npf_error_bits(c, flags)
+                                      | PFERR_PRESENT | PFERR_GUEST_RMP)
         elif self.tdx and not gpa & (self.direct_bits_gfn << PAGE_SHIFT):
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
             if (frame is not None and frame[0].get(frame[1]) & FRAME_STATE_TDX_PENDING
@@ -376,13 +379,8 @@ class VCPUState:
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
         hypercall completion or interrupt); else ``slow_access``."""
         if self.quiet():
-            try:
-                return self.access_checked(gpa, write, fetch, user, stage, encrypted,
-                                           ACCESS_LOOP_LIMIT)
-            except KvmError as exc:
-                if exc.errno == errno.EIO and self.on_death is not None:
-                    self.on_death()
-                raise
+            return self.access_checked(gpa, write, fetch, user, stage, encrypted,
+                                       ACCESS_LOOP_LIMIT)
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
                                 encrypted=encrypted)
 
