@@ -32,7 +32,6 @@ from .results import Translation
 _PREPARED = FrameState.PREPARED.value
 _ASSIGNED = FrameState.RMP_ASSIGNED.value
 _VALIDATED = FrameState.RMP_VALIDATED.value
-_IMMUTABLE = FrameState.RMP_IMMUTABLE.value
 _PENDING = FrameState.TDX_PENDING.value
 _PRIVATE = MemAttr.PRIVATE.value
 _U64 = (1 << 64) - 1
