@@ -1,7 +1,7 @@
 """vCPUs on threads: one thread against two over the same total work, on one VM.
 
-``mapped``: 2M random reads of mapped 4K pages with ``access_many`` (the walks run
-without the GIL, holding mmu_lock for read).  ``first-touch``: 40K first-touch 4K
+``mapped``: 2M random reads of mapped 4K pages with ``access_many`` into reused
+``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).  ``first-touch``: 40K first-touch 4K
 faults with ``access_many``.  Each two-thread case splits the work in halves, one per
 vCPU; ``extra_info`` records the elements and ns per element.
 """
@@ -18,13 +18,15 @@ N_PAGES = 64 * 1024
 N_FAULTS = 40_000
 
 
-def run_split(vcpus, chunks):
-    """Each vCPU's access_many on its chunk, each on its own thread (one: in this one)."""
+def run_split(vcpus, chunks, outs=None):
+    """Each vCPU's access_many on its chunk, each on its own thread (one: in this one),
+    filling ``outs`` (one (hpa, level) pair per chunk) when given."""
+    outs = outs or [None] * len(chunks)
     if len(vcpus) == 1:
-        assert vcpus[0].access_many(chunks[0], 1).exit is None
+        assert vcpus[0].access_many(chunks[0], 1, out=outs[0]).exit is None
         return
-    threads = [threading.Thread(target=lambda v=v, c=c: v.access_many(c, 1))
-               for v, c in zip(vcpus, chunks)]
+    threads = [threading.Thread(target=lambda v=v, c=c, o=o: v.access_many(c, 1, out=o))
+               for v, c, o in zip(vcpus, chunks, outs)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -45,7 +47,8 @@ def test_mapped_access_many(benchmark, threads, rng, per_element):
     vcpus[0].access_many(np.arange(N_PAGES, dtype=np.uint64) << np.uint64(12), 1)
     gpas = rng.integers(0, N_PAGES, N_MAPPED, dtype=np.uint64) << np.uint64(12)
     chunks = np.array_split(gpas, threads)
-    benchmark(run_split, vcpus, chunks)
+    outs = [(np.empty(len(c), np.uint64), np.empty(len(c), np.uint8)) for c in chunks]
+    benchmark(run_split, vcpus, chunks, outs)
     per_element(N_MAPPED)
     assert vm.check_invariants() == []
 

@@ -230,6 +230,34 @@ def gpa_array(value: Any, levels: int) -> np.ndarray:
     return arr
 
 
+def batch_out(value: Any, gpas: np.ndarray, flags: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """``out`` of ``access_many``: None, or ``(hpa, level)``, a writable C-contiguous 1-D
+    uint64 array and uint8 array as long as ``gpas``, overlapping neither each other nor
+    the inputs (the loop writes element i after reading it, but not in lockstep)."""
+    if value is None:
+        return None
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise TypeError("out must be None or a tuple (hpa, level) of two numpy arrays")
+    arrays = []
+    for name, arr, dtype in (("hpa", value[0], np.uint64), ("level", value[1], np.uint8)):
+        if not isinstance(arr, np.ndarray):
+            raise TypeError(f"out {name} must be a numpy array, not {type(arr).__name__}")
+        if arr.dtype != dtype:
+            raise TypeError(f"out {name} must have dtype {np.dtype(dtype)}, not {arr.dtype}")
+        if arr.ndim != 1 or len(arr) != len(gpas):
+            raise ValueError(f"out {name} must be 1-D with {len(gpas)} elements (as gpas), "
+                             f"not shape {arr.shape}")
+        if not arr.flags.c_contiguous or not arr.flags.writeable or not arr.flags.aligned:
+            raise ValueError(f"out {name} must be a writable, aligned, C-contiguous array")
+        arrays.append(arr)
+    hpa, level = arrays
+    inputs = [gpas] + ([flags] if isinstance(flags, np.ndarray) else [])
+    if np.may_share_memory(hpa, level) or any(np.may_share_memory(o, i) for o in arrays
+                                                for i in inputs):
+        raise ValueError("out arrays must not overlap each other, gpas or flags")
+    return hpa, level
+
+
 _STAGE_FLAGS = {"final": 0, "walk": AccessFlags.WALK.value, "nogva": AccessFlags.NOGVA.value}
 _ALL_ACCESS_FLAGS = sum(f.value for f in AccessFlags)
 _WALK, _NOGVA, _FETCH = (AccessFlags.WALK.value, AccessFlags.NOGVA.value,

@@ -1411,20 +1411,23 @@ class VCPU:
         self._pre_faulted = True
         return self._run(lambda state: state.pre_fault_memory(g, s, f), kvm_run=False)
 
-    def access_many(self, gpas: Any, flags: Any = 0) -> AccessBatch:
+    def access_many(self, gpas: Any, flags: Any = 0, *, out: Any = None) -> AccessBatch:
         """``access`` for each element of ``gpas`` (1-D uint64) in order, ``flags`` an
         ``AccessFlags`` int or a 1-D uint8 array of them, stopping at the first access
         that leaves to userspace (``.exit``).  The loop runs in the core, without Python
-        work per element; resume with ``gpas[result.count:]``."""
+        work per element; resume with ``gpas[result.count:]``.  ``out=(hpa, level)``
+        gives the result arrays to fill (uint64 and uint8, as long as ``gpas``), so that
+        a caller in a loop allocates them once."""
         tables = self.vm.page_tables
         g = _args.gpa_array(gpas, tables.levels)
         f = _args.access_flags_array(flags, len(g))
+        o = _args.batch_out(out, g, f)
         if self._c.stage_hook is not None:
             # The hook could write into the caller's arrays during the batch: the core
             # reads a copy of what was checked.
             g = g.copy()
             f = f.copy() if isinstance(f, np.ndarray) else f
-        return self._run(lambda state: state.access_many(g, f, ACCESS_LOOP_LIMIT))
+        return self._run(lambda state: state.access_many(g, f, ACCESS_LOOP_LIMIT, o))
 
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
                stage: Any = "final", encrypted: Any = False) -> Any:

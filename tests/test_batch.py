@@ -74,6 +74,46 @@ def test_access_many_checks_its_arguments(kv):
     assert (empty.count, empty.exit, len(empty.hpa)) == (0, None, 0)
 
 
+def test_access_many_fills_the_callers_arrays(kv):
+    vm, vcpu = vm_and_vcpu(kv)
+    gpas = u64(0x1000, 0x2345, 0x3000)
+    hpa, level = np.full(3, 7, np.uint64), np.full(3, 9, np.uint8)
+    batch = vcpu.access_many(gpas, AccessFlags.WRITE, out=(hpa, level))
+    assert batch.hpa is hpa and batch.level is level and batch.count == 3
+    assert hpa.tolist() == [0x7F0000001000, 0x7F0000002345, 0x7F0000003000]
+    assert level.tolist() == [1, 1, 1]
+    # Reused for a batch that stops at an exit: filled up to .count, the rest untouched.
+    vm.set_user_memory_region(slot=1, guest_phys_addr=2 * GIB, memory_size=MIB,
+                              userspace_addr=0x7F0080000000)
+    hpa[:] = 7
+    batch = vcpu.access_many(u64(0x1000, 4 * GIB, 0x3000), out=(hpa, level))
+    assert batch.count == 1 and batch.exit == MmioExit(4 * GIB, False)
+    assert hpa.tolist() == [0x7F0000001000, 7, 7]
+
+
+def test_access_many_checks_out(kv):
+    vm, vcpu = vm_and_vcpu(kv)
+    gpas = u64(0x1000, 0x2000)
+    hpa, level = np.zeros(2, np.uint64), np.zeros(2, np.uint8)
+    read_only = np.zeros(2, np.uint64)
+    read_only.flags.writeable = False
+    both = np.zeros(3, np.uint64)
+    for out, exc in [
+        ([hpa, level], TypeError), ((hpa,), TypeError), ((hpa, level.astype(np.int8)), TypeError),
+        ((hpa.astype(np.int64), level), TypeError), ((list(hpa), level), TypeError),
+        ((np.zeros(3, np.uint64), level), ValueError), ((hpa, np.zeros((2, 1), np.uint8)), ValueError),
+        ((read_only, level), ValueError), ((np.zeros(4, np.uint64)[::2], level), ValueError),
+        ((gpas, level), ValueError), ((both[:2], both[1:].view(np.uint8)[:2]), ValueError),
+        ((hpa, gpas.view(np.uint8)[:2]), ValueError),
+    ]:
+        with pytest.raises(exc):
+            vcpu.access_many(gpas, out=out)
+    assert vm.stats["pf_taken"] == 0 and not hpa.any()
+    flags = np.zeros(2, np.uint8)
+    with pytest.raises(ValueError):
+        vcpu.access_many(gpas, flags, out=(hpa, flags))
+
+
 def test_access_many_errors(kv):
     vm, vcpu = vm_and_vcpu(kv, VMType.TDX)
     with pytest.raises(KvmError) as info:

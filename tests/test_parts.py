@@ -58,6 +58,10 @@ COMPILED_ONLY = {
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
     ("paging", "plain_access"): "the compiled core's check of plain access arguments; the "
                                 "twin checks every call through kvmemu._args",
+    ("vcpu", "within_reach"): "access_many's fast-path check of the GPAs, without the GIL; "
+                              "the twin checks every call through kvmemu._args",
+    ("vcpu", "plain_out"): "access_many's fast-path check of out=; the twin checks every call "
+                           "through kvmemu._args",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",

@@ -33,6 +33,41 @@ cdef extern from "Python.h":
 STAGES = ("fault", "faultin", "map")
 
 
+cdef bint within_reach(const uint64_t[::1] gpas, int reach) noexcept:
+    """No GPA has a bit at or above bit ``reach`` (read without the GIL: the view keeps
+    the buffer from moving)."""
+    cdef uint64_t top = 0
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(gpas.shape[0]):
+            top |= gpas[i]
+    return (top >> reach) == 0
+
+
+cdef bint plain_out(object out, const uint64_t[::1] gpas):
+    """``out`` is ``(hpa, level)`` as _args.batch_out accepts it, in the cheap cases:
+    two writable C-contiguous arrays of the right types and length, apart from each
+    other and from ``gpas``.  False sends the call to the checking path."""
+    cdef uint64_t[::1] hpa
+    cdef uint8_t[::1] level
+    cdef size_t g0, g1, h0, h1, l0, l1
+    cdef Py_ssize_t n = gpas.shape[0]
+    if type(out) is not tuple or len(out) != 2 or n == 0:
+        return False
+    if type(out[0]) is not np.ndarray or type(out[1]) is not np.ndarray:
+        return False
+    try:
+        hpa = out[0]
+        level = out[1]
+    except (ValueError, TypeError, BufferError):
+        return False
+    if hpa.shape[0] != n or level.shape[0] != n or (<size_t>&hpa[0]) % 8:
+        return False
+    g0, h0, l0 = <size_t>&gpas[0], <size_t>&hpa[0], <size_t>&level[0]
+    g1, h1, l1 = g0 + 8 * n, h0 + 8 * n, l0 + n
+    return (h1 <= g0 or g1 <= h0) and (l1 <= g0 or g1 <= l0) and (l1 <= h0 or h1 <= l0)
+
+
 @cython.final
 cdef class VCPUState:
     """One vCPU: kvm_run, the MMIO cache, the statistics, and the VM parts it reads.
@@ -374,14 +409,13 @@ cdef class VCPUState:
                 and not self.memslots.c[VM_COUNTER_VM_DEAD]
                 and self.hypercall.pending is None)
 
-    def access_many_api(self, gpas, flags=0):
+    def access_many_api(self, gpas, flags=0, *, out=None):
         """VCPU.access_many as the API binds it: a C-contiguous, aligned 1-D uint64
-        ndarray within the walk's reach and a valid AccessFlags int go straight to the
-        batch loop when ``quiet`` and no stage hook is set; anything else (arrays of
-        flags, errors to report) goes to ``slow_access_many``."""
+        ndarray within the walk's reach, a valid AccessFlags int and no ``out`` (or one
+        that fits) go straight to the batch loop when ``quiet`` and no stage hook is set;
+        anything else (arrays of flags, errors to report) goes to ``slow_access_many``."""
         cdef const uint64_t[::1] view
-        cdef Py_ssize_t i
-        cdef uint64_t f, top = 0
+        cdef uint64_t f
         if (type(gpas) is np.ndarray and type(flags) is int and self.stage_hook is None
                 and self.quiet()):
             try:
@@ -394,12 +428,11 @@ cdef class VCPUState:
                         != (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA)
                         and not (f & (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA)
                                  and f & ACCESS_FLAGS_FETCH)
-                        and (view.shape[0] == 0 or (<size_t>&view[0]) % 8 == 0)):
-                    for i in range(view.shape[0]):
-                        top |= view[i]
-                    if not top >> (PAGE_SHIFT + PT_LEVEL_BITS * self.levels):
-                        return self.access_many(gpas, f, ACCESS_LOOP_LIMIT)
-        return self.slow_access_many(gpas, flags)
+                        and (view.shape[0] == 0 or (<size_t>&view[0]) % 8 == 0)
+                        and within_reach(view, PAGE_SHIFT + PT_LEVEL_BITS * self.levels)
+                        and (out is None or plain_out(out, view))):
+                    return self.access_many(gpas, f, ACCESS_LOOP_LIMIT, out)
+        return self.slow_access_many(gpas, flags, out=out)
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
         """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain
@@ -411,7 +444,7 @@ cdef class VCPUState:
             g = _args.gpa(gpa, self.levels)
         return self.access(g, f, limit)
 
-    def access_many(self, const uint64_t[::1] gpas, flags, int limit):
+    def access_many(self, const uint64_t[::1] gpas, flags, int limit, out=None):
         """``access`` for each GPA in order (checked arrays), stopping at the first access
         that leaves to userspace (``.exit``); KVM_RUN failing raises KvmError, an access
         that does not settle RuntimeError, both naming the element.
@@ -419,10 +452,14 @@ cdef class VCPUState:
         Accesses that translate without an exit (mapped pages, the common case) run in
         a C loop with the GIL released and mmu_lock held for read, once a run of them
         has started; an access that exits goes through the fault pipeline in C with the
-        GIL held (it may call the stage hook).  No Python object is made per element."""
+        GIL held (it may call the stage hook).  No Python object is made per element.
+        ``out``: the checked ``(hpa, level)`` arrays to fill, else new zeroed ones."""
         cdef Py_ssize_t n = gpas.shape[0]
-        hpa_arr = np.zeros(n, dtype=np.uint64)
-        level_arr = np.zeros(n, dtype=np.uint8)
+        if out is None:
+            hpa_arr = np.zeros(n, dtype=np.uint64)
+            level_arr = np.zeros(n, dtype=np.uint8)
+        else:
+            hpa_arr, level_arr = out
         cdef bint per_element = not isinstance(flags, int)
         cdef const uint8_t[::1] fl = flags if per_element else None
         cdef uint64_t f = 0 if per_element else flags

@@ -368,10 +368,10 @@ class VCPUState:
                     and c[VM_COUNTER_LAUNCHED] and not c[VM_COUNTER_VM_DEAD]
                     and self.hypercall.pending is None)
 
-    def access_many_api(self, gpas: Any, flags: Any = 0) -> Any:
+    def access_many_api(self, gpas: Any, flags: Any = 0, *, out: Any = None) -> Any:
         """VCPU.access_many as the API binds it (the compiled core checks a plain call
         itself); the twin always goes through ``slow_access_many``."""
-        return self.slow_access_many(gpas, flags)
+        return self.slow_access_many(gpas, flags, out=out)
 
     def access_api(self, gpa: Any, *, write: Any = False, fetch: Any = False,
                    user: Any = False, stage: Any = "final", encrypted: Any = False) -> Any:
@@ -390,13 +390,18 @@ class VCPUState:
         flags = _args.access(write, fetch, user, stage, encrypted)
         return self.access(_args.gpa(gpa, self.levels), flags, limit)
 
-    def access_many(self, gpas: np.ndarray, flags: Any, limit: int) -> AccessBatch:
+    def access_many(self, gpas: np.ndarray, flags: Any, limit: int,
+                    out: tuple[np.ndarray, np.ndarray] | None = None) -> AccessBatch:
         """``access`` for each GPA in order (checked arrays), stopping at the first access
         that leaves to userspace (``.exit``); KVM_RUN failing raises KvmError, an access
-        that does not settle RuntimeError, both naming the element."""
+        that does not settle RuntimeError, both naming the element.  ``out``: the
+        checked ``(hpa, level)`` arrays to fill, else new zeroed ones."""
         n = len(gpas)
-        hpa = np.zeros(n, dtype=np.uint64)
-        level = np.zeros(n, dtype=np.uint8)
+        if out is None:
+            hpa = np.zeros(n, dtype=np.uint64)
+            level = np.zeros(n, dtype=np.uint8)
+        else:
+            hpa, level = out
         per_element = isinstance(flags, np.ndarray)
         self.mutex.acquire()
         try:
