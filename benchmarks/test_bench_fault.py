@@ -60,11 +60,39 @@ def test_first_touch_tdx_private(benchmark, kv, per_element):
 def test_first_touch_batch(benchmark, kv, per_element):
     """First-touch 4K faults through VCPU.access_many: the loop runs in the core."""
     import numpy as np
-    n = N_PAGES * (20 if kv.IMPLEMENTATION == "cython" else 1)
+    n = 4 * N_PAGES                          # the same work on both cores
     gpas = np.arange(n, dtype=np.uint64) << np.uint64(12)
 
     def setup():
         return (fresh_vcpu(kv)[1], gpas), {}
+
+    def touch(vcpu, gpas):
+        assert vcpu.access_many(gpas, 1).count == n
+
+    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    per_element(n)
+
+
+@pytest.mark.benchmark(group="fault-first-touch-traced")
+def test_first_touch_batch_traced(benchmark, kv, per_element):
+    """The batch above with ``vm.trace`` set to a no-op callable: four events per fault
+    (kvm_page_fault, kvm_mmu_spte_requested, kvm_tdp_mmu_spte_changed, kvm_mmu_set_spte),
+    each recorded in the fault path and formatted and handed to the sink at the end."""
+    import numpy as np
+    n = 4 * N_PAGES
+    gpas = np.arange(n, dtype=np.uint64) << np.uint64(12)
+    events = []
+
+    def setup():
+        vm, vcpu = fresh_vcpu(kv)
+        vm.trace = lambda event, text: None
+        vcpu.access(n << 12)                      # the tables down to the first leaf table
+        events.clear()
+        vm.trace = lambda event, text: events.append(event)
+        vcpu.access((n + 1) << 12)
+        assert len(events) == 4
+        vm.trace = lambda event, text: None
+        return (vcpu, gpas), {}
 
     def touch(vcpu, gpas):
         assert vcpu.access_many(gpas, 1).count == n

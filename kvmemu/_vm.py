@@ -27,7 +27,6 @@ from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
                          snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
 from . import _launch
 from ._memory import Held, Slot, VMConfig, VMMemory
-from ._trace import Tracer
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
@@ -302,7 +301,7 @@ class VM:
         self._hypercall_exit_enabled = 0
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
-        self._tracer: Tracer | None = None
+        self._tracer: Any = None
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
         self._lock = threading.RLock()
         #: Signalled when a host invalidation ends (memslot changes wait for them all).
@@ -967,7 +966,7 @@ class VM:
 
     @trace.setter
     def trace(self, sink: Any) -> None:
-        tracer = None if sink is None else Tracer(sink, self.vendor == "vmx")
+        tracer = None if sink is None else self._core.Tracer(sink, self.vendor == "vmx")
         with self._lock:
             self._flush_trace()
             self._tracer = tracer

@@ -62,6 +62,9 @@ COMPILED_ONLY = {
                               "the twin checks every call through kvmemu._args",
     ("vcpu", "plain_out"): "access_many's fast-path check of out=; the twin checks every call "
                            "through kvmemu._args",
+    ("trace", "put"): "appends to a C line buffer; the twin formats with f-strings",
+    ("trace", "put_hex"): "appends to a C line buffer; the twin formats with f-strings",
+    ("trace", "put_dec"): "appends to a C line buffer; the twin formats with f-strings",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",

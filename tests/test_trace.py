@@ -176,3 +176,36 @@ def test_tdx_memslot_zap_goes_through_the_roots_in_list_order(kv):
     leaf_zaps = [line.split(" gfn ")[1].split()[0] for line in lines
                  if " level 1 " in line and line.endswith(f"new_spte {NONPRESENT}")]
     assert leaf_zaps == ["5", "3"]
+
+
+def test_events_are_formatted_at_the_end_of_the_call(kv):
+    """The sink sees the events only when the call that made them returns, in the
+    kernel's order; a sink that calls back into the VM sees that call's events when it
+    returns; a sink's exception is raised after every event was offered."""
+    vm = kv.VM(VMType.DEFAULT)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=0xABCDE000)
+    vcpus = [vm.create_vcpu() for _ in range(12)]
+    seen = []
+
+    def sink(event, text):
+        seen.append((event, text, vm.stats["pf_fixed"]))
+        if len(seen) == 1:
+            vcpus[3].access(0x2000)             # a fault made while the sink runs
+        if event == "kvm_mmu_set_spte":
+            raise RuntimeError(f"sink failed on {text}")
+
+    vm.trace = sink
+    with pytest.raises(RuntimeError, match="sink failed on gfn 2 "):
+        vcpus[11].access(0x3FFFF000, write=True)
+    changed = "kvm_tdp_mmu_spte_changed"
+    assert [e for e, _, _ in seen] == (
+        ["kvm_page_fault"]
+        + ["kvm_page_fault", "kvm_mmu_spte_requested", changed, changed, "kvm_mmu_set_spte"]
+        + ["kvm_mmu_spte_requested", changed, changed, changed, changed, "kvm_mmu_set_spte"])
+    assert seen[0] == ("kvm_page_fault",
+                       "vcpu 11 rip 0x0 address 0x000000003ffff000 error_code 0x182", 1)
+    assert seen[1][1] == "vcpu 3 rip 0x0 address 0x0000000000002000 error_code 0x181"
+    assert seen[5][1] == "gfn 2 spte 86000000abce0b77 (rwxu) level 1 at 800004010"
+    assert seen[-1][1] == "gfn 3ffff spte 86000000ebcddb77 (rwxu) level 1 at 800003ff8"
+    assert vm.stats["pf_fixed"] == 2

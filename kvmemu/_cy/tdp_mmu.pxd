@@ -28,7 +28,7 @@ cdef class TdpMmu:
     cdef public bint skip_stale_check       # a debug switch: is_page_fault_stale says no
     cdef readonly bint ad_enabled           # kvm_ad_enabled
     cdef int64_t npages[4]                  # kvm->stat.pages[level]
-    cdef readonly object tracer             # a kvmemu._trace.Tracer, or None
+    cdef readonly Tracer tracer             # the VM's Tracer, or None
     cdef bint tracing                       # tracer is not None
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1

@@ -92,7 +92,7 @@ cdef class TdpMmu:
         if self.mirror is not None:
             self.mirror.pt.lock = lock
 
-    def set_tracer(self, tracer):
+    def set_tracer(self, Tracer tracer):
         self.tracer, self.tracing = tracer, tracer is not None
 
     def clone(self):
