@@ -5,8 +5,13 @@ figures).  Each benchmark records the element count in ``extra_info`` and, when
 timing is on, the median nanoseconds per element.
 """
 
+import os
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES
+
+# kvmemu makes no BLAS call; OpenBLAS's thread pool, started when numpy is imported,
+# would still spin on the machine's cores during the threaded benchmarks.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 
 # The tests judge the installed package, not the bare source tree: ``python -m pytest``
