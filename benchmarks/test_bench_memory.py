@@ -89,18 +89,27 @@ def test_find_memslots_batch(benchmark, many_slots, rng, per_element):
 # --- how the bookkeeping grows (one round each: the curve, not a tight figure) ------------
 
 @pytest.mark.benchmark(group="memory-slot-growth")
+@pytest.mark.parametrize("gmem", [False, True], ids=["plain", "guest_memfd"])
 @pytest.mark.parametrize("count", [1000, 8000, 32000])
-def test_create_memslots(benchmark, count):
+def test_create_memslots(benchmark, count, gmem):
     """``count`` 2 MiB memslots created one after the other (compiled core): each change
-    copies one chunk of records and moves list entries, so the curve is near-linear."""
-    from kvmemu import _select
+    copies one chunk of records and moves list entries, so the curve is near-linear.
+    ``guest_memfd``: every slot bound to its own range of one file (each bind bisects
+    the file's bound ranges)."""
+    from kvmemu import MemFlag, VMType, _select
     core = _select.load("cython")
 
     def build():
-        vm = core.VM()
+        vm = core.VM(VMType.SW_PROTECTED)
+        extra = {}
+        if gmem:
+            file = vm.create_guest_memfd(count << 21)
         for i in range(count):
+            if gmem:
+                extra = {"flags": MemFlag.GUEST_MEMFD, "guest_memfd": file,
+                         "guest_memfd_offset": i << 21}
             vm.set_user_memory_region(slot=i, guest_phys_addr=i << 21, memory_size=1 << 21,
-                                      userspace_addr=(1 << 40) + (i << 21))
+                                      userspace_addr=(1 << 40) + (i << 21), **extra)
         return vm
 
     vm = benchmark.pedantic(build, rounds=1, iterations=1)

@@ -132,6 +132,49 @@ class Slot:
         return f"Slot(as_id={self.as_id}, id={self.id}, gfns={self.base_gfn:#x}+{self.npages:#x})"
 
 
+class GmemBindings:
+    """The ranges of one guest_memfd file bound to memslots (kvm_gmem_bind's
+    ``gmem->bindings`` xarray, guest_memfd.c, 6.18): file page ranges [first, stop), by
+    memslot key (as_id, slot id).  The ranges never overlap, so sorted by ``first`` they
+    are sorted by ``stop`` too: an overlap check or a range query bisects."""
+
+    __slots__ = ("by_key", "firsts", "entries")
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[int, int], tuple[int, int]] = {}
+        self.firsts: list[int] = []
+        self.entries: list[tuple[int, int, tuple[int, int]]] = []
+
+    def copy(self) -> GmemBindings:
+        c = GmemBindings()
+        c.by_key, c.firsts, c.entries = dict(self.by_key), list(self.firsts), list(self.entries)
+        return c
+
+    def overlaps(self, first: int, stop: int) -> bool:
+        """A bound range intersects [first, stop) (kvm_gmem_bind's xa_find)."""
+        i = bisect_left(self.firsts, stop)       # the ranges starting before stop
+        return i > 0 and self.entries[i - 1][1] > first
+
+    def add(self, key: tuple[int, int], first: int, stop: int) -> None:
+        i = bisect_left(self.firsts, first)
+        self.firsts.insert(i, first)
+        self.entries.insert(i, (first, stop, key))
+        self.by_key[key] = (first, stop)
+
+    def remove(self, key: tuple[int, int]) -> None:
+        first, _ = self.by_key.pop(key)
+        i = bisect_left(self.firsts, first)
+        del self.firsts[i], self.entries[i]
+
+    def in_range(self, start: int, end: int) -> list[tuple[int, int, tuple[int, int]]]:
+        """The bound ranges that intersect [start, end), in file order."""
+        i = bisect_right(self.firsts, start)
+        if i and self.entries[i - 1][1] > start:
+            i -= 1
+        j = bisect_left(self.firsts, end, lo=i)
+        return self.entries[i:j]
+
+
 def new_page_tables(core: Any, config: VMConfig) -> Any:
     """The second-stage paging structures KVM builds on the host: EPT with execute-only and
     1G pages, A/D bits in the EPTP when the host has them (construct_eptp), or long-mode

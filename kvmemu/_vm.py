@@ -26,7 +26,7 @@ from ._host import Host, host_config
 from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
                          snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
 from . import _launch
-from ._memory import Held, Slot, VMConfig, VMMemory
+from ._memory import GmemBindings, Held, Slot, VMConfig, VMMemory
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY,
                         KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE, PF_STAT_NAMES, PG_LEVEL_1G,
@@ -265,7 +265,7 @@ class VM:
         self._token = object()
         self._gmem: list[GuestMemfd] = []
         # Per guest_memfd index: its bindings, {(as_id, slot id): (first page, end page)}.
-        self._gmem_bindings: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+        self._gmem_bindings: dict[int, GmemBindings] = {}
         # kvm_mmu_get_tdp_level: 5-level EPT only for a guest wider than 48 bits (TDX: the
         # GPAW picks it); NPT follows the host's paging (get_npt_level).
         self.tdp_levels: int = ((5 if self.gpaw == 52 else 4) if self.vendor == "vmx"
@@ -518,7 +518,7 @@ class VM:
         gmem = GuestMemfd(self._token, self, len(self._gmem), size, flags, frame)
         self._memory.memslots.add_gmem_file(gmem.index, size >> PAGE_SHIFT)
         self._gmem.append(gmem)
-        self._gmem_bindings[gmem.index] = {}
+        self._gmem_bindings[gmem.index] = GmemBindings()
         return gmem
 
     # --- KVM_SET_USER_MEMORY_REGION2 ------------------------------------------------------
@@ -632,7 +632,7 @@ class VM:
             if change == "move":
                 state.reactivate_slot(as_id, slot_id)
             if gmem_flag:
-                del self._gmem_bindings[gmem_index][(as_id, slot_id)]
+                self._gmem_bindings[gmem_index].remove((as_id, slot_id))
             raise _einval(f"last gfn {last_gfn:#x} is beyond kvm_mmu_max_gfn() or a TDX alias")
         if change == "move":
             state.move_slot(as_id, slot_id, base_gfn, flags)
@@ -675,10 +675,9 @@ class VM:
                           f"its size {gmem.size:#x}")
         first = offset >> PAGE_SHIFT
         bindings = self._gmem_bindings[gmem.index]
-        for start, stop in bindings.values():
-            if start < first + npages and first < stop:
-                raise _einval("guest_memfd range overlaps another memslot's binding")
-        bindings[key] = (first, first + npages)
+        if bindings.overlaps(first, first + npages):
+            raise _einval("guest_memfd range overlaps another memslot's binding")
+        bindings.add(key, first, first + npages)
         return gmem.index, first
 
     @_locked
@@ -701,13 +700,11 @@ class VM:
                 raise _einval("offset and size must be page-aligned")
             start, end = offset >> PAGE_SHIFT, (offset + size) >> PAGE_SHIFT
         pieces = []
-        bindings = self._gmem_bindings[gmem.index]
-        for key, (first, stop) in sorted(bindings.items(), key=lambda item: item[1]):
-            if first < end and start < stop:
-                slot = self._memory.slot_by_id(*key)
-                assert slot is not None
-                pieces.append((slot, slot.base_gfn + max(first, start) - first,
-                               slot.base_gfn + min(stop, end) - first))
+        for first, stop, key in self._gmem_bindings[gmem.index].in_range(start, end):
+            slot = self._memory.slot_by_id(*key)
+            assert slot is not None
+            pieces.append((slot, slot.base_gfn + max(first, start) - first,
+                           slot.base_gfn + min(stop, end) - first))
         if close:
             self._memory.gmem_closed_files.add(gmem.index)
         self._memory.gmem_invalidate(pieces, bool(gmem.flags & GuestMemfdFlag.INIT_SHARED.value),
@@ -717,7 +714,7 @@ class VM:
         self._memory.invalidate_slot(as_id, slot_id)
         self._memory.delete_slot(as_id, slot_id)
         if old.gmem_id >= 0:
-            del self._gmem_bindings[old.gmem_id][(as_id, slot_id)]
+            self._gmem_bindings[old.gmem_id].remove((as_id, slot_id))
 
     # --- KVM_SET_MEMORY_ATTRIBUTES ---------------------------------------------------------
 
@@ -994,7 +991,7 @@ class VM:
         with self._running():
             return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
                             list(self._gmem),
-                            {k: dict(v) for k, v in self._gmem_bindings.items()})
+                            {k: v.copy() for k, v in self._gmem_bindings.items()})
 
     @_locked
     def restore(self, snapshot: "Snapshot") -> None:
@@ -1017,7 +1014,7 @@ class VM:
         self._host_invalidations.clear()      # they belong to the replaced state
         self._invalidations_done.notify_all()
         self._gmem = list(snapshot._gmem)
-        self._gmem_bindings = {k: dict(v) for k, v in snapshot._bindings.items()}
+        self._gmem_bindings = {k: v.copy() for k, v in snapshot._bindings.items()}
 
     @_locked
     def check_invariants(self) -> list[str]:
@@ -1058,7 +1055,7 @@ class Snapshot:
 
     def __init__(self, owner: object, memory: VMMemory, vcpus: list[Any],
                  gmem: list[GuestMemfd],
-                 bindings: dict[int, dict[tuple[int, int], tuple[int, int]]]) -> None:
+                 bindings: dict[int, GmemBindings]) -> None:
         self._owner = owner
         self._memory, self._vcpus = self._clone(memory, vcpus)
         self._gmem = gmem

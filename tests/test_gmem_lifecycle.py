@@ -93,3 +93,43 @@ def test_snapshots_restore_an_open_file(kv):
     vm.restore(snap)
     assert not gmem.closed
     assert vcpu.access(0x3000) == Translation(gmem.pfn(3) << 12, 1)
+
+
+def test_bindings_of_one_file_overlap_checks_and_range_queries():
+    """kvm_gmem_bind refuses a range that intersects a bound one (EINVAL); the
+    invalidation of a file range finds the bound ranges it intersects, in file order."""
+    from kvmemu._memory import GmemBindings
+    b = GmemBindings()
+    b.add((0, 3), 16, 32)
+    b.add((0, 1), 0, 8)
+    b.add((0, 2), 40, 41)
+    assert [b.overlaps(lo, hi) for lo, hi in
+            [(8, 16), (7, 8), (31, 40), (32, 40), (41, 1 << 40), (0, 1 << 40), (40, 41)]] == [
+        False, True, True, False, False, True, True]
+    assert [k for _, _, k in b.in_range(0, 1 << 40)] == [(0, 1), (0, 3), (0, 2)]
+    assert b.in_range(8, 16) == [] and b.in_range(41, 50) == []
+    assert b.in_range(31, 41) == [(16, 32, (0, 3)), (40, 41, (0, 2))]
+    b.remove((0, 3))
+    assert not b.overlaps(8, 40) and b.copy().in_range(0, 64) == b.in_range(0, 64)
+
+
+def test_many_slots_bound_to_one_file(kv):
+    """4K one-page memslots over one guest_memfd: each bind checks its neighbours only;
+    an overlapping bind fails with EINVAL; a punch-hole finds the slots it covers."""
+    vm = kv.VM(VMType.SW_PROTECTED)
+    gmem = vm.create_guest_memfd(4096 << 12)
+    for i in range(4096):
+        vm.set_user_memory_region(slot=i, guest_phys_addr=i << 13, memory_size=4096,
+                                  userspace_addr=0x7F0000000000, flags=MemFlag.GUEST_MEMFD,
+                                  guest_memfd=gmem, guest_memfd_offset=i << 12)
+    with pytest.raises(KvmError) as info:
+        vm.set_user_memory_region(slot=5000, guest_phys_addr=1 << 30, memory_size=8192,
+                                  userspace_addr=0x7F0000000000, flags=MemFlag.GUEST_MEMFD,
+                                  guest_memfd=gmem, guest_memfd_offset=4095 << 12)
+    assert info.value.errno == errno.EINVAL
+    vm.set_memory_attributes(0, 1 << 30, MemAttr.PRIVATE)
+    vcpu = vm.create_vcpu()
+    vcpu.access(5 << 13)
+    vcpu.access(6 << 13)
+    gmem.punch_hole(5 << 12, 4096)
+    assert vm.stats["pages_4k"] == 1
