@@ -65,6 +65,7 @@ COMPILED_ONLY = {
     ("trace", "put"): "appends to a C line buffer; the twin formats with f-strings",
     ("trace", "put_hex"): "appends to a C line buffer; the twin formats with f-strings",
     ("trace", "put_dec"): "appends to a C line buffer; the twin formats with f-strings",
+    ("paging", "result"): "fills a result tuple in C; the twin calls the result class",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",

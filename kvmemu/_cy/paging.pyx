@@ -22,6 +22,13 @@ cimport cython
 from libc.stdint cimport uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from cpython.tuple cimport PyTuple_SET_ITEM
+
+cdef extern from "Python.h":
+    # The tp_alloc of every class defined in Python (the result types are).
+    PyObject* PyType_GenericAlloc(PyTypeObject* cls, Py_ssize_t nitems)
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 cdef extern from "sys/mman.h":
@@ -393,16 +400,34 @@ cdef bint plain_access(object gpa, object write, object fetch, object user, obje
     return True
 
 
+cdef object result(type cls, tuple fields):
+    """An instance of the result type ``cls`` (a tuple subclass of kvmemu.results,
+    without instance dict) holding ``fields``: allocated by the type and filled here, as
+    tuple's constructor does for a subclass, without the checks of ``cls.__new__`` or a
+    method lookup by name."""
+    cdef Py_ssize_t i, n = len(fields)
+    cdef PyObject* made = PyType_GenericAlloc(<PyTypeObject*>cls, n)
+    if made == NULL:
+        raise MemoryError()
+    cdef object obj = <object>made         # a second reference: drop the allocation's
+    Py_DECREF(obj)
+    for i in range(n):
+        item = fields[i]
+        Py_INCREF(item)                    # PyTuple_SET_ITEM steals it
+        PyTuple_SET_ITEM(obj, i, item)
+    return obj
+
+
 cdef object outcome_object(const Outcome* out, uint64_t gpa):
     """The result object of an outcome: Translation or the exit (built directly, without
     the result classes' checking __new__)."""
     if out.kind == OUT_TRANSLATED:
-        return tuple.__new__(Translation, (out.value, out.level))
+        return result(Translation, (out.value, out.level))
     if out.kind == OUT_EPT_VIOLATION:
-        return tuple.__new__(EptViolation, (gpa, out.value))
+        return result(EptViolation, (gpa, out.value))
     if out.kind == OUT_EPT_MISCONFIG:
-        return tuple.__new__(EptMisconfig, (gpa,))
-    return tuple.__new__(NestedPageFault, (gpa, out.value))
+        return result(EptMisconfig, (gpa,))
+    return result(NestedPageFault, (gpa, out.value))
 
 
 

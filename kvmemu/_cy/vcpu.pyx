@@ -362,16 +362,16 @@ cdef class VCPUState:
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
                            str where, int limit):
         """The result object of a vcpu_run: Translation, MemoryFaultExit or MmioExit (built
-        directly, without their checking __new__); a failure of KVM_RUN raises KvmError
+        directly, by tuple's constructor: paging.result); a failure of KVM_RUN raises KvmError
         with its errno, a loop that did not settle RuntimeError."""
         if status == ACCESS_TRANSLATED:
-            return tuple.__new__(Translation, (out.value, out.level))
+            return result(Translation, (out.value, out.level))
         if status == ACCESS_MEMORY_FAULT:
-            return tuple.__new__(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
+            return result(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
         if status == ACCESS_MMIO:
-            return tuple.__new__(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
+            return result(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
         if status == ACCESS_GUEST_EXCEPTION:
-            return tuple.__new__(GuestException, (X86_TRAP_VC, out.value, self.vc_gpa))
+            return result(GuestException, (X86_TRAP_VC, out.value, self.vc_gpa))
         if status == ACCESS_FAILED:
             raise KvmError(-err, f"KVM_RUN failed at GPA {gpa:#x}{where}")
         raise RuntimeError(f"access to GPA {gpa:#x}{where} did not settle after {limit} exits")
@@ -394,8 +394,12 @@ cdef class VCPUState:
                    encrypted=False):
         """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
-        hypercall completion or interrupt); else ``slow_access``."""
+        hypercall completion or interrupt); else ``slow_access``.  Plain arguments go
+        straight to ``access``, without a Python-level call of ``access_checked``."""
+        cdef uint64_t g = 0, f = 0
         if self.quiet():
+            if plain_access(gpa, write, fetch, user, stage, encrypted, self.levels, &g, &f):
+                return self.access(g, f, ACCESS_LOOP_LIMIT)
             return self.access_checked(gpa, write, fetch, user, stage, encrypted,
                                        ACCESS_LOOP_LIMIT)
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
