@@ -19,6 +19,7 @@ import runpy
 import sysconfig
 from pathlib import Path
 
+import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
@@ -78,11 +79,12 @@ extensions = [
     Extension(
         "kvmemu._core",
         ["kvmemu/_core.pyx"],
-        include_dirs=[str(GENERATED)],
+        include_dirs=[str(GENERATED), numpy.get_include()],
         extra_compile_args=compile_args,
         extra_link_args=link_args,
         undef_macros=["NDEBUG"] if DEBUG else [],
-        define_macros=[] if DEBUG else [("NDEBUG", "1")],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
+        + ([] if DEBUG else [("NDEBUG", "1")]),
     )
 ]
 

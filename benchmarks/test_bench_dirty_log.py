@@ -94,11 +94,11 @@ def test_write_protect_fault_fast_path(benchmark, gfns, c_ns, per_element):
                  None if stats is None else stats.stats.median * 1e9 / DIRTY)
 
 
-@pytest.mark.benchmark(group="dirty-log-wp-fault")
-def test_write_protect_fault_fast_path_twin(benchmark, gfns, per_element):
-    """The same on the pure-Python twin (256 pages)."""
+@pytest.mark.benchmark(group="dirty-log-wp-fault-both-cores")
+def test_write_protect_fault_fast_path_both_cores(benchmark, kv, gfns, per_element):
+    """The same on 256 pages, on both cores (equal work)."""
     few = gfns[:256]
-    vm, vcpu = logged_vm(_select.load("python"), few)
+    vm, vcpu = logged_vm(kv, few)
     writes = few << np.uint64(12)
     benchmark.pedantic(lambda: vcpu.access_many(writes, AccessFlags.WRITE),
                        setup=lambda: (vm.get_dirty_log(0), ((), {}))[1], rounds=3,

@@ -60,8 +60,10 @@ COMPILED_ONLY = {
                                 "twin checks every call through kvmemu._args",
     ("vcpu", "within_reach"): "access_many's fast-path check of the GPAs, without the GIL; "
                               "the twin checks every call through kvmemu._args",
-    ("vcpu", "plain_out"): "access_many's fast-path check of out=; the twin checks every call "
-                           "through kvmemu._args",
+    ("vcpu", "VCPUState.batch_into"): "access_many's fast path into out= arrays; the twin checks "
+                                      "every call through kvmemu._args",
+    ("vcpu", "VCPUState.batch"): "access_many's result arrays from numpy's C API, held as raw "
+                                 "pointers for the loop; the twin fills numpy arrays",
     ("trace", "put"): "appends to a C line buffer; the twin formats with f-strings",
     ("trace", "put_hex"): "appends to a C line buffer; the twin formats with f-strings",
     ("trace", "put_dec"): "appends to a C line buffer; the twin formats with f-strings",

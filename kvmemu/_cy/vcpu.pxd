@@ -50,5 +50,9 @@ cdef class VCPUState:
     cpdef object access(self, uint64_t gpa, uint64_t flags, int limit)
     cdef object outcome_of(self, int status, const Outcome* out, int err, uint64_t gpa,
                            str where, int limit)
+    cdef object batch_into(self, const uint64_t[::1] gpas, uint64_t f, object out)
+    cdef object batch(self, const uint64_t[::1] gpas, object flags, int limit, object hpa_arr,
+                      object level_arr, uint64_t* hpa, uint8_t* level)
     cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,
-                          bint per_element, object hpa_arr, object level_arr, int limit)
+                          bint per_element, object hpa_arr, object level_arr, uint64_t* hpa,
+                          uint8_t* level, int limit)

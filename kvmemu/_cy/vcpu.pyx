@@ -6,11 +6,14 @@
 # record is re-read from the published records; the fault keeps the Slot object
 # alive meanwhile).  Failures are raised here, as the twin raises them.
 
+cimport numpy as cnp
 from libc.errno cimport EFAULT, EINVAL
 from libc.stdint cimport uint8_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import numpy as np
+
+cnp.import_array()
 
 from kvmemu import _args
 from kvmemu.constants import PF_STAT_NAMES
@@ -42,30 +45,6 @@ cdef bint within_reach(const uint64_t[::1] gpas, int reach) noexcept:
         for i in range(gpas.shape[0]):
             top |= gpas[i]
     return (top >> reach) == 0
-
-
-cdef bint plain_out(object out, const uint64_t[::1] gpas):
-    """``out`` is ``(hpa, level)`` as _args.batch_out accepts it, in the cheap cases:
-    two writable C-contiguous arrays of the right types and length, apart from each
-    other and from ``gpas``.  False sends the call to the checking path."""
-    cdef uint64_t[::1] hpa
-    cdef uint8_t[::1] level
-    cdef size_t g0, g1, h0, h1, l0, l1
-    cdef Py_ssize_t n = gpas.shape[0]
-    if type(out) is not tuple or len(out) != 2 or n == 0:
-        return False
-    if type(out[0]) is not np.ndarray or type(out[1]) is not np.ndarray:
-        return False
-    try:
-        hpa = out[0]
-        level = out[1]
-    except (ValueError, TypeError, BufferError):
-        return False
-    if hpa.shape[0] != n or level.shape[0] != n or (<size_t>&hpa[0]) % 8:
-        return False
-    g0, h0, l0 = <size_t>&gpas[0], <size_t>&hpa[0], <size_t>&level[0]
-    g1, h1, l1 = g0 + 8 * n, h0 + 8 * n, l0 + n
-    return (h1 <= g0 or g1 <= h0) and (l1 <= g0 or g1 <= l0) and (l1 <= h0 or h1 <= l0)
 
 
 @cython.final
@@ -433,10 +412,40 @@ cdef class VCPUState:
                         and not (f & (ACCESS_FLAGS_WALK | ACCESS_FLAGS_NOGVA)
                                  and f & ACCESS_FLAGS_FETCH)
                         and (view.shape[0] == 0 or (<size_t>&view[0]) % 8 == 0)
-                        and within_reach(view, PAGE_SHIFT + PT_LEVEL_BITS * self.levels)
-                        and (out is None or plain_out(out, view))):
-                    return self.access_many(gpas, f, ACCESS_LOOP_LIMIT, out)
+                        and within_reach(view, PAGE_SHIFT + PT_LEVEL_BITS * self.levels)):
+                    if out is None:
+                        return self.batch(view, f, ACCESS_LOOP_LIMIT, None, None, NULL, NULL)
+                    batch = self.batch_into(view, f, out)
+                    if batch is not None:
+                        return batch
         return self.slow_access_many(gpas, flags, out=out)
+
+    cdef object batch_into(self, const uint64_t[::1] gpas, uint64_t f, object out):
+        """The fast path's batch into ``out`` when it is ``(hpa, level)`` as
+        _args.batch_out accepts it, in the cheap cases: two writable C-contiguous arrays
+        of the right types and length, apart from each other and from ``gpas``.  None
+        sends the call to the checking path."""
+        cdef uint64_t[::1] hpa
+        cdef uint8_t[::1] level
+        cdef size_t g0, g1, h0, h1, l0, l1
+        cdef Py_ssize_t n = gpas.shape[0]
+        if type(out) is not tuple or len(out) != 2 or n == 0:
+            return None
+        if type(out[0]) is not np.ndarray or type(out[1]) is not np.ndarray:
+            return None
+        try:
+            hpa = out[0]
+            level = out[1]
+        except (ValueError, TypeError, BufferError):
+            return None
+        if hpa.shape[0] != n or level.shape[0] != n or (<size_t>&hpa[0]) % 8:
+            return None
+        g0, h0, l0 = <size_t>&gpas[0], <size_t>&hpa[0], <size_t>&level[0]
+        g1, h1, l1 = g0 + 8 * n, h0 + 8 * n, l0 + n
+        if not ((h1 <= g0 or g1 <= h0) and (l1 <= g0 or g1 <= l0) and (l1 <= h0 or h1 <= l0)):
+            return None
+        # hpa and level stay held (as buffers) until the batch returns.
+        return self.batch(gpas, f, ACCESS_LOOP_LIMIT, out[0], out[1], &hpa[0], &level[0])
 
     def access_checked(self, gpa, write, fetch, user, stage, encrypted, int limit):
         """``access`` from the keyword arguments of ``VCPU.access``, checked here: plain
@@ -458,30 +467,46 @@ cdef class VCPUState:
         has started; an access that exits goes through the fault pipeline in C with the
         GIL held (it may call the stage hook).  No Python object is made per element.
         ``out``: the checked ``(hpa, level)`` arrays to fill, else new zeroed ones."""
-        cdef Py_ssize_t n = gpas.shape[0]
+        cdef uint64_t[::1] out_hpa
+        cdef uint8_t[::1] out_level
         if out is None:
-            hpa_arr = np.zeros(n, dtype=np.uint64)
-            level_arr = np.zeros(n, dtype=np.uint8)
-        else:
-            hpa_arr, level_arr = out
+            return self.batch(gpas, flags, limit, None, None, NULL, NULL)
+        out_hpa, out_level = out                      # held as buffers until it returns
+        return self.batch(gpas, flags, limit, out[0], out[1],
+                          &out_hpa[0] if out_hpa.shape[0] else NULL,
+                          &out_level[0] if out_level.shape[0] else NULL)
+
+    cdef object batch(self, const uint64_t[::1] gpas, object flags, int limit, object hpa_arr,
+                      object level_arr, uint64_t* hpa, uint8_t* level):
+        """access_many after its checks: the result arrays (``hpa_arr`` and ``level_arr``
+        with their memory at ``hpa`` and ``level``, which the caller holds as buffers;
+        None: numpy's C API makes new zeroed ones), then the loop."""
+        cdef cnp.npy_intp dims[1]
         cdef bint per_element = not isinstance(flags, int)
         cdef const uint8_t[::1] fl = flags if per_element else None
         cdef uint64_t f = 0 if per_element else flags
+        if hpa_arr is None:
+            dims[0] = gpas.shape[0]
+            hpa_arr = cnp.PyArray_ZEROS(1, dims, cnp.NPY_UINT64, 0)
+            level_arr = cnp.PyArray_ZEROS(1, dims, cnp.NPY_UINT8, 0)
+            # Arrays no other code holds yet: nothing can move them during the loop.
+            hpa = <uint64_t*>cnp.PyArray_DATA(hpa_arr)
+            level = <uint8_t*>cnp.PyArray_DATA(level_arr)
         self.mutex.acquire()
         try:
             try:
-                return self.run_batch(gpas, fl, f, per_element, hpa_arr, level_arr, limit)
+                return self.run_batch(gpas, fl, f, per_element, hpa_arr, level_arr, hpa,
+                                      level, limit)
             finally:
                 self.leave_guest()
         finally:
             self.mutex.release()
 
     cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,
-                          bint per_element, object hpa_arr, object level_arr, int limit):
+                          bint per_element, object hpa_arr, object level_arr, uint64_t* hpa,
+                          uint8_t* level, int limit):
         """access_many's loop, holding the vCPU's mutex."""
         cdef Py_ssize_t i = 0, n = gpas.shape[0]
-        cdef uint64_t[::1] hpa = hpa_arr
-        cdef uint8_t[::1] level = level_arr
         cdef uint64_t g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         cdef bint tdx = self.tdx, snp = self.snp
         cdef PageTables dpt = self.mmu.direct.pt, mpt = self.mmu.mirror.pt if tdx else dpt
