@@ -73,6 +73,33 @@ def test_first_touch_batch(benchmark, kv, per_element):
     per_element(n)
 
 
+@pytest.mark.benchmark(group="fault-first-touch-new-2m-region")
+def test_first_touch_each_in_a_new_2m_region(benchmark, kv, per_element):
+    """First-touch faults 2 MiB apart, each mapped 4K (the host mapping is not 2M
+    aligned) so each needs a new leaf table, on a VM made after the earlier rounds'
+    VMs were collected: a later VM in the same process takes its table memory from
+    the pool those gave back."""
+    import gc
+
+    import numpy as np
+    n = 4 * N_PAGES
+    gpas = np.arange(n, dtype=np.uint64) << np.uint64(21)
+
+    def setup():
+        gc.collect()                     # the earlier rounds' VMs give their tables back
+        vm = kv.VM(VMType.DEFAULT)
+        vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=n << 21,
+                                  userspace_addr=0x7F0000001000)
+        return (vm.create_vcpu(), gpas), {}
+
+    def touch(vcpu, gpas):
+        batch = vcpu.access_many(gpas, 1)
+        assert batch.count == n and batch.level.max() == 1
+
+    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    per_element(n)
+
+
 @pytest.mark.benchmark(group="fault-first-touch-traced")
 def test_first_touch_batch_traced(benchmark, kv, per_element):
     """The batch above with ``vm.trace`` set to a no-op callable: four events per fault
