@@ -39,7 +39,7 @@ from .constants import (GMEM_FILE_PAGES, GMEM_PFN_BASE, HOST_MAXPHYADDR, INVALID
                         KVM_MMU_MAX_GFN, NPT_MMIO_VALUE, KVM_LPAGE_MIXED_FLAG,
                         KVM_MAX_HUGEPAGE_LEVEL, KVM_MEMSLOT_GMEM_ONLY, MMIO_SPTE_GEN_MASK,
                         PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PG_LEVEL_4K, DirtyLogManual, MemAttr,
-                        MemFlag, Quirk, VmCounter)
+                        MemFlag, Quirk, VmCounter, ZapReason)
 
 _PRIVATE = MemAttr.PRIVATE.value
 _MIXED = np.uint32(KVM_LPAGE_MIXED_FLAG)
@@ -262,11 +262,23 @@ class VMMemory:
         self.memslots.publish_changes(removed, added, synchronize)
 
 
-    def mmu_write_locked(self) -> Held:
+    def mmu_write_locked(self, reason: int = 0) -> Held:
         """write_lock(&kvm->mmu_lock) ... write_unlock, as a ``with`` block: no fault maps
-        and no walk reads the tables meanwhile."""
-        lock = self.mmu.mmu_lock
-        return Held(lock.acquire_write, lock.release_write)
+        and no walk reads the tables meanwhile.  ``reason``: the ZapReason of the
+        mappings the block removes or reduces (for VM.on_zap)."""
+        mmu = self.mmu
+        lock = mmu.mmu_lock
+        if not reason:
+            return Held(lock.acquire_write, lock.release_write)
+
+        def acquire() -> None:
+            lock.acquire_write()
+            mmu.zap_reason = reason
+
+        def release() -> None:
+            mmu.zap_reason = 0
+            lock.release_write()
+        return Held(acquire, release)
 
     def clone(self) -> "VMMemory":
         """A deep copy, with a copy of the core's MMU (tables included) and a new
@@ -383,7 +395,7 @@ class VMMemory:
         index = VmCounter.GENERATION_0 + as_id
         self.counters[index] += self.nr_as_ids
         if not int(self.counters[index]) & MMIO_SPTE_GEN_MASK & ~(self.nr_as_ids - 1):
-            with self.mmu_write_locked():
+            with self.mmu_write_locked(ZapReason.ZAP_ALL):
                 self.mmu.zap_all_fast()
 
     def _changed(self, as_id: int, slot: Slot, old_base: int | None) -> None:
@@ -436,7 +448,7 @@ class VMMemory:
         takes every mapping of every slot and address space; otherwise
         kvm_mmu_zap_memslot, only the slot's own gfns."""
         if self.memslot_flush_zap_all():
-            with self.mmu_write_locked():
+            with self.mmu_write_locked(ZapReason.ZAP_ALL):
                 self.mmu.zap_all_fast()
         else:
             self.zap_memslot(slot)
@@ -514,7 +526,7 @@ class VMMemory:
         if new_flags & _READONLY or slot.as_id != 0:
             return
         start, end = slot.base_gfn, slot.end_gfn
-        with self.mmu_write_locked():
+        with self.mmu_write_locked(ZapReason.DIRTY_LOG):
             if not new_flags & _LOG:
                 self.mmu.recover_huge_pages(slot, start, end)
                 return
@@ -556,7 +568,7 @@ class VMMemory:
         assert bitmap is not None
         if self.manual_dirty_log_protect:
             return bitmap.copy()
-        with self.mmu_write_locked():
+        with self.mmu_write_locked(ZapReason.DIRTY_LOG):
             taken = self.core.xchg_words(bitmap)
             self._enable_log_dirty_words(slot, 0, taken)
         return taken
@@ -567,7 +579,7 @@ class VMMemory:
         cleared (atomic_long_fetch_andnot) and those pages protected again."""
         bitmap = slot.dirty_bitmap
         assert bitmap is not None
-        with self.mmu_write_locked():
+        with self.mmu_write_locked(ZapReason.DIRTY_LOG):
             cleared = self.core.fetch_andnot_words(bitmap, first_page // 64, words)
             self._enable_log_dirty_words(slot, first_page, cleared)
 
@@ -586,7 +598,7 @@ class VMMemory:
     def zap_memslot(self, slot: Slot) -> bool:
         """kvm_mmu_zap_memslot: unmap the slot's gfns in every root (both filters), under
         mmu_lock for write."""
-        with self.mmu_write_locked():
+        with self.mmu_write_locked(ZapReason.MEMSLOT):
             return self.unmap_gfn_range(slot, slot.base_gfn, slot.end_gfn, private=True,
                                         shared=True)
 
@@ -727,7 +739,7 @@ class VMMemory:
         begun = stored = False
         try:
             if touched:
-                with self.mmu_write_locked():
+                with self.mmu_write_locked(ZapReason.ATTRIBUTES):
                     self.invalidate_begin()
                     begun = True
                     for slot, s, e in touched:
@@ -775,16 +787,16 @@ class VMMemory:
         pieces = self.hva_ranges(start, end)
         if not pieces:
             return False
-        self.invalidate_pieces(pieces, private=False, shared=True)
+        self.invalidate_pieces(pieces, private=False, shared=True, reason=ZapReason.HOST)
         return True
 
     def invalidate_pieces(self, pieces: list[tuple[Slot, int, int]], *, private: bool,
-                          shared: bool) -> None:
+                          shared: bool, reason: int) -> None:
         """The start that the MMU notifier and guest_memfd share (kvm_handle_hva_range,
         __kvm_gmem_invalidate_begin), under mmu_lock: one kvm_mmu_invalidate_begin, then
         per piece kvm_mmu_unmap_gfn_range (kvm_mmu_invalidate_range_add, then
-        kvm_unmap_gfn_range with the attribute filter)."""
-        with self.mmu_write_locked():
+        kvm_unmap_gfn_range with the attribute filter); ``reason`` for VM.on_zap."""
+        with self.mmu_write_locked(reason):
             self.invalidate_begin()
             for slot, first, last in pieces:
                 self.invalidate_range_add(first, last)
@@ -832,7 +844,8 @@ class VMMemory:
             if freed is not None:
                 self.free_gmem_folios(*freed)
             return
-        self.invalidate_pieces(pieces, private=not shared_filter, shared=shared_filter)
+        self.invalidate_pieces(pieces, private=not shared_filter, shared=shared_filter,
+                               reason=ZapReason.GMEM)
         try:
             if freed is not None:
                 self.free_gmem_folios(*freed)

@@ -33,7 +33,8 @@ from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_M
                         PG_LEVEL_2M, PG_LEVEL_4K, TDX_GPAW_SHARED_BIT, ExitReason,
                         GuestMemfdFlag, KVM_X86_VALID_QUIRKS, DirtyLogManual, MemAttr, MemFlag,
                         KVM_EXIT_HYPERCALL_VALID_MASK, Quirk, VMType, FRAME_GPA_MASK,
-                        KVM_SEV_SNP_PAGE_TYPE_NORMAL, SNP_GUEST_ASID, FrameState, VmCounter)
+                        KVM_SEV_SNP_PAGE_TYPE_NORMAL, SNP_GUEST_ASID, FrameState, VmCounter,
+                        PT_LEVEL_BITS, ZapReason)
 from .errors import KvmError
 from .results import (AccessBatch, EptMisconfig, EptViolation, HypercallExit,
                       MemoryFaultExit, MmioExit,
@@ -48,6 +49,8 @@ _LOFF_MAX = (1 << 63) - 1
 
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+#: ZapReason values as on_zap reports them.
+_ZAP_REASONS = {r.value: r.name.lower() for r in ZapReason}
 
 
 def _locked(method: _F) -> _F:
@@ -302,6 +305,9 @@ class VM:
         #: Host invalidations begun and not ended (a snapshot cannot hold one).
         self._host_invalidations: set[HostInvalidation] = set()
         self._tracer: Any = None
+        #: VM.on_zap, and the zaps the VM itself reports (a restore), not yet delivered.
+        self._on_zap: Callable[[int, int, int, str], Any] | None = None
+        self._vm_zaps: list[tuple[int, int, int, int]] = []
         #: Serialises the ioctls of this VM (kvm->slots_lock); faults do not take it.
         self._lock = threading.RLock()
         #: Signalled when a host invalidation ends (memslot changes wait for them all).
@@ -969,11 +975,58 @@ class VM:
             self._tracer = tracer
             self._memory.mmu.set_tracer(tracer)
 
+    @property
+    def on_zap(self) -> Callable[[int, int, int, str], Any] | None:
+        """Called as ``on_zap(gfn, npages, level, reason)`` for every mapping KVM removes or
+        reduces, so that an embedder caching translations drops its own; None (default):
+        off.
+
+        ``npages`` pages from ``gfn`` that were mapped at ``level`` (a run of same-level
+        leaves zapped together is one call; ``gfn`` is as the guest addresses it, a TD's
+        shared gfns with the shared bit).  "Reduced": a present leaf made not present,
+        pointed at another frame, losing read, write or execute, or a writable leaf
+        losing its dirty bit (dirty logging: the next write must reach KVM); a huge leaf
+        split into a table of the same translations is not.  ``reason`` is
+        ``"attributes"``, ``"memslot"``, ``"host"``, ``"gmem"``, ``"dirty_log"`` or
+        ``"zap_all"`` (``ZapReason``); a restored snapshot reports one ``"zap_all"`` of
+        the whole guest-physical space at the root level.  Faults never reduce a mapping
+        and report nothing.  As with ``trace``, the calls come when the public call that
+        made the zaps returns, with no lock held: the callback may call back into the
+        VM, and an exception it raises is raised by that call after its work is done."""
+        return self._on_zap
+
+    @on_zap.setter
+    def on_zap(self, callback: Callable[[int, int, int, str], Any] | None) -> None:
+        if callback is not None and not callable(callback):
+            raise TypeError(f"on_zap must be a callable or None, not {type(callback).__name__}")
+        with self._lock:
+            self._flush_trace()
+            self._on_zap = callback
+            self._memory.mmu.watch_zaps(callback is not None)
+            self._vm_zaps.clear()
+
     def _flush_trace(self, raise_errors: bool = True) -> None:
-        """Give the trace events made so far to the sink (see kvmemu._trace)."""
+        """Give the trace events made so far to the sink (see kvmemu._pure.trace), then the
+        zaps to ``on_zap``; the first exception either raises is raised after both."""
+        error: Exception | None = None
         tracer = self._tracer
         if tracer is not None and tracer.pending:
-            tracer.flush(raise_errors)
+            try:
+                tracer.flush(raise_errors)
+            except Exception as exc:  # noqa: BLE001 - raised below, after the zaps
+                error = exc
+        callback = self._on_zap
+        if callback is not None:
+            with self._lock:          # every zap is made holding it: none is half recorded
+                zaps = self._memory.mmu.take_zaps() + self._vm_zaps
+                self._vm_zaps = []
+            for gfn, npages, level, reason in zaps:
+                try:
+                    callback(gfn, npages, level, _ZAP_REASONS[reason])
+                except Exception as exc:  # noqa: BLE001 - the first one is raised below
+                    error = error or exc
+        if error is not None and raise_errors:
+            raise error
 
     def _running(self) -> "_AllVCPUs":
         """Every vCPU's mutex, taken in vCPU order: no access runs meanwhile."""
@@ -1008,8 +1061,14 @@ class VM:
             for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
                 vcpu_state.stage_hook = vcpu._c.stage_hook   # a setting, not state
                 vcpu._attach(vcpu_state)
+            if self._on_zap is not None and any(self._memory.mmu.pages):
+                # Every mapping of the replaced state goes: one zap of the whole space.
+                levels = self.page_tables.levels
+                self._vm_zaps.append((0, 1 << (PT_LEVEL_BITS * levels), levels,
+                                      ZapReason.ZAP_ALL.value))
             self._memory = memory
             memory.mmu.set_tracer(self._tracer)
+            memory.mmu.watch_zaps(self._on_zap is not None)
         del self._vcpus[len(vcpu_states):]
         self._host_invalidations.clear()      # they belong to the replaced state
         self._invalidations_done.notify_all()
@@ -1249,7 +1308,7 @@ class VCPU:
         except BaseException:
             self.vm._flush_trace(raise_errors=False)
             raise
-        if self.vm._tracer is not None:
+        if self.vm._tracer is not None or self.vm._on_zap is not None:
             self.vm._flush_trace()
         return result
 

@@ -29,7 +29,7 @@ __all__ = [
     "SNP_PAGE_STATE_SHARED", "TDX_EXT_EXIT_QUAL_TYPE_MASK",
     "TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION", "TdxModuleStatus", "PVALIDATE_SUCCESS",
     "PVALIDATE_FAIL_INPUT", "PVALIDATE_FAIL_SIZEMISMATCH", "PVALIDATE_FAIL_NOUPDATE",
-    "X86_TRAP_VC", "SVM_EXIT_PAGE_NOT_VALIDATED", "SNP_GUEST_ASID",
+    "X86_TRAP_VC", "SVM_EXIT_PAGE_NOT_VALIDATED", "SNP_GUEST_ASID", "ZapReason",
     "KVM_SEV_SNP_PAGE_TYPE_NORMAL", "KVM_SEV_SNP_PAGE_TYPE_ZERO",
     "KVM_SEV_SNP_PAGE_TYPE_UNMEASURED", "KVM_SEV_SNP_PAGE_TYPE_SECRETS",
     "KVM_SEV_SNP_PAGE_TYPE_CPUID", "KVM_TDX_MEASURE_MEMORY_REGION", "FrameState",
@@ -663,6 +663,25 @@ class VmCounter(IntEnum):
     VM_DEAD = 9                        # kvm->vm_dead (kvm_vm_dead)
     GUEST_ACCEPTS = 10                 # the modelled guest accepts / validates on first touch
     COUNT = 11
+
+
+class ZapReason(IntEnum):
+    """Not a KVM value: why KVM removed or reduced a mapping, as ``VM.on_zap`` reports it
+    (the callback gets the lower-case name: ``ZapReason(r).name.lower()``).
+
+    ATTRIBUTES: KVM_SET_MEMORY_ATTRIBUTES (kvm_vm_set_mem_attributes); MEMSLOT: a memslot
+    deleted, moved or its guest_memfd gone (kvm_arch_flush_shadow_memslot); HOST: a host
+    invalidation (the MMU notifier); GMEM: a guest_memfd punch-hole or close
+    (kvm_gmem_invalidate_begin); DIRTY_LOG: write-protection or dirty-bit clearing for
+    dirty logging, and huge pages recovered when it stops; ZAP_ALL: kvm_mmu_zap_all_fast
+    (the MMIO generation wrapped, or the zap-all memslot quirk), and a restored snapshot."""
+
+    ATTRIBUTES = 1
+    MEMSLOT = 2
+    HOST = 3
+    GMEM = 4
+    DIRTY_LOG = 5
+    ZAP_ALL = 6
 
 
 class CoreReturn(IntEnum):

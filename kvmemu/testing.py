@@ -140,6 +140,12 @@ class Side:
         self.gmems: list[Any] = []
         self.snapshots: list[Any] = []
         self.tables: list[Any] = []
+        #: What the current VM's on_zap reported during the current step.
+        self.zaps: list[tuple[Any, ...]] = []
+
+    def watch(self, vm: Any, on: bool) -> None:
+        """Record ``vm``'s on_zap calls (or stop)."""
+        vm.on_zap = (lambda *args: self.zaps.append(args)) if on else None
 
 
 def _pick(items: list[Any], ref: Any) -> Any:
@@ -221,6 +227,7 @@ def _run(side: Side, op: tuple) -> Any:
                      eager_page_split=args[4] if len(args) > 4 else True,
                      host=None if host is None else Host(**host))
         side.vm, side.vcpus, side.gmems = vm, [], []
+        side.watch(vm, True)
         return vm
     if kind == "vmx_ec":
         return core.vmx_error_code(*args[:3], out=args[3])
@@ -260,6 +267,9 @@ def _run(side: Side, op: tuple) -> Any:
         return vm.get_dirty_log(args[0])
     if kind == "clear_dirty_log":
         return vm.clear_dirty_log(*args)
+    if kind == "on_zap":
+        side.watch(vm, args[0])
+        return None
     if kind == "vcpu":
         vcpu = vm.create_vcpu()
         side.vcpus.append(vcpu)
@@ -330,14 +340,15 @@ class Twin:
         results = []
         for side in self.sides:
             fresh = tuple(_fresh(a) for a in op)
-            results.append(outcome(lambda: _run(side, fresh)))
+            side.zaps = []
+            results.append((outcome(lambda: _run(side, fresh)), side.zaps))
         self.steps += 1
         if results[0] != results[1]:
             raise Divergence(f"step {self.steps} {op!r}:\n  cython: {results[0]!r}\n"
                              f"  python: {results[1]!r}")
         if self.check_state:
             self.check()
-        return results[0]
+        return results[0][0]
 
     def check(self) -> None:
         """Same state on both sides, and no invariant broken on either."""
@@ -576,7 +587,7 @@ def _op(r: Reader) -> tuple:
                        ("snp_update", gpa, size, r.value((1, 3, 2))), ("snp_finish",),
                        ("pvalidate", r.byte(), gpa, r.value((1, 2, 1)), r.boolean()),
                        ("accept", r.byte(), gpa, r.value((1, 2, 3))),
-                       ("irq", r.byte(), r.boolean()),
+                       ("irq", r.byte(), r.boolean()), ("on_zap", r.boolean()),
                        ("ept_violation", r.byte(), gpa, r.value(QUALS), r.value((6, 0, 6)))))
     return r.pick((("pt_get_entry", r.byte(), r.value(GPAS), r.value((1, 2, 3, 4)), {}),
                    ("pt_walk", r.byte(), r.value(GPAS), {}),

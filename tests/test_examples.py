@@ -19,14 +19,29 @@ def load_example():
     return module
 
 
-def test_unicorn_guest_sums_its_array_through_kvms_fault_path():
+def test_unicorn_guest_on_two_vcpu_threads_follows_kvms_zaps():
     example = load_example()
     outcome = example.run_guest()
-    n = 8192
-    assert outcome["result"] == sum(3 * i + 1 for i in range(n))
-    # The store to the page marked private without guest_memfd: KVM_EXIT_MEMORY_FAULT
-    # with KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (reference §6).
-    assert outcome["exits"] == [MemoryFaultExit(8, 0x300000, 4096)]
-    # One code page, 16 data pages, the result page; each mapped once, at 4K.
-    assert outcome["mapped"] == [0x1000, *range(0x200000, 0x210000, 4096), 0x300000]
-    assert outcome["stats"]["pages_4k"] == 18 and outcome["stats"]["pf_fixed"] == 18
+    half = 4096
+    sums = [sum(3 * i + 1 for i in range(k * half, (k + 1) * half)) for k in range(2)]
+    assert outcome["sums"] == sums and outcome["rax"] == sums
+    assert outcome["stored_again"] == sums
+    log = outcome["log"]
+    # A store to the page marked private without guest_memfd: KVM_EXIT_MEMORY_FAULT with
+    # KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (reference §6); once
+    # before the VMM's first conversion, once after it made the page private again.
+    exits = [what[1] for kind, what in log if kind == "exit"]
+    assert exits == [MemoryFaultExit(8, 0x300000, 4096)] * 2
+    # Making the mapped page private zapped its 4K leaf (kvm_unmap_gfn_range for
+    # KVM_SET_MEMORY_ATTRIBUTES): one on_zap, and each vCPU dropped the page.
+    assert outcome["zaps"] == [(0x300, 1, 1, "attributes")]
+    assert sorted(what for kind, what in log if kind == "unmapped") == [(0, "0x300000"),
+                                                                         (1, "0x300000")]
+    for vcpu_id in range(2):
+        mapped = [gpa for kind, (cpu, gpa) in log if kind == "mapped" and cpu == vcpu_id]
+        data = [hex(0x200000 + 4096 * (8 * vcpu_id + i)) for i in range(8)]
+        assert mapped == ["0x1000", *data, "0x300000", "0x300000"]
+    # Code, 16 data pages and the result page mapped 4K; the result page twice; the two
+    # exits were faults taken too.
+    stats = outcome["stats"]
+    assert (stats["pages_4k"], stats["pf_fixed"], stats["pf_taken"]) == (18, 19, 21)

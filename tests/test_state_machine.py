@@ -267,6 +267,11 @@ class TwinVMs(RuleBasedStateMachine):
     def ept_violation_ext(self, vcpu, gpa, qualification, ext):
         self.apply("ept_violation", vcpu, gpa, qualification, ext)
 
+    @rule(on=st.booleans())
+    def watch_zaps(self, on):
+        """VM.on_zap set or cleared: both cores report the same zaps at every step."""
+        self.apply("on_zap", on)
+
     @rule()
     def snapshot(self):
         self.apply("snapshot")

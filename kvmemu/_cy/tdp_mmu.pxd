@@ -8,6 +8,14 @@ cdef struct LastSpte:
     int level
     uint64_t spte
 
+# A mapping KVM removed or reduced (VM.on_zap): ``npages`` pages from ``gfn`` (with the
+# root's gfn bits), mapped at ``level``, for a kvmemu.constants.ZapReason.
+cdef struct ZapRecord:
+    uint64_t gfn, npages
+    int level, reason
+
+cdef bint spte_reduced(const SpteFormat* fmt, int level, uint64_t old, uint64_t new) noexcept nogil
+
 cdef class Root:
     cdef readonly PageTables pt
     cdef readonly uint64_t gfn_bits         # kvm_gfn_root_bits
@@ -30,13 +38,19 @@ cdef class TdpMmu:
     cdef int64_t npages[4]                  # kvm->stat.pages[level]
     cdef readonly Tracer tracer             # the VM's Tracer, or None
     cdef bint tracing                       # tracer is not None
+    cdef public int zap_reason              # the ZapReason of the change being made (0: a fault)
+    cdef bint zap_watch                     # VM.on_zap is set: record zaps
+    cdef ZapRecord* zaps                    # the zaps recorded since the last take_zaps
+    cdef Py_ssize_t nzaps, zaps_cap
+    cdef int record_zap(self, uint64_t gfn, int level) except -1
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                              uint64_t old, uint64_t new, uint64_t gfn) except -1
-    cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
+    cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
                                  uint64_t new) except -1
-    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1
+    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level,
+                               uint64_t base) except -1
     cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa)
     cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
                          uint64_t generation) except CORE_RETURN_PY_EXCEPTION

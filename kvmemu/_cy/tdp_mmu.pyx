@@ -69,9 +69,36 @@ cdef class Root:
         return 0 <= table < self.disallowed_cap and self.disallowed[table] != 0
 
 
+cdef bint spte_reduced(const SpteFormat* fmt, int level, uint64_t old, uint64_t new) noexcept nogil:
+    """The change of a level-``level`` SPTE from ``old`` to ``new`` removes or reduces a
+    mapping (the twin tells the rule)."""
+    if not (is_shadow_present_pte(old) and is_last_spte(old, level)):
+        return False
+    if not is_shadow_present_pte(new):
+        return True
+    if not is_last_spte(new, level):
+        return False
+    if spte_to_pfn(new) != spte_to_pfn(old):
+        return True
+    if ((is_access_allowed(fmt, False, False, old) and not is_access_allowed(fmt, False, False, new))
+            or (is_access_allowed(fmt, False, True, old)
+                and not is_access_allowed(fmt, False, True, new))
+            or (is_access_allowed(fmt, True, False, old)
+                and not is_access_allowed(fmt, True, False, new))):
+        return True
+    return (old & PTE_WRITABLE) != 0 and (old & fmt.dirty) != 0 and not (new & fmt.dirty)
+
+
 @cython.final
 cdef class TdpMmu:
     """The VM's TDP MMU: its roots and what changes their SPTEs."""
+
+    def __cinit__(self):
+        self.zaps = NULL
+        self.nzaps = self.zaps_cap = 0
+
+    def __dealloc__(self):
+        free(self.zaps)
 
     def __init__(self, config, make_tables):
         self.fmt = spte_format(config.ept, config.tdx, config.ad_enabled, config.npt_mmio_value)
@@ -84,6 +111,7 @@ cdef class TdpMmu:
         self.skip_stale_check = False
         memset(self.npages, 0, sizeof(self.npages))
         self.tracer, self.tracing = None, False
+        self.zap_reason, self.zap_watch = 0, False
 
     def share_lock(self, RwLock lock):
         """Make ``lock`` kvm->mmu_lock, the lock of every root's tables."""
@@ -94,6 +122,50 @@ cdef class TdpMmu:
 
     def set_tracer(self, Tracer tracer):
         self.tracer, self.tracing = tracer, tracer is not None
+
+    def watch_zaps(self, bint on):
+        """Record the mappings removed or reduced from now on (VM.on_zap is set), or not."""
+        self.zap_watch = on
+        if not on:
+            self.nzaps = 0
+
+    cdef int record_zap(self, uint64_t gfn, int level) except -1:
+        """Keep a removed or reduced level-``level`` mapping of ``gfn``, merged into the
+        last one when it continues it (same level and reason, the next gfn)."""
+        cdef uint64_t npages = pages_per_hpage(level)
+        cdef ZapRecord* last
+        cdef ZapRecord* grown
+        cdef Py_ssize_t cap
+        gfn &= ~(npages - 1)
+        if self.nzaps:
+            last = &self.zaps[self.nzaps - 1]
+            if (last.level == level and last.reason == self.zap_reason
+                    and last.gfn + last.npages == gfn):
+                last.npages += npages
+                return 0
+        if self.nzaps == self.zaps_cap:
+            cap = max(16, 2 * self.zaps_cap)
+            grown = <ZapRecord*>realloc(self.zaps, cap * sizeof(ZapRecord))
+            if grown == NULL:
+                raise MemoryError()
+            self.zaps, self.zaps_cap = grown, cap
+        last = &self.zaps[self.nzaps]
+        last.gfn, last.npages, last.level, last.reason = gfn, npages, level, self.zap_reason
+        self.nzaps += 1
+        return 0
+
+    def take_zaps(self):
+        """The zaps recorded since the last call, [(gfn, npages, level, reason), ...] (the
+        records are taken before any Python object is made, so nothing that runs while
+        the list is built can change them under it)."""
+        cdef ZapRecord* taken = self.zaps
+        cdef Py_ssize_t i, n = self.nzaps
+        self.zaps, self.nzaps, self.zaps_cap = NULL, 0, 0
+        try:
+            return [(taken[i].gfn, taken[i].npages, taken[i].level, taken[i].reason)
+                    for i in range(n)]
+        finally:
+            free(taken)
 
     def clone(self):
         """A copy of the roots and counts (for VM snapshots); the tracer is not state."""
@@ -125,7 +197,7 @@ cdef class TdpMmu:
         if self.tracing and old != new:
             self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         root.pt.write(table, index, new)
-        return self.handle_changed_spte(root, level, old, new)
+        return self.handle_changed_spte(root, gfn, level, old, new)
 
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                              uint64_t old, uint64_t new, uint64_t gfn) except -1:
@@ -136,25 +208,29 @@ cdef class TdpMmu:
             return 0
         if self.tracing and old != new:
             self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
-        self.handle_changed_spte(root, level, old, new)
+        self.handle_changed_spte(root, gfn, level, old, new)
         return 1
 
-    cdef int handle_changed_spte(self, Root root, int level, uint64_t old,
+    cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
                                  uint64_t new) except -1:
         """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
-        set_spte emits: the per-level leaf counts, and a table
-        unlinked by the change is removed."""
+        set_spte emits: the per-level leaf counts, and a table unlinked by the change is
+        removed; a mapping removed or reduced is recorded for VM.on_zap."""
+        if self.zap_watch and self.zap_reason and spte_reduced(&self.fmt, level, old, new):
+            self.record_zap(gfn, level)
         if is_shadow_present_pte(old) and is_last_spte(old, level):
             self.npages[level] -= 1
         if is_shadow_present_pte(new) and is_last_spte(new, level):
             self.npages[level] += 1
         if is_shadow_present_pte(old) and not is_last_spte(old, level):
-            self.handle_removed_pt(root, root.child(old), level - 1)
+            self.handle_removed_pt(root, root.child(old), level - 1,
+                                   gfn & ~(pages_per_hpage(level) - 1))
         return 0
 
-    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level) except -1:
-        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table,
-        free it."""
+    cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level,
+                               uint64_t base) except -1:
+        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table
+        (mapping gfns from ``base``), free it."""
         cdef PageTables pt = root.pt
         cdef Py_ssize_t index
         cdef uint64_t old
@@ -162,7 +238,8 @@ cdef class TdpMmu:
             old = pt.read(table, index)
             if is_shadow_present_pte(old):
                 pt.write(table, index, SHADOW_NONPRESENT_VALUE)
-                self.handle_changed_spte(root, level, old, SHADOW_NONPRESENT_VALUE)
+                self.handle_changed_spte(root, base + index * pages_per_hpage(level), level,
+                                         old, SHADOW_NONPRESENT_VALUE)
         if table < root.disallowed_cap:
             root.disallowed[table] = 0
         return pt.free(table)
@@ -245,7 +322,9 @@ cdef class TdpMmu:
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
         for i in range(<Py_ssize_t>PT_ENTRIES):
-            self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, pt.read(child, i))
+            self.handle_changed_spte(root, (gfn & ~(pages_per_hpage(level) - 1))
+                                     + i * pages_per_hpage(level - 1), level - 1,
+                                     SHADOW_NONPRESENT_VALUE, pt.read(child, i))
         return child
 
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,

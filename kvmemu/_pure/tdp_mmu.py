@@ -33,6 +33,29 @@ from .levels import end_index, first_index, pages_per_hpage
 from .locking import RwLock, cmpxchg64
 
 
+def spte_reduced(fmt: Any, level: int, old: int, new: int) -> bool:
+    """The change of a level-``level`` SPTE from ``old`` to ``new`` removes or reduces a
+    mapping, so that an embedder caching the translation must drop it (VM.on_zap): a
+    present leaf becomes not present, maps another frame, or loses read, write or
+    execute (is_access_allowed, spte.h); or a writable dirty leaf loses its dirty bit
+    (dirty logging's clear_dirty: the next write must reach KVM to be logged).  A huge
+    leaf replaced by a table (a split) is not: the table's children map the same
+    frames with the same permissions (tdp_mmu_split_huge_page, make_small_spte)."""
+    if not (spte.is_shadow_present_pte(old) and spte.is_last_spte(old, level)):
+        return False
+    if not spte.is_shadow_present_pte(new):
+        return True
+    if not spte.is_last_spte(new, level):
+        return False
+    if spte.spte_to_pfn(new) != spte.spte_to_pfn(old):
+        return True
+    for exec_, write in ((False, False), (False, True), (True, False)):
+        if (spte.is_access_allowed(fmt, exec_, write, old)
+                and not spte.is_access_allowed(fmt, exec_, write, new)):
+            return True
+    return bool(old & PTE_WRITABLE and old & fmt.dirty and not new & fmt.dirty)
+
+
 class Root:
     """One TDP root: its PageTables plus KVM's per-table bookkeeping."""
 
@@ -81,6 +104,12 @@ class TdpMmu:
         self.npages = [0, 0, 0, 0]
         #: The VM's Tracer, or None when tracing is off.
         self.tracer: Any = None
+        #: The ZapReason of the change being made (0: a fault's own changes).
+        self.zap_reason = 0
+        #: VM.on_zap is set: the mappings removed or reduced are recorded in ``zaps``,
+        #: [gfn, npages, level, reason] each, a run of the same level and reason merged.
+        self.zap_watch = False
+        self.zaps: list[list[int]] = []
 
     def share_lock(self, lock: RwLock) -> None:
         """Make ``lock`` kvm->mmu_lock, the lock of every root's tables."""
@@ -91,6 +120,29 @@ class TdpMmu:
 
     def set_tracer(self, tracer: Any) -> None:
         self.tracer = tracer
+
+    def watch_zaps(self, on: bool) -> None:
+        """Record the mappings removed or reduced from now on (VM.on_zap is set), or not."""
+        self.zap_watch = on
+        if not on:
+            self.zaps = []
+
+    def record_zap(self, gfn: int, level: int) -> None:
+        """Keep a removed or reduced level-``level`` mapping of ``gfn``, merged into the
+        last one when it continues it (same level and reason, the next gfn)."""
+        npages = pages_per_hpage(level)
+        gfn &= ~(npages - 1)
+        if self.zaps:
+            last = self.zaps[-1]
+            if last[2] == level and last[3] == self.zap_reason and last[0] + last[1] == gfn:
+                last[1] += npages
+                return
+        self.zaps.append([gfn, npages, level, self.zap_reason])
+
+    def take_zaps(self) -> list[tuple[int, int, int, int]]:
+        """The zaps recorded since the last call, [(gfn, npages, level, reason), ...]."""
+        zaps, self.zaps = self.zaps, []
+        return [(z[0], z[1], z[2], z[3]) for z in zaps]
 
     def clone(self) -> "TdpMmu":
         """A copy of the roots and counts (for VM snapshots); the tracer is not state."""
@@ -103,6 +155,7 @@ class TdpMmu:
         c.skip_stale_check = self.skip_stale_check
         c.npages = list(self.npages)
         c.tracer = None
+        c.zap_reason, c.zap_watch, c.zaps = 0, False, []
         return c
 
     @property
@@ -122,7 +175,7 @@ class TdpMmu:
         if self.tracer is not None and old != new:
             self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         root.pt.write(table, index, new)
-        self.handle_changed_spte(root, level, old, new)
+        self.handle_changed_spte(root, gfn, level, old, new)
 
     def set_spte_atomic(self, root: Root, table: int, index: int, level: int, old: int,
                         new: int, gfn: int) -> int:
@@ -133,29 +186,35 @@ class TdpMmu:
             return 0
         if self.tracer is not None and old != new:
             self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
-        self.handle_changed_spte(root, level, old, new)
+        self.handle_changed_spte(root, gfn, level, old, new)
         return 1
 
-    def handle_changed_spte(self, root: Root, level: int, old: int, new: int) -> None:
+    def handle_changed_spte(self, root: Root, gfn: int, level: int, old: int,
+                            new: int) -> None:
         """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
         set_spte emits: the per-level leaf counts (kvm_update_page_stats), and a table
-        unlinked by the change is removed."""
+        unlinked by the change is removed; a mapping removed or reduced is recorded for
+        VM.on_zap (``gfn`` with the root's gfn bits, as the guest addresses it)."""
+        if self.zap_watch and self.zap_reason and spte_reduced(self.fmt, level, old, new):
+            self.record_zap(gfn, level)
         if spte.is_shadow_present_pte(old) and spte.is_last_spte(old, level):
             self.npages[level] -= 1
         if spte.is_shadow_present_pte(new) and spte.is_last_spte(new, level):
             self.npages[level] += 1
         if spte.is_shadow_present_pte(old) and not spte.is_last_spte(old, level):
-            self.handle_removed_pt(root, root.child(old), level - 1)
+            self.handle_removed_pt(root, root.child(old), level - 1,
+                                   gfn & ~(pages_per_hpage(level) - 1))
 
-    def handle_removed_pt(self, root: Root, table: int, level: int) -> None:
-        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table,
-        free it."""
+    def handle_removed_pt(self, root: Root, table: int, level: int, base: int) -> None:
+        """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table
+        (mapping gfns from ``base``), free it."""
         pt = root.pt
         for index in range(PT_ENTRIES):
             old = pt.read(table, index)
             if spte.is_shadow_present_pte(old):
                 pt.write(table, index, SHADOW_NONPRESENT_VALUE)
-                self.handle_changed_spte(root, level, old, SHADOW_NONPRESENT_VALUE)
+                self.handle_changed_spte(root, base + index * pages_per_hpage(level), level,
+                                         old, SHADOW_NONPRESENT_VALUE)
         root.disallowed.pop(table, None)
         pt.free(table)
 
@@ -234,7 +293,9 @@ class TdpMmu:
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
         for i in range(PT_ENTRIES):
-            self.handle_changed_spte(root, level - 1, SHADOW_NONPRESENT_VALUE, pt.read(child, i))
+            self.handle_changed_spte(root, (gfn & ~(pages_per_hpage(level) - 1))
+                                     + i * pages_per_hpage(level - 1), level - 1,
+                                     SHADOW_NONPRESENT_VALUE, pt.read(child, i))
         return child
 
     def map_handle_target_level(self, fault: Any, root: Root, table: int, index: int,
