@@ -13,10 +13,10 @@ from ._version import __version__
 from .constants import *  # noqa: F401,F403  (the constants are part of the API)
 from .constants import __all__ as _constants_all
 from ._host import Host
-from ._vm import GuestMemfd, HostInvalidation, MemSlot
+from ._vm import VCPU, GuestMemfd, HostInvalidation, KvmRun, MemSlot, Snapshot
 from .errors import KvmError
 from ._hypercall import PscResult, TdvmcallResult
-from .results import GuestException, HypercallExit, RmpEntry
+from .results import AccessBatch, GuestException, HypercallExit, RmpEntry
 
 IMPLEMENTATION: str = _select.default_implementation()
 
@@ -27,5 +27,6 @@ del _name
 
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
            "HostInvalidation", "Host", "HypercallExit",
-           "TdvmcallResult", "PscResult", "GuestException", "RmpEntry",
+           "TdvmcallResult", "PscResult", "GuestException", "RmpEntry", "VCPU", "KvmRun",
+           "Snapshot", "AccessBatch",
            "IMPLEMENTATION", "__version__"]

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import _args
 from ._pure import paging as _paging
 
@@ -79,3 +81,19 @@ def get_entry(pt: Any, gpa: Any, level: Any) -> int:
         return pt.entry(table, _paging.gpa_index(g, lvl)) if at == lvl else 0
     finally:
         pt.lock.release_read()
+
+
+def check_table_export(tables: Any, free: Any, capacity: int) -> int:
+    """The number of tables in an export (PageTables.load_tables), after checking it:
+    ValueError for anything export_tables cannot have made."""
+    if (not isinstance(tables, np.ndarray) or tables.dtype != np.uint64 or tables.ndim != 2
+            or tables.shape[1] != _paging.PT_ENTRIES or not 1 <= tables.shape[0] <= capacity):
+        raise ValueError("tables must be a (n, 512) uint64 array with 1 <= n <= the capacity")
+    n = tables.shape[0]
+    if not isinstance(free, np.ndarray) or free.dtype != np.int64 or free.ndim != 1:
+        raise ValueError("the free list must be a 1-D int64 array")
+    if len(free) and (int(free.min()) < 1 or int(free.max()) >= n
+                      or len(np.unique(free)) != len(free)):
+        raise ValueError("the free list names a table that does not exist, the root, or "
+                         "one table twice")
+    return int(n)

@@ -23,9 +23,9 @@ import numpy as np
 
 from . import _args, _invariants
 from ._host import Host, host_config
-from ._hypercall import (NO_HYPERCALL, complete_hypercall, emulate_hypercall,
+from ._hypercall import (NO_HYPERCALL, HypercallRun, complete_hypercall, emulate_hypercall,
                          snp_begin_psc_msr, snp_page_state_change, tdx_map_gpa)
-from . import _launch
+from . import _launch, _snapshot
 from ._memory import GmemBindings, Held, Slot, VMConfig, VMMemory
 from .constants import (ACCESS_LOOP_LIMIT, KVM_INTERNAL_MEMSLOT_FLAGS, KVM_MEM_MAX_NR_PAGES,
                         KVM_MEM_SLOTS_NUM, KVM_MEMSLOT_GMEM_ONLY,
@@ -266,6 +266,12 @@ class VM:
         #: kvm_arch_nr_memslot_as_ids: SMM's second address space only without private memory.
         self.nr_memslot_as_ids: int = 1 if self.has_private_mem else 2
         self._token = object()
+        #: The creation arguments, resolved: what a snapshot's bytes carry, and what a VM
+        #: must have been created with to take a snapshot of another VM.
+        self._creation = {"vm_type": int(vm_type), "vendor": self.vendor, "gpaw": self.gpaw,
+                          "nx_huge_pages": self.nx_huge_pages,
+                          "eager_page_split": self.eager_page_split,
+                          "host": list(host._key())}
         self._gmem: list[GuestMemfd] = []
         # Per guest_memfd index: its bindings, {(as_id, slot id): (first page, end page)}.
         self._gmem_bindings: dict[int, GmemBindings] = {}
@@ -520,12 +526,17 @@ class VM:
         if len(self._gmem) * pages >= base:
             raise KvmError(errno.ENOSPC, f"the model's guest_memfd frames hold "
                                          f"{base // pages} files per VM")
-        frame = functools.partial(self._core.gmem_frame, base, pages)
-        gmem = GuestMemfd(self._token, self, len(self._gmem), size, flags, frame)
+        gmem = self._new_gmem(len(self._gmem), size, flags)
         self._memory.memslots.add_gmem_file(gmem.index, size >> PAGE_SHIFT)
         self._gmem.append(gmem)
         self._gmem_bindings[gmem.index] = GmemBindings()
         return gmem
+
+    def _new_gmem(self, index: int, size: int, flags: int) -> GuestMemfd:
+        """The handle of this VM's guest_memfd ``index``."""
+        frame = functools.partial(self._core.gmem_frame, self._host.gmem_base,
+                                  self._host.gmem_file_pages)
+        return GuestMemfd(self._token, self, index, size, flags, frame)
 
     # --- KVM_SET_USER_MEMORY_REGION2 ------------------------------------------------------
 
@@ -1042,22 +1053,46 @@ class VM:
             raise RuntimeError("a host invalidation is in progress: end() it before taking "
                                "a snapshot")
         with self._running():
-            return Snapshot(self._token, self._memory, [vcpu._c for vcpu in self._vcpus],
-                            list(self._gmem),
+            return Snapshot(self._token, dict(self._creation), self._memory,
+                            [vcpu._c for vcpu in self._vcpus], list(self._gmem),
                             {k: v.copy() for k, v in self._gmem_bindings.items()})
+
+    @classmethod
+    def from_snapshot(cls, snapshot: "Snapshot") -> "VM":
+        """A new VM, created as the snapshot's VM was (type, vendor, gpaw, host, ...),
+        holding its state: its vCPUs made and restored too."""
+        if not isinstance(snapshot, Snapshot):
+            raise TypeError(f"snapshot must be a Snapshot, not {type(snapshot).__name__}")
+        vm = cls(**snapshot._creation_args())
+        vm.restore(snapshot)
+        return vm
 
     @_locked
     def restore(self, snapshot: "Snapshot") -> None:
-        """Put the state of ``snapshot`` (taken from this VM) back, exactly.  vCPUs
-        created after the snapshot no longer exist afterwards: using them raises."""
+        """Put the state of ``snapshot`` back, exactly: one taken from this VM, or from
+        another VM created with the same arguments (ValueError otherwise), in this process
+        or another (``Snapshot.from_bytes``, pickle).  vCPUs that the snapshot does not
+        have no longer exist afterwards (using them raises); those it has and this VM
+        does not are made."""
         if not isinstance(snapshot, Snapshot):
             raise TypeError(f"snapshot must be a Snapshot, not {type(snapshot).__name__}")
-        if snapshot._owner is not self._token:
-            raise ValueError("the snapshot was taken from another VM")
-        memory, vcpu_states = snapshot._copy()
+        if snapshot._owner is self._token:
+            memory, vcpu_states = snapshot._copy()
+            gmem, bindings = list(snapshot._gmem), snapshot._bindings
+        else:
+            if snapshot._creation != self._creation:
+                raise ValueError("the snapshot is of a VM created with other arguments: "
+                                 f"{snapshot._creation_args()}")
+            memory, vcpu_states = snapshot._copy_for(self._core, self._config)
+            gmem = [self._gmem[i] if i < len(self._gmem) and self._gmem[i].size == size
+                    and self._gmem[i].flags == flags else self._new_gmem(i, size, flags)
+                    for i, (size, flags) in enumerate(snapshot._gmem_files())]
+            bindings = snapshot._bindings
         with self._running():
             for vcpu in self._vcpus[len(vcpu_states):]:
                 vcpu._detach()
+            while len(self._vcpus) < len(vcpu_states):
+                self._vcpus.append(VCPU(self, len(self._vcpus)))
             for vcpu, vcpu_state in zip(self._vcpus, vcpu_states):
                 vcpu_state.stage_hook = vcpu._c.stage_hook   # a setting, not state
                 vcpu._attach(vcpu_state)
@@ -1072,8 +1107,8 @@ class VM:
         del self._vcpus[len(vcpu_states):]
         self._host_invalidations.clear()      # they belong to the replaced state
         self._invalidations_done.notify_all()
-        self._gmem = list(snapshot._gmem)
-        self._gmem_bindings = {k: v.copy() for k, v in snapshot._bindings.items()}
+        self._gmem = gmem
+        self._gmem_bindings = {k: v.copy() for k, v in bindings.items()}
 
     @_locked
     def check_invariants(self) -> list[str]:
@@ -1108,14 +1143,20 @@ class VM:
 
 
 class Snapshot:
-    """An opaque, immutable copy of a VM's state (``VM.snapshot``)."""
+    """An opaque, immutable copy of a VM's state (``VM.snapshot``).
 
-    __slots__ = ("_owner", "_memory", "_vcpus", "_gmem", "_bindings")
+    It restores into its VM or into any VM created with the same arguments
+    (``VM.restore``, ``VM.from_snapshot``), and travels as bytes: ``to_bytes()`` /
+    ``Snapshot.from_bytes(data)`` (a versioned format, kvmemu._snapshot; a corrupt or
+    foreign blob raises ValueError) and ``pickle``, which uses them."""
 
-    def __init__(self, owner: object, memory: VMMemory, vcpus: list[Any],
-                 gmem: list[GuestMemfd],
+    __slots__ = ("_owner", "_creation", "_memory", "_vcpus", "_gmem", "_bindings")
+
+    def __init__(self, owner: object, creation: dict[str, Any], memory: VMMemory,
+                 vcpus: list[Any], gmem: list[GuestMemfd],
                  bindings: dict[int, GmemBindings]) -> None:
         self._owner = owner
+        self._creation = creation
         self._memory, self._vcpus = self._clone(memory, vcpus)
         self._gmem = gmem
         self._bindings = bindings
@@ -1130,8 +1171,94 @@ class Snapshot:
         """A fresh copy to restore (the snapshot stays restorable)."""
         return self._clone(self._memory, self._vcpus)
 
+    def _copy_for(self, core: Any, config: VMConfig) -> tuple[VMMemory, list[Any]]:
+        """A fresh copy for a VM of ``core`` (the same configuration): a clone on the
+        same core, else the state rebuilt from its plain form."""
+        if core is self._memory.core:
+            return self._copy()
+        meta, arrays = self._export()
+        return _import_state(core, config, meta, arrays)
+
+    def _creation_args(self) -> dict[str, Any]:
+        """The VM constructor's arguments this snapshot's VM was created with."""
+        args = dict(self._creation)
+        args["host"] = _host_from_key(args["host"])
+        return args
+
+    def _gmem_files(self) -> list[tuple[int, int]]:
+        return [(g.size, g.flags) for g in self._gmem]
+
+    def _export(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta, arrays = _snapshot.export_memory(self._memory)
+        arrays.update(_snapshot.export_frames(self._memory, len(self._gmem)))
+        closed = self._memory.gmem_closed_files
+        meta["vm"] = self._creation
+        meta["gmem"] = [[g.size, g.flags, g.index in closed] for g in self._gmem]
+        meta["bindings"] = [[[a, s, first, stop] for (a, s), (first, stop)
+                             in sorted(self._bindings[i].by_key.items())]
+                            for i in range(len(self._gmem))]
+        meta["vcpus"] = [_snapshot.export_vcpu(state) for state in self._vcpus]
+        return meta, arrays
+
+    def to_bytes(self) -> bytes:
+        """The snapshot in kvmemu's snapshot format (kvmemu._snapshot): restorable in
+        another process or on another machine with ``Snapshot.from_bytes``."""
+        return _snapshot.encode(*self._export())
+
+    @staticmethod
+    def from_bytes(data: Any) -> "Snapshot":
+        """The snapshot ``data`` holds (from ``to_bytes``), checked: ValueError for
+        anything else (another format, another version, a corrupt blob, or a state whose
+        tables break the invariants of ``VM.check_invariants``), TypeError for data that
+        is not bytes.  Built on the implementation selected at import."""
+        from . import _select
+        meta, arrays = _snapshot.decode(data)
+        try:
+            vm_class = _select.load(_select.default_implementation()).VM
+            vm = vm_class(**{k: (_host_from_key(v) if k == "host" else v)
+                             for k, v in dict(meta["vm"]).items()})
+            memory, states = _import_state(vm._core, vm._config, meta, arrays)
+            files = _snapshot.gmem_files(meta)
+            gmem = [vm._new_gmem(i, size, flags) for i, (size, flags, _) in enumerate(files)]
+            snap = Snapshot(object(), dict(vm._creation), memory, states, gmem,
+                            _snapshot.bindings(meta))
+            if meta["vm"] != vm._creation:
+                raise ValueError("its VM arguments are not in resolved form")
+            vm.restore(Snapshot(vm._token, snap._creation, memory, states, gmem,
+                                snap._bindings))
+            problems = vm.check_invariants()
+        except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError,
+                KvmError, MemoryError) as exc:
+            raise ValueError(f"a corrupt kvmemu snapshot: {exc!r}") from None
+        if problems:
+            raise ValueError(f"a corrupt kvmemu snapshot: its state breaks the invariants: "
+                             f"{problems[:3]}")
+        return snap
+
+    def __reduce__(self) -> Any:
+        return (Snapshot.from_bytes, (self.to_bytes(),))
+
     def __repr__(self) -> str:
         return f"Snapshot(vcpus={len(self._vcpus)}, memslots={len(self._memory.slots(0))})"
+
+
+def _import_state(core: Any, config: VMConfig, meta: dict[str, Any],
+                  arrays: Any) -> tuple[VMMemory, list[Any]]:
+    """A VMMemory and vCPU states of ``core`` from a snapshot's plain form."""
+    memory = _snapshot.import_memory(core, config, meta, arrays, _snapshot.gmem_files(meta))
+    states = []
+    for fields in meta["vcpus"]:
+        state = core.VCPUState(config, memory.memslots, memory.mmu)
+        _snapshot.import_vcpu(state, fields, HypercallRun)
+        states.append(state)
+    return memory, states
+
+
+def _host_from_key(key: Any) -> Host:
+    """A Host from its key (maxphyaddr, la57, ept_ad_bits, mem_encrypt, pml)."""
+    maxphyaddr, la57, ept_ad_bits, mem_encrypt, pml = key
+    return Host(maxphyaddr=maxphyaddr, la57=la57, ept_ad_bits=ept_ad_bits,
+                mem_encrypt=mem_encrypt, pml=pml)
 
 
 class KvmRun:

@@ -290,6 +290,17 @@ def _run(side: Side, op: tuple) -> Any:
         return snap
     if kind == "restore":
         return vm.restore(_pick(side.snapshots, args[0]))
+    if kind == "restore_bytes":      # the snapshot travels: bytes, then a VM made from it
+        snap = _pick(side.snapshots, args[0])
+        if snap is None:
+            return vm.restore(snap)
+        travelled = type(snap).from_bytes(snap.to_bytes())
+        if args[1]:
+            side.vm = vm = type(vm).from_snapshot(travelled)
+            side.vcpus = list(vm._vcpus)
+            side.watch(vm, True)
+            return None
+        return vm.restore(travelled)
     vcpu = _pick(side.vcpus, args[0])
     if vcpu is None:
         return None
@@ -552,6 +563,8 @@ def _op(r: Reader) -> tuple:
     if code == 17:
         return ("snapshot",)
     if code == 18:
+        if r.byte() & 3 == 0:
+            return ("restore_bytes", r.value(SNAPSHOT_REFS), r.boolean())
         return ("restore", r.value(SNAPSHOT_REFS))
     if code == 19:
         stage = r.pick(("fault", "faultin", "map"))

@@ -280,6 +280,12 @@ class TwinVMs(RuleBasedStateMachine):
     def restore(self, which):
         self.apply("restore", which)
 
+    @rule(which=st.integers(-1, 3), new_vm=st.booleans())
+    def restore_travelled(self, which, new_vm):
+        """The snapshot as bytes and back (built on the default core: the other side
+        restores it across cores), into this VM or a new one made from it."""
+        self.apply("restore_bytes", which, new_vm)
+
     @rule(gfn=U64 | st.integers(0, 1 << 20))
     def inspect(self, gfn):
         self.apply("get_attrs", gfn)

@@ -19,7 +19,7 @@
 # never reads outside tables 0 .. ntables-1 whatever the entries say.
 
 cimport cython
-from libc.stdint cimport uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 from cpython.object cimport PyObject, PyTypeObject
@@ -523,6 +523,38 @@ cdef class PageTables:
         memset(self.mem + self.ntables * PT_ENTRIES, 0, PAGE_SIZE)
         self.ntables += 1
         return self.ntables - 1
+
+    def export_tables(self):
+        """A copy of the tables, (ntables, 512) uint64, and of the free list (int64, in
+        stack order): what a snapshot's bytes hold of them."""
+        free = np.empty(self.nfree, dtype=np.int64)
+        cdef int64_t[::1] f = free
+        cdef Py_ssize_t i
+        for i in range(self.nfree):
+            f[i] = self.free_list[i]
+        return np.array(self.tables), free
+
+    def load_tables(self, tables, free):
+        """Make the tables ``tables`` with free list ``free`` (from export_tables; checked
+        as the twin checks them).  The caller holds every vCPU and mmu_lock for write."""
+        cdef Py_ssize_t n = _tables.check_table_export(
+            tables, free, min(self.max_tables, self.reserved))
+        cdef const uint64_t[:, ::1] src = np.ascontiguousarray(tables)
+        cdef const int64_t[::1] fl = free
+        cdef Py_ssize_t* grown
+        cdef Py_ssize_t i
+        if fl.shape[0] > self.free_cap:
+            grown = <Py_ssize_t*>realloc(self.free_list, fl.shape[0] * sizeof(Py_ssize_t))
+            if grown == NULL:
+                raise MemoryError()
+            self.free_list, self.free_cap = grown, fl.shape[0]
+        memcpy(self.mem, &src[0, 0], <size_t>n * PAGE_SIZE)
+        if self.ntables > n:
+            memset(self.mem + n * PT_ENTRIES, 0, <size_t>(self.ntables - n) * PAGE_SIZE)
+        self.ntables = n
+        for i in range(fl.shape[0]):
+            self.free_list[i] = fl[i]
+        self.nfree = fl.shape[0]
 
     cdef PageTables clone(self):
         """A copy of the tables and their configuration (for VM snapshots): the storage

@@ -68,6 +68,22 @@ cdef class Root:
     cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept:
         return 0 <= table < self.disallowed_cap and self.disallowed[table] != 0
 
+    def disallowed_tables(self):
+        """The tables marked nx_huge_page_disallowed, ascending (for a snapshot's bytes)."""
+        cdef Py_ssize_t t
+        return [t for t in range(self.disallowed_cap) if self.disallowed[t]]
+
+    def load_disallowed(self, tables):
+        """Mark exactly ``tables`` (existing ones) nx_huge_page_disallowed."""
+        cdef Py_ssize_t table
+        for table in tables:
+            if not 0 < table < self.pt.ntables:
+                raise ValueError(f"table {table} does not exist")
+        if self.disallowed_cap:
+            memset(self.disallowed, 0, self.disallowed_cap)
+        for table in tables:
+            self.set_nx_huge_page_disallowed(table, True)
+
 
 cdef bint spte_reduced(const SpteFormat* fmt, int level, uint64_t old, uint64_t new) noexcept nogil:
     """The change of a level-``level`` SPTE from ``old`` to ``new`` removes or reduces a
@@ -179,6 +195,12 @@ cdef class TdpMmu:
         memcpy(c.npages, self.npages, sizeof(self.npages))
         c.tracer, c.tracing = None, False
         return c
+
+    def load_pages(self, pages):
+        """kvm->stat.pages as a snapshot's bytes hold it: [unused, 4K, 2M, 1G]."""
+        cdef int i
+        for i in range(4):
+            self.npages[i] = pages[i]
 
     @property
     def pages(self):

@@ -97,6 +97,34 @@ cdef class VCPUState:
     def mmio(self):
         return (self.mmio_gpa, self.mmio_is_write)
 
+    def export(self):
+        """The vCPU's state as plain values (see the twin)."""
+        cdef int i
+        return {"counters": [self.counters[i] for i in range(len(PF_STAT_NAMES))],
+                "exit_reason": self.exit_reason,
+                "memory_fault": [self.mf_flags, self.mf_gpa, self.mf_size],
+                "mmio": [self.mmio_gpa, bool(self.mmio_is_write)],
+                "mmio_cache": [self.mmio_gfn, self.mmio_gen],
+                "pml": [self.pml.gpa[i] for i in range(PML_LOG_NR_ENTRIES)] + [self.pml.index],
+                "vcpu_id": self.vcpu_id, "rip": self.rip, "ext_exit_qual": self.ext_exit_qual,
+                "vc_gpa": self.vc_gpa, "interrupt_pending": bool(self.interrupt_pending)}
+
+    def load(self, state):
+        """Take ``state`` (from export, checked by the caller's format)."""
+        cdef int i
+        for i in range(len(PF_STAT_NAMES)):
+            self.counters[i] = state["counters"][i]
+        self.exit_reason = state["exit_reason"]
+        self.mf_flags, self.mf_gpa, self.mf_size = state["memory_fault"]
+        self.mmio_gpa, self.mmio_is_write = state["mmio"]
+        self.mmio_gfn, self.mmio_gen = state["mmio_cache"]
+        for i in range(PML_LOG_NR_ENTRIES):
+            self.pml.gpa[i] = state["pml"][i]
+        self.pml.index = state["pml"][PML_LOG_NR_ENTRIES]
+        self.vcpu_id, self.rip = state["vcpu_id"], state["rip"]
+        self.ext_exit_qual, self.vc_gpa = state["ext_exit_qual"], state["vc_gpa"]
+        self.interrupt_pending = state["interrupt_pending"]
+
     def clone(self, Memslots memslots, TdpMmu mmu):
         """This vCPU's state, attached to ``memslots`` and ``mmu`` (a VM's copies)."""
         cdef VCPUState c = VCPUState.__new__(VCPUState)

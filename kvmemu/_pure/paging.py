@@ -448,6 +448,20 @@ class PageTables:
         self.ntables += 1
         return self.ntables - 1
 
+    def export_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """A copy of the tables, (ntables, 512) uint64, and of the free list (int64, in
+        stack order): what a snapshot's bytes hold of them."""
+        return self.mem[:self.ntables].copy(), np.array(self.free_list, dtype=np.int64)
+
+    def load_tables(self, tables: np.ndarray, free: np.ndarray) -> None:
+        """Make the tables ``tables`` with free list ``free`` (from export_tables; checked:
+        a shape the storage can hold, free tables that exist, none twice, not the root)."""
+        n = _tables.check_table_export(tables, free, min(self.max_tables, RESERVED_TABLES))
+        self.mem[:n] = tables
+        self.mem[n:self.ntables] = 0
+        self.ntables = n
+        self.free_list = [int(t) for t in free]
+
     def clone(self) -> "PageTables":
         """A copy of the tables and their configuration (for VM snapshots)."""
         c = PageTables.__new__(PageTables)

@@ -84,6 +84,18 @@ class Root:
     def nx_huge_page_disallowed(self, table: int) -> bool:
         return self.disallowed.get(table, False)
 
+    def disallowed_tables(self) -> list[int]:
+        """The tables marked nx_huge_page_disallowed, ascending (for a snapshot's bytes)."""
+        return sorted(t for t, on in self.disallowed.items() if on)
+
+    def load_disallowed(self, tables: list[int]) -> None:
+        """Mark exactly ``tables`` (existing ones) nx_huge_page_disallowed."""
+        self.disallowed = {}
+        for table in tables:
+            if not 0 < table < self.pt.ntables:
+                raise ValueError(f"table {table} does not exist")
+            self.disallowed[table] = True
+
 
 class TdpMmu:
     """The VM's TDP MMU: its roots and what changes their SPTEs."""
@@ -157,6 +169,10 @@ class TdpMmu:
         c.tracer = None
         c.zap_reason, c.zap_watch, c.zaps = 0, False, []
         return c
+
+    def load_pages(self, pages: list[int]) -> None:
+        """kvm->stat.pages as a snapshot's bytes hold it: [unused, 4K, 2M, 1G]."""
+        self.npages = [int(p) for p in pages]
 
     @property
     def pages(self) -> list[int]:

@@ -112,6 +112,29 @@ class VCPUState:
     def mmio(self) -> tuple[int, bool]:
         return (self.mmio_gpa, self.mmio_is_write)
 
+    def export(self) -> dict[str, Any]:
+        """The vCPU's state as plain values (what a snapshot's bytes hold; the
+        configuration, the stage hook and the API's bindings are not state)."""
+        return {"counters": [int(c) for c in self.counters], "exit_reason": self.exit_reason,
+                "memory_fault": [self.mf_flags, self.mf_gpa, self.mf_size],
+                "mmio": [self.mmio_gpa, bool(self.mmio_is_write)],
+                "mmio_cache": [self.mmio_gfn, self.mmio_gen],
+                "pml": [int(g) for g in self.pml.gpa] + [self.pml.index],
+                "vcpu_id": self.vcpu_id, "rip": self.rip, "ext_exit_qual": self.ext_exit_qual,
+                "vc_gpa": self.vc_gpa, "interrupt_pending": bool(self.interrupt_pending)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Take ``state`` (from export, checked by the caller's format)."""
+        self.counters = list(state["counters"])
+        self.exit_reason = state["exit_reason"]
+        self.mf_flags, self.mf_gpa, self.mf_size = state["memory_fault"]
+        self.mmio_gpa, self.mmio_is_write = state["mmio"]
+        self.mmio_gfn, self.mmio_gen = state["mmio_cache"]
+        self.pml.gpa, self.pml.index = list(state["pml"][:-1]), state["pml"][-1]
+        self.vcpu_id, self.rip = state["vcpu_id"], state["rip"]
+        self.ext_exit_qual, self.vc_gpa = state["ext_exit_qual"], state["vc_gpa"]
+        self.interrupt_pending = state["interrupt_pending"]
+
     def clone(self, memslots: Any, mmu: Any) -> "VCPUState":
         """This vCPU's state, attached to ``memslots`` and ``mmu`` (a VM's copies)."""
         c = copy.copy(self)
