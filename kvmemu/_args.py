@@ -12,6 +12,7 @@ exactly the same exception and message.  Errors name the argument:
 
 from __future__ import annotations
 
+import enum
 import operator
 from typing import Any
 
@@ -269,7 +270,12 @@ _WRITE, _USER, _ENCRYPTED = (AccessFlags.WRITE.value, AccessFlags.USER.value,
 def access_flags(value: Any, name: str = "flags") -> int:
     """One ``AccessFlags`` value: known bits only, at most one stage, and FETCH only
     for a final-stage access (guest paging-structure accesses and PDPTE loads are
-    data accesses)."""
+    data accesses).  A flag of another class (``PFERR.WRITE`` and
+    ``EPT_VIOLATION.ACC_WRITE`` are both 2, which is ``AccessFlags.FETCH``) is a
+    TypeError, not a silent reinterpretation."""
+    if isinstance(value, enum.Flag) and not isinstance(value, AccessFlags):
+        raise TypeError(f"{name} must be AccessFlags or an int, not {type(value).__name__} "
+                        f"({value!r} means something else as AccessFlags)")
     v = u64(name, value)
     if v & ~_ALL_ACCESS_FLAGS:
         raise ValueError(f"{name} = {v:#x} has bits that are not AccessFlags")

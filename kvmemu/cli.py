@@ -10,10 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from typing import Any, Sequence
 
 from . import _args
+from ._version import __version__
 from .constants import (EPT_MEMTYPE_MASK, EPT_MEMTYPE_SHIFT, EPT_MISCONFIG_WX_VALUE,
                         EPT_MMIO_MASK, EPT_VIOLATION, EPTE, NPT_MMIO_VALUE, PFERR, PTE,
                         PAGE_SHIFT, SHADOW_NONPRESENT_VALUE, SPTE, SPTE_BASE_ADDR_MASK, MemType,
@@ -45,6 +48,12 @@ def _decode_ept(ns: argparse.Namespace) -> list[tuple[str, str]]:
     shared_bit = kvmemu.tdx_shared_bit(ns.tdx_gpaw) if ns.tdx_gpaw else 0
     qual = ns.value
     rows = [("exit qualification", f"{qual:#x}  {EPT_VIOLATION(qual)!r}")]
+    if not qual & _EPT_ACCESS:
+        rows.append(("warning", "no access bit (0-2) is set: the CPU reports none like this; "
+                                "KVM takes it as a read"))
+    unknown = qual & ~_EPT_KNOWN
+    if unknown:
+        rows.append(("warning", f"bits {unknown:#x} are reserved in the exit qualification"))
     if ns.tdx_gpaw:
         private = not ns.gpa & shared_bit
         state = "clear: private" if private else "set: shared"
@@ -58,6 +67,10 @@ def _decode_ept(ns: argparse.Namespace) -> list[tuple[str, str]]:
     ec = kvmemu.vmx_error_code(qual, ns.gpa, shared_bit)
     rows += [("error code", f"{ec:#x}  {PFERR(ec)!r}"), ("private", _private(ec))]
     return rows
+
+
+_EPT_ACCESS = (EPT_VIOLATION.ACC_READ | EPT_VIOLATION.ACC_WRITE | EPT_VIOLATION.ACC_INSTR).value
+_EPT_KNOWN = sum(m.value for m in EPT_VIOLATION)
 
 
 def _decode_npf(ns: argparse.Namespace) -> list[tuple[str, str]]:
@@ -134,31 +147,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="kvmemu",
         description="Bit-exact model of x86 second-stage page faults and the Linux 6.18 KVM "
                     "fault path. Values may be decimal or 0x-prefixed hex.")
+    parser.add_argument("--version", action="version", version=f"kvmemu {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     decode = commands.add_parser("decode", help="name the bits of an exit value or error code",
                                  description="Name every set bit and show the error code KVM "
                                              "derives and whether the fault is private.")
     kinds = decode.add_subparsers(dest="kind", required=True, metavar="KIND")
+    json_help = "print one JSON object (each row's text, and the values as integers)"
 
     ept = kinds.add_parser("ept", help="VMX EPT-violation exit qualification",
                            description="Decode an EPT-violation exit qualification the way "
                                        "__vmx_handle_ept_violation does.")
     ept.add_argument("value", metavar="QUAL", type=_u64)
-    ept.add_argument("--gpa", type=_u64, default=0, help="faulting GPA (default 0)")
+    ept.add_argument("--gpa", type=_u64, default=None,
+                     help="faulting GPA, which only a TD's shared bit reads (needs --tdx-gpaw)")
     ept.add_argument("--tdx-gpaw", type=int, choices=(48, 52),
                      help="the VM is a TD with this guest physical-address width: "
                           "decode as tdx_handle_ept_violation does")
+    ept.add_argument("--json", action="store_true", help=json_help)
     ept.set_defaults(decode=_decode_ept)
 
     npf = kinds.add_parser("npf", help="AMD #NPF EXITINFO1",
                            description="Decode #NPF EXITINFO1 the way npf_interception does.")
     npf.add_argument("value", metavar="EXITINFO1", type=_u64)
     npf.add_argument("--snp", action="store_true", help="the VM is an SEV-SNP guest")
+    npf.add_argument("--json", action="store_true", help=json_help)
     npf.set_defaults(decode=_decode_npf)
 
     pferr = kinds.add_parser("pferr", help="KVM page-fault error code",
                              description="Name the PFERR bits of a KVM error code.")
     pferr.add_argument("value", metavar="CODE", type=_u64)
+    pferr.add_argument("--json", action="store_true", help=json_help)
     pferr.set_defaults(decode=_decode_pferr)
 
     spte = kinds.add_parser(
@@ -170,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = spte.add_mutually_exclusive_group(required=True)
     fmt.add_argument("--ept", action="store_true", help="an EPT SPTE (Intel, TDX)")
     fmt.add_argument("--npt", action="store_true", help="an NPT SPTE (AMD, SEV, SNP)")
+    spte.add_argument("--json", action="store_true", help=json_help)
     spte.set_defaults(decode=_decode_spte)
 
     demo = commands.add_parser(
@@ -177,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a built-in guest workload (shared and private accesses, conversions "
                     "both ways, hugepages, MMIO, memory-fault exits handled like a VMM) on "
                     "every VM type, and print exits, faults, mappings and throughput.")
-    demo.add_argument("--accesses", type=int, default=None,
-                      help="random shared accesses per VM (default 400000; 20000 on the pure-Python twin)")
+    demo.add_argument("--accesses", type=_count, default=None,
+                      help="random shared accesses per VM (default 400000; 20000 on the "
+                           "pure-Python twin)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the report as one JSON object (a row per VM type)")
 
     replay = commands.add_parser(
         "replay", help="replay kvm_page_fault lines of an ftrace against the model",
@@ -208,6 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--trace", action="store_true",
                         help="also print the model's own trace events, as the kernel's")
     return parser
+
+
+def _count(text: str) -> int:
+    """A count: a non-negative integer below 2**31."""
+    try:
+        value = int(text.replace("_", ""), 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 1 << 31:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {(1 << 31) - 1}, not {value}")
+    return value
 
 
 def _size(text: str) -> int:
@@ -241,21 +275,45 @@ def _vm_type(text: str) -> VMType:
         ) from None
 
 
+def _decode(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
+    if ns.kind == "ept":
+        if ns.gpa is not None and not ns.tdx_gpaw:
+            parser.error("--gpa needs --tdx-gpaw: only a TD's shared bit reads the GPA")
+        ns.gpa = ns.gpa or 0
+    rows = ns.decode(ns)
+    if ns.json:
+        out: dict[str, Any] = {"kind": ns.kind, "value": ns.value, "rows": []}
+        for label, text in rows:
+            out["rows"].append({"label": label, "text": text})
+            if label in ("error code", "exit qualification", "exit_info_1", "spte"):
+                out[label.replace(" ", "_")] = int(text.split()[0], 16)
+            if label == "private":
+                out["private"] = text == "yes"
+        print(json.dumps(out))
+        return 0
+    width = max(len(label) for label, _ in rows)
+    for label, text in rows:
+        print(f"{label:<{width}}  {text}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
-    if ns.command == "demo":
-        from ._demo import run_demo
-        return run_demo(ns.accesses)
-    if ns.command == "replay":
-        from ._replay import replay
-        return replay(parser, ns)
-    if ns.command == "decode":
-        rows = ns.decode(ns)
-        width = max(len(label) for label, _ in rows)
-        for label, text in rows:
-            print(f"{label:<{width}}  {text}")
-    return 0
+    try:
+        if ns.command == "demo":
+            from ._demo import run_demo
+            return run_demo(ns.accesses, as_json=ns.json)
+        if ns.command == "replay":
+            from ._replay import replay
+            return replay(parser, ns)
+        return _decode(parser, ns)
+    except BrokenPipeError:
+        # The reader went away (``kvmemu demo | head``): no traceback, and no second
+        # error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

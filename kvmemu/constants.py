@@ -126,11 +126,21 @@ PFERR_SYNTHETIC_MASK = PFERR.IMPLICIT_ACCESS.value | PFERR.PRIVATE_ACCESS.value
 # --- 2. EPT violation exit qualification (arch/x86/include/asm/vmx.h; SDM) -------------
 
 class EPT_VIOLATION(_Flag):
-    """EPT-violation exit qualification bits (exit reason 48).
+    """EPT-violation exit qualification bits (exit reason 48; Intel SDM vol. 3C, "Exit
+    Qualification for EPT Violations").
 
-    Bit 6 is named ``EPT_VIOLATION_EXEC_FOR_RING3_LIN`` in Linux 6.18 and is the
-    AND of the XU bits with mode-based execute control; ``PROT_USER_EXEC`` is
-    the name this package (and later kernels) use.
+    Bits 0-8 are Linux 6.18's (arch/x86/include/asm/vmx.h).  Bit 6 is named
+    ``EPT_VIOLATION_EXEC_FOR_RING3_LIN`` in Linux 6.18 and is the AND of the XU bits
+    with mode-based execute control; ``PROT_USER_EXEC`` is the name this package (and
+    later kernels) use.  KVM reads none of the bits above 8 except 12 (as
+    INTR_INFO_UNBLOCK_NMI); their names here are this package's, after the SDM and
+    kvm-unit-tests: with "advanced VM-exit information for EPT violations", when bits
+    7 and 8 are set, bit 9 says the linear address is user-mode, bit 10 that it is
+    writable and bit 11 that it is execute-disable (kvm-unit-tests' EPT_VLT_GUEST_USER,
+    _RW, _NX); bit 12 is NMI unblocking due to IRET; bit 13 a shadow-stack access; bit
+    14 the leaf's supervisor-shadow-stack bit; bit 15 an EPT violation of guest-paging
+    verification; bit 16 an access asynchronous to instruction execution (Intel PT
+    output, PEBS, user-interrupt delivery).
     """
 
     ACC_READ = 0x1
@@ -143,7 +153,14 @@ class EPT_VIOLATION(_Flag):
     EXEC_FOR_RING3_LIN = 0x40
     GVA_IS_VALID = 0x80
     GVA_TRANSLATED = 0x100
+    GUEST_USER = 0x200
+    GUEST_RW = 0x400
+    GUEST_NX = 0x800
     NMI_UNBLOCKING = 0x1000
+    SHADOW_STACK = 0x2000
+    SUPERVISOR_SHADOW_STACK = 0x4000
+    PAGING_VERIFICATION = 0x8000
+    ASYNC_TO_INSTRUCTION = 0x10000
 
 
 #: EPT_VIOLATION_PROT_MASK = PROT_READ | PROT_WRITE | PROT_EXEC (bit 6 is not in it in 6.18).

@@ -114,6 +114,19 @@ def test_access_many_checks_out(kv):
         vcpu.access_many(gpas, flags, out=(hpa, flags))
 
 
+def test_access_many_refuses_a_flag_of_another_class(kv):
+    """PFERR.WRITE and EPT_VIOLATION.ACC_WRITE are both 2, AccessFlags.FETCH's value."""
+    from kvmemu import EPT_VIOLATION, PFERR
+    vm, vcpu = vm_and_vcpu(kv)
+    for flag in (PFERR.WRITE, EPT_VIOLATION.ACC_WRITE):
+        with pytest.raises(TypeError, match="AccessFlags"):
+            vcpu.access_many(u64(0x1000), flag)
+        with pytest.raises(TypeError, match="AccessFlags"):
+            vm.page_tables.translate_many(u64(0x1000), flag)
+    assert vm.stats["pf_taken"] == 0
+    assert vcpu.access_many(u64(0x1000), AccessFlags.WRITE).count == 1
+
+
 def test_access_many_errors(kv):
     vm, vcpu = vm_and_vcpu(kv, VMType.TDX)
     with pytest.raises(KvmError) as info:

@@ -63,6 +63,55 @@ def test_bad_values_exit_non_zero(argv):
     assert info.value.code != 0
 
 
+def test_decode_ept_names_every_sdm_bit_and_warns(capsys):
+    """Bits 9-11 (advanced VM-exit information: the linear address is user-mode,
+    writable, execute-disable; kvm-unit-tests' EPT_VLT_GUEST_USER / _RW / _NX), 12 (NMI
+    unblocking), 13-16 are named; a qualification with no access bit (0-2) and bits
+    above 16 are flagged."""
+    out = run(capsys, "decode", "ept", "0x683")
+    assert "ACC_READ|ACC_WRITE|GVA_IS_VALID|GUEST_USER|GUEST_RW" in out
+    assert "0x" not in out.split("EPT_VIOLATION.")[1].split()[0]
+    out = run(capsys, "decode", "ept", "0x1f981")
+    assert ("GUEST_NX|NMI_UNBLOCKING|SHADOW_STACK|SUPERVISOR_SHADOW_STACK|PAGING_VERIFICATION"
+            "|ASYNC_TO_INSTRUCTION") in out and "warning" not in out
+    out = run(capsys, "decode", "ept", "0x10")
+    assert "warning             no access bit (0-2)" in out
+    out = run(capsys, "decode", "ept", "0x20001")
+    assert "bits 0x20000 are reserved" in out
+
+
+def test_decode_json(capsys):
+    import json
+    out = json.loads(run(capsys, "decode", "ept", "0x182", "--json"))
+    assert (out["value"], out["exit_qualification"], out["error_code"], out["private"]) == (
+        0x182, 0x182, 0x100000002, False)
+    out = json.loads(run(capsys, "decode", "npf", "0x500000004", "--snp", "--json"))
+    assert out["error_code"] == 0x2000500000004 and out["private"] is True
+
+
+@pytest.mark.parametrize("argv", [["decode", "ept", "0x181", "--gpa", "0x1000"],
+                                  ["demo", "--accesses", "-5"], ["demo", "--accesses", "x"]])
+def test_arguments_that_would_be_ignored_or_crash_are_errors(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err
+
+
+def test_version_and_a_closed_pipe(run_python):
+    out = run_python("-m", "kvmemu", "--version")
+    assert out.stdout.strip() == f"kvmemu {kvmemu.__version__}"
+    import subprocess
+    import sys
+    # The reader is gone before the first line is written (as with ``| head`` once it
+    # has its lines): no traceback, status 1.
+    proc = subprocess.Popen([sys.executable, "-m", "kvmemu", "demo", "--accesses", "100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err
+
+
 def test_module_entry_point(run_python):
     out = run_python("-m", "kvmemu", "decode", "pferr", "0x8")
     assert "PFERR.RSVD" in out.stdout
