@@ -61,7 +61,9 @@ def generate_constants() -> None:
 
 generate_constants()
 
-compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+# A release build carries no debug information and a stripped extension (its symbol
+# table is for debuggers; Python finds PyInit__core in the dynamic symbols).
+compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 # The walk's one-pass fast path must inline into translate_one and the batch loops;
 # in a translation unit this size GCC's default growth limits decline to (3 ns per
 # access, measured).  Clang inlines it by itself and does not take these parameters.
@@ -69,7 +71,7 @@ if not DEBUG and "clang" not in (sysconfig.get_config_var("CC") or ""):
     compile_args += ["--param", "max-inline-insns-single=2000",
                      "--param", "inline-unit-growth=200",
                      "--param", "large-function-growth=400"]
-link_args = []
+link_args = [] if DEBUG or SANITIZE else ["-Wl,--strip-all"]
 if SANITIZE:
     flags = [f"-fsanitize={s}" for s in SANITIZE] + ["-fno-omit-frame-pointer"]
     compile_args += flags

@@ -13,6 +13,7 @@ from ._version import __version__
 from .constants import *  # noqa: F401,F403  (the constants are part of the API)
 from .constants import __all__ as _constants_all
 from ._host import Host
+from ._types import TraceSink, U64Array
 from ._vm import VCPU, GuestMemfd, HostInvalidation, KvmRun, MemSlot, Snapshot
 from .errors import KvmError
 from ._hypercall import PscResult, TdvmcallResult
@@ -28,5 +29,5 @@ del _name
 __all__ = [*_constants_all, *_select.CORE_NAMES, "KvmError", "GuestMemfd", "MemSlot",
            "HostInvalidation", "Host", "HypercallExit",
            "TdvmcallResult", "PscResult", "GuestException", "RmpEntry", "VCPU", "KvmRun",
-           "Snapshot", "AccessBatch",
+           "Snapshot", "AccessBatch", "TraceSink", "U64Array",
            "IMPLEMENTATION", "__version__"]

@@ -1,5 +1,5 @@
 # Type information for kvmemu's public API (hand-written; see docs/api.md).
-from typing import Callable, Final, Literal, Protocol, overload
+from typing import Any, Callable, Final, Literal, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -147,9 +147,162 @@ from .results import (
 
 __version__: Final[str]
 IMPLEMENTATION: Final[str]
-__all__: list[str]
+# Generated from kvmemu.__all__ (tests/test_package.py checks it).
+__all__ = [
+    'PFERR',
+    'PFERR_SYNTHETIC_MASK',
+    'EPT_VIOLATION',
+    'EPT_VIOLATION_PROT_MASK',
+    'VMType',
+    'RetPF',
+    'ExitReason',
+    'Quirk',
+    'KVM_X86_VALID_QUIRKS',
+    'DirtyLogManual',
+    'PML_LOG_NR_ENTRIES',
+    'KVM_HC_VAPIC_POLL_IRQ',
+    'KVM_HC_KICK_CPU',
+    'KVM_HC_CLOCK_PAIRING',
+    'KVM_HC_SEND_IPI',
+    'KVM_HC_SCHED_YIELD',
+    'KVM_HC_MAP_GPA_RANGE',
+    'KVM_ENOSYS',
+    'KVM_EOPNOTSUPP',
+    'KVM_EXIT_HYPERCALL_VALID_MASK',
+    'KVM_EXIT_HYPERCALL_LONG_MODE',
+    'MapGpaFlag',
+    'TdvmcallStatus',
+    'TDX_MAP_GPA_MAX_LEN',
+    'SNP_PAGE_STATE_PRIVATE',
+    'SNP_PAGE_STATE_SHARED',
+    'TDX_EXT_EXIT_QUAL_TYPE_MASK',
+    'TDX_EXT_EXIT_QUAL_TYPE_PENDING_EPT_VIOLATION',
+    'TdxModuleStatus',
+    'PVALIDATE_SUCCESS',
+    'PVALIDATE_FAIL_INPUT',
+    'PVALIDATE_FAIL_SIZEMISMATCH',
+    'PVALIDATE_FAIL_NOUPDATE',
+    'X86_TRAP_VC',
+    'SVM_EXIT_PAGE_NOT_VALIDATED',
+    'SNP_GUEST_ASID',
+    'ZapReason',
+    'KVM_SEV_SNP_PAGE_TYPE_NORMAL',
+    'KVM_SEV_SNP_PAGE_TYPE_ZERO',
+    'KVM_SEV_SNP_PAGE_TYPE_UNMEASURED',
+    'KVM_SEV_SNP_PAGE_TYPE_SECRETS',
+    'KVM_SEV_SNP_PAGE_TYPE_CPUID',
+    'KVM_TDX_MEASURE_MEMORY_REGION',
+    'FrameState',
+    'FRAME_GPA_MASK',
+    'GHCB_MSR_PSC_REQ',
+    'GHCB_MSR_PSC_RESP',
+    'GHCB_MSR_PSC_RESP_ERROR',
+    'VMGEXIT_PSC_MAX_COUNT',
+    'VMGEXIT_PSC_ERROR_GENERIC',
+    'VMGEXIT_PSC_ERROR_INVALID_HDR',
+    'VMGEXIT_PSC_ERROR_INVALID_ENTRY',
+    'MemAttr',
+    'MemFlag',
+    'GuestMemfdFlag',
+    'MEMORY_EXIT_FLAG_PRIVATE',
+    'PG_LEVEL_4K',
+    'PG_LEVEL_2M',
+    'PG_LEVEL_1G',
+    'PG_LEVEL_512G',
+    'PG_LEVEL_256T',
+    'KVM_MAX_HUGEPAGE_LEVEL',
+    'PAGE_SHIFT',
+    'PAGE_SIZE',
+    'KVM_USER_MEM_SLOTS',
+    'KVM_MEM_SLOTS_NUM',
+    'KVM_MEM_MAX_NR_PAGES',
+    'KVM_LPAGE_MIXED_FLAG',
+    'VmxExitReason',
+    'SVM_EXIT_NPF',
+    'EPTE',
+    'EPT_MEMTYPE_SHIFT',
+    'EPT_MEMTYPE_MASK',
+    'MemType',
+    'PTE',
+    'TDX_GPAW_SHARED_BIT',
+    'KVM_INTERNAL_MEMSLOT_FLAGS',
+    'KVM_MEMSLOT_INVALID',
+    'KVM_MEMSLOT_GMEM_ONLY',
+    'INVALID_GPA',
+    'USER_PTR_MAX',
+    'HOST_MAXPHYADDR',
+    'GMEM_PFN_BASE',
+    'GMEM_FILE_PAGES',
+    'USER_PTR_MAX_LA57',
+    'SME_C_BIT',
+    'SME_PHYS_BITS_REDUCTION',
+    'SPTE',
+    'SHADOW_NONPRESENT_VALUE',
+    'KVM_PFN_NOSLOT',
+    'EPT_MISCONFIG_WX_VALUE',
+    'EPT_MMIO_MASK',
+    'NPT_MMIO_VALUE',
+    'NPT_MMIO_ACCESS_MASK',
+    'ACC_TRACK_SAVED_BITS_MASK',
+    'ACC_TRACK_SAVED_BITS_SHIFT',
+    'SPTE_TDP_AD_MASK',
+    'MMIO_SPTE_GEN_LOW_START',
+    'MMIO_SPTE_GEN_LOW_BITS',
+    'MMIO_SPTE_GEN_HIGH_START',
+    'MMIO_SPTE_GEN_MASK',
+    'ACC_EXEC',
+    'ACC_WRITE',
+    'ACC_USER',
+    'ACC_ALL',
+    'TDX_LOCAL_RETRY_LIMIT',
+    'ACCESS_LOOP_LIMIT',
+    'AccessFlags',
+    'PT_LEVEL_BITS',
+    'PT_ENTRIES',
+    'PT_BASE_HPA',
+    'PT_ROOT_MAX_LEVEL',
+    'MAXPHYADDR_MIN',
+    'MAXPHYADDR_MAX',
+    'EPT_RSVD_ROOT',
+    'EPT_RSVD_NONLEAF',
+    'EPT_RSVD_2M',
+    'EPT_RSVD_1G',
+    'EPT_BAD_MEMTYPES',
+    'NPT_RSVD_ROOT',
+    'NPT_RSVD_2M',
+    'NPT_RSVD_1G',
+    'vmx_error_code',
+    'svm_error_code',
+    'tdx_shared_bit',
+    'PageTables',
+    'Translation',
+    'EptViolation',
+    'EptMisconfig',
+    'NestedPageFault',
+    'VM',
+    'MemoryFaultExit',
+    'MmioExit',
+    'KvmError',
+    'GuestMemfd',
+    'MemSlot',
+    'HostInvalidation',
+    'Host',
+    'HypercallExit',
+    'TdvmcallResult',
+    'PscResult',
+    'GuestException',
+    'RmpEntry',
+    'VCPU',
+    'KvmRun',
+    'Snapshot',
+    'AccessBatch',
+    'TraceSink',
+    'U64Array',
+    'IMPLEMENTATION',
+    '__version__',
+]
 
-U64Array = npt.NDArray[np.uint64]
+from ._types import U64Array as U64Array
 _Int = int | np.integer
 
 @overload
@@ -170,14 +323,13 @@ def tdx_shared_bit(gpaw: int) -> int: ...
 @overload
 def tdx_shared_bit(gpaw: U64Array) -> U64Array: ...
 
-class _TraceFile(Protocol):
-    def write(self, text: str, /) -> object: ...
-
-#: Where ``VM.trace`` sends events: ``sink(event, text)``, or a text file.
-TraceSink = Callable[[str, str], object] | _TraceFile
+from ._types import TraceSink as TraceSink
 
 class Snapshot:
     """An opaque copy of a VM's state (``VM.snapshot``); travels as bytes and by pickle."""
+    def __init__(self, owner: object, creation: dict[str, Any], memory: Any,
+                 vcpus: list[Any], gmem: list[GuestMemfd], bindings: dict[int, Any]) -> None:
+        """Internal: made by ``VM.snapshot`` and ``Snapshot.from_bytes``."""
     def to_bytes(self) -> bytes: ...
     @staticmethod
     def from_bytes(data: bytes | bytearray | memoryview) -> Snapshot: ...
@@ -272,6 +424,8 @@ class VM:
     def create_vcpu(self) -> VCPU: ...
 
 class KvmRun:
+    def __init__(self, state: Any) -> None:
+        """Internal: each VCPU has one (``VCPU.run``)."""
     @property
     def exit_reason(self) -> ExitReason: ...
     @property
@@ -284,6 +438,8 @@ class KvmRun:
 class VCPU:
     """A vCPU (see kvmemu._vm.VCPU for the full contract)."""
 
+    def __init__(self, vm: VM, vcpu_id: int) -> None:
+        """Internal: made by ``VM.create_vcpu``."""
     vm: VM
     vcpu_id: int
     run: KvmRun
@@ -321,6 +477,7 @@ class VCPU:
 
 _Exit = EptViolation | EptMisconfig | NestedPageFault
 
+@final
 class PageTables:
     def __init__(self, kind: Literal["ept", "npt"], levels: Literal[4, 5] = 4, *,
                  ad_bits: bool = True, exec_only: bool = True, mbec: bool = False,
@@ -356,3 +513,31 @@ class PageTables:
                   encrypted: bool = False) -> Translation | _Exit: ...
     def translate_many(self, gpas: U64Array, flags: int | npt.NDArray[np.uint8] = 0
                        ) -> tuple[U64Array, npt.NDArray[np.uint8]]: ...
+    # The storage as both cores' TDP MMU and kvmemu._tables use it (not for callers).
+    @property
+    def ntables(self) -> int: ...
+    @property
+    def max_tables(self) -> int: ...
+    @property
+    def kvm_owned(self) -> bool: ...
+    @property
+    def ept(self) -> bool: ...
+    @property
+    def nonleaf(self) -> int: ...
+    @property
+    def present_mask(self) -> int: ...
+    @property
+    def addr_mask(self) -> int: ...
+    @property
+    def large_bit(self) -> int: ...
+    @property
+    def rsvd_high(self) -> int: ...
+    lock: Any
+    def entry(self, table: int, index: int) -> int: ...
+    def store(self, table: int, index: int, value: int) -> None: ...
+    def hpa(self, table: int) -> int: ...
+    def table_at(self, hpa: int) -> int: ...
+    def is_large(self, level: int, e: int) -> bool: ...
+    def new_table(self) -> int: ...
+    def export_tables(self) -> tuple[U64Array, npt.NDArray[np.int64]]: ...
+    def load_tables(self, tables: U64Array, free: npt.NDArray[np.int64]) -> None: ...

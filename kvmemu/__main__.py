@@ -1,5 +1,8 @@
+"""``python -m kvmemu``: the command line (kvmemu.cli)."""
+
 import sys
 
 from kvmemu.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

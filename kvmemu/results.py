@@ -9,7 +9,7 @@ failing comparison in a test reads like the SDM table.
 from __future__ import annotations
 
 from operator import itemgetter
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from . import _args
 from .constants import EPT_VIOLATION, PFERR, SVM_EXIT_NPF, ExitReason, VmxExitReason
@@ -79,8 +79,11 @@ class Translation(_Result):
 
     __slots__ = ()
     _fields = ("hpa", "level")
-    hpa: int
-    level: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def hpa(self) -> int: ...
+        @property
+        def level(self) -> int: ...
 
     def __repr__(self) -> str:
         return f"Translation(hpa={self.hpa:#x}, level={self.level})"
@@ -94,8 +97,11 @@ class EptViolation(_Result):
     _fields = ("gpa", "exit_qualification")
     _flags = {"exit_qualification": EPT_VIOLATION}
     reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_VIOLATION
-    gpa: int
-    exit_qualification: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def gpa(self) -> int: ...
+        @property
+        def exit_qualification(self) -> int: ...
 
 
 class EptMisconfig(_Result):
@@ -105,7 +111,9 @@ class EptMisconfig(_Result):
     __slots__ = ()
     _fields = ("gpa",)
     reason: ClassVar[VmxExitReason] = VmxExitReason.EPT_MISCONFIG
-    gpa: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def gpa(self) -> int: ...
 
 
 class NestedPageFault(_Result):
@@ -116,8 +124,11 @@ class NestedPageFault(_Result):
     _fields = ("gpa", "exit_info_1")
     _flags = {"exit_info_1": PFERR}
     reason: ClassVar[int] = SVM_EXIT_NPF
-    gpa: int
-    exit_info_1: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def gpa(self) -> int: ...
+        @property
+        def exit_info_1(self) -> int: ...
 
 
 class MemoryFaultExit(_Result):
@@ -128,9 +139,13 @@ class MemoryFaultExit(_Result):
     __slots__ = ()
     _fields = ("flags", "gpa", "size")
     exit_reason: ClassVar[ExitReason] = ExitReason.MEMORY_FAULT
-    flags: int
-    gpa: int
-    size: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def flags(self) -> int: ...
+        @property
+        def gpa(self) -> int: ...
+        @property
+        def size(self) -> int: ...
 
 
 class MmioExit(_Result):
@@ -141,8 +156,11 @@ class MmioExit(_Result):
     __slots__ = ()
     _fields = ("gpa", "is_write")
     exit_reason: ClassVar[ExitReason] = ExitReason.MMIO
-    gpa: int
-    is_write: bool
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def gpa(self) -> int: ...
+        @property
+        def is_write(self) -> bool: ...
 
     def __new__(cls, gpa: int, is_write: bool) -> Any:
         return tuple.__new__(cls, (_args.u64("gpa", gpa), _args.flag("is_write", is_write)))
@@ -159,9 +177,13 @@ class GuestException(_Result):
 
     __slots__ = ()
     _fields = ("vector", "error_code", "gpa")
-    vector: int
-    error_code: int
-    gpa: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def vector(self) -> int: ...
+        @property
+        def error_code(self) -> int: ...
+        @property
+        def gpa(self) -> int: ...
 
 
 class RmpEntry(_Result):
@@ -172,12 +194,19 @@ class RmpEntry(_Result):
 
     __slots__ = ()
     _fields = ("assigned", "asid", "gpa", "page_size", "validated", "immutable")
-    assigned: bool
-    asid: int
-    gpa: int
-    page_size: int
-    validated: bool
-    immutable: bool
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def assigned(self) -> bool: ...
+        @property
+        def asid(self) -> int: ...
+        @property
+        def gpa(self) -> int: ...
+        @property
+        def page_size(self) -> int: ...
+        @property
+        def validated(self) -> bool: ...
+        @property
+        def immutable(self) -> bool: ...
 
     def __repr__(self) -> str:
         return (f"RmpEntry(assigned={self.assigned}, asid={self.asid}, gpa={self.gpa:#x}, "
@@ -213,9 +242,13 @@ class HypercallExit(_Result):
     __slots__ = ()
     _fields = ("nr", "args", "flags")
     exit_reason: ClassVar[ExitReason] = ExitReason.HYPERCALL
-    nr: int
-    args: tuple[int, ...]
-    flags: int
+    if TYPE_CHECKING:            # fields: read-only properties (_Result)
+        @property
+        def nr(self) -> int: ...
+        @property
+        def args(self) -> tuple[int, ...]: ...
+        @property
+        def flags(self) -> int: ...
 
     def __new__(cls, nr: Any, args: Any, flags: Any) -> Any:
         values = tuple(args)

@@ -37,6 +37,17 @@ def test_unknown_implementation_name():
         _select.load("rust")
 
 
+def test_the_stub_lists_the_runtime_exports_exactly():
+    import ast
+    stub = Path(kvmemu.__file__).parent / "__init__.pyi"
+    tree = ast.parse(stub.read_text())
+    (assign,) = [n for n in tree.body if isinstance(n, ast.Assign)
+                 and any(getattr(t, "id", None) == "__all__" for t in n.targets)]
+    assert ast.literal_eval(assign.value) == list(kvmemu.__all__)
+    for name in ("VCPU", "KvmRun", "Snapshot", "AccessBatch", "TraceSink", "U64Array"):
+        assert hasattr(kvmemu, name), name
+
+
 def test_type_information_is_shipped():
     package = Path(kvmemu.__file__).parent
     assert (package / "py.typed").exists()

@@ -22,7 +22,8 @@ import kvmemu
 #: tests run on one thread under pytest-run-parallel.
 pytestmark = pytest.mark.thread_unsafe
 
-PACKAGE = Path(kvmemu.__file__).resolve().parent
+# The sources in the repository (or sdist): the wheel does not ship the Cython parts.
+PACKAGE = Path(__file__).resolve().parents[1] / "kvmemu"
 COMPILED = PACKAGE / "_cy"
 TWIN = PACKAGE / "_pure"
 #: Twin modules that are not parts: the package and the constants under their C names
