@@ -67,7 +67,7 @@ compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
 # The walk's one-pass fast path must inline into translate_one and the batch loops;
 # in a translation unit this size GCC's default growth limits decline to (3 ns per
 # access, measured).  Clang inlines it by itself and does not take these parameters.
-if not DEBUG and "clang" not in (sysconfig.get_config_var("CC") or ""):
+if not DEBUG and "clang" not in os.environ.get("CC", sysconfig.get_config_var("CC") or ""):
     compile_args += ["--param", "max-inline-insns-single=2000",
                      "--param", "inline-unit-growth=200",
                      "--param", "large-function-growth=400"]

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """atheris harness: arbitrary bytes -> a kvmemu call sequence -> both cores, compared.
 
     pip install atheris

@@ -10,12 +10,14 @@
 #   KVMEMU_DEBUG_BUILD=1 fuzz/run_sanitized.sh   # also bounds checks on, -O0 -g
 set -eu
 SECONDS_TO_FUZZ=${1:-120}
+python -c 'import Cython, setuptools; assert int(setuptools.__version__.split(".")[0]) >= 77' \
+    2>/dev/null || { echo "needs the build requirements: pip install 'setuptools>=77' 'Cython>=3.1' numpy" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvmemu-asan.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 mkdir -p "$WORK/tree"
-cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/kvmemu" "$ROOT/tests" \
+cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/kvmemu" "$ROOT/tests" \
       "$ROOT/examples" "$ROOT/docs" \
       "$ROOT/fuzz" "$WORK/tree/"
 find "$WORK/tree/kvmemu" -name '*.so' -delete

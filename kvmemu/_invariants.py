@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from ._pure.levels import gfn_to_index, pages_per_hpage
 from .constants import (EPTE, KVM_MEMSLOT_GMEM_ONLY, PAGE_SHIFT, PG_LEVEL_1G,
-                        PG_LEVEL_4K, PT_BASE_HPA, PT_ENTRIES, PTE, SPTE, SPTE_BASE_ADDR_MASK,
+                        PG_LEVEL_4K, PT_BASE_HPA, PTE, SPTE, SPTE_BASE_ADDR_MASK,
                         FrameState, MemAttr, MemFlag, VMType)
 
 _LEVELS = range(PG_LEVEL_4K, PG_LEVEL_1G + 1)
+_PRESENT = np.uint64(SPTE.MMU_PRESENT.value)
 
 
 def check_invariants(vm: Any) -> list[str]:
@@ -92,10 +95,9 @@ def check_invariants(vm: Any) -> list[str]:
 
         def visit(table: int, level: int, base_gfn: int) -> None:
             span = pages_per_hpage(level)
-            for index in range(PT_ENTRIES):
-                spte = int(mem[table, index])
-                if not spte & SPTE.MMU_PRESENT.value:
-                    continue
+            row = mem[table]
+            present = np.flatnonzero(row & _PRESENT)        # most entries of most tables
+            for index, spte in zip(present.tolist(), row[present].tolist()):
                 gfn = base_gfn + index * span
                 if level == PG_LEVEL_4K or spte & PTE.LARGE.value:
                     check_leaf(gfn - gfn_bits, level, spte, is_mirror)
