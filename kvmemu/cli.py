@@ -204,14 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
                       help="print the report as one JSON object (a row per VM type)")
 
     replay = commands.add_parser(
-        "replay", help="replay kvm_page_fault lines of an ftrace against the model",
-        description="Read ftrace text (e.g. from /sys/kernel/tracing/trace) and hand each "
-                    "kvm_page_fault event to the model's exit handler: for VMX the traced "
-                    "error_code is the exit qualification (TDX: 0x2 for a private GPA), for "
-                    "SVM the error code. Other lines are skipped. Prints the handler's result "
-                    "per event.",
+        "replay", help="replay the page faults of a host's trace against the model",
+        description="Read trace text -- ftrace (/sys/kernel/tracing/trace), 'trace-cmd report' "
+                    "or 'perf script' output -- and hand each kvm_page_fault event to the "
+                    "model's exit handler: for VMX the traced error_code is the exit "
+                    "qualification (TDX: 0x2 for a private GPA), for SVM the error code. "
+                    "kvm_exit lines give the vendor and tell EPT violations and #NPFs from "
+                    "shadow-paging #PF intercepts; a kvm_nested_vmexit marks L2's faults. "
+                    "Those two kinds are reported, not replayed. Prints per event the "
+                    "decoded code, the private/shared decision and the handler's result.",
         epilog="example: kvmemu replay trace.txt --vm-type tdx --memslot 0:1G:gmem "
-               "--private 0:512M")
+               "--private 0:512M.  A binary trace.dat: 'trace-cmd report trace.dat > "
+               "trace.txt' first.")
     replay.add_argument("file", metavar="FILE", help="ftrace text, '-' for stdin")
     replay.add_argument("--vm-type", type=_vm_type, default=VMType.DEFAULT,
                         help="default, sw_protected, sev, sev_es, snp or tdx (default: default)")
@@ -230,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the NX huge page workaround is on")
     replay.add_argument("--trace", action="store_true",
                         help="also print the model's own trace events, as the kernel's")
+    replay.add_argument("--compare", action="store_true",
+                        help="compare the model's kvm_mmu_set_spte and kvm_tdp_mmu_spte_changed "
+                             "events per fault with the host's in the same file (gfns, levels, "
+                             "permissions; not frames or table addresses)")
+    replay.add_argument("--strict", action="store_true",
+                        help="stop at the first kvm line that cannot be read (default: skip "
+                             "and count it)")
+    replay.add_argument("--summary", action="store_true",
+                        help="print only the totals")
+    replay.add_argument("--json", action="store_true",
+                        help="print one JSON object: a record per event and the totals")
     return parser
 
 

@@ -97,15 +97,20 @@ def test_arguments_that_would_be_ignored_or_crash_are_errors(argv, capsys):
     assert info.value.code == 2 and "Traceback" not in capsys.readouterr().err
 
 
-def test_version_and_a_closed_pipe(run_python):
+def test_version_and_a_closed_pipe(run_python, tmp_path):
     out = run_python("-m", "kvmemu", "--version")
     assert out.stdout.strip() == f"kvmemu {kvmemu.__version__}"
+    import os
     import subprocess
     import sys
+    from pathlib import Path
     # The reader is gone before the first line is written (as with ``| head`` once it
-    # has its lines): no traceback, status 1.
+    # has its lines): no traceback, status 1.  (Run as run_python runs: the kvmemu this
+    # process imported, from an empty directory.)
+    env = {**os.environ, "PYTHONPATH": str(Path(kvmemu.__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "kvmemu", "demo", "--accesses", "100"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            cwd=tmp_path)
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 1
@@ -206,10 +211,111 @@ def test_replay_vmx(tmp_path, capsys):
     trace = tmp_path / "trace.txt"
     trace.write_text(FTRACE)
     out = run(capsys, "replay", str(trace), "--memslot", "0:1G")
-    assert "3: vcpu 0 address 0x1000 error_code 0x182\n  -> FIXED" in out
-    assert "4: vcpu 0 address 0x1000 error_code 0x182\n  -> SPURIOUS" in out
-    assert "5: vcpu 1 address 0xc0000000 error_code 0x181\n  -> EMULATE" in out
+    assert ("3: vcpu 0 address 0x1000 error_code 0x182\n"
+            "  EPT_VIOLATION.ACC_WRITE|GVA_IS_VALID|GVA_TRANSLATED -> error code 0x100000002 "
+            "PFERR.WRITE|GUEST_FINAL, shared\n  -> FIXED") in out
+    assert "4: vcpu 0 address 0x1000 error_code 0x182\n" in out and "-> SPURIOUS" in out
+    assert "5: vcpu 1 address 0xc0000000 error_code 0x181\n" in out and "-> EMULATE" in out
     assert "3 events replayed: EMULATE 1, FIXED 1, SPURIOUS 1" in out
+    assert "lines skipped: 2 not a kvm event this replay reads" in out
+    out = run(capsys, "replay", str(trace))
+    assert "note: no --memslot given: every gfn is MMIO" in out
+
+
+def replay(capsys, tmp_path, text, *argv):
+    trace = tmp_path / "trace.txt"
+    trace.write_text(text)
+    return run(capsys, "replay", str(trace), *argv)
+
+
+EXIT = ("qemu-4242 [001] d..1. 1.0: kvm_exit: vcpu 0 reason {reason} rip 0xfff0 "
+        "info1 0x{info1:016x} info2 0x{info2:016x} intr_info 0x00000000 error_code 0x00000000 "
+        "requests 0x0000000000000000\n")
+FAULT = ("qemu-4242 [001] d..1. 1.1: kvm_page_fault: vcpu 0 rip 0xfff0 "
+         "address 0x{address:016x} error_code 0x{code:x}\n")
+
+
+def test_replay_reads_perf_script_trace_cmd_and_the_old_format(tmp_path, capsys):
+    perf = ("qemu-system-x86  4242 [001]  1234.567891: kvm:kvm_page_fault: vcpu 0 rip 0xfff0 "
+            "address 0x0000000000001000 error_code 0x182\n")
+    trace_cmd = ("qemu-system-x86-4242  [001]  1234.567891: kvm_page_fault:       vcpu 0 rip "
+                 "0xfff0 address 0x0000000000001000 error_code 0x182\n")
+    old = " qemu-system-x86-4242 [001] .... 1234.5: kvm_page_fault: address 1000 error_code 182\n"
+    for text in (perf, trace_cmd, old):
+        out = replay(capsys, tmp_path, text, "--memslot", "0:1G")
+        assert "1 events replayed: FIXED 1" in out, text
+
+
+def test_replay_takes_the_vendor_from_kvm_exit_and_flags_nested_and_shadow(tmp_path, capsys):
+    # SVM: reason "npf" (SVM_EXIT_REASONS), EXITINFO1 in info1, the GPA in info2.
+    text = (EXIT.format(reason="npf", info1=0x100000006, info2=0x2000)
+            + FAULT.format(address=0x2000, code=0x100000006))
+    out = replay(capsys, tmp_path, text, "--memslot", "0:1G")
+    assert "PFERR.WRITE|USER|GUEST_FINAL" in out and "-> FIXED" in out
+    # An L2 exit: kvm_exit, then kvm_nested_vmexit, then the fault: the nested MMU's.
+    text = (EXIT.format(reason="EPT_VIOLATION", info1=0x182, info2=0)
+            + EXIT.format(reason="EPT_VIOLATION", info1=0x182, info2=0).replace(
+                "kvm_exit", "kvm_nested_vmexit")
+            + FAULT.format(address=0x1000, code=0x182))
+    out = replay(capsys, tmp_path, text, "--memslot", "0:1G")
+    assert "!! L2's fault" in out and "0 events replayed" in out and "1 nested (L2)" in out
+    # Shadow paging: a #PF intercept (EXCEPTION_NMI), or a code with no EPT access bit.
+    text = (EXIT.format(reason="EXCEPTION_NMI", info1=0x1000, info2=0)
+            + FAULT.format(address=0x1000, code=0x10))
+    out = replay(capsys, tmp_path, text, "--memslot", "0:1G")
+    assert "!! a #PF intercept (EXCEPTION_NMI)" in out and "1 shadow-paging #PF" in out
+    out = replay(capsys, tmp_path, FAULT.format(address=0x1000, code=0x10), "--memslot", "0:1G")
+    assert "!! no EPT access bit (0-2)" in out
+
+
+def test_replay_skips_counts_or_stops_and_refuses_binary(tmp_path, capsys):
+    text = FTRACE + " x-1 [000] .... 1.0: kvm_page_fault: vcpu 0 address 12\n"
+    out = replay(capsys, tmp_path, text, "--memslot", "0:1G")
+    assert "1 malformed kvm_page_fault" in out and "3 events replayed" in out
+    trace = tmp_path / "trace.txt"
+    with pytest.raises(SystemExit) as info:
+        main(["replay", str(trace), "--memslot", "0:1G", "--strict"])
+    assert info.value.code == 2
+    assert f"{trace}:6: malformed kvm_page_fault" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["replay", str(trace), "--memslot", "0:1Z"])
+    binary = tmp_path / "trace.dat"
+    binary.write_bytes(b"\x17\x08\x44tracing6\0\0\0" + bytes(100))
+    with pytest.raises(SystemExit) as info:
+        main(["replay", str(binary)])
+    assert info.value.code == 2 and "trace-cmd report" in capsys.readouterr().err
+
+
+def test_replay_json_and_summary(tmp_path, capsys):
+    import json
+    out = json.loads(replay(capsys, tmp_path, FTRACE, "--memslot", "0:1G", "--json"))
+    assert out["summary"]["outcomes"] == {"FIXED": 1, "SPURIOUS": 1, "EMULATE": 1}
+    first = out["events"][0]
+    assert (first["line"], first["address"], first["kvm_error_code"], first["private"],
+            first["outcome"]) == (3, 0x1000, 0x100000002, False, "FIXED")
+    out = replay(capsys, tmp_path, FTRACE, "--memslot", "0:1G", "--summary")
+    assert out.splitlines()[0] == "3 events replayed: EMULATE 1, FIXED 1, SPURIOUS 1"
+
+
+def test_replay_compares_spte_changes_with_the_hosts(tmp_path, capsys):
+    """The host's lines after its fault: three links and a 4K leaf, written at other
+    frames and table addresses than the model's: the same.  A host that mapped 2M: the
+    difference is reported."""
+    host = "".join(
+        f"qemu-4242 [001] d..1. 1.2: kvm_tdp_mmu_spte_changed: as id 0 gfn {gfn} level "
+        f"{level} old_spte 8000000000000000 new_spte {new}\n"
+        for gfn, level, new in (("0", 4, "12345907"), ("0", 3, "22345907"),
+                                ("0", 2, "32345907"), ("1", 1, "86000009999d1b77")))
+    host += ("qemu-4242 [001] d..1. 1.3: kvm_mmu_set_spte: gfn 1 spte 86000009999d1b77 "
+             "(rwxu) level 1 at 55550008\n")
+    text = FAULT.format(address=0x1000, code=0x182) + host
+    out = replay(capsys, tmp_path, text, "--memslot", "0:1G", "--compare")
+    assert "faults whose SPTE changes differ from the host's: 0" in out
+    huge = text.replace("level 1 at", "level 2 at")
+    out = replay(capsys, tmp_path, huge, "--memslot", "0:1G", "--compare")
+    assert "differs from the host (line 1)" in out
+    assert "host : set_spte 1 2 rwxu" in out and "model: set_spte 1 1 rwxu" in out
+    assert "faults whose SPTE changes differ from the host's: 1" in out
 
 
 def test_replay_tdx_private_and_trace(tmp_path, capsys):
@@ -231,14 +337,3 @@ def test_replay_svm_snp_private(tmp_path, capsys):
     out = run(capsys, "replay", str(trace), "--vm-type", "snp", "--memslot", "0:1G:gmem",
               "--private", "0:1G")
     assert "-> FIXED" in out
-
-
-def test_replay_malformed_line_names_it(tmp_path, capsys):
-    trace = tmp_path / "trace.txt"
-    trace.write_text(FTRACE + " x-1 [000] .... 1.0: kvm_page_fault: vcpu 0 address 12\n")
-    with pytest.raises(SystemExit) as info:
-        main(["replay", str(trace), "--memslot", "0:1G"])
-    assert info.value.code == 2
-    assert f"{trace}:6: malformed kvm_page_fault event" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["replay", str(trace), "--memslot", "0:1Z"])
