@@ -456,7 +456,8 @@ class VCPU:
     def handle_npf(self, gpa: _Int, exit_info_1: _Int) -> int: ...
     def access(self, gpa: _Int, *, write: bool = False, fetch: bool = False,
                user: bool = False, stage: str = "final",
-               encrypted: bool = False
+               encrypted: bool = False, size: int | None = None,
+               data: int | bytes | None = None
                ) -> Translation | MemoryFaultExit | MmioExit | GuestException: ...
     interrupt_pending: bool
     def pvalidate(self, gpa: int, page_size: int = 1, validate: bool = True

@@ -288,6 +288,33 @@ def access_flags(value: Any, name: str = "flags") -> int:
     return v
 
 
+def mmio_payload(size: Any, data: Any, write: Any) -> tuple[int, bytes] | None:
+    """``size`` and ``data`` of an access as kvm_run.mmio's len and data: None when no
+    size is given; data only for a write (an int that fits in ``size`` bytes, stored
+    little-endian, or exactly ``size`` bytes)."""
+    if size is None:
+        if data is not None:
+            raise ValueError("data needs size (1, 2, 4 or 8 bytes)")
+        return None
+    width = integer("size", size)
+    if width not in (1, 2, 4, 8):
+        raise ValueError(f"size must be 1, 2, 4 or 8 bytes, not {width}")
+    if not flag("write", write):
+        if data is not None:
+            raise ValueError("data is for a write (a read's data comes from userspace)")
+        return width, b""
+    if data is None:
+        raise ValueError("a write of a size needs data")
+    if isinstance(data, (bytes, bytearray)):
+        if len(data) != width:
+            raise ValueError(f"data holds {len(data)} bytes, not {width}")
+        return width, bytes(data)
+    value = integer("data", data)
+    if not 0 <= value < 1 << (8 * width):
+        raise OverflowError(f"data {value:#x} does not fit in {width} bytes")
+    return width, value.to_bytes(width, "little")
+
+
 def access(write: Any, fetch: Any, user: Any, stage: Any, encrypted: Any) -> int:
     """The keyword arguments of ``translate`` as one ``AccessFlags`` value."""
     if (stage == "final" and type(write) is bool and type(fetch) is bool

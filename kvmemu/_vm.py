@@ -1612,15 +1612,22 @@ class VCPU:
         return self._run(lambda state: state.access_many(g, f, ACCESS_LOOP_LIMIT, o))
 
     def access(self, gpa: Any, *, write: Any = False, fetch: Any = False, user: Any = False,
-               stage: Any = "final", encrypted: Any = False) -> Any:
+               stage: Any = "final", encrypted: Any = False, size: Any = None,
+               data: Any = None) -> Any:
         """Hardware walk, exit, handler, resume, until the access translates (Translation)
         or KVM leaves to userspace (MemoryFaultExit, MmioExit) or the guest takes an
         exception (GuestException).  A TDX private GPA walks the private tables.  Another
         failure of KVM_RUN raises KvmError with its errno; a loop that does not settle
-        raises RuntimeError.  (Each VCPU calls its core's ``access_api``, which comes
-        back here only when something around KVM_RUN needs Python.)"""
-        return self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
-                                                            encrypted, ACCESS_LOOP_LIMIT))
+        raises RuntimeError.  ``size`` (1, 2, 4 or 8 bytes) and, for a write, ``data``
+        (an int that fits, or that many bytes) are what an MmioExit then carries as
+        kvm_run.mmio's len and data.  (Each VCPU calls its core's ``access_api``, which
+        comes back here only when something around KVM_RUN needs Python.)"""
+        mmio = _args.mmio_payload(size, data, write)
+        result = self._run(lambda state: state.access_checked(gpa, write, fetch, user, stage,
+                                                              encrypted, ACCESS_LOOP_LIMIT))
+        if mmio is not None and type(result) is MmioExit:
+            return MmioExit(result.gpa, result.is_write, *mmio)
+        return result
 
 
 class _WaitedForInvalidations(Exception):

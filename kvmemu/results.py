@@ -8,6 +8,7 @@ failing comparison in a test reads like the SDM table.
 
 from __future__ import annotations
 
+import builtins
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -151,22 +152,42 @@ class MemoryFaultExit(_Result):
 class MmioExit(_Result):
     """The access needs emulation as MMIO (RET_PF_EMULATE on a GPA without memory,
     or a write to a read-only memslot): KVM_EXIT_MMIO for ``gpa`` (the TDX shared bit
-    stripped, as tdx_emulate_mmio does)."""
+    stripped, as tdx_emulate_mmio does), with kvm_run.mmio's ``len`` and, for a
+    write, ``data`` (``len`` bytes, little-endian).  KVM learns the width by emulating
+    the instruction; the model from ``VCPU.access(..., size=, data=)``: an access that
+    gave no size has ``len`` 0 and no data."""
 
     __slots__ = ()
-    _fields = ("gpa", "is_write")
+    _fields = ("gpa", "is_write", "len", "data")
     exit_reason: ClassVar[ExitReason] = ExitReason.MMIO
     if TYPE_CHECKING:            # fields: read-only properties (_Result)
         @property
         def gpa(self) -> int: ...
         @property
         def is_write(self) -> bool: ...
+        @property
+        def len(self) -> int: ...
+        @property
+        def data(self) -> bytes: ...
 
-    def __new__(cls, gpa: int, is_write: bool) -> Any:
-        return tuple.__new__(cls, (_args.u64("gpa", gpa), _args.flag("is_write", is_write)))
+    def __new__(cls, gpa: int, is_write: bool, len: int = 0, data: bytes = b"") -> Any:
+        width = _args.int_range("len", len, 0, 8)
+        if width not in (0, 1, 2, 4, 8):
+            raise ValueError(f"len must be 0, 1, 2, 4 or 8, not {width}")
+        if not isinstance(data, bytes):
+            raise TypeError(f"data must be bytes, not {type(data).__name__}")
+        write = _args.flag("is_write", is_write)
+        if builtins.len(data) != (width if write else 0):
+            raise ValueError(f"a{' write' if write else ' read'} of {width} bytes carries "
+                             f"{width if write else 0} bytes of data, not {builtins.len(data)}")
+        return tuple.__new__(cls, (_args.u64("gpa", gpa), write, width, data))
 
     def __repr__(self) -> str:
-        return f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write})"
+        text = f"MmioExit(gpa={self.gpa:#x}, is_write={self.is_write}"
+        if self.len:
+            text += f", len={self.len}" + (f", data={self.data.hex()}" if self.is_write else "")
+        return text + ")"
+
 
 
 class GuestException(_Result):

@@ -564,3 +564,27 @@ def test_a_batch_that_never_settles_raises(kv):
     vcpu.stage_hook = never_settling(vm)
     with pytest.raises(RuntimeError, match="0x5000"):
         vcpu.access_many(np.array([0x5000], dtype=np.uint64), 8)
+
+
+def test_an_mmio_exit_carries_kvm_run_mmio_len_and_data(kv):
+    """KVM_EXIT_MMIO fills kvm_run.mmio: phys_addr, data[8] (a write's bytes, in the
+    guest's byte order: little-endian), len, is_write (include/uapi/linux/kvm.h)."""
+    vm = kv.VM(VMType.DEFAULT)
+    vcpu = vm.create_vcpu()
+    write = vcpu.access(0xFEE00030, write=True, size=4, data=0x11223344)
+    assert write == kv.MmioExit(0xFEE00030, True, 4, bytes([0x44, 0x33, 0x22, 0x11]))
+    assert (write.len, write.data) == (4, b"\x44\x33\x22\x11")
+    assert vcpu.access(0xFEE00030, size=8) == kv.MmioExit(0xFEE00030, False, 8, b"")
+    assert vcpu.access(0xFEE00030, write=True, size=2, data=b"\xAB\xCD").data == b"\xAB\xCD"
+    bare = vcpu.access(0xFEE00030)
+    assert bare == kv.MmioExit(0xFEE00030, False) and (bare.len, bare.data) == (0, b"")
+    for kwargs, exc in [({"size": 3}, ValueError), ({"data": 1}, ValueError),
+                        ({"size": 4, "data": 1}, ValueError),          # data on a read
+                        ({"write": True, "size": 4}, ValueError),       # a write without data
+                        ({"write": True, "size": 1, "data": 256}, OverflowError),
+                        ({"write": True, "size": 2, "data": b"x"}, ValueError),
+                        ({"write": True, "size": 2, "data": 1.0}, TypeError)]:
+        with pytest.raises(exc):
+            vcpu.access(0xFEE00030, **kwargs)
+    with pytest.raises(ValueError):
+        kv.MmioExit(0x1000, False, 4, b"\0\0\0\0")     # a read carries no data

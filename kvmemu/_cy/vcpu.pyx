@@ -376,7 +376,7 @@ cdef class VCPUState:
         if status == ACCESS_MEMORY_FAULT:
             return result(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
         if status == ACCESS_MMIO:
-            return result(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write)))
+            return result(MmioExit, (self.mmio_gpa, bool(self.mmio_is_write), 0, b""))
         if status == ACCESS_GUEST_EXCEPTION:
             return result(GuestException, (X86_TRAP_VC, out.value, self.vc_gpa))
         if status == ACCESS_FAILED:
@@ -398,19 +398,19 @@ cdef class VCPUState:
         return self.outcome_of(status, &out, err, gpa, "", limit)
 
     def access_api(self, gpa, *, write=False, fetch=False, user=False, stage="final",
-                   encrypted=False):
+                   encrypted=False, size=None, data=None):
         """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
         hypercall completion or interrupt); else ``slow_access``.  Plain arguments go
         straight to ``access``, without a Python-level call of ``access_checked``."""
         cdef uint64_t g = 0, f = 0
-        if self.quiet():
+        if self.quiet() and size is None and data is None:
             if plain_access(gpa, write, fetch, user, stage, encrypted, self.levels, &g, &f):
                 return self.access(g, f, ACCESS_LOOP_LIMIT)
             return self.access_checked(gpa, write, fetch, user, stage, encrypted,
                                        ACCESS_LOOP_LIMIT)
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
-                                encrypted=encrypted)
+                                encrypted=encrypted, size=size, data=data)
 
     cdef bint quiet(self) noexcept:
         """Nothing around KVM_RUN needs Python: the VM alive and launched, no trace sink,

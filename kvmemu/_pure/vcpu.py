@@ -364,7 +364,7 @@ class VCPUState:
         if status == ACCESS_MEMORY_FAULT:
             return MemoryFaultExit(*self.memory_fault)
         if status == ACCESS_MMIO:
-            return MmioExit(*self.mmio)
+            return MmioExit(*self.mmio, 0, b"")
         if status == ACCESS_GUEST_EXCEPTION:
             return GuestException(X86_TRAP_VC, value, self.vc_gpa)
         if status == ACCESS_FAILED:
@@ -397,15 +397,17 @@ class VCPUState:
         return self.slow_access_many(gpas, flags, out=out)
 
     def access_api(self, gpa: Any, *, write: Any = False, fetch: Any = False,
-                   user: Any = False, stage: Any = "final", encrypted: Any = False) -> Any:
+                   user: Any = False, stage: Any = "final", encrypted: Any = False,
+                   size: Any = None, data: Any = None) -> Any:
         """VCPU.access as the API binds it: straight to ``access_checked`` when nothing
         around KVM_RUN needs Python (the VM alive and launched, no trace sink, no pending
-        hypercall completion or interrupt); else ``slow_access``."""
-        if self.quiet():
+        hypercall completion or interrupt, no MMIO size or data to attach); else
+        ``slow_access``."""
+        if self.quiet() and size is None and data is None:
             return self.access_checked(gpa, write, fetch, user, stage, encrypted,
                                        ACCESS_LOOP_LIMIT)
         return self.slow_access(gpa, write=write, fetch=fetch, user=user, stage=stage,
-                                encrypted=encrypted)
+                                encrypted=encrypted, size=size, data=data)
 
     def access_checked(self, gpa: Any, write: Any, fetch: Any, user: Any, stage: Any,
                        encrypted: Any, limit: int) -> Any:
