@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import threading
 import zipfile
 from typing import Any
 
@@ -35,6 +36,10 @@ import numpy as np
 from ._memory import GmemBindings, Slot, VMMemory
 
 MAGIC = b"KVMEMU-SNAPSHOT\n"
+#: numpy parses an .npy header with ast.literal_eval, and CPython 3.11's ast module
+#: fails when two threads use it at once (SystemError: AST constructor recursion depth
+#: mismatch): snapshots are read one at a time.
+_NPY_LOCK = threading.Lock()
 VERSION = 1
 _HEADER = struct.Struct("<I")
 
@@ -195,8 +200,8 @@ def decode(data: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         raise ValueError(f"a kvmemu snapshot of format {version}; this kvmemu reads "
                          f"format {VERSION}")
     try:
-        with np.load(io.BytesIO(data[len(MAGIC) + _HEADER.size:]),
-                     allow_pickle=False) as archive:
+        with _NPY_LOCK, np.load(io.BytesIO(data[len(MAGIC) + _HEADER.size:]),
+                                allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in archive.files}
         meta = json.loads(arrays.pop("meta").tobytes().decode())
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError,
