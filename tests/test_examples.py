@@ -28,10 +28,11 @@ def test_unicorn_guest_on_two_vcpu_threads_follows_kvms_zaps():
     assert outcome["stored_again"] == sums
     log = outcome["log"]
     # A store to the page marked private without guest_memfd: KVM_EXIT_MEMORY_FAULT with
-    # KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (reference §6); once
-    # before the VMM's first conversion, once after it made the page private again.
+    # KVM_MEMORY_EXIT_FLAG_PRIVATE (8), the page's GPA, 4096 bytes (reference §6); before
+    # the VMM's first conversion and after it made the page private again.  Each time
+    # the other vCPU may fault on the page before the conversion too, and exit as well.
     exits = [what[1] for kind, what in log if kind == "exit"]
-    assert exits == [MemoryFaultExit(8, 0x300000, 4096)] * 2
+    assert set(exits) == {MemoryFaultExit(8, 0x300000, 4096)} and 2 <= len(exits) <= 4
     # Making the mapped page private zapped its 4K leaf (kvm_unmap_gfn_range for
     # KVM_SET_MEMORY_ATTRIBUTES): one on_zap, and each vCPU dropped the page.
     assert outcome["zaps"] == [(0x300, 1, 1, "attributes")]
@@ -41,7 +42,9 @@ def test_unicorn_guest_on_two_vcpu_threads_follows_kvms_zaps():
         mapped = [gpa for kind, (cpu, gpa) in log if kind == "mapped" and cpu == vcpu_id]
         data = [hex(0x200000 + 4096 * (8 * vcpu_id + i)) for i in range(8)]
         assert mapped == ["0x1000", *data, "0x300000", "0x300000"]
-    # Code, 16 data pages and the result page mapped 4K; the result page twice; the two
-    # exits were faults taken too.
+    # Code, 16 data pages and the result page mapped 4K; the result page twice; the
+    # exits were faults taken too, and so were faults that raced with the other vCPU's
+    # conversion (SPURIOUS, or RETRY when they saw its invalidation in progress).
     stats = outcome["stats"]
-    assert (stats["pages_4k"], stats["pf_fixed"], stats["pf_taken"]) == (18, 19, 21)
+    assert (stats["pages_4k"], stats["pf_fixed"]) == (18, 19)
+    assert stats["pf_taken"] >= 19 + len(exits) + stats["pf_spurious"]
