@@ -69,6 +69,10 @@ COMPILED_ONLY = {
     ("trace", "put_hex"): "appends to a C line buffer; the twin formats with f-strings",
     ("trace", "put_dec"): "appends to a C line buffer; the twin formats with f-strings",
     ("paging", "result"): "fills a result tuple in C; the twin calls the result class",
+    ("paging", "result2"): "a two-field result without the tuple of fields; the twin calls the "
+                           "result class",
+    ("vcpu", "VCPUState.hypercall"): "a property that keeps whether a completion is pending in C "
+                                     "for quiet(); the twin's is an attribute",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("paging", "give_back_reservation"): "the pool of table mappings; the twin's are Python mmaps",
     ("locking", "RwLock.read_lock"): "entry points for callers without the GIL",

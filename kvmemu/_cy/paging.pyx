@@ -418,11 +418,25 @@ cdef object result(type cls, tuple fields):
     return obj
 
 
+cdef object result2(type cls, object a, object b):
+    """``result(cls, (a, b))`` without the tuple of fields (a Translation per access)."""
+    cdef PyObject* made = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
+    if made == NULL:
+        raise MemoryError()
+    cdef object obj = <object>made
+    Py_DECREF(obj)
+    Py_INCREF(a)
+    PyTuple_SET_ITEM(obj, 0, a)
+    Py_INCREF(b)
+    PyTuple_SET_ITEM(obj, 1, b)
+    return obj
+
+
 cdef object outcome_object(const Outcome* out, uint64_t gpa):
     """The result object of an outcome: Translation or the exit (built directly, without
     the result classes' checking __new__)."""
     if out.kind == OUT_TRANSLATED:
-        return result(Translation, (out.value, out.level))
+        return result2(Translation, out.value, out.level)
     if out.kind == OUT_EPT_VIOLATION:
         return result(EptViolation, (gpa, out.value))
     if out.kind == OUT_EPT_MISCONFIG:

@@ -27,7 +27,8 @@ cdef class VCPUState:
     cdef bint mmio_is_write
     cdef public uint64_t mmio_gfn, mmio_gen # the vCPU's MMIO cache
     cdef public object stage_hook
-    cdef public object hypercall            # run.hypercall (kvmemu._hypercall.HypercallRun)
+    cdef object run_hypercall               # run.hypercall (kvmemu._hypercall.HypercallRun)
+    cdef bint hypercall_pending             # run_hypercall.pending is not None (for quiet)
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports
     cdef public uint64_t rip
     cdef public uint64_t ext_exit_qual      # a TD exit's extended exit qualification (RDX)

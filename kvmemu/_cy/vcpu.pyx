@@ -85,6 +85,18 @@ cdef class VCPUState:
         return {name: self.counters[i] for i, name in enumerate(PF_STAT_NAMES)}
 
     @property
+    def hypercall(self):
+        """run.hypercall (a kvmemu._hypercall.HypercallRun; the API layer sets it)."""
+        return self.run_hypercall
+
+    @hypercall.setter
+    def hypercall(self, value):
+        # Whether a completion is pending is kept in C as well: quiet() reads it on
+        # every access, without a Python attribute lookup.
+        self.hypercall_pending = value is not None and value.pending is not None
+        self.run_hypercall = value
+
+    @property
     def pre_fault_allowed(self):
         """kvm->arch.pre_fault_allowed (VM-wide: launch finish / finalize sets it)."""
         return self.memslots.c[VM_COUNTER_PRE_FAULT_ALLOWED] != 0
@@ -372,7 +384,7 @@ cdef class VCPUState:
         directly, by tuple's constructor: paging.result); a failure of KVM_RUN raises KvmError
         with its errno, a loop that did not settle RuntimeError."""
         if status == ACCESS_TRANSLATED:
-            return result(Translation, (out.value, out.level))
+            return result2(Translation, out.value, out.level)
         if status == ACCESS_MEMORY_FAULT:
             return result(MemoryFaultExit, (self.mf_flags, self.mf_gpa, self.mf_size))
         if status == ACCESS_MMIO:
@@ -418,7 +430,7 @@ cdef class VCPUState:
         return (not self.interrupt_pending and not self.mmu.tracing
                 and self.memslots.c[VM_COUNTER_LAUNCHED] != 0
                 and not self.memslots.c[VM_COUNTER_VM_DEAD]
-                and self.hypercall.pending is None)
+                and not self.hypercall_pending)
 
     def access_many_api(self, gpas, flags=0, *, out=None):
         """VCPU.access_many as the API binds it: a C-contiguous, aligned 1-D uint64
