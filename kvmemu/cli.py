@@ -203,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", action="store_true",
                       help="print the report as one JSON object (a row per VM type)")
 
+    commands.add_parser(
+        "fuzz", help="replay fuzz inputs, or run random ones, on both cores compared",
+        description="kvmemu.testing's runner: FILE... replays inputs (atheris crash files, "
+                    "fuzz/corpus); --seconds N runs random inputs; --one-core runs the fast "
+                    "one-core check instead of the differential one.",
+        add_help=False)
+
     replay = commands.add_parser(
         "replay", help="replay the page faults of a host's trace against the model",
         description="Read trace text -- ftrace (/sys/kernel/tracing/trace), 'trace-cmd report' "
@@ -314,7 +321,11 @@ def _decode(parser: argparse.ArgumentParser, ns: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["fuzz"]:
+        from .testing import main as fuzz_main
+        return fuzz_main(args[1:], prog="kvmemu fuzz")
+    ns = parser.parse_args(args)
     try:
         if ns.command == "demo":
             from ._demo import run_demo

@@ -668,27 +668,32 @@ __all__ = ["CORES", "CONTRACT_ERRORS", "ContractBreach", "Divergence", "Reader",
            "vm_state"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Without atheris: replay files, or run random inputs for a while.
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Without atheris: replay files, or run random inputs for a while, on both cores
+    compared (or, with ``--one-core``, the fast one-core check).
 
-    ``python -m kvmemu.testing FILE...`` replays inputs (e.g. one atheris saved);
-    ``python -m kvmemu.testing --seconds 60 [--seed N]`` runs random byte strings.
+    ``kvmemu fuzz FILE...`` (or ``python -m kvmemu.testing``) replays inputs (e.g. one
+    atheris saved); ``kvmemu fuzz --seconds 60 [--seed N]`` runs random byte strings.
     """
     import argparse
     import random
     import time
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser = argparse.ArgumentParser(prog=prog, description=main.__doc__)
     parser.add_argument("files", nargs="*")
     parser.add_argument("--seconds", type=float, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-core", action="store_true",
+                        help="the fast check on the compiled core (fuzz/fuzz_fast.py's)")
     args = parser.parse_args(argv)
     runs = steps = 0
 
     def one(data: bytes, label: str) -> int:
         try:
+            if args.one_core:
+                return run_bytes_one_core(data)
             return run_bytes(data).steps
-        except Divergence:
+        except (Divergence, ContractBreach):
             print(f"{label}:\n{encode_ops(decode(data))}")
             raise
 
@@ -702,7 +707,8 @@ def main(argv: list[str] | None = None) -> int:
         data = bytes(rng.randrange(256) for _ in range(rng.randrange(8, 400)))
         steps += one(data, f"input {data.hex()}")
         runs += 1
-    print(f"{runs} inputs, {steps} steps, no divergence")
+    print(f"{runs} inputs, {steps} steps, "
+          f"{'no finding' if args.one_core else 'no divergence'}")
     return 0
 
 

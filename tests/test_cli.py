@@ -337,3 +337,12 @@ def test_replay_svm_snp_private(tmp_path, capsys):
     out = run(capsys, "replay", str(trace), "--vm-type", "snp", "--memslot", "0:1G:gmem",
               "--private", "0:1G")
     assert "-> FIXED" in out
+
+
+def test_fuzz_runner_replays_inputs_on_both_cores_or_one(capsys):
+    from pathlib import Path
+    seeds = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "fuzz" / "corpus").iterdir())
+    assert main(["fuzz", *seeds[:2]]) == 0
+    assert capsys.readouterr().out.strip().endswith("no divergence")
+    assert main(["fuzz", "--one-core", *seeds[:2]]) == 0
+    assert capsys.readouterr().out.strip().endswith("no finding")
