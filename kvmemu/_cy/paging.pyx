@@ -310,11 +310,11 @@ cdef inline Outcome npt_translate(const PagingConfig* c, uint64_t* mem, uint64_t
 cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                                    uint64_t gpa, uint64_t flags, Outcome* out,
                                    const int levels, PmlLog* pml) noexcept nogil:
-    """The common EPT case in one pass: a final-stage read or write whose every entry is
-    readable (and writable for a write), well-formed and present.  Anything else returns
-    False and goes through the general walk, which gives the same result for what this
-    accepts: the translation, accessed bits on every entry, dirty on the leaf for a write.
-    """
+    """The common EPT case in one pass (the twin tells the rules): a final-stage read or
+    write whose every entry is readable (and writable for a write), well-formed and
+    present, or that meets a not-present entry on the way (an EPT violation with only
+    the access and linear-address bits).  Anything else returns False and goes through
+    the general walk."""
     cdef uint64_t* used[5]
     cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
     cdef uint64_t page_mask
@@ -326,6 +326,11 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
         e = used[n][0]
         n += 1
+        if not (e & c.present_mask):
+            out.kind = OUT_EPT_VIOLATION
+            out.level = 0
+            out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
+            return True
         if (e & need) != need or (e & c.rsvd_high):
             return False
         if level > <int>PG_LEVEL_1G:

@@ -286,9 +286,14 @@ def npt_translate(c: Any, mem: np.ndarray, gpa: int, flags: int, path: WalkPath)
 def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int,
                        out: Outcome, levels: int, pml: Any = None) -> bool:
     """The common EPT case in one pass: a final-stage read or write whose every entry is
-    readable (and writable for a write), well-formed and present.  Anything else returns
-    False and goes through the general walk, which gives the same result for what this
-    accepts: the translation, accessed bits on every entry, dirty on the leaf for a write.
+    readable (and writable for a write), well-formed and present -- or that meets a
+    not-present entry on the way, an EPT violation whose qualification holds only the
+    access and linear-address bits (the AND of R/W/X over the entries used is 0 with
+    that entry, SDM "Exit Qualification for EPT Violations"; a not-present entry's
+    other bits are ignored, so it is never a misconfiguration; no accessed flag is set).
+    Anything else returns False and goes through the general walk, which gives the same
+    result for what this accepts: the translation, accessed bits on every entry, dirty
+    on the leaf for a write.
     """
     if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
         return False
@@ -299,6 +304,10 @@ def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: i
         index = gpa_index(gpa, level)
         e = int(mem[table, index])
         used.append((table, index))
+        if not e & c.present_mask:
+            out.kind, out.level = OUT_EPT_VIOLATION, 0
+            out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
+            return True
         if e & need != need or e & c.rsvd_high:
             return False
         if level > PG_LEVEL_1G:
