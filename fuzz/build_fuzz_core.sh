@@ -41,5 +41,5 @@ case ${KVMEMU_FUZZ_SANITIZE:-address} in          # libFuzzer's runtime, with th
 esac
 export PYTHONPATH="$WORK/tree"
 export PYTHONDONTWRITEBYTECODE=1
-cd "$WORK/tree"
-exec python fuzz/fuzz_fast.py "$@"
+chmod +x "$WORK/tree/fuzz/fuzz_fast.py"     # -fork re-runs it as a command
+exec python "$WORK/tree/fuzz/fuzz_fast.py" "$@"
