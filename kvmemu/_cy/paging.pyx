@@ -326,12 +326,12 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
         e = used[n][0]
         n += 1
-        if not (e & c.present_mask):
-            out.kind = OUT_EPT_VIOLATION
-            out.level = 0
-            out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
-            return True
         if (e & need) != need or (e & c.rsvd_high):
+            if not (e & c.present_mask):     # off the translated path: no cost there
+                out.kind = OUT_EPT_VIOLATION
+                out.level = 0
+                out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
+                return True
             return False
         if level > <int>PG_LEVEL_1G:
             if e & EPT_RSVD_ROOT:

@@ -304,11 +304,11 @@ def ept_fast_translate(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: i
         index = gpa_index(gpa, level)
         e = int(mem[table, index])
         used.append((table, index))
-        if not e & c.present_mask:
-            out.kind, out.level = OUT_EPT_VIOLATION, 0
-            out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
-            return True
         if e & need != need or e & c.rsvd_high:
+            if not e & c.present_mask:
+                out.kind, out.level = OUT_EPT_VIOLATION, 0
+                out.value = ept_gva_bits(ept_access_bits(c, flags), flags)
+                return True
             return False
         if level > PG_LEVEL_1G:
             if e & EPT_RSVD_ROOT:
