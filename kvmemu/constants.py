@@ -138,9 +138,10 @@ class EPT_VIOLATION(_Flag):
     7 and 8 are set, bit 9 says the linear address is user-mode, bit 10 that it is
     writable and bit 11 that it is execute-disable (kvm-unit-tests' EPT_VLT_GUEST_USER,
     _RW, _NX); bit 12 is NMI unblocking due to IRET; bit 13 a shadow-stack access; bit
-    14 the leaf's supervisor-shadow-stack bit; bit 15 an EPT violation of guest-paging
-    verification; bit 16 an access asynchronous to instruction execution (Intel PT
-    output, PEBS, user-interrupt delivery).
+    14 the leaf's supervisor-shadow-stack bit (Bochs); bit 15 an EPT violation of
+    guest-paging verification and bit 16 an access asynchronous to instruction
+    execution (Intel PT output, PEBS, user-interrupt delivery), as this package reads
+    the current SDM table (neither kvm-unit-tests nor Bochs names them).
     """
 
     ACC_READ = 0x1
