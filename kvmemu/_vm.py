@@ -1217,15 +1217,14 @@ class Snapshot:
             vm_class = _select.load(_select.default_implementation()).VM
             vm = vm_class(**{k: (_host_from_key(v) if k == "host" else v)
                              for k, v in dict(meta["vm"]).items()})
+            if meta["vm"] != vm._creation:
+                raise ValueError("its VM arguments are not in resolved form")
             memory, states = _import_state(vm._core, vm._config, meta, arrays)
             files = _snapshot.gmem_files(meta)
             gmem = [vm._new_gmem(i, size, flags) for i, (size, flags, _) in enumerate(files)]
             snap = Snapshot(object(), dict(vm._creation), memory, states, gmem,
                             _snapshot.bindings(meta))
-            if meta["vm"] != vm._creation:
-                raise ValueError("its VM arguments are not in resolved form")
-            vm.restore(Snapshot(vm._token, snap._creation, memory, states, gmem,
-                                snap._bindings))
+            vm.restore(snap)            # a VM created with the same arguments: checked there
             problems = vm.check_invariants()
         except (KeyError, TypeError, ValueError, IndexError, OverflowError, AttributeError,
                 KvmError, MemoryError) as exc:
