@@ -1131,8 +1131,13 @@ class VM:
           vCPU that pre-faulted: kvm_tdp_map_page counts only pf_fast and
           pf_mmio_spte_created).
         """
+        return self._check_with(_invariants.Checker())
+
+    def _check_with(self, checker: "_invariants.Checker") -> list[str]:
+        """``checker``'s verdict on this VM, with no access or MMU change running (the
+        caller holds the VM's lock: ``kvmemu.testing.InvariantChecker``)."""
         with self._running(), self._memory.mmu_write_locked():
-            return _invariants.check_invariants(self)
+            return checker.check(self)
 
     @_ioctl
     def create_vcpu(self) -> "VCPU":

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 from kvmemu import _select
+from kvmemu import _invariants
 from kvmemu._host import Host
 from kvmemu._vm import GuestMemfd, MemSlot, Snapshot
 from kvmemu.constants import PG_LEVEL_1G, PG_LEVEL_2M
@@ -130,6 +131,27 @@ def _tables(pt: Any) -> tuple[Any, bytes]:
 
 # --- running ------------------------------------------------------------------------------
 
+class InvariantChecker:
+    """``vm.check_invariants()``, incrementally: the first ``check()`` judges every table
+    of ``vm``; each later one re-judges only the tables whose entries changed since, or
+    that lie where another input of the judgements changed (memslots, attribute ranges,
+    lpage_info, dirty bitmaps, guest_memfd frame states).  Same violations as
+    ``vm.check_invariants()``; ``judged`` is how many tables the last check judged."""
+
+    def __init__(self, vm: Any) -> None:
+        self.vm = vm
+        self._checker = _invariants.Checker()
+
+    @property
+    def judged(self) -> int:
+        return self._checker.judged
+
+    def check(self) -> list[str]:
+        with self.vm._lock:
+            problems: list[str] = self.vm._check_with(self._checker)
+        return problems
+
+
 class Side:
     """One core's objects: the current VM, its vCPUs and guest_memfds, snapshots (of any
     VM made so far), standalone PageTables."""
@@ -137,6 +159,8 @@ class Side:
     def __init__(self, core: Any) -> None:
         self.core = core
         self.vm: Any = None
+        #: The current VM's invariant checker (made on first use).
+        self.checker: InvariantChecker | None = None
         self.vcpus: list[Any] = []
         self.gmems: list[Any] = []
         self.snapshots: list[Any] = []
@@ -363,7 +387,8 @@ class Twin:
         return results[0][0]
 
     def check(self) -> None:
-        """Same state on both sides, and no invariant broken on either."""
+        """Same state on both sides, and no invariant broken on either (judged by an
+        InvariantChecker per VM; every 8th step also from scratch, which must agree)."""
         states = [vm_state(side) for side in self.sides]
         if states[0] != states[1]:
             a, b = states
@@ -371,7 +396,12 @@ class Twin:
             raise Divergence(f"after step {self.steps}: state differs in {keys}")
         for side in self.sides:
             if side.vm is not None:
-                problems = side.vm.check_invariants()
+                if side.checker is None or side.checker.vm is not side.vm:
+                    side.checker = InvariantChecker(side.vm)
+                problems = side.checker.check()
+                if self.steps % 8 == 0 and problems != side.vm.check_invariants():
+                    raise Divergence(f"after step {self.steps}, {side.core.__name__}: the "
+                                     "incremental invariant check differs from the full one")
                 if problems:
                     raise Divergence(f"after step {self.steps}, {side.core.__name__}: "
                                      f"invariants broken: {problems[:5]}")
@@ -663,7 +693,8 @@ def encode_ops(ops: list[tuple]) -> str:
     return "\n".join(repr(op) for op in ops)
 
 
-__all__ = ["CORES", "CONTRACT_ERRORS", "ContractBreach", "Divergence", "Reader", "Side",
+__all__ = ["CORES", "CONTRACT_ERRORS", "ContractBreach", "Divergence", "InvariantChecker",
+           "Reader", "Side",
            "Twin", "decode", "norm", "outcome", "run_bytes", "run_bytes_one_core", "run_ops",
            "vm_state"]
 
