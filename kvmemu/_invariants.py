@@ -9,7 +9,6 @@ leaves whose inputs changed since (``kvmemu.testing.InvariantChecker``); a new
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from typing import Any
 
 import numpy as np
@@ -95,6 +94,10 @@ _ADDRESS = np.uint64(SPTE_BASE_ADDR_MASK)
 _FIRST_TABLE = np.uint64(PT_BASE_HPA)
 _SHIFT = np.uint64(PAGE_SHIFT)
 _GFN_LIMIT = 1 << 62            # beyond every gfn: keeps interval ends within int64
+_PRIVATE, _PREPARED = MemAttr.PRIVATE.value, FrameState.PREPARED.value
+_RMP_ASSIGNED, _WRITABLE = FrameState.RMP_ASSIGNED.value, PTE.WRITABLE.value
+_READONLY, _DIRTY = MemFlag.READONLY.value, EPTE.DIRTY.value
+_FEW = 32                       # tables of a level followed one at a time, not all at once
 
 
 class _Root:
@@ -266,23 +269,50 @@ class Checker:
             depths.append((level, where, bases))
             if level == PG_LEVEL_4K:
                 break
-            rows = mem[where]
-            t, index = np.nonzero(((rows & _PRESENT) != 0) & ~self._leaves(rows, level))
-            raw = ((rows[t, index] & _ADDRESS) - _FIRST_TABLE) >> _SHIFT     # wraps below
-            ok = (raw > 0) & (raw < n)
-            child = np.where(ok, raw, 0).astype(np.int64)
-            ok &= ~reached[child]
-            keep = np.zeros(len(child), bool)
-            candidates = np.flatnonzero(ok)
-            keep[candidates[np.unique(child[candidates], return_index=True)[1]]] = True
-            for k in np.flatnonzero(~keep).tolist():
-                table, i = int(where[t[k]]), int(index[k])
-                target = ((int(mem[table, i]) & SPTE_BASE_ADDR_MASK) - PT_BASE_HPA) >> PAGE_SHIFT
-                problems.append(f"table {table}[{i}] links table {target} badly")
-            reached[child[keep]] = True
-            where = child[keep]
-            bases = bases[t[keep]] + index[keep].astype(np.int64) * pages_per_hpage(level)
+            follow = self._follow_few if len(where) < _FEW else self._follow_many
+            where, bases = follow(mem, level, where, bases, reached, problems)
         return depths, reached
+
+    @staticmethod
+    def _follow_many(mem: np.ndarray, level: int, where: np.ndarray, bases: np.ndarray,
+                     reached: np.ndarray, problems: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The links of the tables ``where`` at ``level`` (the first gfns ``bases``) in
+        table order, then entry order, all at once: the tables they reach next, with
+        their first gfns; ``reached`` is updated."""
+        n = len(mem)
+        rows = mem[where]
+        t, index = np.nonzero(((rows & _PRESENT) != 0) & ~Checker._leaves(rows, level))
+        raw = ((rows[t, index] & _ADDRESS) - _FIRST_TABLE) >> _SHIFT     # wraps below
+        ok = (raw > 0) & (raw < n)
+        child = np.where(ok, raw, 0).astype(np.int64)
+        ok &= ~reached[child]
+        keep = np.zeros(len(child), bool)
+        candidates = np.flatnonzero(ok)
+        keep[candidates[np.unique(child[candidates], return_index=True)[1]]] = True
+        for k in np.flatnonzero(~keep).tolist():
+            _bad_link(problems, mem, int(where[t[k]]), int(index[k]))
+        reached[child[keep]] = True
+        return child[keep], bases[t[keep]] + index[keep].astype(np.int64) * pages_per_hpage(level)
+
+    @staticmethod
+    def _follow_few(mem: np.ndarray, level: int, where: np.ndarray, bases: np.ndarray,
+                    reached: np.ndarray, problems: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``_follow_many`` for a few tables, one at a time (numpy's fixed cost per call
+        outweighs the work then)."""
+        n, span = len(mem), pages_per_hpage(level)
+        below, firsts = [], []
+        for table, base in zip(where.tolist(), bases.tolist()):
+            row = mem[table]
+            links = np.flatnonzero(((row & _PRESENT) != 0) & ~Checker._leaves(row, level))
+            for index, spte in zip(links.tolist(), row[links].tolist()):
+                child = ((spte & SPTE_BASE_ADDR_MASK) - PT_BASE_HPA) >> PAGE_SHIFT
+                if not 0 < child < n or reached[child]:
+                    _bad_link(problems, mem, table, index)
+                    continue
+                reached[child] = True
+                below.append(child)
+                firsts.append(base + index * span)
+        return np.array(below, np.int64), np.array(firsts, np.int64)
 
     def _judge(self, vm: Any, root: _Root, table: int, level: int, first: int,
                row: np.ndarray, mirror: bool) -> None:
@@ -301,51 +331,63 @@ class Checker:
         root.set_frames(table, judged.frames)
 
 
+def _bad_link(problems: list[str], mem: np.ndarray, table: int, index: int) -> None:
+    target = ((int(mem[table, index]) & SPTE_BASE_ADDR_MASK) - PT_BASE_HPA) >> PAGE_SHIFT
+    problems.append(f"table {table}[{index}] links table {target} badly")
+
+
 def _judge_leaf(vm: Any, inputs: Any, entry: _Judged, gfn: int, spte: int, mirror: bool) -> None:
     """The leaf judgements of one leaf: problems go to ``entry.problems``, the guest_memfd
     frame it maps to ``entry.frames``."""
-    memory = vm._memory
-    level, problems = entry.level, entry.problems
-    where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {level}"
+    problems: list[str] = []
+    _judge_leaf_into(vm, vm._memory, inputs, entry, gfn, spte, mirror, problems)
+    if problems:
+        where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {entry.level}"
+        entry.problems += [f"{where} {problem}" for problem in problems]
+
+
+def _judge_leaf_into(vm: Any, memory: Any, inputs: Any, entry: _Judged, gfn: int, spte: int,
+                     mirror: bool, problems: list[str]) -> None:
+    level = entry.level
     if level > PG_LEVEL_1G:
-        problems.append(f"{where} is a leaf above the 1 GiB level")
+        problems.append("is a leaf above the 1 GiB level")
         return
     n = pages_per_hpage(level)
     slot = memory.find_slot(0, gfn)
     if slot is None or gfn + n > slot.end_gfn:
-        problems.append(f"{where} is outside every memslot")
+        problems.append("is outside every memslot")
         return
     attributes = int(memory.memslots.get_memory_attributes(gfn))
-    private = bool(attributes & MemAttr.PRIVATE.value)
+    private = bool(attributes & _PRIVATE)
     if not memory.memslots.range_has_memory_attributes(gfn, gfn + n, ~0, attributes):
-        problems.append(f"{where} spans mixed attributes")
+        problems.append("spans mixed attributes")
     if vm.vm_type == VMType.TDX and private != mirror:
-        problems.append(f"{where} maps a {'private' if private else 'shared'} gfn")
+        problems.append(f"maps a {'private' if private else 'shared'} gfn")
     if level > PG_LEVEL_4K and inputs.lpage[slot.id, level][
             gfn_to_index(gfn, slot.base_gfn, level)]:
-        problems.append(f"{where} is where lpage_info disallows a huge page")
+        problems.append("is where lpage_info disallows a huge page")
     if private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         pfn = int(memory.memslots.gmem_get_pfn(slot, gfn)) if slot.gmem_id >= 0 else -1
     else:
         pfn = int(memory.memslots.hva_to_pfn(slot, gfn))
     frame = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
     if frame != pfn:
-        problems.append(f"{where} maps frame {frame:#x}, not {pfn:#x}")
+        problems.append(f"maps frame {frame:#x}, not {pfn:#x}")
     if frame >= memory.config.gmem_base and pfn == frame:
         entry.frames.add(frame)
         state = int(memory.memslots.frame(frame))
-        if not state & FrameState.PREPARED.value:
-            problems.append(f"{where} maps a guest_memfd folio that is not prepared")
-        if vm.vm_type == VMType.SNP and not state & FrameState.RMP_ASSIGNED.value:
-            problems.append(f"{where} maps a guest_memfd frame the RMP does not assign")
-    if spte & PTE.WRITABLE.value and slot.flags & MemFlag.READONLY.value:
-        problems.append(f"{where} is writable in a READONLY memslot")
+        if not state & _PREPARED:
+            problems.append("maps a guest_memfd folio that is not prepared")
+        if vm.vm_type == VMType.SNP and not state & _RMP_ASSIGNED:
+            problems.append("maps a guest_memfd frame the RMP does not assign")
+    if spte & _WRITABLE and slot.flags & _READONLY:
+        problems.append("is writable in a READONLY memslot")
     bitmap = slot.dirty_bitmap
-    if (bitmap is not None and spte & PTE.WRITABLE.value
-            and not (memory.config.pml and not spte & EPTE.DIRTY.value)):
+    if (bitmap is not None and spte & _WRITABLE
+            and not (memory.config.pml and not spte & _DIRTY)):
         first = gfn - slot.base_gfn
         for page in range(first, first + n):
             if not int(bitmap[page >> 6]) >> (page & 63) & 1:
-                problems.append(f"{where} is writable, page {page} is not in the dirty "
+                problems.append(f"is writable, page {page} is not in the dirty "
                                 f"log and no write to it would be logged")
                 break
