@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from kvmemu import AccessFlags, KvmError, MemoryFaultExit, MmioExit, Translation, VMType
+from kvmemu.constants import EPTE, PT_BASE_HPA
+from kvmemu.testing import writable
 
 GIB, MIB = 1 << 30, 1 << 20
 
@@ -204,3 +206,39 @@ def test_snapshot_keeps_guest_memfd_bindings(kv):
         vm.set_user_memory_region(slot=5, guest_phys_addr=GIB, memory_size=GIB, flags=4,
                                   userspace_addr=0x7F0000000000, guest_memfd=gmem)
     assert info.value.errno == errno.EINVAL
+
+
+def test_a_long_mapped_batch_keeps_the_walk_rules(kv):
+    """access_many over thousands of mapped pages (the compiled core's tight loop takes
+    most of them) follows the walk's rules for the accesses that must store (SDM 29.3.5):
+    an accessed flag cleared on a leaf or a PDE is set again, a write sets its leaf's
+    dirty flag, and a 2M leaf translates at level 2 (though its frame's address is
+    the root table's, and its memtype UC leaves no other bit 3-7 set but the page-size bit)."""
+    vm = kv.VM()
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=64 * MIB,
+                              userspace_addr=0x7F0000000000)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=GIB, memory_size=4 * MIB,
+                              userspace_addr=PT_BASE_HPA, host_level=2)   # frames like tables
+    vcpu = vm.create_vcpu()
+    pages = np.arange(16384, dtype=np.uint64) << np.uint64(12)
+    huge = u64(GIB + 0x234, GIB + 2 * MIB + 0x10)
+    assert vcpu.access_many(np.concatenate([pages, huge])).count == 16386
+    pt, accessed, dirty = vm.page_tables, EPTE.ACCESSED.value, EPTE.DIRTY.value
+    assert all(pt.get_entry(p << 12, 1) & dirty for p in (0, 5000, 9999, 16383))  # make_spte
+    with writable(pt):
+        pt.set_entry(5000 << 12, 1, pt.get_entry(5000 << 12, 1) & ~accessed)
+        pt.set_entry(24 * MIB, 2, pt.get_entry(24 * MIB, 2) & ~accessed)
+        for p in (1, 5001, 9999):
+            pt.set_entry(p << 12, 1, pt.get_entry(p << 12, 1) & ~dirty)
+        pt.set_entry(GIB, 2, pt.get_entry(GIB, 2) & ~(0xF << 3))    # memtype UC, no IPAT
+    batch = vcpu.access_many(np.concatenate([pages | np.uint64(0x123), huge]))
+    assert batch.count == 16386 and batch.exit is None
+    assert batch.hpa[:16384].tolist() == (0x7F0000000123 + pages).tolist()
+    assert batch.hpa[16384:].tolist() == [PT_BASE_HPA + 0x234, PT_BASE_HPA + 0x200010]
+    assert batch.level.tolist() == [1] * 16384 + [2, 2]
+    assert pt.get_entry(5000 << 12, 1) & accessed and pt.get_entry(24 * MIB, 2) & accessed
+    assert not any(pt.get_entry(p << 12, 1) & dirty for p in (1, 5001, 9999))   # reads
+    batch = vcpu.access_many(pages[:9999], AccessFlags.WRITE)
+    assert batch.count == 9999 and batch.hpa.tolist() == (0x7F0000000000 + pages[:9999]).tolist()
+    assert pt.get_entry(1 << 12, 1) & dirty and pt.get_entry(5001 << 12, 1) & dirty
+    assert not pt.get_entry(9999 << 12, 1) & dirty                  # not written

@@ -57,6 +57,10 @@ COMPILED_ONLY = {
     ("locking", "xchg64"): "one word of xchg_words; the twin holds its atomic lock around "
                            "the whole loop",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
+    ("paging", "ept4_mapped_run"): "access_many's tight loop over 4-level EPT accesses that "
+                                   "store nothing; the twin takes each through "
+                                   "ept_fast_translate, by the same rules",
+    ("paging", "ept4_step"): "one step of ept4_mapped_run's walk",
     ("paging", "plain_access"): "the compiled core's check of plain access arguments; the "
                                 "twin checks every call through kvmemu._args",
     ("vcpu", "within_reach"): "access_many's fast-path check of the GPAs, without the GIL; "

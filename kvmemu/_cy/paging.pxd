@@ -1,6 +1,6 @@
 # Declarations of the second-stage page tables and the hardware walk (paging.pyx).
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 
 cdef enum WalkStop:
     STOP_NOT_PRESENT = 0
@@ -103,6 +103,11 @@ cdef bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t nt
                              uint64_t gpa, uint64_t flags, Outcome* out,
                              const int levels, PmlLog* pml) noexcept nogil
 cdef bint pml_log(PmlLog* pml, uint64_t gpa) noexcept nogil
+cdef bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mask, uint64_t gpa,
+                    int level, uint64_t need, uint64_t bad, uint64_t* e) noexcept nogil
+cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_ssize_t ntables,
+                                const uint64_t* gpas, Py_ssize_t i, Py_ssize_t stop,
+                                uint64_t flags, uint64_t* hpa, uint8_t* level) noexcept nogil
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil
 cdef object outcome_object(const Outcome* out, uint64_t gpa)

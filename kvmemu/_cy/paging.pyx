@@ -365,6 +365,54 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     return True
 
 
+cdef inline bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mask, uint64_t gpa,
+                           int level, uint64_t need, uint64_t bad, uint64_t* e) noexcept nogil:
+    """ept4_mapped_run's step down: ``e`` becomes the level-``level`` entry of the table
+    it points to; False if there is no such table, or the entry lacks a bit of ``need``
+    or has one of ``bad``."""
+    cdef Py_ssize_t t = table_at(e[0] & mask, ntables)
+    if t < 0:
+        return False
+    e[0] = mem[t * PT_ENTRIES + gpa_index(gpa, level)]
+    return (e[0] & need) == need and not (e[0] & bad)
+
+
+cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_ssize_t ntables,
+                                const uint64_t* gpas, Py_ssize_t i, Py_ssize_t stop,
+                                uint64_t flags, uint64_t* hpa, uint8_t* level) noexcept nogil:
+    """access_many's inner loop on 4-level EPT, for the accesses that change nothing: a
+    final-stage read or write (``flags``: WRITE, USER, ENCRYPTED only) through four
+    present, well-formed non-leaf entries to a 4K leaf, every entry with its accessed
+    flag already set and, for a write, the leaf's dirty flag too (SDM 29.3.5: the walk
+    then stores nothing, and PML logs nothing).  Translates gpas[i:stop] into
+    hpa/level up to the first access that is not such a one and returns its index
+    (``stop`` if none); ept_fast_translate or translate_one takes that one, by the same
+    rules.  No pointers kept, no stores but the results: short enough per element for
+    the CPU to overlap the cache misses of successive walks."""
+    cdef uint64_t need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
+    cdef uint64_t leaf_need, g, e, mask = c.addr_mask
+    cdef uint64_t top_bad = c.rsvd_high | EPT_RSVD_ROOT
+    cdef uint64_t mid_bad = c.rsvd_high | EPT_RSVD_NONLEAF | EPTE_LARGE   # huge: elsewhere
+    if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
+        return i
+    if c.ad_bits:
+        need |= EPTE_ACCESSED
+    leaf_need = need | (EPTE_DIRTY if c.ad_bits and flags & ACCESS_FLAGS_WRITE else 0)
+    while i < stop:
+        g = gpas[i]
+        e = mem[gpa_index(g, 4)]
+        if ((e & need) != need or e & top_bad
+                or not ept4_step(mem, ntables, mask, g, 3, need, mid_bad, &e)
+                or not ept4_step(mem, ntables, mask, g, 2, need, mid_bad, &e)
+                or not ept4_step(mem, ntables, mask, g, 1, leaf_need, c.rsvd_high, &e)
+                or (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1):
+            break
+        hpa[i] = (e & mask & ~(<uint64_t>PAGE_SIZE - 1)) | (g & (PAGE_SIZE - 1))
+        level[i] = PG_LEVEL_4K
+        i += 1
+    return i
+
+
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil:
     """One guest-physical access: walk, then the vendor's verdict (and A/D on success).

@@ -566,6 +566,10 @@ cdef class VCPUState:
         # The common case inlined: the one-pass walk of 4-level EPT (translate_one
         # takes it too; this saves a call per access in the GIL-free loop).
         cdef bint fast4 = dcfg.ept and dcfg.levels == 4
+        # Most accesses of a mapped batch: ept4_mapped_run's tight loop, up to the first
+        # access that must store an A/D bit, exit or take a huge leaf (which the lines
+        # below take).  Not for a TD (the mirror root) or per-element flags.
+        cdef bint mapped_run = fast4 and not tdx and not per_element
         while i < n:
             if streak >= TRANSLATION_STREAK:
                 dmem, mmem = dpt.mem, mpt.mem
@@ -587,6 +591,11 @@ cdef class VCPUState:
                             lock.read_lock()
                             dn, mn = dpt.ntables, mpt.ntables
                             stop = min(n, i + LOCKED_RUN)
+                        if mapped_run:
+                            i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f, hpa,
+                                                level)
+                            if i == stop:
+                                continue
                         g = gpas[i]
                         if per_element:
                             f = fl[i]
