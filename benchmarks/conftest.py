@@ -47,6 +47,18 @@ def per_element(benchmark):
     return record
 
 
+@pytest.fixture
+def scalar(benchmark):
+    """``scalar(fn, *args, **kwargs)``: time one call of well under a microsecond, 200
+    calls a round.  pytest-benchmark's own calibration sometimes settles on one call a
+    round for such calls, and then mostly times its timer (150-250 ns here); what is
+    left in the figure is the call as Python makes it with ``*args, **kwargs``."""
+    def run(fn, *args, **kwargs):
+        return benchmark.pedantic(fn, args=args, kwargs=kwargs, iterations=200, rounds=100,
+                                  warmup_rounds=3)
+    return run
+
+
 @pytest.fixture(scope="session")
 def rng():
     return np.random.default_rng(20261125)

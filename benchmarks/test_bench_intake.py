@@ -70,5 +70,5 @@ def test_svm_batch_cython(benchmark, rng, per_element):
 
 
 @pytest.mark.benchmark(group="intake-scalar")
-def test_vmx_scalar(benchmark, kv):
-    assert benchmark(kv.vmx_error_code, 0x182, 0xc0000000, SHARED_BIT) == 0x2000100000002
+def test_vmx_scalar(scalar, kv):
+    assert scalar(kv.vmx_error_code, 0x182, 0xc0000000, SHARED_BIT) == 0x2000100000002

@@ -25,10 +25,10 @@ def gpas(rng):
 
 
 @pytest.mark.benchmark(group="paging-translate-scalar")
-def test_translate_scalar(benchmark, kv):
+def test_translate_scalar(scalar, kv):
     pt = kv.PageTables("ept")
     pt.set_entry(0x123456789000, 1, 0xABCDE000 | LEAF)
-    result = benchmark(pt.translate, 0x123456789ABC, write=True)
+    result = scalar(pt.translate, 0x123456789ABC, write=True)
     assert result == kv.Translation(0xABCDEABC, 1)
 
 

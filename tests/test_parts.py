@@ -61,6 +61,8 @@ COMPILED_ONLY = {
                                    "store nothing; the twin takes each through "
                                    "ept_fast_translate, by the same rules",
     ("paging", "ept4_step"): "one step of ept4_mapped_run's walk",
+    ("paging", "use_result_dealloc"): "installs a C deallocator on Translation; the twin's "
+                                      "results are freed by CPython's own",
     ("paging", "plain_access"): "the compiled core's check of plain access arguments; the "
                                 "twin checks every call through kvmemu._args",
     ("vcpu", "within_reach"): "access_many's fast-path check of the GPAs, without the GIL; "

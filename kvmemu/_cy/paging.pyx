@@ -29,6 +29,7 @@ from cpython.tuple cimport PyTuple_SET_ITEM
 cdef extern from "Python.h":
     # The tp_alloc of every class defined in Python (the result types are).
     PyObject* PyType_GenericAlloc(PyTypeObject* cls, Py_ssize_t nitems)
+    void PyObject_GC_UnTrack(void* op)
 from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 cdef extern from "sys/mman.h":
@@ -38,6 +39,41 @@ import numpy as np
 
 from kvmemu import _args, _tables
 from kvmemu.results import EptMisconfig, EptViolation, NestedPageFault, Translation
+
+cdef extern from *:
+    """
+    /* A result object's deallocator: what CPython's generic one for classes defined in
+     * Python (subtype_dealloc) does for a tuple subclass with __slots__ = () and no
+     * finalizer -- the tuple's own deallocator, then the reference the instance held to
+     * its class -- without its search for what such a class cannot have.  Subclasses
+     * keep the generic deallocator, which calls this one as their base's (and then
+     * does not drop the class reference itself: the base class is a heap type).  The
+     * trashcan bounds the C stack when results nest. */
+    static void kvmemu_result_dealloc(PyObject *self) {
+        PyTypeObject *type = Py_TYPE(self);
+        PyObject_GC_UnTrack(self);          /* before the trashcan, which may defer it */
+        Py_TRASHCAN_BEGIN(self, kvmemu_result_dealloc)
+        PyTuple_Type.tp_dealloc(self);
+        Py_DECREF(type);
+        Py_TRASHCAN_END
+    }
+    /* Installs it on ``cls`` if ``cls`` is such a class; returns 1 if it did. */
+    static int kvmemu_use_result_dealloc(PyObject *cls) {
+        PyTypeObject *t = (PyTypeObject *)cls;
+        if (!PyType_Check(cls) || !(t->tp_flags & Py_TPFLAGS_HEAPTYPE)
+                || !(t->tp_flags & Py_TPFLAGS_TUPLE_SUBCLASS) || t->tp_del != NULL
+                || t->tp_finalize != NULL || t->tp_dictoffset != 0 || t->tp_weaklistoffset != 0
+                || t->tp_basicsize != PyTuple_Type.tp_basicsize
+                || t->tp_itemsize != PyTuple_Type.tp_itemsize)
+            return 0;
+        t->tp_dealloc = kvmemu_result_dealloc;
+        return 1;
+    }
+    """
+    int use_result_dealloc "kvmemu_use_result_dealloc" (object cls)
+
+# A Translation per access: its deallocation is a tenth of VCPU.access's time otherwise.
+use_result_dealloc(Translation)
 
 #: Tables of address space each PageTables reserves (16 GiB; memory is committed only
 #: as tables are used).  MAXPHYADDR may allow more: new_table raises MemoryError here.
@@ -472,7 +508,9 @@ cdef object result(type cls, tuple fields):
 
 
 cdef object result2(type cls, object a, object b):
-    """``result(cls, (a, b))`` without the tuple of fields (a Translation per access)."""
+    """``result(cls, (a, b))`` without the tuple of fields (a Translation per access),
+    for ints only: it is taken off the cyclic GC's list at once, as the GC would take
+    off a tuple of ints at its next pass (a tuple holding no container is in no cycle)."""
     cdef PyObject* made = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
     if made == NULL:
         raise MemoryError()
@@ -482,6 +520,7 @@ cdef object result2(type cls, object a, object b):
     PyTuple_SET_ITEM(obj, 0, a)
     Py_INCREF(b)
     PyTuple_SET_ITEM(obj, 1, b)
+    PyObject_GC_UnTrack(made)
     return obj
 
 
