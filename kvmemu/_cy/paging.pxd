@@ -64,6 +64,7 @@ cdef class PageTables:
     cdef Py_ssize_t nfree, free_cap
     cdef int init_storage(self) except -1
     cpdef Py_ssize_t new_table(self) except -1
+    cdef Py_ssize_t grow(self) except -1
     cdef PageTables clone(self)
     # KVM's use of the storage (the TDP MMU): unchecked.
     cdef Py_ssize_t alloc(self, uint64_t fill) except -1

@@ -621,12 +621,19 @@ cdef class PageTables:
 
     cpdef Py_ssize_t new_table(self) except -1:
         """One more table at the end of the storage (zeroed)."""
+        cdef Py_ssize_t table = self.grow()
+        memset(self.mem + table * PT_ENTRIES, 0, PAGE_SIZE)
+        return table
+
+    cdef Py_ssize_t grow(self) except -1:
+        """One more table at the end of the storage, its memory as it was: new_table
+        zeroes it, alloc fills it (once: KVM's page cache hands out tables already
+        filled with the non-present value)."""
         if self.ntables == self.max_tables:
             raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
                               "for another table")
         if self.ntables == self.reserved:
             raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
-        memset(self.mem + self.ntables * PT_ENTRIES, 0, PAGE_SIZE)
         self.ntables += 1
         return self.ntables - 1
 
@@ -697,7 +704,7 @@ cdef class PageTables:
             self.nfree -= 1
             table = self.free_list[self.nfree]
         else:
-            table = self.new_table()
+            table = self.grow()
         self.fill(table, fill)
         return table
 
