@@ -743,8 +743,9 @@ cdef class Memslots:
             self.attr_chunks, self.attr_cap = grown, max(need, 2 * self.attr_cap, 4)
         for c in range(ca, ca + old):
             free(self.attr_chunks[c])
-        memmove(&self.attr_chunks[ca + k], &self.attr_chunks[ca + old],
-                (self.attr_nchunks - ca - old) * sizeof(AttrChunk*))
+        if self.attr_nchunks - ca - old > 0:     # (an empty store has no array to move in)
+            memmove(&self.attr_chunks[ca + k], &self.attr_chunks[ca + old],
+                    (self.attr_nchunks - ca - old) * sizeof(AttrChunk*))
         for c in range(k):
             self.attr_chunks[ca + c] = made[c]
         self.attr_nchunks = need
