@@ -68,64 +68,44 @@ def test_mapped_scalar_access(scalar, kv):
     assert scalar(vcpu.access, 0x5123) == Translation(0x7F0000005123, 1)
 
 
-SPAN_4G = 1 << 20                # 4 GiB of mapped 4K pages: 8 MiB of leaf tables
-
-
-@pytest.fixture(scope="module")
-def span_4g_gpas():
-    rng = np.random.default_rng(20261129)
-    return (rng.integers(0, SPAN_4G, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
-
-
-@pytest.mark.benchmark(group="walk-mapped-batch-8m-tables")
-def test_mapped_batch_walk_8m_tables_vs_c(benchmark, span_4g_gpas, per_element,
-                                          tmp_path_factory):
-    """1M random reads over 1M mapped 4K pages (a 4 GiB span, 8 MiB of leaf tables: more
-    than the L2 cache holds), into reused ``out=`` arrays, next to the C walk with and
-    without software prefetching of the leaf entry 16 walks ahead, in the same session.
-    (test_mapped_batch_walk_vs_c's 64K pages have 512 KiB of tables.)"""
-    tmp = tmp_path_factory.mktemp("c_baseline_8m")
-    c_plain = float(run_c_baseline("walk", tmp, span_4g_gpas, SPAN_4G, 5)[1])
-    c_ahead = float(run_c_baseline("walk", tmp, span_4g_gpas, SPAN_4G, 5, 16)[1])
-    vcpu = mapped_vcpu(_select.load("cython"), npages=SPAN_4G)
-    out = (np.empty(N, np.uint64), np.empty(N, np.uint8))
-    result = benchmark.pedantic(vcpu.access_many, (span_4g_gpas,), {"out": out}, rounds=15,
+def walk_vs_c(benchmark, per_element, tmp, gpas, npages, rounds, out=None):
+    """access_many over ``gpas`` of ``npages`` mapped pages, and in the same session
+    the C walk over them without and with software prefetching of the leaf entry 16
+    walks ahead; the figures and ratios go to extra_info."""
+    c_plain = float(run_c_baseline("walk", tmp, gpas, npages, 3)[1])
+    c_ahead = float(run_c_baseline("walk", tmp, gpas, npages, 3, 16)[1])
+    vcpu = mapped_vcpu(_select.load("cython"), npages=npages)
+    result = benchmark.pedantic(vcpu.access_many, (gpas,), {"out": out}, rounds=rounds,
                                 iterations=1)
     assert result.count == N and result.exit is None
     per_element(N)
-    benchmark.extra_info["c_baseline_ns_per_walk"] = c_plain
-    benchmark.extra_info["c_prefetch_ns_per_walk"] = c_ahead
-    if "ns_per_element" in benchmark.extra_info:
-        benchmark.extra_info["ratio_to_c"] = round(
-            benchmark.extra_info["ns_per_element"] / c_plain, 2)
-        benchmark.extra_info["ratio_to_c_prefetch"] = round(
-            benchmark.extra_info["ns_per_element"] / c_ahead, 2)
+    info = benchmark.extra_info
+    info["c_baseline_ns_per_walk"], info["c_prefetch_ns_per_walk"] = c_plain, c_ahead
+    if "ns_per_element" in info:
+        info["ratio_to_c"] = round(info["ns_per_element"] / c_plain, 2)
+        info["ratio_to_c_prefetch"] = round(info["ns_per_element"] / c_ahead, 2)
 
 
+SPAN_4G = 1 << 20                # 4 GiB of mapped 4K pages: 8 MiB of leaf tables
 LARGE = 1 << 24                  # 64 GiB of mapped 4K pages: 128 MiB of leaf tables
 
 
-@pytest.fixture(scope="module")
-def large_gpas():
-    rng = np.random.default_rng(20261128)
-    return (rng.integers(0, LARGE, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
+@pytest.mark.benchmark(group="walk-mapped-batch-8m-tables")
+def test_mapped_batch_walk_8m_tables_vs_c(benchmark, per_element, tmp_path_factory):
+    """1M random reads over 1M mapped 4K pages (a 4 GiB span, 8 MiB of leaf tables: more
+    than the L2 cache holds), into reused ``out=`` arrays.  (test_mapped_batch_walk_vs_c's
+    64K pages have 512 KiB of tables.)"""
+    rng = np.random.default_rng(20261129)
+    gpas = (rng.integers(0, SPAN_4G, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
+    walk_vs_c(benchmark, per_element, tmp_path_factory.mktemp("c_baseline_8m"), gpas,
+              SPAN_4G, 15, out=(np.empty(N, np.uint64), np.empty(N, np.uint8)))
 
 
 @pytest.mark.benchmark(group="walk-mapped-batch-128m-tables")
-def test_mapped_batch_walk_large_tables_vs_c(benchmark, large_gpas, per_element,
-                                             tmp_path_factory):
+def test_mapped_batch_walk_large_tables_vs_c(benchmark, per_element, tmp_path_factory):
     """1M random reads over 16M mapped 4K pages (128 MiB of tables, far beyond the
-    caches and the TLB's reach), next to the C walk with and without software
-    prefetching of the leaf entry 16 walks ahead, in the same session."""
-    tmp = tmp_path_factory.mktemp("c_baseline_large")
-    c_plain = float(run_c_baseline("walk", tmp, large_gpas, LARGE, 3)[1])
-    c_ahead = float(run_c_baseline("walk", tmp, large_gpas, LARGE, 3, 16)[1])
-    vcpu = mapped_vcpu(_select.load("cython"), npages=LARGE)
-    result = benchmark.pedantic(vcpu.access_many, (large_gpas,), rounds=3, iterations=1)
-    assert result.count == N and result.exit is None
-    per_element(N)
-    benchmark.extra_info["c_baseline_ns_per_walk"] = c_plain
-    benchmark.extra_info["c_prefetch_ns_per_walk"] = c_ahead
-    if "ns_per_element" in benchmark.extra_info:
-        benchmark.extra_info["ratio_to_c_prefetch"] = round(
-            benchmark.extra_info["ns_per_element"] / c_ahead, 2)
+    caches and the TLB's reach)."""
+    rng = np.random.default_rng(20261128)
+    gpas = (rng.integers(0, LARGE, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
+    walk_vs_c(benchmark, per_element, tmp_path_factory.mktemp("c_baseline_large"), gpas,
+              LARGE, 3)
