@@ -21,7 +21,8 @@ from kvmemu.errors import KvmError
 from kvmemu.results import (AccessBatch, GuestException, MemoryFaultExit, MmioExit,
                             Translation)
 
-#: access_many releases the GIL once this many accesses in a row translated.
+#: access_many releases the GIL once this many accesses in a row translated without a
+#: fault.
 cdef int TRANSLATION_STREAK = 8
 #: ... and holds mmu_lock for read for at most this many accesses at a time.
 cdef Py_ssize_t LOCKED_RUN = 4096
@@ -556,6 +557,7 @@ cdef class VCPUState:
         cdef RwLock lock = dpt.lock
         cdef Outcome out
         cdef int status, err = 0, streak = 0
+        cdef uint64_t taken
         cdef bint interrupted = False
         cdef Py_ssize_t runs = 0
         cdef PmlLog* pml
@@ -623,6 +625,7 @@ cdef class VCPUState:
                 streak = 0
             if per_element:
                 f = fl[i]
+            taken = self.counters[PF_STAT_PF_TAKEN]
             status = self.vcpu_run(gpas[i], f, limit, &out, &err)
             if status != ACCESS_TRANSLATED:
                 exit_ = self.outcome_of(status, &out, err, gpas[i], f" (element {i})", limit)
@@ -630,5 +633,7 @@ cdef class VCPUState:
             hpa[i] = out.value
             level[i] = out.level
             i += 1
-            streak += 1
+            # Only an access that took no fault counts toward the streak: a run of faults
+            # (first touches) stays here, without a GIL-free loop that would stop at once.
+            streak = streak + 1 if self.counters[PF_STAT_PF_TAKEN] == taken else 0
         return AccessBatch(hpa_arr, level_arr, n, None)
