@@ -1,8 +1,9 @@
 """Mapped walks: VCPU.access_many and VCPU.access on mapped pages, next to a plain C walk.
 
 The C baseline (benchmarks/c_baseline/walk.c) maps the same GPAs with the same
-4-level EPT layout and walks the same random GPAs; its ns/walk is stored in the
-benchmark's extra_info together with our ns/element and the ratio.
+4-level EPT layout and walks the same random GPAs; its ns/walk (the best of its
+repeats) is stored in the benchmark's extra_info together with our ns/element (the
+median and the best round) and the ratio of the two bests.
 """
 
 import numpy as np
@@ -47,9 +48,9 @@ def test_mapped_batch_walk_vs_c(benchmark, gpas, c_walk_ns, per_element):
     np.testing.assert_array_equal(result.hpa, gpas + np.uint64(0x7F0000000000))
     per_element(N)
     benchmark.extra_info["c_baseline_ns_per_walk"] = c_walk_ns
-    if "ns_per_element" in benchmark.extra_info:
+    if "best_ns_per_element" in benchmark.extra_info:     # best round against C's best repeat
         benchmark.extra_info["ratio_to_c"] = round(
-            benchmark.extra_info["ns_per_element"] / c_walk_ns, 2)
+            benchmark.extra_info["best_ns_per_element"] / c_walk_ns, 2)
 
 
 @pytest.mark.benchmark(group="walk-mapped-batch-both-cores")
@@ -69,21 +70,27 @@ def test_mapped_scalar_access(scalar, kv):
 
 
 def walk_vs_c(benchmark, per_element, tmp, gpas, npages, rounds, out=None):
-    """access_many over ``gpas`` of ``npages`` mapped pages, and in the same session
-    the C walk over them without and with software prefetching of the leaf entry 16
-    walks ahead; the figures and ratios go to extra_info."""
-    c_plain = float(run_c_baseline("walk", tmp, gpas, npages, 3)[1])
-    c_ahead = float(run_c_baseline("walk", tmp, gpas, npages, 3, 16)[1])
+    """access_many over ``gpas`` of ``npages`` mapped pages, each round right after a run
+    of the C walk over them without and with software prefetching of the leaf entry 16
+    walks ahead (the runs interleaved, so that both see the same moments of a noisy
+    machine); the best of each, their ratios and our median go to extra_info."""
+    c_best = [float("inf"), float("inf")]
     vcpu = mapped_vcpu(_select.load("cython"), npages=npages)
-    result = benchmark.pedantic(vcpu.access_many, (gpas,), {"out": out}, rounds=rounds,
-                                iterations=1)
+
+    def setup():
+        for k, ahead in enumerate(((), (16,))):
+            ns = float(run_c_baseline("walk", tmp, gpas, npages, 1, *ahead)[1])
+            c_best[k] = min(c_best[k], ns)
+        return (gpas,), {"out": out}
+
+    result = benchmark.pedantic(vcpu.access_many, setup=setup, rounds=rounds, iterations=1)
     assert result.count == N and result.exit is None
     per_element(N)
     info = benchmark.extra_info
-    info["c_baseline_ns_per_walk"], info["c_prefetch_ns_per_walk"] = c_plain, c_ahead
-    if "ns_per_element" in info:
-        info["ratio_to_c"] = round(info["ns_per_element"] / c_plain, 2)
-        info["ratio_to_c_prefetch"] = round(info["ns_per_element"] / c_ahead, 2)
+    info["c_baseline_ns_per_walk"], info["c_prefetch_ns_per_walk"] = c_best
+    if "best_ns_per_element" in info:          # best round against the C walk's best run
+        info["ratio_to_c"] = round(info["best_ns_per_element"] / c_best[0], 2)
+        info["ratio_to_c_prefetch"] = round(info["best_ns_per_element"] / c_best[1], 2)
 
 
 SPAN_4G = 1 << 20                # 4 GiB of mapped 4K pages: 8 MiB of leaf tables
@@ -98,7 +105,7 @@ def test_mapped_batch_walk_8m_tables_vs_c(benchmark, per_element, tmp_path_facto
     rng = np.random.default_rng(20261129)
     gpas = (rng.integers(0, SPAN_4G, N, dtype=np.uint64) << np.uint64(12)) | np.uint64(0x123)
     walk_vs_c(benchmark, per_element, tmp_path_factory.mktemp("c_baseline_8m"), gpas,
-              SPAN_4G, 15, out=(np.empty(N, np.uint64), np.empty(N, np.uint8)))
+              SPAN_4G, 9, out=(np.empty(N, np.uint64), np.empty(N, np.uint8)))
 
 
 @pytest.mark.benchmark(group="walk-mapped-batch-128m-tables")
