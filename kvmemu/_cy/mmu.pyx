@@ -48,7 +48,8 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
     if (vcpu.sw_protected and not (error_code & PFERR_RSVD)
             and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
         error_code |= PFERR_PRIVATE_ACCESS
-    vcpu.stage("fault", NULL)
+    if vcpu.stage_hook is not None:     # (checked here: no call at all without a hook)
+        vcpu.stage("fault", NULL)
     r = RET_PF_INVALID
     if error_code & PFERR_RSVD:
         if error_code & PFERR_PRIVATE_ACCESS:
@@ -181,7 +182,7 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
     r = faultin_pfn(vcpu, f)
     if r != RET_PF_CONTINUE:
         return r
-    if vcpu.stage("map", f):                              # the memslot was deleted or moved
+    if vcpu.stage_hook is not None and vcpu.stage("map", f):   # the memslot was deleted or moved
         return -EAGAIN if f.prefetch else RET_PF_RETRY
     mmu.mmu_lock.acquire_read()
     try:
@@ -272,7 +273,7 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
         return prepare_memory_fault_exit(vcpu, f)
     if not f.has_slot:
         return handle_noslot_fault(vcpu, f)
-    if vcpu.stage("faultin", f):        # the memslot was deleted or moved
+    if vcpu.stage_hook is not None and vcpu.stage("faultin", f):   # deleted or moved memslot
         return -EAGAIN if f.prefetch else RET_PF_RETRY
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY

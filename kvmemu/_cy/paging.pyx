@@ -353,7 +353,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     the general walk."""
     cdef uint64_t* used[5]
     cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
-    cdef uint64_t page_mask
+    cdef uint64_t page_mask, every = ~(<uint64_t>0)     # the bits set in every entry used
     cdef Py_ssize_t table = 0
     cdef int level = levels, n = 0, i
     if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
@@ -361,6 +361,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     while True:
         used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
         e = used[n][0]
+        every &= e
         n += 1
         if (e & need) != need or (e & c.rsvd_high):
             if not (e & c.present_mask):     # off the translated path: no cost there
@@ -386,7 +387,8 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         return False
     if (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1:
         return False
-    if c.ad_bits:
+    if c.ad_bits and (not (every & EPTE_ACCESSED)          # else the walk stores nothing
+                      or ((flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY))):
         if pml != NULL and (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
             return False                     # the general walk logs it
         for i in range(n):
