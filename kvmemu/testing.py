@@ -29,7 +29,7 @@ import numpy as np
 from kvmemu import _select
 from kvmemu import _invariants
 from kvmemu._host import Host
-from kvmemu._vm import GuestMemfd, MemSlot, Snapshot
+from kvmemu._vm import VM, GuestMemfd, MemSlot, Snapshot
 from kvmemu.constants import PG_LEVEL_1G, PG_LEVEL_2M
 from kvmemu.errors import KvmError
 from kvmemu.results import AccessBatch
@@ -139,6 +139,8 @@ class InvariantChecker:
     ``vm.check_invariants()``; ``judged`` is how many tables the last check judged."""
 
     def __init__(self, vm: Any) -> None:
+        if not isinstance(vm, VM):
+            raise TypeError(f"InvariantChecker needs a kvmemu VM, not {type(vm).__name__}")
         self.vm = vm
         self._checker = _invariants.Checker()
 

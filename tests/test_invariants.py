@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmemu import MemAttr, MemFlag, VMType
+from kvmemu import MemAttr, MemFlag, PageTables, VMType
 from kvmemu.constants import PT_BASE_HPA, SPTE_BASE_ADDR_MASK, FrameState
 from kvmemu.testing import (CONTRACT_ERRORS, Divergence, InvariantChecker, Side, _fresh, _run,
                             decode, run_ops, writable)
@@ -43,6 +43,11 @@ def mapped_vm(kv, vendor="vmx", flags=0, **kw):
     assert both(checker) == []
     assert checker.judged == 4              # the root, the 1G, 2M and 4K tables: all
     return vm, vcpu, checker
+
+
+def test_a_checker_needs_a_vm():
+    with pytest.raises(TypeError, match="needs a kvmemu VM, not PageTables"):
+        InvariantChecker(PageTables("ept"))
 
 
 def test_nothing_changed_judges_nothing(kv):
