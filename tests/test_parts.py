@@ -56,6 +56,7 @@ COMPILED_ONLY = {
     ("locking", "store_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
     ("locking", "xchg64"): "one word of xchg_words; the twin holds its atomic lock around "
                            "the whole loop",
+    ("levels", "with_room"): "grows a C array; the twin's arrays are lists and numpy arrays",
     ("levels", "debug_assert"): "C assert of the debug build; the twin's reads are checked",
     ("paging", "ept4_mapped_run"): "access_many's tight loop over 4-level EPT accesses that "
                                    "store nothing; the twin takes each through "

@@ -715,7 +715,6 @@ cdef class Memslots:
         """Chunks ca..cb become ``m`` ranges, in chunks of at most 384 (room to grow)."""
         cdef Py_ssize_t k = (m + 383) // 384, old = cb - ca + 1, c, q, first = 0, count
         cdef Py_ssize_t need = self.attr_nchunks - old + k
-        cdef AttrChunk** grown
         cdef AttrChunk** made = <AttrChunk**>calloc(max(k, 1), sizeof(AttrChunk*))
         if made == NULL:
             raise MemoryError()
@@ -732,15 +731,12 @@ cdef class Memslots:
                 made[c].start[q], made[c].end[q], made[c].value[q] = (
                     s[first + q], e[first + q], v[first + q])
             first += count
-        if need > self.attr_cap:
-            grown = <AttrChunk**>realloc(self.attr_chunks, max(need, 2 * self.attr_cap, 4)
-                                         * sizeof(AttrChunk*))
-            if grown == NULL:
-                for q in range(k):
-                    free(made[q])
-                free(made)
-                raise MemoryError()
-            self.attr_chunks, self.attr_cap = grown, max(need, 2 * self.attr_cap, 4)
+        if not with_room(<void**>&self.attr_chunks, &self.attr_cap, need, sizeof(AttrChunk*),
+                         4):
+            for q in range(k):
+                free(made[q])
+            free(made)
+            raise MemoryError()
         for c in range(ca, ca + old):
             free(self.attr_chunks[c])
         if self.attr_nchunks - ca - old > 0:     # (an empty store has no array to move in)

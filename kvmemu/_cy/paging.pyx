@@ -20,7 +20,7 @@
 
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
@@ -656,13 +656,10 @@ cdef class PageTables:
             tables, free, min(self.max_tables, self.reserved))
         cdef const uint64_t[:, ::1] src = np.ascontiguousarray(tables)
         cdef const int64_t[::1] fl = free
-        cdef Py_ssize_t* grown
         cdef Py_ssize_t i
-        if fl.shape[0] > self.free_cap:
-            grown = <Py_ssize_t*>realloc(self.free_list, fl.shape[0] * sizeof(Py_ssize_t))
-            if grown == NULL:
-                raise MemoryError()
-            self.free_list, self.free_cap = grown, fl.shape[0]
+        if not with_room(<void**>&self.free_list, &self.free_cap, fl.shape[0],
+                         sizeof(Py_ssize_t), 16):
+            raise MemoryError()
         memcpy(self.mem, &src[0, 0], <size_t>n * PAGE_SIZE)
         if self.ntables > n:
             memset(self.mem + n * PT_ENTRIES, 0, <size_t>(self.ntables - n) * PAGE_SIZE)
@@ -711,14 +708,9 @@ cdef class PageTables:
         return table
 
     cdef int free(self, Py_ssize_t table) except -1:
-        cdef Py_ssize_t cap
-        cdef Py_ssize_t* grown
-        if self.nfree == self.free_cap:
-            cap = max(16, 2 * self.free_cap)
-            grown = <Py_ssize_t*>realloc(self.free_list, cap * sizeof(Py_ssize_t))
-            if grown == NULL:
-                raise MemoryError()
-            self.free_list, self.free_cap = grown, cap
+        if not with_room(<void**>&self.free_list, &self.free_cap, self.nfree + 1,
+                         sizeof(Py_ssize_t), 16):
+            raise MemoryError()
         self.free_list[self.nfree] = table
         self.nfree += 1
         return 0

@@ -11,7 +11,7 @@
 
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 
 
@@ -53,15 +53,8 @@ cdef class Root:
         return table if table > 0 else 0
 
     cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1:
-        cdef Py_ssize_t cap
-        cdef uint8_t* grown
-        if table >= self.disallowed_cap:
-            cap = max(2 * self.disallowed_cap, table + 1, 64)
-            grown = <uint8_t*>realloc(self.disallowed, cap)
-            if grown == NULL:
-                raise MemoryError()
-            memset(grown + self.disallowed_cap, 0, cap - self.disallowed_cap)
-            self.disallowed, self.disallowed_cap = grown, cap
+        if not with_room(<void**>&self.disallowed, &self.disallowed_cap, table + 1, 1, 64):
+            raise MemoryError()
         self.disallowed[table] = value
         return 0
 
@@ -150,8 +143,6 @@ cdef class TdpMmu:
         last one when it continues it (same level and reason, the next gfn)."""
         cdef uint64_t npages = pages_per_hpage(level)
         cdef ZapRecord* last
-        cdef ZapRecord* grown
-        cdef Py_ssize_t cap
         gfn &= ~(npages - 1)
         if self.nzaps:
             last = &self.zaps[self.nzaps - 1]
@@ -159,12 +150,9 @@ cdef class TdpMmu:
                     and last.gfn + last.npages == gfn):
                 last.npages += npages
                 return 0
-        if self.nzaps == self.zaps_cap:
-            cap = max(16, 2 * self.zaps_cap)
-            grown = <ZapRecord*>realloc(self.zaps, cap * sizeof(ZapRecord))
-            if grown == NULL:
-                raise MemoryError()
-            self.zaps, self.zaps_cap = grown, cap
+        if not with_room(<void**>&self.zaps, &self.zaps_cap, self.nzaps + 1, sizeof(ZapRecord),
+                         16):
+            raise MemoryError()
         last = &self.zaps[self.nzaps]
         last.gfn, last.npages, last.level, last.reason = gfn, npages, level, self.zap_reason
         self.nzaps += 1

@@ -6,7 +6,7 @@
 # the text is made only at flush, in C, without a Python object per field.
 
 from libc.stdint cimport int64_t, uint64_t
-from libc.stdlib cimport free, realloc
+from libc.stdlib cimport free
 
 from kvmemu import _trace
 
@@ -94,14 +94,9 @@ cdef class Tracer:
     cdef int emit(self, int kind, uint64_t a, uint64_t b, uint64_t c, uint64_t d, uint64_t e,
                   uint64_t f) except -1:
         """Keep an event, as its kind and fields, for the next flush."""
-        cdef TraceRecord* grown
-        cdef Py_ssize_t cap
-        if self.count == self.cap:
-            cap = max(64, 2 * self.cap)
-            grown = <TraceRecord*>realloc(self.records, cap * sizeof(TraceRecord))
-            if grown == NULL:
-                raise MemoryError("no memory for trace events")
-            self.records, self.cap = grown, cap
+        if not with_room(<void**>&self.records, &self.cap, self.count + 1, sizeof(TraceRecord),
+                         64):
+            raise MemoryError("no memory for trace events")
         cdef TraceRecord* r = &self.records[self.count]
         r.kind = kind
         r.f[0], r.f[1], r.f[2], r.f[3], r.f[4], r.f[5] = a, b, c, d, e, f
