@@ -10,7 +10,7 @@
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, memmove
 from cpython.ref cimport PyObject, Py_XDECREF, Py_XINCREF
 
@@ -777,14 +777,20 @@ cdef class Memslots:
         return out
 
     def copy_attributes(self, Memslots src):
-        """Take a copy of ``src``'s attribute ranges (a snapshot's clone)."""
+        """Take a copy of ``src``'s attribute ranges (a snapshot's clone, whose store is
+        empty); MemoryError, keeping the chunks copied so far, if memory runs out."""
         cdef Py_ssize_t c
+        cdef AttrChunk* chunk
+        if not with_room(<void**>&self.attr_chunks, &self.attr_cap, src.attr_nchunks,
+                         sizeof(AttrChunk*), 4):
+            raise MemoryError()
         for c in range(src.attr_nchunks):
-            self.attr_chunks = <AttrChunk**>realloc(self.attr_chunks,
-                                                   (c + 1) * sizeof(AttrChunk*))
-            self.attr_chunks[c] = <AttrChunk*>malloc(sizeof(AttrChunk))
-            memcpy(self.attr_chunks[c], src.attr_chunks[c], sizeof(AttrChunk))
-            self.attr_nchunks = self.attr_cap = c + 1
+            chunk = <AttrChunk*>malloc(sizeof(AttrChunk))
+            if chunk == NULL:
+                raise MemoryError()
+            memcpy(chunk, src.attr_chunks[c], sizeof(AttrChunk))
+            self.attr_chunks[c] = chunk
+            self.attr_nchunks = c + 1
 
 
     # --- the invalidation protocol ----------------------------------------------------------
