@@ -21,10 +21,6 @@ from .constants import (EPTE, KVM_MEMSLOT_GMEM_ONLY, PAGE_SHIFT, PG_LEVEL_1G, PG
 
 _LEVELS = range(PG_LEVEL_4K, PG_LEVEL_1G + 1)
 _PRESENT = np.uint64(SPTE.MMU_PRESENT.value)
-def check_invariants(vm: Any) -> list[str]:
-    """The violations found, judging every table (see ``Checker``)."""
-    return Checker().check(vm)
-
 
 #: Every gfn: the inputs changed in a way the check does not follow range by range.
 _EVERYWHERE = [(-(1 << 64), 1 << 64)]
@@ -323,7 +319,12 @@ class Checker:
         leaves = np.flatnonzero(self._leaves(row, level))
         root.leaves[table] = len(leaves)
         for index, spte in zip(leaves.tolist(), row[leaves].tolist()):
-            _judge_leaf(vm, self._inputs, judged, first + index * span, spte, mirror)
+            gfn = first + index * span
+            found: list[str] = []
+            _judge_leaf(vm, vm._memory, self._inputs, judged, gfn, spte, mirror, found)
+            if found:               # the text only for a leaf that has a problem
+                where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {level}"
+                judged.problems += [f"{where} {problem}" for problem in found]
         if judged.problems:
             root.problems[table] = judged.problems
         else:
@@ -336,18 +337,11 @@ def _bad_link(problems: list[str], mem: np.ndarray, table: int, index: int) -> N
     problems.append(f"table {table}[{index}] links table {target} badly")
 
 
-def _judge_leaf(vm: Any, inputs: Any, entry: _Judged, gfn: int, spte: int, mirror: bool) -> None:
-    """The leaf judgements of one leaf: problems go to ``entry.problems``, the guest_memfd
-    frame it maps to ``entry.frames``."""
-    problems: list[str] = []
-    _judge_leaf_into(vm, vm._memory, inputs, entry, gfn, spte, mirror, problems)
-    if problems:
-        where = f"{'mirror' if mirror else 'direct'} leaf gfn {gfn:#x} level {entry.level}"
-        entry.problems += [f"{where} {problem}" for problem in problems]
-
-
-def _judge_leaf_into(vm: Any, memory: Any, inputs: Any, entry: _Judged, gfn: int, spte: int,
-                     mirror: bool, problems: list[str]) -> None:
+def _judge_leaf(vm: Any, memory: Any, inputs: Any, entry: _Judged, gfn: int, spte: int,
+                mirror: bool, problems: list[str]) -> None:
+    """The leaf judgements of one leaf of ``entry``'s table: what is wrong goes to
+    ``problems`` (without the leaf's name), the guest_memfd frame it maps to
+    ``entry.frames``."""
     level = entry.level
     if level > PG_LEVEL_1G:
         problems.append("is a leaf above the 1 GiB level")
