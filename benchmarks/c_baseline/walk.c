@@ -2,9 +2,12 @@
  * The honest limit for kvmemu's batch walk: a plain C 4-level EPT walk over the
  * same random guest-physical addresses, with no model around it.
  *
- * Usage: walk NPAGES GPA_FILE REPEATS [AHEAD]
+ * Usage: walk NPAGES GPA_FILE REPEATS [AHEAD [STORE]]
  *   With AHEAD > 0, each walk first prefetches the leaf entry of the walk AHEAD
  *   elements on (the upper levels read normally), as a pipelined walker would.
+ *   With STORE = 1, each walk's host-physical address and level go to a uint64 and a
+ *   uint8 array made once, as access_many's results do into out= arrays (the work
+ *   kvmemu does per element); otherwise they are only summed.
  *   Maps GPAs [0, NPAGES * 4096) with 4K EPT leaves (R|W|X, WB, A, D) in tables
  *   laid out like kvmemu's (a 512-entry uint64 table per 4 KiB, addressed by
  *   frame), reads the uint64 GPAs of GPA_FILE, walks each of them REPEATS times
@@ -75,15 +78,20 @@ static inline void prefetch_leaf(uint64_t gpa)
 
 int main(int argc, char **argv)
 {
-	if (argc != 4 && argc != 5) {
-		fprintf(stderr, "usage: %s NPAGES GPA_FILE REPEATS [AHEAD]\n", argv[0]);
+	if (argc < 4 || argc > 6) {
+		fprintf(stderr, "usage: %s NPAGES GPA_FILE REPEATS [AHEAD [STORE]]\n", argv[0]);
 		return 2;
 	}
-	long ahead = argc == 5 ? strtol(argv[4], NULL, 0) : 0;
+	long ahead = argc >= 5 ? strtol(argv[4], NULL, 0) : 0;
+	int store = argc == 6 && strtol(argv[5], NULL, 0) == 1;
 	uint64_t npages = strtoull(argv[1], NULL, 0);
 	long repeats = strtol(argv[3], NULL, 0);
 	long n;
 	uint64_t *gpas = read_u64s(argv[2], &n);
+	uint64_t *hpa = store ? malloc(n * sizeof(uint64_t)) : NULL;
+	uint8_t *level = store ? malloc(n) : NULL;
+	if (store && (!hpa || !level))
+		return 2;
 
 	new_table();
 	for (uint64_t i = 0; i < npages; i++)
@@ -97,13 +105,21 @@ int main(int argc, char **argv)
 		for (long i = 0; i < n; i++) {
 			if (ahead && i + ahead < n)
 				prefetch_leaf(gpas[i + ahead]);
-			sum += walk(gpas[i]);
+			uint64_t h = walk(gpas[i]);
+			if (store) {
+				hpa[i] = h;
+				level[i] = 1;
+			} else {
+				sum += h;
+			}
 		}
 		clock_gettime(CLOCK_MONOTONIC, &t1);
 		double ns = (t1.tv_sec - t0.tv_sec) * 1e9 + (t1.tv_nsec - t0.tv_nsec);
 		if (ns < best)
 			best = ns;
 	}
+	for (long i = 0; store && i < n; i++)
+		sum += hpa[i] + level[i];
 	printf("ns_per_walk %.3f\nchecksum %llu\n", best / n, (unsigned long long)sum);
 	return 0;
 }
