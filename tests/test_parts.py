@@ -48,6 +48,8 @@ COMPILED_ONLY = {
                           "table is a list of Slots",
     ("memslots", "SlotTable.set_chunks"): "SlotTable's chunks of C records, shared between tables; the twin's "
                           "table is a list of Slots",
+    ("tdp_mmu", "Root.init_disallowed"): "maps the compiled per-table flag bytes; the twin's "
+                                         "flags are a dict",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "

@@ -30,7 +30,7 @@ cdef int tdp_map_page(VCPUState vcpu, uint64_t gpa, uint64_t error_code,
                       int* level) except CORE_RETURN_PY_EXCEPTION
 cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept
 cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
-cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept
+cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept nogil
 cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept
 cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
                                   Py_ssize_t index, uint64_t old, uint64_t new) noexcept
@@ -40,4 +40,4 @@ cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept n
 cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) noexcept nogil
 cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil
 cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,
-                                     int level) noexcept
+                                     int level) noexcept nogil

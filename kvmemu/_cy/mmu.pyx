@@ -198,7 +198,7 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
     return r
 
 
-cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept:
+cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept nogil:
     """Models is_page_fault_stale (mmu.c, 6.18) for the TDP MMU: an invalidation that
     covers the gfn started or finished since faultin's snapshot.  (The TdpMmu's
     skip_stale_check debug switch turns it off, to show what it guards.)"""
@@ -359,7 +359,7 @@ cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
 
 
 cdef void disallowed_hugepage_adjust(FaultRecord* f, Root root, uint64_t spte,
-                                     int level) noexcept:
+                                     int level) noexcept nogil:
     """Models disallowed_hugepage_adjust (mmu.c, 6.18): a table the NX workaround split
     stays split, so the fault maps one level lower, with the pfn of its part."""
     if (level > <int>PG_LEVEL_4K and level == f.goal_level and is_shadow_present_pte(spte)

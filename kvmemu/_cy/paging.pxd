@@ -62,13 +62,14 @@ cdef class PageTables:
     cdef readonly bint ept, ad_bits, exec_only, mbec, huge_1g, host_nx, host_smep
     cdef Py_ssize_t* free_list          # KVM's freed tables, a LIFO stack
     cdef Py_ssize_t nfree, free_cap
+    cdef pthread_mutex_t alloc_lock     # the free list and ntables, as KVM allocates
     cdef int init_storage(self) except -1
     cpdef Py_ssize_t new_table(self) except -1
-    cdef Py_ssize_t grow(self) except -1
+    cdef Py_ssize_t grow(self) except -1 nogil
     cdef PageTables clone(self)
     # KVM's use of the storage (the TDP MMU): unchecked.
-    cdef Py_ssize_t alloc(self, uint64_t fill) except -1
-    cdef int free(self, Py_ssize_t table) except -1
+    cdef Py_ssize_t alloc(self, uint64_t fill) except -1 nogil
+    cdef int free(self, Py_ssize_t table) except -1 nogil
     cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil
     cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil
     cdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept nogil
@@ -85,6 +86,7 @@ cdef uint64_t npf_error_bits(const PagingConfig* c, uint64_t flags) noexcept nog
 cdef bint plain_access(object gpa, object write, object fetch, object user, object stage,
                        object encrypted, int levels, uint64_t* g, uint64_t* flags)
 cdef uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil
+cdef uint64_t table_hpa(Py_ssize_t table) noexcept nogil
 cdef Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil
 cdef uint64_t level_page_mask(int level) noexcept nogil
 cdef Py_ssize_t table_at(uint64_t hpa, Py_ssize_t ntables) noexcept nogil

@@ -120,6 +120,11 @@ cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
     return ((<uint64_t>1 << (hi + 1)) - 1) & ~((<uint64_t>1 << lo) - 1)
 
 
+cdef inline uint64_t table_hpa(Py_ssize_t table) noexcept nogil:
+    """The host-physical address of table ``table``."""
+    return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
+
+
 cdef inline Py_ssize_t gpa_index(uint64_t gpa, int level) noexcept nogil:
     """SPTE_INDEX: the 9 GPA bits that index the level-``level`` table."""
     return (gpa >> (PAGE_SHIFT + PT_LEVEL_BITS * (level - 1))) & (PT_ENTRIES - 1)
@@ -554,8 +559,11 @@ cdef class PageTables:
         self.nfree = self.free_cap = 0
         self.mem = NULL
         self.reserved = 0
+        if pthread_mutex_init(&self.alloc_lock, NULL) != 0:
+            raise MemoryError("cannot initialise a mutex")
 
     def __dealloc__(self):
+        pthread_mutex_destroy(&self.alloc_lock)
         free(self.free_list)
         if self.mem != NULL:
             give_back_reservation(self.mem)
@@ -627,15 +635,17 @@ cdef class PageTables:
         memset(self.mem + table * PT_ENTRIES, 0, PAGE_SIZE)
         return table
 
-    cdef Py_ssize_t grow(self) except -1:
+    cdef Py_ssize_t grow(self) except -1 nogil:
         """One more table at the end of the storage, its memory as it was: new_table
         zeroes it, alloc fills it (once: KVM's page cache hands out tables already
-        filled with the non-present value)."""
-        if self.ntables == self.max_tables:
-            raise MemoryError(f"no host-physical room below MAXPHYADDR {self.maxphyaddr} "
-                              "for another table")
-        if self.ntables == self.reserved:
-            raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
+        filled with the non-present value).  The caller holds alloc_lock or is the
+        only thread that may allocate (new_table: the tables are not KVM's)."""
+        if self.ntables == self.max_tables or self.ntables == self.reserved:
+            with gil:
+                if self.ntables == self.max_tables:
+                    raise MemoryError(f"no host-physical room below MAXPHYADDR "
+                                      f"{self.maxphyaddr} for another table")
+                raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
         self.ntables += 1
         return self.ntables - 1
 
@@ -695,24 +705,36 @@ cdef class PageTables:
     # Unchecked: the MMU passes only tables it allocated.  entry() and store() are the
     # checked access that set_entry / get_entry use.
 
-    cdef Py_ssize_t alloc(self, uint64_t fill) except -1:
+    cdef Py_ssize_t alloc(self, uint64_t fill) except -1 nogil:
         """A table for the TDP MMU, every entry ``fill``; freed tables are reused last
-        freed first, so table addresses are a pure function of the call sequence."""
-        cdef Py_ssize_t table
-        if self.nfree:
-            self.nfree -= 1
-            table = self.free_list[self.nfree]
-        else:
-            table = self.grow()
+        freed first, so table addresses are a pure function of the call sequence (of
+        one thread's calls: faults of several vCPUs allocate under mmu_lock for read,
+        so the free list and the table count change under alloc_lock)."""
+        cdef Py_ssize_t table = -1
+        pthread_mutex_lock(&self.alloc_lock)
+        try:
+            if self.nfree:
+                self.nfree -= 1
+                table = self.free_list[self.nfree]
+            else:
+                table = self.grow()
+        finally:
+            pthread_mutex_unlock(&self.alloc_lock)
         self.fill(table, fill)
         return table
 
-    cdef int free(self, Py_ssize_t table) except -1:
-        if not with_room(<void**>&self.free_list, &self.free_cap, self.nfree + 1,
-                         sizeof(Py_ssize_t), 16):
-            raise MemoryError()
-        self.free_list[self.nfree] = table
-        self.nfree += 1
+    cdef int free(self, Py_ssize_t table) except -1 nogil:
+        cdef bint room
+        pthread_mutex_lock(&self.alloc_lock)
+        room = with_room(<void**>&self.free_list, &self.free_cap, self.nfree + 1,
+                         sizeof(Py_ssize_t), 16)
+        if room:
+            self.free_list[self.nfree] = table
+            self.nfree += 1
+        pthread_mutex_unlock(&self.alloc_lock)
+        if not room:
+            with gil:
+                raise MemoryError()
         return 0
 
     cdef void fill(self, Py_ssize_t table, uint64_t value) noexcept nogil:
@@ -750,7 +772,7 @@ cdef class PageTables:
         return 0
 
     cpdef uint64_t hpa(self, Py_ssize_t table) noexcept:
-        return PT_BASE_HPA + (<uint64_t>table << PAGE_SHIFT)
+        return table_hpa(table)
 
     cpdef Py_ssize_t table_at(self, uint64_t hpa) noexcept:
         return table_at(hpa, self.ntables)

@@ -20,11 +20,12 @@ cdef class Root:
     cdef readonly PageTables pt
     cdef readonly uint64_t gfn_bits         # kvm_gfn_root_bits
     cdef uint8_t* disallowed                # sp->nx_huge_page_disallowed, by table
-    cdef Py_ssize_t disallowed_cap
+    cdef Py_ssize_t disallowed_cap          # bytes mapped: the tables of the reservation
+    cdef int init_disallowed(self, Py_ssize_t tables) except -1
     cdef Root clone(self)
-    cdef Py_ssize_t child(self, uint64_t spte) noexcept
-    cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1
-    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept
+    cdef Py_ssize_t child(self, uint64_t spte) noexcept nogil
+    cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil
+    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept nogil
 
 cdef class TdpMmu:
     cdef SpteFormat fmt
@@ -44,26 +45,26 @@ cdef class TdpMmu:
     cdef Py_ssize_t nzaps, zaps_cap
     cdef int record_zap(self, uint64_t gfn, int level) except -1
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                      uint64_t new, uint64_t gfn) except -1
+                      uint64_t new, uint64_t gfn) except -1 nogil
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                             uint64_t old, uint64_t new, uint64_t gfn) except -1
+                             uint64_t old, uint64_t new, uint64_t gfn) except -1 nogil
     cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
-                                 uint64_t new) except -1
+                                 uint64_t new) except -1 nogil
     cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level,
-                               uint64_t base) except -1
+                               uint64_t base) except -1 nogil
     cdef Root get_root_for_fault(self, uint64_t addr, uint64_t direct_bits_gpa)
     cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
-                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION
+                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION nogil
     cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                            uint64_t old, uint64_t gfn, bint disallowed) except -1
+                            uint64_t old, uint64_t gfn, bint disallowed) except -1 nogil
     cdef Py_ssize_t split_huge_page(self, Root root, Py_ssize_t table, Py_ssize_t index,
                                     int level, uint64_t old, uint64_t gfn,
-                                    bint disallowed) except -1
+                                    bint disallowed) except -1 nogil
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
                                      Py_ssize_t index, int level, uint64_t old,
                                      uint64_t generation,
-                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION
-    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept
+                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION nogil
+    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept nogil
     cdef int zap_leafs(self, Root root, uint64_t start, uint64_t end) except -1
     cdef int zap_table_leafs(self, Root root, Py_ssize_t table, int level, uint64_t base,
                              uint64_t start, uint64_t end) except -1

@@ -11,60 +11,69 @@
 
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint64_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
+from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 
 @cython.final
 cdef class Root:
-    """One TDP root: its PageTables plus KVM's per-table bookkeeping."""
+    """One TDP root: its PageTables plus KVM's per-table bookkeeping.
+
+    ``disallowed`` has a byte per table of the reservation, mapped once (committed by
+    the kernel page by page as tables are used): faults of several vCPUs set it under
+    mmu_lock for read, and it never moves under them."""
 
     def __cinit__(self):
         self.disallowed = NULL
         self.disallowed_cap = 0
 
     def __dealloc__(self):
-        free(self.disallowed)
+        if self.disallowed != NULL:
+            munmap(self.disallowed, <size_t>self.disallowed_cap)
 
     def __init__(self, PageTables tables, uint64_t gfn_bits):
+        self.init_disallowed(tables.reserved)
         self.pt = tables
         self.gfn_bits = gfn_bits
         tables.kvm_owned = True
         tables.fill(0, SHADOW_NONPRESENT_VALUE)
 
+    cdef int init_disallowed(self, Py_ssize_t tables) except -1:
+        cdef void* mem = mmap(NULL, <size_t>tables, PROT_READ | PROT_WRITE,
+                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if mem == MAP_FAILED:
+            raise MemoryError("cannot reserve the per-table flags")
+        self.disallowed, self.disallowed_cap = <uint8_t*>mem, tables
+        return 0
+
     cdef Root clone(self):
         cdef Root c = Root.__new__(Root)
+        c.init_disallowed(self.disallowed_cap)
         c.pt = self.pt.clone()
         c.gfn_bits = self.gfn_bits
-        if self.disallowed_cap:
-            c.disallowed = <uint8_t*>malloc(self.disallowed_cap)
-            if c.disallowed == NULL:
-                raise MemoryError()
-            memcpy(c.disallowed, self.disallowed, self.disallowed_cap)
-            c.disallowed_cap = self.disallowed_cap
+        memcpy(c.disallowed, self.disallowed, <size_t>self.pt.ntables)
         return c
 
-    cdef Py_ssize_t child(self, uint64_t spte) noexcept:
+    cdef Py_ssize_t child(self, uint64_t spte) noexcept nogil:
         """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
         writes these tables, and its non-leaf SPTEs always point at a table (a release
         build reads the root rather than outside the tables if one did not)."""
-        cdef Py_ssize_t table = self.pt.table_at(spte & SPTE_BASE_ADDR_MASK)
+        cdef Py_ssize_t table = table_at(spte & SPTE_BASE_ADDR_MASK, self.pt.ntables)
         debug_assert(table > 0)
         return table if table > 0 else 0
 
-    cdef int set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) except -1:
-        if not with_room(<void**>&self.disallowed, &self.disallowed_cap, table + 1, 1, 64):
-            raise MemoryError()
+    cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil:
+        debug_assert(0 <= table < self.disallowed_cap)
         self.disallowed[table] = value
-        return 0
 
-    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept:
+    cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept nogil:
         return 0 <= table < self.disallowed_cap and self.disallowed[table] != 0
 
     def disallowed_tables(self):
         """The tables marked nx_huge_page_disallowed, ascending (for a snapshot's bytes)."""
         cdef Py_ssize_t t
-        return [t for t in range(self.disallowed_cap) if self.disallowed[t]]
+        return [t for t in range(self.pt.ntables) if self.disallowed[t]]
 
     def load_disallowed(self, tables):
         """Mark exactly ``tables`` (existing ones) nx_huge_page_disallowed."""
@@ -72,8 +81,7 @@ cdef class Root:
         for table in tables:
             if not 0 < table < self.pt.ntables:
                 raise ValueError(f"table {table} does not exist")
-        if self.disallowed_cap:
-            memset(self.disallowed, 0, self.disallowed_cap)
+        memset(self.disallowed, 0, <size_t>self.pt.ntables)
         for table in tables:
             self.set_nx_huge_page_disallowed(table, True)
 
@@ -198,61 +206,64 @@ cdef class TdpMmu:
     # --- changing SPTEs -----------------------------------------------------------------------
 
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                      uint64_t new, uint64_t gfn) except -1:
+                      uint64_t new, uint64_t gfn) except -1 nogil:
         """Models tdp_mmu_set_spte (tdp_mmu.c, 6.18): write, then handle_changed_spte;
         traced as kvm_tdp_mmu_spte_changed with iter->gfn: ``gfn`` indexes the root (with
         its gfn bits, as tdp_iter_refresh_sptep does), the trace drops them (iter->gfn is
         canonical, tdp_iter.c)."""
         cdef uint64_t old = root.pt.read(table, index)
         if self.tracing and old != new:
-            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
+            with gil:
+                self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         root.pt.write(table, index, new)
         return self.handle_changed_spte(root, gfn, level, old, new)
 
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                             uint64_t old, uint64_t new, uint64_t gfn) except -1:
+                             uint64_t old, uint64_t new, uint64_t gfn) except -1 nogil:
         """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18): a fault, under mmu_lock for
         read, installs an SPTE with a compare-and-exchange; 0 if the SPTE is no longer
         ``old`` (another writer came first: the fault retries), else 1."""
         if not cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new):
             return 0
         if self.tracing and old != new:
-            self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
+            with gil:
+                self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
         self.handle_changed_spte(root, gfn, level, old, new)
         return 1
 
     cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
-                                 uint64_t new) except -1:
+                                 uint64_t new) except -1 nogil:
         """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
-        set_spte emits: the per-level leaf counts, and a table unlinked by the change is
-        removed; a mapping removed or reduced is recorded for VM.on_zap."""
+        set_spte emits: the per-level leaf counts (kvm_update_page_stats: atomic, since
+        faults of several vCPUs change them under mmu_lock for read), and a table
+        unlinked by the change is removed; a mapping removed or reduced is recorded for
+        VM.on_zap."""
         if self.zap_watch and self.zap_reason and spte_reduced(&self.fmt, level, old, new):
-            self.record_zap(gfn, level)
+            with gil:
+                self.record_zap(gfn, level)
         if is_shadow_present_pte(old) and is_last_spte(old, level):
-            self.npages[level] -= 1
+            atomic_add(<long*>&self.npages[level], -1)
         if is_shadow_present_pte(new) and is_last_spte(new, level):
-            self.npages[level] += 1
+            atomic_add(<long*>&self.npages[level], 1)
         if is_shadow_present_pte(old) and not is_last_spte(old, level):
             self.handle_removed_pt(root, root.child(old), level - 1,
                                    gfn & ~(pages_per_hpage(level) - 1))
         return 0
 
     cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level,
-                               uint64_t base) except -1:
+                               uint64_t base) except -1 nogil:
         """Models handle_removed_pt (tdp_mmu.c, 6.18): zap every entry of an unlinked table
         (mapping gfns from ``base``), free it."""
-        cdef PageTables pt = root.pt
         cdef Py_ssize_t index
         cdef uint64_t old
         for index in range(<Py_ssize_t>PT_ENTRIES):
-            old = pt.read(table, index)
+            old = root.pt.read(table, index)
             if is_shadow_present_pte(old):
-                pt.write(table, index, SHADOW_NONPRESENT_VALUE)
+                root.pt.write(table, index, SHADOW_NONPRESENT_VALUE)
                 self.handle_changed_spte(root, base + index * pages_per_hpage(level), level,
                                          old, SHADOW_NONPRESENT_VALUE)
-        if table < root.disallowed_cap:
-            root.disallowed[table] = 0
-        return pt.free(table)
+        root.set_nx_huge_page_disallowed(table, False)
+        return root.pt.free(table)
 
     # --- mapping a fault ----------------------------------------------------------------------
 
@@ -264,24 +275,25 @@ cdef class TdpMmu:
         return self.direct
 
     cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
-                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION:
+                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION nogil:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
         and map the target level; every link is a compare-and-exchange, and a lost one
-        frees the new table and retries the fault."""
-        cdef PageTables pt = root.pt
+        frees the new table and retries the fault.  A trace sink is called with the GIL
+        taken; nothing else here needs it (access_many maps faults without it)."""
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
         cdef Py_ssize_t table = 0, index, child
         cdef int level = self.levels
         hugepage_adjust(f, self.nx_huge_pages)
         if self.tracing:
-            self.tracer.spte_requested(
-                f.gfn, (f.pfn if f.has_slot else KVM_PFN_NOSLOT)
-                | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
+            with gil:
+                self.tracer.spte_requested(
+                    f.gfn, (f.pfn if f.has_slot else KVM_PFN_NOSLOT)
+                    | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
         while True:
             index = spte_index(indexed, level)
-            old = pt.read(table, index)
+            old = root.pt.read(table, index)
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(f, root, old, level)
             if level == f.goal_level:
@@ -304,43 +316,42 @@ cdef class TdpMmu:
             table, level = child, level - 1
 
     cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                            uint64_t old, uint64_t gfn, bint disallowed) except -1:
+                            uint64_t old, uint64_t gfn, bint disallowed) except -1 nogil:
         """Models tdp_mmu_link_sp (tdp_mmu.c, 6.18): a new empty table where ``old`` (not
         present) was; 0 if the compare-and-exchange lost (the table is freed)."""
-        cdef PageTables pt = root.pt
-        cdef Py_ssize_t child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+        cdef Py_ssize_t child = root.pt.alloc(SHADOW_NONPRESENT_VALUE)
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    make_nonleaf_spte(&self.fmt, pt.hpa(child)), gfn):
-            pt.free(child)
+                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn):
+            root.pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
         return child
 
     cdef Py_ssize_t split_huge_page(self, Root root, Py_ssize_t table, Py_ssize_t index,
                                     int level, uint64_t old, uint64_t gfn,
-                                    bint disallowed) except -1:
+                                    bint disallowed) except -1 nogil:
         """Models tdp_mmu_split_huge_page (tdp_mmu.c, 6.18): a table of 512 make_small_spte
         children of the huge leaf ``old``, linked in its place (the children are not
         traced); the leaf count moves to the children.  0 if the link lost its race."""
-        cdef PageTables pt = root.pt
-        cdef Py_ssize_t child = pt.alloc(SHADOW_NONPRESENT_VALUE), i
+        cdef Py_ssize_t child = root.pt.alloc(SHADOW_NONPRESENT_VALUE), i
         for i in range(<Py_ssize_t>PT_ENTRIES):
-            pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i, self.nx_huge_pages))
+            root.pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i,
+                                                    self.nx_huge_pages))
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    make_nonleaf_spte(&self.fmt, pt.hpa(child)), gfn):
-            pt.free(child)
+                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn):
+            root.pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
         for i in range(<Py_ssize_t>PT_ENTRIES):
             self.handle_changed_spte(root, (gfn & ~(pages_per_hpage(level) - 1))
                                      + i * pages_per_hpage(level - 1), level - 1,
-                                     SHADOW_NONPRESENT_VALUE, pt.read(child, i))
+                                     SHADOW_NONPRESENT_VALUE, root.pt.read(child, i))
         return child
 
     cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
                                      Py_ssize_t index, int level, uint64_t old,
                                      uint64_t generation,
-                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION:
+                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION nogil:
         """Models tdp_mmu_map_handle_target_level (tdp_mmu.c, 6.18; ``iter_gfn``: iter->gfn,
         with the root's gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or
         EMULATE."""
@@ -371,13 +382,14 @@ cdef class TdpMmu:
         if is_mmio_spte(&self.fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
         elif self.tracing:
-            self.tracer.set_spte(level, iter_gfn & ~root.gfn_bits, new,
-                                 root.pt.hpa(table) + PT_ENTRY_BYTES * <uint64_t>index)
+            with gil:
+                self.tracer.set_spte(level, iter_gfn & ~root.gfn_bits, new,
+                                     table_hpa(table) + PT_ENTRY_BYTES * <uint64_t>index)
         return ret
 
     # --- lockless lookups ---------------------------------------------------------------------
 
-    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept:
+    cdef LastSpte tdp_mmu_get_walk(self, Root root, uint64_t gfn) noexcept nogil:
         """Models kvm_tdp_mmu_get_walk / kvm_tdp_mmu_fast_pf_get_last_sptep (tdp_mmu.c,
         6.18): the deepest SPTE on gfn's path."""
         cdef uint64_t indexed = gfn | root.gfn_bits

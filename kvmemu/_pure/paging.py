@@ -88,6 +88,11 @@ def level_page_mask(level: int) -> int:
     return (1 << (PAGE_SHIFT + PT_LEVEL_BITS * (level - 1))) - 1
 
 
+def table_hpa(table: int) -> int:
+    """The host-physical address of table ``table``."""
+    return PT_BASE_HPA + (table << PAGE_SHIFT)
+
+
 def table_at(hpa: int, ntables: int) -> int:
     """Index of the table at page-aligned ``hpa``, or -1 if none is there."""
     k = (hpa - PT_BASE_HPA) >> PAGE_SHIFT
@@ -524,7 +529,7 @@ class PageTables:
         return 0
 
     def hpa(self, table: int) -> int:
-        return PT_BASE_HPA + (table << PAGE_SHIFT)
+        return table_hpa(table)
 
     def table_at(self, hpa: int) -> int:
         return table_at(hpa, self.ntables)
