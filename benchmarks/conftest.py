@@ -10,7 +10,9 @@ import sys
 from importlib.machinery import EXTENSION_SUFFIXES
 
 # kvmemu makes no BLAS call; OpenBLAS's thread pool, started when numpy is imported,
-# would still spin on the machine's cores during the threaded benchmarks.
+# would still spin on the machine's cores during the threaded benchmarks.  A plugin
+# (pytest-run-parallel) may have imported numpy before this file, so the pool is also
+# limited where it already runs (threadpoolctl, below).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from pathlib import Path
 
@@ -27,6 +29,9 @@ import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
+
+threadpool_limits(limits=1, user_api="blas")
 
 from kvmemu import _select  # noqa: E402
 

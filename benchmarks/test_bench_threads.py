@@ -1,7 +1,7 @@
 """vCPUs on threads: one thread against two over the same total work, on one VM.
 
 ``mapped``: 2M random reads of mapped 4K pages with ``access_many`` into reused
-``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).  ``first-touch``: 40K first-touch 4K
+``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).  ``first-touch``: 200K first-touch 4K
 faults with ``access_many``.  Each two-thread case splits the work in halves, one per
 vCPU; ``extra_info`` records the elements and ns per element.
 """
@@ -15,7 +15,7 @@ from kvmemu import VMType, _select
 
 N_MAPPED = 1 << 21
 N_PAGES = 64 * 1024
-N_FAULTS = 40_000
+N_FAULTS = 200_000
 
 
 def run_split(vcpus, chunks, outs=None):
@@ -40,7 +40,7 @@ def vm_with_vcpus(n):
     return vm, [vm.create_vcpu() for _ in range(n)]
 
 
-@pytest.mark.benchmark(group="threads-mapped")
+@pytest.mark.benchmark(group="threads-mapped", disable_gc=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_mapped_access_many(benchmark, threads, rng, per_element):
     vm, vcpus = vm_with_vcpus(threads)
@@ -53,7 +53,7 @@ def test_mapped_access_many(benchmark, threads, rng, per_element):
     assert vm.check_invariants() == []
 
 
-@pytest.mark.benchmark(group="threads-first-touch")
+@pytest.mark.benchmark(group="threads-first-touch", disable_gc=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_first_touch_access_many(benchmark, threads, per_element):
     gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
@@ -62,5 +62,5 @@ def test_first_touch_access_many(benchmark, threads, per_element):
     def setup():
         return (vm_with_vcpus(threads)[1], chunks), {}
 
-    benchmark.pedantic(run_split, setup=setup, rounds=5, iterations=1)
+    benchmark.pedantic(run_split, setup=setup, rounds=15, iterations=1)
     per_element(N_FAULTS)

@@ -48,8 +48,12 @@ COMPILED_ONLY = {
                           "table is a list of Slots",
     ("memslots", "SlotTable.set_chunks"): "SlotTable's chunks of C records, shared between tables; the twin's "
                           "table is a list of Slots",
+    ("mmu", "fault_without_gil"): "access_many's GIL-free loop handles a fault itself; the "
+                                  "twin has no GIL-free loop",
     ("tdp_mmu", "Root.init_disallowed"): "maps the compiled per-table flag bytes; the twin's "
                                          "flags are a dict",
+    ("locking", "my_shard"): "the calling thread's shard of a sharded C count; the twin's "
+                             "counts are Python ints under the GIL",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "

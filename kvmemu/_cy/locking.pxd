@@ -18,6 +18,9 @@ cdef extern from "pthread.h" nogil:
     int pthread_rwlockattr_setkind_np(pthread_rwlockattr_t* attr, int pref)
     int PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP
 
+cdef extern from "stdlib.h" nogil:
+    void* aligned_alloc(size_t alignment, size_t size)
+
 cdef extern from "sched.h" nogil:
     int sched_yield()
 
@@ -55,6 +58,15 @@ cdef extern from *:
     static inline void kvmemu_store_ptr(uint64_t **p, uint64_t *v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
+    /* Threads take shards in turn, on first use. */
+    static __thread int kvmemu_shard = -1;
+    static int kvmemu_shards_taken = 0;
+    static inline int kvmemu_my_shard(void) {
+        if (kvmemu_shard < 0)
+            kvmemu_shard = (int)((unsigned)__atomic_fetch_add(&kvmemu_shards_taken, 1,
+                                                              __ATOMIC_RELAXED) % 16u);
+        return kvmemu_shard;
+    }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
     }
@@ -71,9 +83,19 @@ cdef extern from *:
     # atomic_long_fetch_andnot: the old value.
     uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
     uint64_t xchg64 "kvmemu_xchg64" (uint64_t* p, uint64_t v) nogil
+    # The calling thread's share of a sharded counter (ShardedCounts).
+    int my_shard "kvmemu_my_shard" () nogil
     # Publishing a pointer to memory made on first use (a frame-state chunk).
     uint64_t* load_ptr "kvmemu_load_ptr" (uint64_t** p) nogil
     void store_ptr "kvmemu_store_ptr" (uint64_t** p, uint64_t* v) nogil
+
+# Counts that threads change often and read rarely: a cache line of counts per shard
+# (so that vCPUs on different threads do not pass one line back and forth on every
+# change), summed when read.
+cdef enum:
+    COUNT_SHARDS = 16
+cdef struct CountShard:
+    long n[8]
 
 cdef class Mutex:
     cdef pthread_mutex_t mutex

@@ -64,6 +64,7 @@ cdef class Memslots:
     cdef readonly object counters           # numpy uint64 indexed by VmCounter
     cdef uint64_t* c                        # counters' memory
     cdef readonly SlotTable table           # the current memslots
+    cdef long publishes                     # tables published so far (read without the GIL)
     # The memory attributes: disjoint merged ranges in chunks, changed in place with the
     # GIL held (every reader holds it too), so a change copies one window of chunks.
     cdef AttrChunk** attr_chunks

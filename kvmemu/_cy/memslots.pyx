@@ -347,6 +347,7 @@ cdef class Memslots:
         the others' records."""
         cdef SlotTable old = self.table
         self.table = old.with_changes(removed, added)
+        atomic_add(&self.publishes, 1)
         if synchronize:
             self.synchronize_srcu(old)
 
@@ -356,6 +357,7 @@ cdef class Memslots:
         the faults that read the old ones to finish (synchronize_srcu_expedited)."""
         cdef SlotTable old = self.table
         self.table = SlotTable(slots)
+        atomic_add(&self.publishes, 1)
         if synchronize:
             self.synchronize_srcu(old)
 
@@ -366,6 +368,7 @@ cdef class Memslots:
                 sched_yield()
 
     def __cinit__(self):
+        self.publishes = 0
         self.files = NULL
         self.max_files = 0
         self.attr_chunks = NULL

@@ -60,8 +60,12 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
     if r == RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_TAKEN] += 1
         r = do_page_fault(vcpu, gpa, error_code, False, NULL)
-    if r < 0:
-        return r
+    return count_result(vcpu, r)
+
+
+cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
+    """The end of kvm_mmu_page_fault (mmu.c, 6.18): the vCPU's pf_fixed, pf_emulate and
+    pf_spurious statistics count the handler's result."""
     if r == RET_PF_FIXED:
         vcpu.counters[PF_STAT_PF_FIXED] += 1
     elif r == RET_PF_EMULATE:
@@ -69,6 +73,58 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
     elif r == RET_PF_SPURIOUS:
         vcpu.counters[PF_STAT_PF_SPURIOUS] += 1
     return r
+
+
+cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
+                           uint64_t gpa) except CORE_RETURN_PY_EXCEPTION nogil:
+    """An exit of access_many's GIL-free loop, handled in that loop when nothing in its
+    handling needs Python; FAULT_ELSEWHERE (nothing changed) sends it to handle_exit.
+
+    The loop holds mmu_lock for read and ``table``, the memslots current when its
+    kvm->srcu read-side section began (``seen``: Memslots.publishes then).  Handled
+    here: an EPT violation of a VMX VM that is not a TD, or a #NPF of an SVM VM that is
+    not SNP, of a VM without private memory, with no stage hook, trace sink or
+    unflushed PML entry, on a gfn of a memslot of user memory, that is not a
+    fast_page_fault candidate, not a write to a read-only memslot (an MMIO exit) and
+    not an MMIO (reserved-bit) fault.  Then the steps are those of handle_exit:
+    handle_ept_violation / npf_interception, kvm_mmu_page_fault (the attributes say
+    shared: kvm_mem_is_private is false without private memory, as no attribute can
+    be set), kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn for the host mapping, and the
+    stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held throughout
+    (one of the orders KVM allows: no invalidation runs between the snapshot and the
+    map).  A memslot change published since ``seen`` sends the exit to handle_exit,
+    which reads the new memslots."""
+    cdef uint64_t error_code, gfn = gpa >> PAGE_SHIFT
+    cdef const SlotRecord* slot
+    cdef FaultRecord f
+    if (vcpu.tdx or vcpu.snp or vcpu.has_private_mem or vcpu.stage_hook is not None
+            or vcpu.mmu.tracing
+            or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
+            or atomic_load(&vcpu.memslots.publishes) != seen):
+        return FAULT_ELSEWHERE
+    if exit_.kind == OUT_EPT_VIOLATION:
+        error_code = vmx_ec(exit_.value, gpa, 0)
+    elif exit_.kind == OUT_NPF:
+        error_code = svm_ec(exit_.value, False)
+    else:
+        return FAULT_ELSEWHERE
+    if error_code & (PFERR_RSVD | PFERR_GUEST_RMP):
+        return FAULT_ELSEWHERE
+    slot = table.gfn_to_memslot(gfn)
+    if slot == NULL or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+        return FAULT_ELSEWHERE
+    init_fault(&f, gpa, error_code, gfn, slot, vcpu.nx_huge_pages, False)
+    if can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY):
+        return FAULT_ELSEWHERE
+    vcpu.ext_exit_qual = 0
+    vcpu.counters[PF_STAT_PF_TAKEN] += 1
+    f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
+    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+        return RET_PF_RETRY
+    faultin_host(vcpu.memslots, &f)
+    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+        return RET_PF_RETRY
+    return count_result(vcpu, map_under_lock(vcpu, &f, vcpu.mmu.direct))
 
 
 cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept:
@@ -186,16 +242,22 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
         return -EAGAIN if f.prefetch else RET_PF_RETRY
     mmu.mmu_lock.acquire_read()
     try:
-        if is_page_fault_stale(vcpu, f):
-            return RET_PF_RETRY
-        r = mmu.tdp_mmu_map(f, mmu.get_root_for_fault(f.addr,
-                                                      vcpu.direct_bits_gfn << PAGE_SHIFT),
-                            vcpu.memslots.c[VM_COUNTER_GENERATION_0])
+        r = map_under_lock(vcpu, f, mmu.get_root_for_fault(f.addr,
+                                                           vcpu.direct_bits_gfn << PAGE_SHIFT))
     finally:
         mmu.mmu_lock.release_read()
     if r == RET_PF_EMULATE:
         vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
     return r
+
+
+cdef int map_under_lock(VCPUState vcpu, FaultRecord* f,
+                        Root root) except CORE_RETURN_PY_EXCEPTION nogil:
+    """The part of kvm_tdp_mmu_page_fault (mmu.c, 6.18) under mmu_lock for read: the stale
+    check, then kvm_tdp_mmu_map into ``root``."""
+    if is_page_fault_stale(vcpu, f):
+        return RET_PF_RETRY
+    return vcpu.mmu.tdp_mmu_map(f, root, vcpu.memslots.c[VM_COUNTER_GENERATION_0])
 
 
 cdef bint is_page_fault_stale(VCPUState vcpu, const FaultRecord* f) noexcept nogil:
@@ -215,14 +277,9 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
     cdef LastSpte last
     cdef uint64_t new
     cdef int r = RET_PF_INVALID
-    if f.rsvd:
+    if not can_be_fast(vcpu, f):
         return RET_PF_INVALID
     if vcpu.has_private_mem and f.is_private != vcpu.memslots.mem_is_private(f.gfn):
-        return RET_PF_INVALID
-    if not f.present:
-        if mmu.ad_enabled:            # only access-tracked SPTEs are fixed when not present
-            return RET_PF_INVALID
-    elif not f.write:
         return RET_PF_INVALID
     mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
     for attempt in range(4):          # fast_page_fault gives up after 4 lost races
@@ -249,6 +306,18 @@ cdef int fast_page_fault(VCPUState vcpu, FaultRecord* f) noexcept:
     if r != RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_FAST] += 1
     return r
+
+
+cdef bint can_be_fast(VCPUState vcpu, const FaultRecord* f) noexcept nogil:
+    """Models page_fault_can_be_fast (mmu.c, 6.18) for the TDP MMU, but for its check of
+    the attributes (fast_page_fault makes it): not a reserved-bit fault, and a write to
+    a present page, or, without A/D bits, an access to an access-tracked SPTE (the only
+    not-present SPTEs the fast path fixes)."""
+    if f.rsvd:
+        return False
+    if not f.present:
+        return not vcpu.mmu.ad_enabled
+    return f.write
 
 
 cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
@@ -287,15 +356,22 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
         f.aug = vcpu.tdx and f.is_private and memslots.c[VM_COUNTER_LAUNCHED] != 0
         f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
         f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
+    elif f.slot.flags & MEM_FLAG_READONLY and f.write:
+        return RET_PF_EMULATE       # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     else:
-        if f.slot.flags & MEM_FLAG_READONLY and f.write:
-            return RET_PF_EMULATE   # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-        f.pfn = (((f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn))
-                 & memslots.pfn_mask)                  # Memslots.hva_to_pfn
-        f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
+        faultin_host(memslots, f)
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+cdef void faultin_host(Memslots memslots, FaultRecord* f) noexcept nogil:
+    """The frame behind a fault's gfn in the host mapping of its memslot (__kvm_faultin_pfn
+    -> hva_to_pfn, as Memslots.hva_to_pfn computes it), writable unless the memslot is
+    read-only."""
+    f.pfn = (((f.slot.userspace_addr >> PAGE_SHIFT) + (f.gfn - f.slot.base_gfn))
+             & memslots.pfn_mask)
+    f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
 
 
 cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept nogil:

@@ -36,7 +36,7 @@ cdef class TdpMmu:
     cdef readonly RwLock mmu_lock           # kvm->mmu_lock, shared by the roots' tables
     cdef public bint skip_stale_check       # a debug switch: is_page_fault_stale says no
     cdef readonly bint ad_enabled           # kvm_ad_enabled
-    cdef int64_t npages[4]                  # kvm->stat.pages[level]
+    cdef CountShard* npages                 # kvm->stat.pages[level]: summed over shards
     cdef readonly Tracer tracer             # the VM's Tracer, or None
     cdef bint tracing                       # tracer is not None
     cdef public int zap_reason              # the ZapReason of the change being made (0: a fault)

@@ -113,9 +113,14 @@ cdef class TdpMmu:
     def __cinit__(self):
         self.zaps = NULL
         self.nzaps = self.zaps_cap = 0
+        self.npages = <CountShard*>aligned_alloc(64, COUNT_SHARDS * sizeof(CountShard))
+        if self.npages == NULL:
+            raise MemoryError()
+        memset(self.npages, 0, COUNT_SHARDS * sizeof(CountShard))
 
     def __dealloc__(self):
         free(self.zaps)
+        free(self.npages)
 
     def __init__(self, config, make_tables):
         self.fmt = spte_format(config.ept, config.tdx, config.ad_enabled, config.npt_mmio_value)
@@ -126,7 +131,6 @@ cdef class TdpMmu:
         self.mirror = Root(make_tables(), 0) if config.tdx else None
         self.share_lock(RwLock())
         self.skip_stale_check = False
-        memset(self.npages, 0, sizeof(self.npages))
         self.tracer, self.tracing = None, False
         self.zap_reason, self.zap_watch = 0, False
 
@@ -188,20 +192,29 @@ cdef class TdpMmu:
         c.mirror = None if self.mirror is None else self.mirror.clone()
         c.share_lock(RwLock())
         c.skip_stale_check = self.skip_stale_check
-        memcpy(c.npages, self.npages, sizeof(self.npages))
+        c.load_pages(self.pages)
         c.tracer, c.tracing = None, False
         return c
 
     def load_pages(self, pages):
         """kvm->stat.pages as a snapshot's bytes hold it: [unused, 4K, 2M, 1G]."""
         cdef int i
+        memset(self.npages, 0, COUNT_SHARDS * sizeof(CountShard))
         for i in range(4):
-            self.npages[i] = pages[i]
+            self.npages[0].n[i] = pages[i]
 
     @property
     def pages(self):
         """Present leaf SPTEs per level: [unused, 4K, 2M, 1G]."""
-        return [self.npages[i] for i in range(4)]
+        cdef int i, k
+        cdef long total
+        out = []
+        for i in range(4):
+            total = 0
+            for k in range(COUNT_SHARDS):
+                total += atomic_load(&self.npages[k].n[i])
+            out.append(total)
+        return out
 
     # --- changing SPTEs -----------------------------------------------------------------------
 
@@ -242,9 +255,9 @@ cdef class TdpMmu:
             with gil:
                 self.record_zap(gfn, level)
         if is_shadow_present_pte(old) and is_last_spte(old, level):
-            atomic_add(<long*>&self.npages[level], -1)
+            atomic_add(&self.npages[my_shard()].n[level], -1)
         if is_shadow_present_pte(new) and is_last_spte(new, level):
-            atomic_add(<long*>&self.npages[level], 1)
+            atomic_add(&self.npages[my_shard()].n[level], 1)
         if is_shadow_present_pte(old) and not is_last_spte(old, level):
             self.handle_removed_pt(root, root.child(old), level - 1,
                                    gfn & ~(pages_per_hpage(level) - 1))

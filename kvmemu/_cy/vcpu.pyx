@@ -546,7 +546,14 @@ cdef class VCPUState:
     cdef object run_batch(self, const uint64_t[::1] gpas, const uint8_t[::1] fl, uint64_t f,
                           bint per_element, object hpa_arr, object level_arr, uint64_t* hpa,
                           uint8_t* level, int limit):
-        """access_many's loop, holding the vCPU's mutex."""
+        """access_many's loop, holding the vCPU's mutex.
+
+        Runs of accesses go through a C loop without the GIL, holding mmu_lock for read
+        and a kvm->srcu read-side section: mapped pages translate there, and, on a VM
+        whose faults can be handled there (fault_without_gil), first touches fault and
+        map there too.  Everything else (an exit to userspace, a stage hook, a fault that
+        needs Python or another part of the VM) leaves the loop for vcpu_run, with the
+        exits the access took so far counted against ``limit``."""
         cdef Py_ssize_t i = 0, n = gpas.shape[0]
         cdef uint64_t g, shared_bit = self.direct_bits_gfn << PAGE_SHIFT
         cdef bint tdx = self.tdx, snp = self.snp
@@ -556,11 +563,13 @@ cdef class VCPUState:
         cdef Py_ssize_t dn, mn, stop
         cdef RwLock lock = dpt.lock
         cdef Outcome out
-        cdef int status, err = 0, streak = 0
+        cdef int status, err = 0, streak = 0, used = 0, r
         cdef uint64_t taken
         cdef bint interrupted = False
         cdef Py_ssize_t runs = 0
         cdef PmlLog* pml
+        cdef SlotTable table
+        cdef long seen
         # Local copies of the walks' configuration: the loop stores into table memory
         # (A/D bits) through uint64_t pointers, which the compiler must otherwise assume
         # may change the PageTables' fields.
@@ -572,50 +581,75 @@ cdef class VCPUState:
         # access that must store an A/D bit, exit or take a huge leaf (which the lines
         # below take).  Not for a TD (the mirror root) or per-element flags.
         cdef bint mapped_run = fast4 and not tdx and not per_element
+        # Faults handled in the GIL-free loop (fault_without_gil says which): the loop
+        # starts at once, and an access vcpu_run took counts toward the streak even if
+        # it faulted.
+        cdef bint faults_here = not (tdx or snp or self.has_private_mem)
+        if n:
+            self.exit_reason = EXIT_REASON_UNKNOWN      # as vcpu_run starts
+        if faults_here and limit > 0:
+            streak = TRANSLATION_STREAK
         while i < n:
             if streak >= TRANSLATION_STREAK:
                 dmem, mmem = dpt.mem, mpt.mem
                 pml = self.active_pml()
-                with nogil:
-                    lock.read_lock()
-                    dn, mn = dpt.ntables, mpt.ntables
-                    stop = min(n, i + LOCKED_RUN)
-                    while i < n:
-                        if i == stop:        # let a waiting writer in now and then,
-                            lock.read_unlock()   # and look for Ctrl-C
-                            runs += 1
-                            if runs % SIGNAL_RUNS == 0:
-                                with gil:
-                                    interrupted = PyErr_CheckSignals() != 0
-                                if interrupted:
-                                    lock.read_lock()
-                                    break
-                            lock.read_lock()
+                table = self.memslots.srcu_read_lock()
+                seen = atomic_load(&self.memslots.publishes)
+                try:
+                    with nogil:
+                        lock.read_lock()
+                        try:
                             dn, mn = dpt.ntables, mpt.ntables
                             stop = min(n, i + LOCKED_RUN)
-                        if mapped_run:
-                            i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f, hpa,
-                                                level)
-                            if i == stop:
-                                continue
-                        g = gpas[i]
-                        if per_element:
-                            f = fl[i]
-                        if tdx and not (g & shared_bit):
-                            out = translate_one(&mcfg, mmem, mn, g, f, pml)
-                            if out.kind == OUT_TRANSLATED:
-                                self.confidential_check(&mcfg, g, f, &out)
-                        elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4,
-                                                               pml)):
-                            out = translate_one(&dcfg, dmem, dn, g, f, pml)
-                            if snp and out.kind == OUT_TRANSLATED:
-                                self.confidential_check(&dcfg, g, f, &out)
-                        if out.kind != OUT_TRANSLATED:
-                            break
-                        hpa[i] = out.value
-                        level[i] = out.level
-                        i += 1
-                    lock.read_unlock()
+                            while i < n:
+                                if i == stop:        # let a waiting writer in now and then,
+                                    lock.read_unlock()   # and look for Ctrl-C
+                                    runs += 1
+                                    if runs % SIGNAL_RUNS == 0:
+                                        with gil:
+                                            interrupted = PyErr_CheckSignals() != 0
+                                    lock.read_lock()
+                                    # A memslot change waits for this srcu section: end it.
+                                    if interrupted or atomic_load(&self.memslots.publishes) != seen:
+                                        break
+                                    dn, mn = dpt.ntables, mpt.ntables
+                                    stop = min(n, i + LOCKED_RUN)
+                                if mapped_run and not used:
+                                    i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f,
+                                                        hpa, level)
+                                    if i == stop:
+                                        continue
+                                g = gpas[i]
+                                if per_element:
+                                    f = fl[i]
+                                if tdx and not (g & shared_bit):
+                                    out = translate_one(&mcfg, mmem, mn, g, f, pml)
+                                    if out.kind == OUT_TRANSLATED:
+                                        self.confidential_check(&mcfg, g, f, &out)
+                                elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f,
+                                                                       &out, 4, pml)):
+                                    out = translate_one(&dcfg, dmem, dn, g, f, pml)
+                                    if snp and out.kind == OUT_TRANSLATED:
+                                        self.confidential_check(&dcfg, g, f, &out)
+                                if out.kind != OUT_TRANSLATED:
+                                    if not faults_here:
+                                        break
+                                    r = fault_without_gil(self, table, seen, &out, g)
+                                    if r == FAULT_ELSEWHERE or r == RET_PF_RETRY:
+                                        break        # vcpu_run handles or retries it
+                                    used += 1
+                                    if used >= limit:
+                                        break        # vcpu_run finds it unsettled
+                                    dn = dpt.ntables     # the tables it may have linked
+                                    continue
+                                hpa[i] = out.value
+                                level[i] = out.level
+                                i += 1
+                                used = 0
+                        finally:
+                            lock.read_unlock()
+                finally:
+                    self.memslots.srcu_read_unlock(table)
                 if interrupted:
                     PyErr_Clear()
                     raise KeyboardInterrupt(f"access_many stopped at element {i}: the {i} "
@@ -626,14 +660,19 @@ cdef class VCPUState:
             if per_element:
                 f = fl[i]
             taken = self.counters[PF_STAT_PF_TAKEN]
-            status = self.vcpu_run(gpas[i], f, limit, &out, &err)
+            status = self.vcpu_run(gpas[i], f, limit - used, &out, &err)
+            used = 0
             if status != ACCESS_TRANSLATED:
                 exit_ = self.outcome_of(status, &out, err, gpas[i], f" (element {i})", limit)
                 return AccessBatch(hpa_arr, level_arr, i, exit_)
             hpa[i] = out.value
             level[i] = out.level
             i += 1
-            # Only an access that took no fault counts toward the streak: a run of faults
-            # (first touches) stays here, without a GIL-free loop that would stop at once.
-            streak = streak + 1 if self.counters[PF_STAT_PF_TAKEN] == taken else 0
+            # An access that took no fault counts toward the streak (and, on a VM whose
+            # faults the loop handles, one that did): a run of faults that need vcpu_run
+            # stays here, without a GIL-free loop that would stop at once.
+            if faults_here or self.counters[PF_STAT_PF_TAKEN] == taken:
+                streak += 1
+            else:
+                streak = 0
         return AccessBatch(hpa_arr, level_arr, n, None)

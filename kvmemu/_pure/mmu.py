@@ -107,8 +107,12 @@ def page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
     if r == RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_TAKEN] += 1
         r = do_page_fault(vcpu, gpa, error_code)
-    if r < 0:
-        return r
+    return count_result(vcpu, r)
+
+
+def count_result(vcpu: Any, r: int) -> int:
+    """The end of kvm_mmu_page_fault (mmu.c, 6.18): the vCPU's pf_fixed, pf_emulate and
+    pf_spurious statistics count the handler's result."""
     if r == RET_PF_FIXED:
         vcpu.counters[PF_STAT_PF_FIXED] += 1
     elif r == RET_PF_EMULATE:
@@ -233,15 +237,22 @@ def tdp_mmu_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     mmu = vcpu.mmu
     mmu.mmu_lock.acquire_read()
     try:
-        if is_page_fault_stale(vcpu, fault):
-            return RET_PF_RETRY
-        root = mmu.get_root_for_fault(fault.addr, vcpu.direct_bits_gfn << PAGE_SHIFT)
-        r = mmu.tdp_mmu_map(fault, root, int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0]))
+        r = map_under_lock(vcpu, fault,
+                           mmu.get_root_for_fault(fault.addr, vcpu.direct_bits_gfn << PAGE_SHIFT))
     finally:
         mmu.mmu_lock.release_read()
     if r == RET_PF_EMULATE:
         vcpu.counters[PF_STAT_PF_MMIO_SPTE_CREATED] += 1
     return r
+
+
+def map_under_lock(vcpu: Any, fault: FaultRecord, root: Any) -> int:
+    """The part of kvm_tdp_mmu_page_fault (mmu.c, 6.18) under mmu_lock for read: the stale
+    check, then kvm_tdp_mmu_map into ``root``."""
+    if is_page_fault_stale(vcpu, fault):
+        return RET_PF_RETRY
+    return int(vcpu.mmu.tdp_mmu_map(fault, root,
+                                    int(vcpu.memslots.counters[VM_COUNTER_GENERATION_0])))
 
 
 def is_page_fault_stale(vcpu: Any, fault: FaultRecord) -> bool:
@@ -261,16 +272,11 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     fixed locklessly, except a huge leaf of a dirty-logged slot, which the slow path
     splits; without A/D bits an access-tracked leaf (any fault on it is not-present)
     gets its R and X back and the accessed bit."""
-    if fault.rsvd:
+    if not can_be_fast(vcpu, fault):
         return RET_PF_INVALID
     if vcpu.has_private_mem and fault.is_private != vcpu.memslots.mem_is_private(fault.gfn):
         return RET_PF_INVALID
     mmu = vcpu.mmu
-    if not fault.present:
-        if mmu.ad_enabled:            # only access-tracked SPTEs are fixed when not present
-            return RET_PF_INVALID
-    elif not fault.write:
-        return RET_PF_INVALID
     r = RET_PF_INVALID
     mmu.mmu_lock.acquire_read()       # the kernel's lockless walk runs under RCU
     try:
@@ -300,6 +306,18 @@ def fast_page_fault(vcpu: Any, fault: FaultRecord) -> int:
     if r != RET_PF_INVALID:
         vcpu.counters[PF_STAT_PF_FAST] += 1
     return r
+
+
+def can_be_fast(vcpu: Any, fault: FaultRecord) -> bool:
+    """Models page_fault_can_be_fast (mmu.c, 6.18) for the TDP MMU, but for its check of
+    the attributes (fast_page_fault makes it): not a reserved-bit fault, and a write to
+    a present page, or, without A/D bits, an access to an access-tracked SPTE (the only
+    not-present SPTEs the fast path fixes)."""
+    if fault.rsvd:
+        return False
+    if not fault.present:
+        return not vcpu.mmu.ad_enabled
+    return fault.write
 
 
 def fast_pf_fix_direct_spte(fault: FaultRecord, root: Any, table: int, index: int, old: int,
@@ -339,14 +357,21 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
                          and memslots.counters[VM_COUNTER_LAUNCHED])
         fault.map_writable = not slot.flags & MEM_FLAG_READONLY
         fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
+    elif slot.flags & MEM_FLAG_READONLY and fault.write:
+        return RET_PF_EMULATE                # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     else:
-        if slot.flags & MEM_FLAG_READONLY and fault.write:
-            return RET_PF_EMULATE            # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
-        fault.pfn = memslots.hva_to_pfn(slot, fault.gfn)
-        fault.map_writable = not slot.flags & MEM_FLAG_READONLY
+        faultin_host(memslots, fault)
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+def faultin_host(memslots: Any, fault: FaultRecord) -> None:
+    """The frame behind a fault's gfn in the host mapping of its memslot (__kvm_faultin_pfn
+    -> hva_to_pfn, as Memslots.hva_to_pfn computes it), writable unless the memslot is
+    read-only."""
+    fault.pfn = memslots.hva_to_pfn(fault.slot, fault.gfn)
+    fault.map_writable = not fault.slot.flags & MEM_FLAG_READONLY
 
 
 def gmem_prepare(vcpu: Any, frame: Any, gfn: int) -> None:
