@@ -39,8 +39,8 @@ class _Inputs:
         #: What a change of makes every leaf's judgement stale: the memory model
         #: itself, the VM type and every memslot's fields.
         self.key = (id(memory), vm.vm_type, tuple(
-            (s.id, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_id, s.gmem_pgoff)
-            for s in self.slots))
+            (s.id, s.base_gfn, s.npages, s.flags, s.userspace_addr, s.gmem_id, s.gmem_pgoff,
+             s.host_level) for s in self.slots))
         self.attributes = set(memory.attribute_ranges())
         self.lpage = {(s.id, level): s.lpage[level - PG_LEVEL_2M].copy()
                       for s in self.slots for level in (PG_LEVEL_2M, PG_LEVEL_1G)}
@@ -364,6 +364,10 @@ def _judge_leaf(vm: Any, memory: Any, inputs: Any, entry: _Judged, gfn: int, spt
         pfn = int(memory.memslots.gmem_get_pfn(slot, gfn)) if slot.gmem_id >= 0 else -1
     else:
         pfn = int(memory.memslots.hva_to_pfn(slot, gfn))
+        # kvm_mmu_max_mapping_level caps a mapping of host memory at the host's own
+        # (host_pfn_mapping_level); a host split invalidates the range first.
+        if level > slot.host_level:
+            problems.append(f"is above the host's mapping level {slot.host_level}")
     frame = (spte & SPTE_BASE_ADDR_MASK) >> PAGE_SHIFT
     if frame != pfn:
         problems.append(f"maps frame {frame:#x}, not {pfn:#x}")

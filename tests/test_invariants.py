@@ -135,6 +135,23 @@ def test_lpage_info_changed_under_a_huge_leaf(kv):
                              "huge page"]
 
 
+def test_the_host_split_a_huge_page_without_an_invalidation(kv):
+    """kvm_mmu_max_mapping_level caps a mapping at the host's level; a THP split
+    invalidates the range first.  A lower host level without that leaves a 2M leaf
+    above it."""
+    vm = kv.VM(vendor="vmx")
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=SLOT_4M,
+                              userspace_addr=UADDR, host_level=2)
+    assert vm.create_vcpu().access(0x1000).level == 2
+    checker = InvariantChecker(vm)
+    assert both(checker) == []
+    vm._memory.slot_by_id(0, 0).host_level = 1
+    assert both(checker) == ["direct leaf gfn 0x0 level 2 is above the host's mapping "
+                             "level 1"]
+    vm.set_host_level(0, 1)                  # the real split: the leaf is zapped
+    assert both(checker) == []
+
+
 def private_vm(kv):
     """SW_PROTECTED, 4 MiB of guest_memfd at GPA 0, page 1 private and mapped."""
     vm = kv.VM(VMType.SW_PROTECTED)

@@ -5,7 +5,7 @@ of every width, 5-level paging, EPT without A/D bits or PML, memory encryption),
 memslots with and without guest_memfd (create, move, flag changes, delete; valid and
 invalid), attribute changes, quirks, dirty logging (get, clear, manual protection),
 host invalidations, THP level changes and guest_memfd punch-hole (also from stage
-hooks) and close, pre-fault,
+hooks) and close, pre-fault, runs of first touches,
 hypercalls, TDX MapGPA and SNP page state changes (KVM_HC_MAP_GPA_RANGE exits and
 their completion), accesses with every flag combination, batches with uint8
 flag arrays, the exit handlers with arbitrary exit values (including the other
@@ -200,6 +200,14 @@ class TwinVMs(RuleBasedStateMachine):
         if isinstance(flags, list):
             flags = np.array(flags[:len(gpas)], dtype=np.uint8)
         self.apply("access_many", vcpu, np.array(gpas, dtype=np.uint64), flags)
+
+    @rule(vcpu=st.integers(0, 3), base=BASES, count=st.integers(1, 520),
+          flags=st.integers(0, 7))
+    def access_run(self, vcpu, base, count, flags):
+        """Consecutive pages from one of the shared regions: a run of first touches that
+        the compiled core's batch loop faults in itself, across a leaf table's end."""
+        gpas = (np.arange(count, dtype=np.uint64) << np.uint64(12)) + np.uint64(base)
+        self.apply("access_many", vcpu, gpas, flags)
 
     @rule(vcpu=st.integers(0, 3), gpa=GPA, qualification=QUALIFICATION)
     def ept_violation(self, vcpu, gpa, qualification):

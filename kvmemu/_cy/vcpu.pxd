@@ -37,6 +37,9 @@ cdef class VCPUState:
     cdef public object slow_access_many     # and its VCPU.access_many
     cdef uint64_t vc_gpa                    # the page of the last #VC
     cdef SlotTable srcu                     # the memslots an exit's handling reads
+    # Faults access_many's GIL-free loop handled itself (a diagnostic of this core, not
+    # KVM state: neither exported nor cloned).
+    cdef readonly uint64_t loop_faults
     cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)
     cdef int handle_exit(self, int kind, uint64_t gpa,
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION

@@ -635,8 +635,11 @@ cdef class VCPUState:
                                     if not faults_here:
                                         break
                                     r = fault_without_gil(self, table, seen, &out, g)
-                                    if r == FAULT_ELSEWHERE or r == RET_PF_RETRY:
-                                        break        # vcpu_run handles or retries it
+                                    if r == FAULT_ELSEWHERE:
+                                        break        # vcpu_run handles it
+                                    self.loop_faults += 1
+                                    if r == RET_PF_RETRY:
+                                        break        # vcpu_run retries it, as it does
                                     used += 1
                                     if used >= limit:
                                         break        # vcpu_run finds it unsettled

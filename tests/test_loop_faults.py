@@ -1,0 +1,226 @@
+"""First touches that ``access_many`` faults in without leaving its GIL-free loop.
+
+On a VM without private memory, the compiled core handles an EPT violation or #NPF
+that needs nothing of Python inside the batch loop, under the loop's mmu_lock and
+kvm->srcu section.  Both cores must give the same results, statistics and tables,
+taken from KVM's rules (kvm_mmu_page_fault counts pf_taken and pf_fixed per fault,
+kvm_update_page_stats one 4K page per new leaf, __kvm_faultin_pfn the frame behind the
+memslot's host address); the compiled core's ``loop_faults`` says which faults the
+loop handled.  Then the same with vCPU threads racing each other and memslot changes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from kvmemu import AccessFlags, Host, MemFlag, MmioExit, VMType
+
+from test_threads import run_threads
+
+MIB = 1 << 20
+UADDR = 0x7F0000000000
+
+
+def default_vm(kv, size=64 * MIB, **kwargs):
+    vm = kv.VM(VMType.DEFAULT, **kwargs)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
+                              userspace_addr=UADDR)
+    return vm
+
+
+def pages(first, n):
+    return (np.arange(n, dtype=np.uint64) + np.uint64(first)) << np.uint64(12)
+
+
+def loop_faults(kv, vcpu):
+    """Faults the GIL-free loop handled (the twin has no such loop: None)."""
+    return vcpu._c.loop_faults if kv.IMPLEMENTATION == "cython" else None
+
+
+@pytest.mark.parametrize("vendor", ["vmx", "svm"])
+def test_a_run_of_first_touches_maps_every_page(kv, vendor):
+    """1024 consecutive first-touch writes from GPA 0: one fault and one 4K leaf each,
+    two leaf tables below one PDPT and one PD (root + 4 tables), each page at its
+    host address."""
+    vm = default_vm(kv, vendor=vendor)
+    vcpu = vm.create_vcpu()
+    result = vcpu.access_many(pages(0, 1024), AccessFlags.WRITE)
+    assert result.count == 1024 and result.exit is None
+    np.testing.assert_array_equal(result.hpa, pages(0, 1024) + np.uint64(UADDR))
+    assert set(result.level.tolist()) == {1}
+    stats = vcpu.stats
+    assert (stats["pf_taken"], stats["pf_fixed"], stats["pf_spurious"]) == (1024, 1024, 0)
+    assert vm.stats["pages_4k"] == 1024
+    assert vm.page_tables.ntables == 5
+    assert loop_faults(kv, vcpu) in (1024, None)
+    assert vm.check_invariants() == []
+
+
+def test_what_the_loop_cannot_handle_goes_to_the_exit_handler(kv):
+    """First touches, then a write to a READONLY memslot (KVM_PFN_ERR_RO_FAULT: emulated,
+    an MMIO exit), then a read of a gfn without a memslot (an MMIO SPTE, an MMIO exit):
+    the batch stops at each, with the statistics of each."""
+    vm = default_vm(kv)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=64 * MIB, memory_size=4 * MIB,
+                              userspace_addr=UADDR + 64 * MIB, flags=MemFlag.READONLY)
+    vcpu = vm.create_vcpu()
+    gpas = np.concatenate([pages(0, 10), pages((64 * MIB) >> 12, 1)])
+    result = vcpu.access_many(gpas, AccessFlags.WRITE)
+    assert result.count == 10 and result.exit == MmioExit(64 * MIB, True, 0, b"")
+    assert vcpu.stats["pf_taken"] == 11 and vcpu.stats["pf_emulate"] == 1
+    assert loop_faults(kv, vcpu) in (10, None)
+    result = vcpu.access_many(np.concatenate([pages(10, 5), pages(1 << 18, 1)]))
+    assert result.count == 5 and result.exit == MmioExit(1 << 30, False, 0, b"")
+    assert vcpu.stats["pf_mmio_spte_created"] == 1
+    assert loop_faults(kv, vcpu) in (15, None)
+    assert vm.check_invariants() == []
+
+
+@pytest.mark.parametrize("vm_type, host", [(VMType.SW_PROTECTED, None),
+                                           (VMType.DEFAULT, {"ept_ad_bits": False})])
+def test_faults_that_need_more_than_the_loop_are_handled_outside_it(kv, vm_type, host):
+    """SW_PROTECTED reads the attributes for every fault (kvm_mmu_page_fault), and
+    without EPT A/D bits a not-present fault may be an access-tracked SPTE that
+    fast_page_fault fixes: neither is faulted in inside the loop, with the same
+    results."""
+    vm = kv.VM(vm_type, host=None if host is None else Host(**host))
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=64 * MIB,
+                              userspace_addr=UADDR)
+    vcpu = vm.create_vcpu()
+    result = vcpu.access_many(pages(0, 600))
+    assert result.count == 600 and vcpu.stats["pf_fixed"] == 600
+    assert loop_faults(kv, vcpu) in (0, None)
+    assert vm.check_invariants() == []
+
+
+@pytest.mark.parametrize("limit", [0, 1, 2])
+def test_the_exit_limit_counts_the_faults_the_loop_took(kv, limit):
+    """An access that does not settle within ``limit`` exits is a RuntimeError, also when
+    the loop took its faults: a first touch needs one exit and one walk after it, which
+    the limit of one does not allow (vcpu_run walks at most ``limit`` times)."""
+    vm = default_vm(kv)
+    vcpu = vm.create_vcpu()
+    state = vcpu._c
+    if limit == 2:
+        result = state.access_many(pages(0, 3), 0, limit, None)
+        assert result.count == 3 and vcpu.stats["pf_taken"] == 3
+        return
+    with pytest.raises(RuntimeError, match=f"element 0.* did not settle after {limit} exits"):
+        state.access_many(pages(0, 3), 0, limit, None)
+    assert vcpu.stats["pf_taken"] == limit and vcpu.stats["pf_fixed"] == limit
+
+
+def test_vcpus_first_touching_the_same_pages_map_each_once(kv):
+    """Two vCPU threads fault the same pages at once: every page is mapped exactly once
+    (one pf_fixed per leaf installed; a fault that loses the race is spurious or
+    retries), and both see the same translations."""
+    n = 16_000 if kv.IMPLEMENTATION == "cython" else 600
+    for _ in range(3):
+        vm = default_vm(kv)
+        vcpus = [vm.create_vcpu() for _ in range(2)]
+        results = [None, None]
+
+        def touch(k):
+            results[k] = vcpus[k].access_many(pages(0, n), AccessFlags.WRITE)
+
+        run_threads(lambda: touch(0), lambda: touch(1))
+        for result in results:
+            assert result.count == n and result.exit is None
+            np.testing.assert_array_equal(result.hpa, pages(0, n) + np.uint64(UADDR))
+        assert sum(v.stats["pf_fixed"] for v in vcpus) == n == vm.stats["pages_4k"]
+        assert vm.check_invariants() == []
+
+
+def test_a_memslot_deleted_during_a_batch_leaves_no_mapping(kv):
+    """A vCPU thread first-touches a memslot while another deletes it: the deletion
+    waits for the batch's kvm->srcu section (synchronize_srcu), then zaps, so no leaf
+    maps the deleted memslot once the deletion has returned; the batch ends at an MMIO
+    exit (the gfn has no memslot any more) or completes before the deletion."""
+    n = 1 << 18 if kv.IMPLEMENTATION == "cython" else 2048
+    for delay in (0.0, 0.002, 0.005):
+        vm = default_vm(kv)
+        vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=1 << 30,
+                                  userspace_addr=UADDR + (1 << 30))
+        vcpu = vm.create_vcpu()
+        started = threading.Event()
+        results = []
+
+        def touch():
+            started.set()
+            results.append(vcpu.access_many(pages(1 << 18, n)))
+
+        def delete(delay=delay):
+            started.wait()
+            time.sleep(delay)
+            vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=0,
+                                      userspace_addr=UADDR + (1 << 30))
+            assert vm.check_invariants() == []
+
+        run_threads(touch, delete)
+        result, = results
+        assert result.exit is None or isinstance(result.exit, MmioExit)
+        assert vm.check_invariants() == []
+
+
+def test_a_memslot_change_waits_for_one_run_of_a_batch_not_all_of_it(kv):
+    """A memslot change waits for the faults that read the old memslots
+    (synchronize_srcu), not for a long batch of mapped accesses on another thread to
+    end: the batch's GIL-free loop ends its srcu section at the next run boundary
+    (LOCKED_RUN accesses) when memslots were published meanwhile."""
+    n = 1 << 23 if kv.IMPLEMENTATION == "cython" else 20_000
+    vm = default_vm(kv)
+    vcpu = vm.create_vcpu()
+    vcpu.access_many(pages(0, 1 << 14))
+    gpas = np.random.default_rng(1).integers(0, 1 << 14, n, dtype=np.uint64) << np.uint64(12)
+    started, times = threading.Event(), {}
+
+    def walk():
+        started.set()
+        result = vcpu.access_many(gpas)
+        times["walked"] = time.perf_counter()
+        assert result.count == n
+
+    def add_memslot():
+        started.wait()
+        time.sleep(0.01)
+        vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=2 * MIB,
+                                  userspace_addr=UADDR + (1 << 30))
+        times["added"] = time.perf_counter()
+
+    run_threads(walk, add_memslot)
+    assert times["added"] < times["walked"]
+
+
+def test_faults_and_memslot_moves_from_many_threads(kv):
+    """Four vCPU threads fault random pages of two memslots while a fifth moves one
+    memslot back and forth and changes the other's host mapping level: every mapping
+    is right after each change and at the end (check_invariants)."""
+    rounds, size = (6, 20_000) if kv.IMPLEMENTATION == "cython" else (2, 200)
+    vm = default_vm(kv)
+    vm.set_user_memory_region(slot=1, guest_phys_addr=64 * MIB, memory_size=64 * MIB,
+                              userspace_addr=UADDR + 64 * MIB)
+    stop = threading.Event()
+
+    def fault(seed):
+        vcpu, rng = vm.create_vcpu(), np.random.default_rng(seed)
+        for _ in range(rounds):
+            gpas = rng.integers(0, (128 * MIB) >> 12, size, dtype=np.uint64) << np.uint64(12)
+            result = vcpu.access_many(gpas, AccessFlags.WRITE)
+            assert result.exit is None or isinstance(result.exit, MmioExit)
+        stop.set()
+
+    def change():
+        base = 64 * MIB
+        while not stop.is_set():
+            base = 192 * MIB if base == 64 * MIB else 64 * MIB
+            vm.set_user_memory_region(slot=1, guest_phys_addr=base, memory_size=64 * MIB,
+                                      userspace_addr=UADDR + 64 * MIB)
+            vm.set_host_level(0, 2 if base == 64 * MIB else 1)
+            assert vm.check_invariants() == []
+
+    run_threads(*[lambda s=s: fault(s) for s in range(4)], change)
+    assert vm.check_invariants() == []
