@@ -123,13 +123,20 @@ def test_a_memslot_made_read_only(kv):
                              "memslot" for g in range(4)]
 
 
-def test_lpage_info_changed_under_a_huge_leaf(kv):
+def huge_leaf_vm(kv):
+    """4 MiB at GPA 0, host-mapped 2M, its first 2M mapped by one leaf, and a checker
+    that has seen it sound."""
     vm = kv.VM(vendor="vmx")
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=SLOT_4M,
                               userspace_addr=UADDR, host_level=2)
     assert vm.create_vcpu().access(0x1000).level == 2
     checker = InvariantChecker(vm)
     assert both(checker) == []
+    return vm, checker
+
+
+def test_lpage_info_changed_under_a_huge_leaf(kv):
+    vm, checker = huge_leaf_vm(kv)
     vm._memory.slot_by_id(0, 0).lpage[0][0] = 1
     assert both(checker) == ["direct leaf gfn 0x0 level 2 is where lpage_info disallows a "
                              "huge page"]
@@ -139,12 +146,7 @@ def test_the_host_split_a_huge_page_without_an_invalidation(kv):
     """kvm_mmu_max_mapping_level caps a mapping at the host's level; a THP split
     invalidates the range first.  A lower host level without that leaves a 2M leaf
     above it."""
-    vm = kv.VM(vendor="vmx")
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=SLOT_4M,
-                              userspace_addr=UADDR, host_level=2)
-    assert vm.create_vcpu().access(0x1000).level == 2
-    checker = InvariantChecker(vm)
-    assert both(checker) == []
+    vm, checker = huge_leaf_vm(kv)
     vm._memory.slot_by_id(0, 0).host_level = 1
     assert both(checker) == ["direct leaf gfn 0x0 level 2 is above the host's mapping "
                              "level 1"]

@@ -11,6 +11,7 @@ loop handled.  Then the same with vCPU threads racing each other and memslot cha
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -214,12 +215,12 @@ def test_faults_and_memslot_moves_from_many_threads(kv):
         stop.set()
 
     def change():
-        base = 64 * MIB
-        while not stop.is_set():
-            base = 192 * MIB if base == 64 * MIB else 64 * MIB
+        for base, level in itertools.cycle([(192 * MIB, 1), (64 * MIB, 2)]):
+            if stop.is_set():
+                break
             vm.set_user_memory_region(slot=1, guest_phys_addr=base, memory_size=64 * MIB,
                                       userspace_addr=UADDR + 64 * MIB)
-            vm.set_host_level(0, 2 if base == 64 * MIB else 1)
+            vm.set_host_level(0, level)
             assert vm.check_invariants() == []
 
     run_threads(*[lambda s=s: fault(s) for s in range(4)], change)
