@@ -40,6 +40,7 @@ cdef extern from "pthread.h" nogil:
 # period; see SlotTable in memslots.pxd).
 cdef extern from *:
     """
+    #include <sched.h>
     static inline long kvmemu_atomic_add(long *p, long v) {
         return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
     }
@@ -58,14 +59,11 @@ cdef extern from *:
     static inline void kvmemu_store_ptr(uint64_t **p, uint64_t *v) {
         __atomic_store_n(p, v, __ATOMIC_RELEASE);
     }
-    /* Threads take shards in turn, on first use. */
-    static __thread int kvmemu_shard = -1;
-    static int kvmemu_shards_taken = 0;
+    /* The shard of the CPU the thread runs on, as the kernel's per-CPU counters are
+     * kept (the thread may move meanwhile: changes stay atomic). */
     static inline int kvmemu_my_shard(void) {
-        if (kvmemu_shard < 0)
-            kvmemu_shard = (int)((unsigned)__atomic_fetch_add(&kvmemu_shards_taken, 1,
-                                                              __ATOMIC_RELAXED) % 16u);
-        return kvmemu_shard;
+        int cpu = sched_getcpu();
+        return cpu < 0 ? 0 : cpu % 16;
     }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
@@ -83,7 +81,7 @@ cdef extern from *:
     # atomic_long_fetch_andnot: the old value.
     uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
     uint64_t xchg64 "kvmemu_xchg64" (uint64_t* p, uint64_t v) nogil
-    # The calling thread's share of a sharded counter (ShardedCounts).
+    # The shard of a sharded count (CountShard) the calling thread changes.
     int my_shard "kvmemu_my_shard" () nogil
     # Publishing a pointer to memory made on first use (a frame-state chunk).
     uint64_t* load_ptr "kvmemu_load_ptr" (uint64_t** p) nogil

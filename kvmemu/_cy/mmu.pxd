@@ -26,7 +26,8 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
                     uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
 cdef int count_result(VCPUState vcpu, int r) noexcept nogil
 cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
-                           uint64_t gpa) except CORE_RETURN_PY_EXCEPTION nogil
+                           uint64_t gpa,
+                           const SlotRecord** last) except CORE_RETURN_PY_EXCEPTION nogil
 cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept
 cdef void vcpu_cache_mmio_info(VCPUState vcpu, uint64_t gfn) noexcept
 cdef int do_page_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code, bint prefetch,

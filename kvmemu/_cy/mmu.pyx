@@ -76,7 +76,8 @@ cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
 
 
 cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
-                           uint64_t gpa) except CORE_RETURN_PY_EXCEPTION nogil:
+                           uint64_t gpa,
+                           const SlotRecord** last) except CORE_RETURN_PY_EXCEPTION nogil:
     """An exit of access_many's GIL-free loop, handled in that loop when nothing in its
     handling needs Python; FAULT_ELSEWHERE (nothing changed) sends it to handle_exit.
 
@@ -93,7 +94,8 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held throughout
     (one of the orders KVM allows: no invalidation runs between the snapshot and the
     map).  A memslot change published since ``seen`` sends the exit to handle_exit,
-    which reads the new memslots."""
+    which reads the new memslots.  ``last`` is the vCPU's last_used_slot for the loop's
+    ``table`` (kvm_vcpu_gfn_to_memslot tries it before the search; NULL at first)."""
     cdef uint64_t error_code, gfn = gpa >> PAGE_SHIFT
     cdef const SlotRecord* slot
     cdef FaultRecord f
@@ -110,7 +112,11 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
         return FAULT_ELSEWHERE
     if error_code & (PFERR_RSVD | PFERR_GUEST_RMP):
         return FAULT_ELSEWHERE
-    slot = table.gfn_to_memslot(gfn)
+    slot = last[0]
+    if slot == NULL or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+        slot = table.gfn_to_memslot(gfn)
+        if slot != NULL:
+            last[0] = slot
     if slot == NULL or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         return FAULT_ELSEWHERE
     init_fault(&f, gpa, error_code, gfn, slot, vcpu.nx_huge_pages, False)

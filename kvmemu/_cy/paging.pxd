@@ -113,4 +113,6 @@ cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_s
                                 uint64_t flags, uint64_t* hpa, uint8_t* level) noexcept nogil
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil
+cdef Outcome translate_walked(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
+                              uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil
 cdef object outcome_object(const Outcome* out, uint64_t gpa)

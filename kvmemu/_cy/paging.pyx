@@ -460,13 +460,20 @@ cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntab
                            uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil:
     """One guest-physical access: walk, then the vendor's verdict (and A/D on success).
     ``pml``: the vCPU's log while PML is enabled in its VMCS (EPT only), else NULL."""
-    cdef WalkPath path
     cdef Outcome out
     # A constant level count lets the compiler unroll the fast walk.
     if c.ept and (ept_fast_translate(c, mem, ntables, gpa, flags, &out, 4, pml)
                   if c.levels == 4
                   else ept_fast_translate(c, mem, ntables, gpa, flags, &out, 5, pml)):
         return out
+    return translate_walked(c, mem, ntables, gpa, flags, pml)
+
+
+cdef Outcome translate_walked(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
+                              uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil:
+    """translate_one after its one-pass EPT walk declined the access: the general walk
+    and the vendor's verdict."""
+    cdef WalkPath path
     hw_walk(c, mem, ntables, gpa, &path)
     if c.ept:
         return ept_translate(c, mem, gpa, flags, &path, pml)

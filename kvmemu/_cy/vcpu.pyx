@@ -570,6 +570,10 @@ cdef class VCPUState:
         cdef PmlLog* pml
         cdef SlotTable table
         cdef long seen
+        cdef const SlotRecord* last_slot
+        # The last access faulted: the next one is tried without ept4_mapped_run (a run of
+        # first touches would have it walk each access once more in vain).
+        cdef bint faulted = False
         # Local copies of the walks' configuration: the loop stores into table memory
         # (A/D bits) through uint64_t pointers, which the compiler must otherwise assume
         # may change the PageTables' fields.
@@ -581,10 +585,12 @@ cdef class VCPUState:
         # access that must store an A/D bit, exit or take a huge leaf (which the lines
         # below take).  Not for a TD (the mirror root) or per-element flags.
         cdef bint mapped_run = fast4 and not tdx and not per_element
-        # Faults handled in the GIL-free loop (fault_without_gil says which): the loop
-        # starts at once, and an access vcpu_run took counts toward the streak even if
-        # it faulted.
-        cdef bint faults_here = not (tdx or snp or self.has_private_mem)
+        # Faults handled in the GIL-free loop (fault_without_gil says which, per fault;
+        # here: the VM and what is set when the batch starts): the loop starts at once,
+        # and an access vcpu_run took counts toward the streak even if it faulted.
+        cdef bint faults_here = (not (tdx or snp or self.has_private_mem)
+                                 and self.stage_hook is None and not self.mmu.tracing
+                                 and self.active_pml() == NULL)
         if n:
             self.exit_reason = EXIT_REASON_UNKNOWN      # as vcpu_run starts
         if faults_here and limit > 0:
@@ -595,6 +601,7 @@ cdef class VCPUState:
                 pml = self.active_pml()
                 table = self.memslots.srcu_read_lock()
                 seen = atomic_load(&self.memslots.publishes)
+                last_slot = NULL
                 try:
                     with nogil:
                         lock.read_lock()
@@ -614,7 +621,7 @@ cdef class VCPUState:
                                         break
                                     dn, mn = dpt.ntables, mpt.ntables
                                     stop = min(n, i + LOCKED_RUN)
-                                if mapped_run and not used:
+                                if mapped_run and not used and not faulted:
                                     i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f,
                                                         hpa, level)
                                     if i == stop:
@@ -626,21 +633,25 @@ cdef class VCPUState:
                                     out = translate_one(&mcfg, mmem, mn, g, f, pml)
                                     if out.kind == OUT_TRANSLATED:
                                         self.confidential_check(&mcfg, g, f, &out)
-                                elif not (fast4 and ept_fast_translate(&dcfg, dmem, dn, g, f,
-                                                                       &out, 4, pml)):
+                                elif not fast4:
                                     out = translate_one(&dcfg, dmem, dn, g, f, pml)
                                     if snp and out.kind == OUT_TRANSLATED:
                                         self.confidential_check(&dcfg, g, f, &out)
+                                elif not ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4, pml):
+                                    # (EPT: not SNP; translate_one without its fast walk again)
+                                    out = translate_walked(&dcfg, dmem, dn, g, f, pml)
                                 if out.kind != OUT_TRANSLATED:
                                     if not faults_here:
                                         break
-                                    r = fault_without_gil(self, table, seen, &out, g)
+                                    r = fault_without_gil(self, table, seen, &out, g,
+                                                          &last_slot)
                                     if r == FAULT_ELSEWHERE:
                                         break        # vcpu_run handles it
                                     self.loop_faults += 1
                                     if r == RET_PF_RETRY:
                                         break        # vcpu_run retries it, as it does
                                     used += 1
+                                    faulted = True
                                     if used >= limit:
                                         break        # vcpu_run finds it unsettled
                                     dn = dpt.ntables     # the tables it may have linked
@@ -648,6 +659,8 @@ cdef class VCPUState:
                                 hpa[i] = out.value
                                 level[i] = out.level
                                 i += 1
+                                if not used:
+                                    faulted = False
                                 used = 0
                         finally:
                             lock.read_unlock()

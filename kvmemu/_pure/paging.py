@@ -353,6 +353,13 @@ def translate_one(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int,
     out = Outcome()
     if c.ept and ept_fast_translate(c, mem, ntables, gpa, flags, out, c.levels, pml):
         return out
+    return translate_walked(c, mem, ntables, gpa, flags, pml)
+
+
+def translate_walked(c: Any, mem: np.ndarray, ntables: int, gpa: int, flags: int,
+                     pml: Any = None) -> Outcome:
+    """translate_one after its one-pass EPT walk declined the access: the general walk
+    and the vendor's verdict."""
     path = WalkPath()
     hw_walk(c, mem, ntables, gpa, path)
     if c.ept:
