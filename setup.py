@@ -4,7 +4,8 @@ Compiler directives live here and nowhere else.  Environment switches:
 
 * ``KVMEMU_DEBUG_BUILD=1``: bounds, wraparound and initialisation checks on,
   C ``assert`` on (``NDEBUG`` undefined), ``-O0 -g``;
-* ``KVMEMU_SANITIZE=address,undefined``: also build with those sanitizers.
+* ``KVMEMU_SANITIZE=address,undefined``: also build with those sanitizers
+  (``thread``: ThreadSanitizer, see fuzz/run_tsan.sh).
 
 Every constant is written once, in ``kvmemu/constants.py``.  Before Cython
 runs, this script writes two files from it into ``build/generated/`` (never

@@ -10,27 +10,13 @@
 #   KVMEMU_DEBUG_BUILD=1 fuzz/run_sanitized.sh   # also bounds checks on, -O0 -g
 set -eu
 SECONDS_TO_FUZZ=${1:-120}
-python -c 'import Cython, setuptools; assert int(setuptools.__version__.split(".")[0]) >= 77' \
-    2>/dev/null || { echo "needs the build requirements: pip install 'setuptools>=77' 'Cython>=3.1' numpy" >&2; exit 2; }
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/kvmemu-asan.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
-
-mkdir -p "$WORK/tree"
-cp -r "$ROOT/setup.py" "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/LICENSE" "$ROOT/kvmemu" "$ROOT/tests" \
-      "$ROOT/examples" "$ROOT/docs" \
-      "$ROOT/fuzz" "$WORK/tree/"
-find "$WORK/tree/kvmemu" -name '*.so' -delete
-cd "$WORK/tree"
-KVMEMU_SANITIZE=address,undefined python setup.py -q build_ext --inplace >"$WORK/build.log" 2>&1 \
-    || { cat "$WORK/build.log"; exit 1; }
+SANITIZERS=address,undefined
+. "$(dirname "$0")/sanitized_tree.sh"
 
 LIBASAN=$(${CC:-gcc} -print-file-name=libasan.so)
 export LD_PRELOAD="$LIBASAN"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-export PYTHONPATH="$WORK/tree"
-export PYTHONDONTWRITEBYTECODE=1
 python -c 'import kvmemu._core as c; print("sanitized core:", c.__file__)'
 python -m pytest -q -p no:cacheprovider tests
 KVMEMU_HYPOTHESIS_PROFILE=${KVMEMU_HYPOTHESIS_PROFILE:-default} \

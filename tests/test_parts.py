@@ -54,6 +54,14 @@ COMPILED_ONLY = {
                                          "flags are a dict",
     ("locking", "my_shard"): "the calling thread's shard of a sharded C count; the twin's "
                              "counts are Python ints under the GIL",
+    ("locking", "load_entry"): "READ_ONCE of a table entry that faults on other threads "
+                               "write; the twin's walks hold the GIL",
+    ("locking", "store_entry"): "WRITE_ONCE of a table entry that walks on other threads "
+                                "read; the twin's writes hold the GIL",
+    ("locking", "load_count"): "an acquire load of a table count that faults on other threads "
+                               "grow; the twin's walks hold the GIL",
+    ("locking", "store_count"): "a release store of a table count that walks on other threads "
+                                "read; the twin's writes hold the GIL",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "

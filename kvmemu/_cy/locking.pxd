@@ -65,6 +65,33 @@ cdef extern from *:
         int cpu = sched_getcpu();
         return cpu < 0 ? 0 : cpu % 16;
     }
+    /* Table entries, which vCPUs read while faults on other threads write them:
+     * READ_ONCE and WRITE_ONCE, volatile accesses as the kernel's (a plain load or
+     * store on x86, as the hardware's walk sees them).  A walk reads a child table's
+     * entries through the link it loaded (a dependency the CPU keeps in order); a new
+     * table is filled before the compare-and-exchange that links it.  Table counts
+     * the same: a count only bounds the indexes a walk may read, and the whole
+     * reservation is mapped from the start.  Under ThreadSanitizer they are relaxed
+     * atomics, which is what they are on x86, so that it checks everything else. */
+    #if defined(__SANITIZE_THREAD__)
+    #define KVMEMU_ONCE_LOAD(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+    #define KVMEMU_ONCE_STORE(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+    #else
+    #define KVMEMU_ONCE_LOAD(p) (*(const volatile __typeof__(*(p)) *)(p))
+    #define KVMEMU_ONCE_STORE(p, v) (*(volatile __typeof__(*(p)) *)(p) = (v))
+    #endif
+    static inline uint64_t kvmemu_load_entry(const uint64_t *p) {
+        return KVMEMU_ONCE_LOAD(p);
+    }
+    static inline void kvmemu_store_entry(uint64_t *p, uint64_t v) {
+        KVMEMU_ONCE_STORE(p, v);
+    }
+    static inline Py_ssize_t kvmemu_load_count(const Py_ssize_t *p) {
+        return KVMEMU_ONCE_LOAD(p);
+    }
+    static inline void kvmemu_store_count(Py_ssize_t *p, Py_ssize_t v) {
+        KVMEMU_ONCE_STORE(p, v);
+    }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
     }
@@ -81,6 +108,10 @@ cdef extern from *:
     # atomic_long_fetch_andnot: the old value.
     uint64_t fetch_andnot64 "kvmemu_fetch_andnot64" (uint64_t* p, uint64_t v) nogil
     uint64_t xchg64 "kvmemu_xchg64" (uint64_t* p, uint64_t v) nogil
+    uint64_t load_entry "kvmemu_load_entry" (const uint64_t* p) nogil
+    void store_entry "kvmemu_store_entry" (uint64_t* p, uint64_t v) nogil
+    Py_ssize_t load_count "kvmemu_load_count" (const Py_ssize_t* p) nogil
+    void store_count "kvmemu_store_count" (Py_ssize_t* p, Py_ssize_t v) nogil
     # The shard of a sharded count (CountShard) the calling thread changes.
     int my_shard "kvmemu_my_shard" () nogil
     # Publishing a pointer to memory made on first use (a frame-state chunk).

@@ -188,7 +188,7 @@ cdef void hw_walk(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
     path.n = 0
     for level in range(c.levels, 0, -1):
         index = gpa_index(gpa, level)
-        e = mem[table * PT_ENTRIES + index] if table >= 0 else 0
+        e = load_entry(&mem[table * PT_ENTRIES + index]) if table >= 0 else 0
         path.level[path.n] = level
         path.entry[path.n] = e
         path.slot[path.n] = table * PT_ENTRIES + index if table >= 0 else -1
@@ -365,7 +365,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         return False
     while True:
         used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
-        e = used[n][0]
+        e = load_entry(used[n])
         every &= e
         n += 1
         if (e & need) != need or (e & c.rsvd_high):
@@ -397,7 +397,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
         if pml != NULL and (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
             return False                     # the general walk logs it
         for i in range(n):
-            if not (used[i][0] & EPTE_ACCESSED):
+            if not (load_entry(used[i]) & EPTE_ACCESSED):
                 atomic_or64(used[i], EPTE_ACCESSED)
         if (flags & ACCESS_FLAGS_WRITE) and not (e & EPTE_DIRTY):
             atomic_or64(used[n - 1], EPTE_DIRTY)
@@ -416,7 +416,7 @@ cdef inline bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mas
     cdef Py_ssize_t t = table_at(e[0] & mask, ntables)
     if t < 0:
         return False
-    e[0] = mem[t * PT_ENTRIES + gpa_index(gpa, level)]
+    e[0] = load_entry(&mem[t * PT_ENTRIES + gpa_index(gpa, level)])
     return (e[0] & need) == need and not (e[0] & bad)
 
 
@@ -443,7 +443,7 @@ cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_s
     leaf_need = need | (EPTE_DIRTY if c.ad_bits and flags & ACCESS_FLAGS_WRITE else 0)
     while i < stop:
         g = gpas[i]
-        e = mem[gpa_index(g, 4)]
+        e = load_entry(&mem[gpa_index(g, 4)])
         if ((e & need) != need or e & top_bad
                 or not ept4_step(mem, ntables, mask, g, 3, need, mid_bad, &e)
                 or not ept4_step(mem, ntables, mask, g, 2, need, mid_bad, &e)
@@ -653,7 +653,7 @@ cdef class PageTables:
                     raise MemoryError(f"no host-physical room below MAXPHYADDR "
                                       f"{self.maxphyaddr} for another table")
                 raise MemoryError(f"all {self.reserved} tables of the reservation are in use")
-        self.ntables += 1
+        store_count(&self.ntables, self.ntables + 1)   # walks read it without the lock
         return self.ntables - 1
 
     def export_tables(self):
@@ -749,15 +749,15 @@ cdef class PageTables:
         cdef uint64_t* row = self.mem + table * PT_ENTRIES
         debug_assert(0 <= table < self.ntables)
         for i in range(<Py_ssize_t>PT_ENTRIES):
-            row[i] = value
+            store_entry(&row[i], value)     # a walk on a stale link may read a reused table
 
     cdef uint64_t read(self, Py_ssize_t table, Py_ssize_t index) noexcept nogil:
         debug_assert(0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES)
-        return self.mem[table * PT_ENTRIES + index]
+        return load_entry(&self.mem[table * PT_ENTRIES + index])
 
     cdef void write(self, Py_ssize_t table, Py_ssize_t index, uint64_t value) noexcept nogil:
         debug_assert(0 <= table < self.ntables and 0 <= index < <Py_ssize_t>PT_ENTRIES)
-        self.mem[table * PT_ENTRIES + index] = value
+        store_entry(&self.mem[table * PT_ENTRIES + index], value)
 
     cpdef uint64_t entry(self, Py_ssize_t table, Py_ssize_t index) except? 0:
         """An entry, or 0 for table -1 (an address that holds no table); IndexError for
@@ -821,7 +821,7 @@ cdef class PageTables:
         cdef WalkPath path
         cdef uint64_t g = _args.gpa(gpa, self.levels)
         self.lock.acquire_read()
-        hw_walk(&self.cfg, self.mem, self.ntables, g, &path)
+        hw_walk(&self.cfg, self.mem, load_count(&self.ntables), g, &path)
         self.lock.release_read()
         return [(path.level[i], path.entry[i]) for i in range(path.n)]
 
@@ -841,7 +841,7 @@ cdef class PageTables:
             g = _args.gpa(gpa, self.levels)
             flags = _args.access(write, fetch, user, stage, encrypted)
         self.lock.acquire_read()
-        out = translate_one(&self.cfg, self.mem, self.ntables, g, flags, NULL)
+        out = translate_one(&self.cfg, self.mem, load_count(&self.ntables), g, flags, NULL)
         self.lock.release_read()
         return outcome_object(&out, g)
 
@@ -871,7 +871,7 @@ cdef class PageTables:
         cdef RwLock lock = self.lock
         with nogil:
             lock.read_lock()
-            ntables = self.ntables
+            ntables = load_count(&self.ntables)
             for i in range(n):
                 out = translate_one(&cfg, mem, ntables, g[i], fv[i] if per_element else f0, NULL)
                 if out.kind == OUT_TRANSLATED:

@@ -59,7 +59,7 @@ cdef class Root:
         """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
         writes these tables, and its non-leaf SPTEs always point at a table (a release
         build reads the root rather than outside the tables if one did not)."""
-        cdef Py_ssize_t table = table_at(spte & SPTE_BASE_ADDR_MASK, self.pt.ntables)
+        cdef Py_ssize_t table = table_at(spte & SPTE_BASE_ADDR_MASK, load_count(&self.pt.ntables))
         debug_assert(table > 0)
         return table if table > 0 else 0
 

@@ -344,7 +344,8 @@ cdef class VCPUState:
                 pt = self.mmu.direct.pt
             # No mmu_lock: every writer of table memory writes it holding the GIL, as this
             # walk does (walks without the GIL, in access_many, take the lock).
-            out[0] = translate_one(&pt.cfg, pt.mem, pt.ntables, gpa, flags, self.active_pml())
+            out[0] = translate_one(&pt.cfg, pt.mem, load_count(&pt.ntables), gpa, flags,
+                                   self.active_pml())
             if out.kind == OUT_TRANSLATED and self.confidential:
                 self.confidential_check(&pt.cfg, gpa, flags, out)
             if out.kind == OUT_TRANSLATED:
@@ -606,7 +607,7 @@ cdef class VCPUState:
                     with nogil:
                         lock.read_lock()
                         try:
-                            dn, mn = dpt.ntables, mpt.ntables
+                            dn, mn = load_count(&dpt.ntables), load_count(&mpt.ntables)
                             stop = min(n, i + LOCKED_RUN)
                             while i < n:
                                 if i == stop:        # let a waiting writer in now and then,
@@ -619,7 +620,7 @@ cdef class VCPUState:
                                     # A memslot change waits for this srcu section: end it.
                                     if interrupted or atomic_load(&self.memslots.publishes) != seen:
                                         break
-                                    dn, mn = dpt.ntables, mpt.ntables
+                                    dn, mn = load_count(&dpt.ntables), load_count(&mpt.ntables)
                                     stop = min(n, i + LOCKED_RUN)
                                 if mapped_run and not used and not faulted:
                                     i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f,
@@ -654,7 +655,7 @@ cdef class VCPUState:
                                     faulted = True
                                     if used >= limit:
                                         break        # vcpu_run finds it unsettled
-                                    dn = dpt.ntables     # the tables it may have linked
+                                    dn = load_count(&dpt.ntables)    # the tables it may have linked
                                     continue
                                 hpa[i] = out.value
                                 level[i] = out.level
