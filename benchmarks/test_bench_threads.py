@@ -2,11 +2,19 @@
 
 ``mapped``: 2M random reads of mapped 4K pages with ``access_many`` into reused
 ``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).  ``first-touch``: 200K first-touch 4K
-faults with ``access_many``.  Each two-thread case splits the work in halves, one per
-vCPU; ``extra_info`` records the elements and ns per element.
+faults with ``access_many``, after 3 warm-up rounds (a process's first VMs pay the
+kernel's first touch of their table memory).  Each two-thread case splits the work in halves, one per
+vCPU; ``extra_info`` records the elements and ns per element.  This machine's share of
+its cores changes from minute to minute, so the two-thread cases also time one thread
+and two alternately, 10 times each (``speedup_same_moments``: the median of the
+pairs' ratios; ``speedup_best``: best against best), and, as a reference at the same
+moments, two numpy sorts on one thread and on two (``machine_speedup_*``).
 """
 
+import gc
+import statistics
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -25,12 +33,8 @@ def run_split(vcpus, chunks, outs=None):
     if len(vcpus) == 1:
         assert vcpus[0].access_many(chunks[0], 1, out=outs[0]).exit is None
         return
-    threads = [threading.Thread(target=lambda v=v, c=c, o=o: v.access_many(c, 1, out=o))
-               for v, c, o in zip(vcpus, chunks, outs)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    run_threads([lambda v=v, c=c, o=o: v.access_many(c, 1, out=o)
+                 for v, c, o in zip(vcpus, chunks, outs)])
 
 
 def vm_with_vcpus(n):
@@ -40,27 +44,98 @@ def vm_with_vcpus(n):
     return vm, [vm.create_vcpu() for _ in range(n)]
 
 
-@pytest.mark.benchmark(group="threads-mapped", disable_gc=True)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_mapped_access_many(benchmark, threads, rng, per_element):
+def same_moments(benchmark, work, pairs=10, warm=False):
+    """Time ``work(1)()`` and ``work(2)()`` (the whole work on one thread, on two; ``work``
+    makes the VM and arrays, untimed) alternately, and record the speed-up of two threads
+    in ``extra_info``; ``warm``: run each once untimed first (as the benchmark's rounds
+    after the first are: each thread's caches hold its tables).  Nothing when timing is
+    off."""
+    if benchmark.disabled:
+        return
+    times = {(kind, threads): [] for kind in ("work", "machine") for threads in (1, 2)}
+    gc.disable()
+    try:
+        for _ in range(pairs):
+            for threads in (1, 2):
+                for kind, run in (("work", work(threads)), ("machine", sorts(threads))):
+                    if warm:
+                        run()
+                    wake()
+                    start = time.perf_counter()
+                    run()
+                    times[kind, threads].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    for kind, name in (("work", "speedup"), ("machine", "machine_speedup")):
+        one, two = times[kind, 1], times[kind, 2]
+        benchmark.extra_info[f"{name}_same_moments"] = round(
+            statistics.median(a / b for a, b in zip(one, two)), 2)
+        benchmark.extra_info[f"{name}_best"] = round(min(one) / min(two), 2)
+
+
+def wake():
+    """Both cores busy for a moment (two sorts on two threads), untimed, before each timed
+    run: on this VM a core that was idle while one thread ran takes milliseconds to run at
+    full speed again, which would otherwise count against whichever case runs next."""
+    sorts(2)()
+
+
+def sorts(threads):
+    """The machine's own two-thread speed-up at that moment, as a reference: numpy sorts
+    two arrays of 200K random int64 (each in a core's cache; numpy releases the GIL)
+    on one thread or on two."""
+    arrays = [np.random.default_rng(k).integers(0, 1 << 62, 200_000) for k in range(2)]
+    if threads == 1:
+        return lambda: [np.sort(a) for a in arrays]
+    return lambda: run_threads([lambda a=a: np.sort(a) for a in arrays])
+
+
+def run_threads(targets):
+    threads = [threading.Thread(target=t) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def mapped_work(threads, rng):
+    """A VM with N_PAGES mapped pages and a vCPU per thread; the run of N_MAPPED random
+    reads split over them."""
     vm, vcpus = vm_with_vcpus(threads)
     vcpus[0].access_many(np.arange(N_PAGES, dtype=np.uint64) << np.uint64(12), 1)
     gpas = rng.integers(0, N_PAGES, N_MAPPED, dtype=np.uint64) << np.uint64(12)
     chunks = np.array_split(gpas, threads)
     outs = [(np.empty(len(c), np.uint64), np.empty(len(c), np.uint8)) for c in chunks]
-    benchmark(run_split, vcpus, chunks, outs)
+    return vm, lambda: run_split(vcpus, chunks, outs)
+
+
+def first_touch_work(threads):
+    """A new VM and a vCPU per thread; the run of N_FAULTS first touches split over them."""
+    gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
+    vcpus = vm_with_vcpus(threads)[1]
+    chunks = np.array_split(gpas, threads)
+    return lambda: run_split(vcpus, chunks)
+
+
+@pytest.mark.benchmark(group="threads-mapped", disable_gc=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_mapped_access_many(benchmark, threads, rng, per_element):
+    vm, run = mapped_work(threads, rng)
+    benchmark(run)
     per_element(N_MAPPED)
     assert vm.check_invariants() == []
+    if threads == 2:
+        same_moments(benchmark, lambda n: mapped_work(n, rng)[1], warm=True)
 
 
 @pytest.mark.benchmark(group="threads-first-touch", disable_gc=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_first_touch_access_many(benchmark, threads, per_element):
-    gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
-    chunks = np.array_split(gpas, threads)
-
     def setup():
-        return (vm_with_vcpus(threads)[1], chunks), {}
+        return (first_touch_work(threads),), {}
 
-    benchmark.pedantic(run_split, setup=setup, rounds=15, iterations=1)
+    benchmark.pedantic(lambda run: run(), setup=setup, rounds=15, iterations=1,
+                       warmup_rounds=3)
     per_element(N_FAULTS)
+    if threads == 2:
+        same_moments(benchmark, first_touch_work)

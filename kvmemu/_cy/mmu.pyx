@@ -89,8 +89,8 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     fast_page_fault candidate, not a write to a read-only memslot (an MMIO exit) and
     not an MMIO (reserved-bit) fault.  Then the steps are those of handle_exit:
     handle_ept_violation / npf_interception, kvm_mmu_page_fault (the attributes say
-    shared: kvm_mem_is_private is false without private memory, as no attribute can
-    be set), kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn for the host mapping, and the
+    shared: without private memory no attribute can be set, and the loop checks that
+    none is), kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn for the host mapping, and the
     stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held throughout
     (one of the orders KVM allows: no invalidation runs between the snapshot and the
     map).  A memslot change published since ``seen`` sends the exit to handle_exit,
@@ -100,7 +100,7 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     cdef const SlotRecord* slot
     cdef FaultRecord f
     if (vcpu.tdx or vcpu.snp or vcpu.has_private_mem or vcpu.stage_hook is not None
-            or vcpu.mmu.tracing
+            or vcpu.mmu.tracing or vcpu.memslots.attr_nchunks != 0
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
         return FAULT_ELSEWHERE
