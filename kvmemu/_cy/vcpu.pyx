@@ -342,8 +342,10 @@ cdef class VCPUState:
                 pt = self.mmu.mirror.pt
             else:
                 pt = self.mmu.direct.pt
-            # No mmu_lock: every writer of table memory writes it holding the GIL, as this
-            # walk does (walks without the GIL, in access_many, take the lock).
+            # No mmu_lock, as the hardware's walk: it reads entries that faults in other
+            # vCPUs' GIL-free loops may be installing (each entry read once, in table
+            # memory that never moves); a zap holds mmu_lock for write and the GIL, so
+            # none runs meanwhile (walks without the GIL, in access_many, take the lock).
             out[0] = translate_one(&pt.cfg, pt.mem, load_count(&pt.ntables), gpa, flags,
                                    self.active_pml())
             if out.kind == OUT_TRANSLATED and self.confidential:
@@ -504,10 +506,12 @@ cdef class VCPUState:
         that leaves to userspace (``.exit``); KVM_RUN failing raises KvmError, an access
         that does not settle RuntimeError, both naming the element.
 
-        Accesses that translate without an exit (mapped pages, the common case) run in
-        a C loop with the GIL released and mmu_lock held for read, once a run of them
-        has started; an access that exits goes through the fault pipeline in C with the
-        GIL held (it may call the stage hook).  No Python object is made per element.
+        Accesses run in a C loop with the GIL released and mmu_lock held for read: those
+        that translate without an exit (mapped pages, the common case), and on a VM
+        without private memory the faults that need nothing of Python
+        (mmu.fault_without_gil).  Any other access goes through the fault pipeline in C
+        with the GIL held (it may call the stage hook).  No Python object is made per
+        element.
         ``out``: the checked ``(hpa, level)`` arrays to fill, else new zeroed ones."""
         cdef uint64_t[::1] out_hpa
         cdef uint8_t[::1] out_level
