@@ -62,6 +62,8 @@ COMPILED_ONLY = {
                                "grow; the twin's walks hold the GIL",
     ("locking", "store_count"): "a release store of a table count that walks on other threads "
                                 "read; the twin's writes hold the GIL",
+    ("locking", "once_add"): "a vCPU statistic changed in the GIL-free loop and read by "
+                             "other threads; the twin's change holding the GIL",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "
@@ -94,6 +96,8 @@ COMPILED_ONLY = {
     ("paging", "result"): "fills a result tuple in C; the twin calls the result class",
     ("paging", "result2"): "a two-field result without the tuple of fields; the twin calls the "
                            "result class",
+    ("vcpu", "VCPUState.loop_faults"): "counts the faults of the compiled core's GIL-free "
+                                       "loop, which the twin does not have",
     ("vcpu", "VCPUState.hypercall"): "a property that keeps whether a completion is pending in C "
                                      "for quiet(); the twin's is an attribute",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",

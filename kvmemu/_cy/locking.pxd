@@ -92,6 +92,11 @@ cdef extern from *:
     static inline void kvmemu_store_count(Py_ssize_t *p, Py_ssize_t v) {
         KVMEMU_ONCE_STORE(p, v);
     }
+    /* A count that one thread changes (a vCPU's statistics, under its mutex) and
+     * others read: read once, written once. */
+    static inline void kvmemu_once_add(uint64_t *p, uint64_t v) {
+        KVMEMU_ONCE_STORE(p, KVMEMU_ONCE_LOAD(p) + v);
+    }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
     }
@@ -111,6 +116,7 @@ cdef extern from *:
     uint64_t load_entry "kvmemu_load_entry" (const uint64_t* p) nogil
     void store_entry "kvmemu_store_entry" (uint64_t* p, uint64_t v) nogil
     Py_ssize_t load_count "kvmemu_load_count" (const Py_ssize_t* p) nogil
+    void once_add "kvmemu_once_add" (uint64_t* p, uint64_t v) nogil
     void store_count "kvmemu_store_count" (Py_ssize_t* p, Py_ssize_t v) nogil
     # The shard of a sharded count (CountShard) the calling thread changes.
     int my_shard "kvmemu_my_shard" () nogil

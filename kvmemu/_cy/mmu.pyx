@@ -65,13 +65,14 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
 
 cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
     """The end of kvm_mmu_page_fault (mmu.c, 6.18): the vCPU's pf_fixed, pf_emulate and
-    pf_spurious statistics count the handler's result."""
+    pf_spurious statistics count the handler's result (written once: other threads read
+    them while the GIL-free loop runs)."""
     if r == RET_PF_FIXED:
-        vcpu.counters[PF_STAT_PF_FIXED] += 1
+        once_add(&vcpu.counters[PF_STAT_PF_FIXED], 1)
     elif r == RET_PF_EMULATE:
-        vcpu.counters[PF_STAT_PF_EMULATE] += 1
+        once_add(&vcpu.counters[PF_STAT_PF_EMULATE], 1)
     elif r == RET_PF_SPURIOUS:
-        vcpu.counters[PF_STAT_PF_SPURIOUS] += 1
+        once_add(&vcpu.counters[PF_STAT_PF_SPURIOUS], 1)
     return r
 
 
@@ -123,7 +124,7 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     if can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY):
         return FAULT_ELSEWHERE
     vcpu.ext_exit_qual = 0
-    vcpu.counters[PF_STAT_PF_TAKEN] += 1
+    once_add(&vcpu.counters[PF_STAT_PF_TAKEN], 1)
     f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
     if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY

@@ -39,7 +39,7 @@ cdef class VCPUState:
     cdef SlotTable srcu                     # the memslots an exit's handling reads
     # Faults access_many's GIL-free loop handled itself (a diagnostic of this core, not
     # KVM state: neither exported nor cloned).
-    cdef readonly uint64_t loop_faults
+    cdef uint64_t loop_fault_count
     cdef public Mutex mutex                 # vcpu->mutex (the API's VCPU owns it)
     cdef int handle_exit(self, int kind, uint64_t gpa,
                          uint64_t value) except CORE_RETURN_PY_EXCEPTION

@@ -83,7 +83,12 @@ cdef class VCPUState:
 
     @property
     def stats(self):
-        return {name: self.counters[i] for i, name in enumerate(PF_STAT_NAMES)}
+        return {name: load_entry(&self.counters[i]) for i, name in enumerate(PF_STAT_NAMES)}
+
+    @property
+    def loop_faults(self):
+        """Faults access_many's GIL-free loop handled itself (a diagnostic of this core)."""
+        return load_entry(&self.loop_fault_count)
 
     @property
     def hypercall(self):
@@ -652,7 +657,7 @@ cdef class VCPUState:
                                                           &last_slot)
                                     if r == FAULT_ELSEWHERE:
                                         break        # vcpu_run handles it
-                                    self.loop_faults += 1
+                                    once_add(&self.loop_fault_count, 1)
                                     if r == RET_PF_RETRY:
                                         break        # vcpu_run retries it, as it does
                                     used += 1
