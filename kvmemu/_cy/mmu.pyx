@@ -123,7 +123,8 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     init_fault(&f, gpa, error_code, gfn, slot, vcpu.nx_huge_pages, False)
     if can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY):
         return FAULT_ELSEWHERE
-    vcpu.ext_exit_qual = 0
+    if vcpu.ext_exit_qual:          # as vcpu_run clears it (0 but after a TD's exit)
+        vcpu.ext_exit_qual = 0
     once_add(&vcpu.counters[PF_STAT_PF_TAKEN], 1)
     f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
     if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
