@@ -291,7 +291,7 @@ cdef class VCPUState:
     cdef void leave_guest(self) noexcept:
         """The vCPU leaves the guest at the end of a call (a VM exit): the PML log is
         flushed, as __vmx_handle_exit does on every exit."""
-        if self.pml_on:
+        if self.pml_on and self.pml.index != <int>PML_LOG_NR_ENTRIES - 1:
             vmx_flush_pml_buffer(self)
 
     cdef void confidential_check(self, const PagingConfig* c, uint64_t gpa, uint64_t flags,
@@ -339,14 +339,13 @@ cdef class VCPUState:
         Like KVM_RUN (vcpu_run) it starts with exit_reason KVM_EXIT_UNKNOWN.  Returns an
         AccessStatus; ``out`` holds the translation, ``err`` the errno of a failure."""
         cdef uint64_t shared_bit = self.direct_bits_gfn << PAGE_SHIFT
-        cdef PageTables pt
+        # The tables the access walks: a vCPU's TdpMmu and its roots are set when they
+        # are made and never replaced.
+        cdef PageTables pt = self.mmu.mirror.pt if self.tdx and not (gpa & shared_bit) \
+            else self.mmu.direct.pt
         cdef int r, n_exits = 0, retries = 0
         self.exit_reason = EXIT_REASON_UNKNOWN
         while n_exits < limit:
-            if self.tdx and not (gpa & shared_bit):
-                pt = self.mmu.mirror.pt
-            else:
-                pt = self.mmu.direct.pt
             # No mmu_lock, as the hardware's walk: it reads entries that faults in other
             # vCPUs' GIL-free loops may be installing (each entry read once, in table
             # memory that never moves); a zap holds mmu_lock for write and the GIL, so
