@@ -18,7 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from kvmemu import AccessFlags, Host, MemFlag, MmioExit, VMType
+from kvmemu import (MEMORY_EXIT_FLAG_PRIVATE, AccessFlags, Host, MemAttr, MemFlag,
+                    MemoryFaultExit, MmioExit, VMType)
 
 from test_threads import run_threads
 
@@ -81,14 +82,11 @@ def test_what_the_loop_cannot_handle_goes_to_the_exit_handler(kv):
     assert vm.check_invariants() == []
 
 
-@pytest.mark.parametrize("vm_type, host", [(VMType.SW_PROTECTED, None),
-                                           (VMType.DEFAULT, {"ept_ad_bits": False})])
-def test_faults_that_need_more_than_the_loop_are_handled_outside_it(kv, vm_type, host):
-    """SW_PROTECTED reads the attributes for every fault (kvm_mmu_page_fault), and
-    without EPT A/D bits a not-present fault may be an access-tracked SPTE that
-    fast_page_fault fixes: neither is faulted in inside the loop, with the same
-    results."""
-    vm = kv.VM(vm_type, host=None if host is None else Host(**host))
+def test_faults_of_a_vm_without_ept_ad_bits_are_handled_outside_the_loop(kv):
+    """Without EPT A/D bits a not-present fault may be an access-tracked SPTE that
+    fast_page_fault fixes (page_fault_can_be_fast): those faults are not taken in the
+    loop, with the same results."""
+    vm = kv.VM(VMType.DEFAULT, host=Host(ept_ad_bits=False))
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=64 * MIB,
                               userspace_addr=UADDR)
     vcpu = vm.create_vcpu()
@@ -96,6 +94,49 @@ def test_faults_that_need_more_than_the_loop_are_handled_outside_it(kv, vm_type,
     assert result.count == 600 and vcpu.stats["pf_fixed"] == 600
     assert loop_faults(kv, vcpu) in (0, None)
     assert vm.check_invariants() == []
+
+
+def sw_protected_vm(kv, size=4 * MIB):
+    """SW_PROTECTED, ``size`` of guest_memfd-backed memory at GPA 0, its first half
+    private."""
+    vm = kv.VM(VMType.SW_PROTECTED)
+    gmem = vm.create_guest_memfd(size)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
+                              userspace_addr=UADDR, flags=MemFlag.GUEST_MEMFD, guest_memfd=gmem)
+    vm.set_memory_attributes(0, size // 2, MemAttr.PRIVATE)
+    return vm
+
+
+def test_a_sw_protected_vm_faults_private_and_shared_pages_in_the_loop(kv):
+    """First touches of 512 private and 512 shared pages: one fault and one 4K leaf
+    each (guest_memfd is mapped at 4K: kvm_max_level_for_order(0)); a private page maps
+    its guest_memfd frame, prepared, a shared one its host frame (check_invariants
+    judges both)."""
+    vm = sw_protected_vm(kv)
+    vcpu = vm.create_vcpu()
+    result = vcpu.access_many(pages(0, 1024), AccessFlags.WRITE)
+    assert result.count == 1024 and result.exit is None
+    np.testing.assert_array_equal(result.hpa[512:], pages(512, 512) + np.uint64(UADDR))
+    assert (result.hpa[:512] >> np.uint64(12)).min() >= vm._memory.memslots.gmem_base
+    assert (vcpu.stats["pf_taken"], vcpu.stats["pf_fixed"]) == (1024, 1024)
+    assert vm.stats["pages_4k"] == 1024
+    assert loop_faults(kv, vcpu) in (1024, None)
+    assert vm.check_invariants() == []
+
+
+def test_a_private_access_without_guest_memfd_is_a_memory_fault_from_the_loop(kv):
+    """A private gfn in a memslot without guest_memfd: kvm_mmu_faultin_pfn exits to
+    userspace with KVM_EXIT_MEMORY_FAULT (PRIVATE, the page), after the pages before
+    it were faulted in."""
+    vm = kv.VM(VMType.SW_PROTECTED)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=4 * MIB,
+                              userspace_addr=UADDR)
+    vm.set_memory_attributes(2 * MIB, 2 * MIB, MemAttr.PRIVATE)
+    vcpu = vm.create_vcpu()
+    result = vcpu.access_many(pages(510, 4))
+    assert result.count == 2
+    assert result.exit == MemoryFaultExit(MEMORY_EXIT_FLAG_PRIVATE, 2 * MIB, 4096)
+    assert vcpu.stats["pf_taken"] == 3 and loop_faults(kv, vcpu) in (2, None)
 
 
 @pytest.mark.parametrize("limit", [0, 1, 2])
@@ -134,6 +175,56 @@ def test_vcpus_first_touching_the_same_pages_map_each_once(kv):
             np.testing.assert_array_equal(result.hpa, pages(0, n) + np.uint64(UADDR))
         assert sum(v.stats["pf_fixed"] for v in vcpus) == n == vm.stats["pages_4k"]
         assert vm.check_invariants() == []
+
+
+def test_vcpus_first_touching_guest_memfd_chunks_prepare_every_frame(kv):
+    """Two vCPU threads fault the private pages of 32 MiB at once, one the even pages and
+    one the odd, so that they meet in each chunk of 512 frame states: a chunk is made by
+    the first fault that needs it (the other's stands aside), and every page is
+    prepared and mapped once."""
+    n = 4096 if kv.IMPLEMENTATION == "cython" else 256
+    for _ in range(5 if kv.IMPLEMENTATION == "cython" else 1):
+        vm = sw_protected_vm(kv, 64 * MIB)
+        vcpus = [vm.create_vcpu() for _ in range(2)]
+        ready = threading.Barrier(2)
+
+        def touch(k):
+            gpas = (np.arange(n, dtype=np.uint64) * np.uint64(2) + np.uint64(k)) << np.uint64(12)
+            ready.wait()
+            assert vcpus[k].access_many(gpas).exit is None
+
+        run_threads(lambda: touch(0), lambda: touch(1))
+        assert sum(v.stats["pf_fixed"] for v in vcpus) == 2 * n == vm.stats["pages_4k"]
+        assert vm.check_invariants() == []
+
+
+def test_conversions_racing_batches_leave_every_mapping_right(kv):
+    """Two vCPU threads fault 4 MiB of SW_PROTECTED memory in batches while a third
+    converts 2 MiB halves between private and shared: after every conversion, and at the
+    end, every mapping agrees with the attributes (the store changes under mmu_lock for
+    write; a fault takes the attributes and maps under it for read)."""
+    rounds = 40 if kv.IMPLEMENTATION == "cython" else 4
+    vm = sw_protected_vm(kv)
+    stop = threading.Event()
+
+    def fault(seed):
+        vcpu, rng = vm.create_vcpu(), np.random.default_rng(seed)
+        while not stop.is_set():
+            gpas = rng.integers(0, 1024, 2048, dtype=np.uint64) << np.uint64(12)
+            result = vcpu.access_many(gpas, AccessFlags.WRITE)
+            assert result.exit is None
+
+    def convert():
+        try:
+            for k in range(rounds):
+                vm.set_memory_attributes((k % 2) * 2 * MIB, 2 * MIB,
+                                         MemAttr.PRIVATE if k % 4 < 2 else 0)
+                assert vm.check_invariants() == []
+        finally:
+            stop.set()
+
+    run_threads(lambda: fault(1), lambda: fault(2), convert)
+    assert vm.check_invariants() == []
 
 
 def test_a_memslot_deleted_during_a_batch_leaves_no_mapping(kv):

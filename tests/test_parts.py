@@ -69,7 +69,7 @@ COMPILED_ONLY = {
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "
                                    "lock around the whole loop",
     ("locking", "load_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
-    ("locking", "store_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
+    ("locking", "publish_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
     ("locking", "xchg64"): "one word of xchg_words; the twin holds its atomic lock around "
                            "the whole loop",
     ("levels", "with_room"): "grows a C array; the twin's arrays are lists and numpy arrays",

@@ -56,9 +56,6 @@ cdef extern from *:
     static inline uint64_t *kvmemu_load_ptr(uint64_t **p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
-    static inline void kvmemu_store_ptr(uint64_t **p, uint64_t *v) {
-        __atomic_store_n(p, v, __ATOMIC_RELEASE);
-    }
     /* The shard of the CPU the thread runs on, as the kernel's per-CPU counters are
      * kept (the thread may move meanwhile: changes stay atomic). */
     static inline int kvmemu_my_shard(void) {
@@ -97,6 +94,14 @@ cdef extern from *:
     static inline void kvmemu_once_add(uint64_t *p, uint64_t v) {
         KVMEMU_ONCE_STORE(p, KVMEMU_ONCE_LOAD(p) + v);
     }
+    /* Publish a pointer made on first use unless another thread published one first:
+     * the pointer that stands. */
+    static inline uint64_t *kvmemu_publish_ptr(uint64_t **p, uint64_t *v) {
+        uint64_t *old = NULL;
+        if (__atomic_compare_exchange_n(p, &old, v, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            return v;
+        return old;
+    }
     static inline uint64_t kvmemu_xchg64(uint64_t *p, uint64_t v) {
         return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
     }
@@ -122,7 +127,7 @@ cdef extern from *:
     int my_shard "kvmemu_my_shard" () nogil
     # Publishing a pointer to memory made on first use (a frame-state chunk).
     uint64_t* load_ptr "kvmemu_load_ptr" (uint64_t** p) nogil
-    void store_ptr "kvmemu_store_ptr" (uint64_t** p, uint64_t* v) nogil
+    uint64_t* publish_ptr "kvmemu_publish_ptr" (uint64_t** p, uint64_t* v) nogil
 
 # Counts that threads change often and read rarely: a cache line of counts per shard
 # (so that vCPUs on different threads do not pass one line back and forth on every

@@ -79,7 +79,7 @@ cdef class Memslots:
     cdef int file_shift                     # log2(gmem_file_pages)
     cdef FrameFile* frame_file(self, uint64_t pfn, uint64_t* page) noexcept nogil
     cdef uint64_t* frame_state(self, uint64_t pfn) noexcept nogil
-    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL
+    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL nogil
     cdef SlotTable srcu_read_lock(self)
     cdef void srcu_read_unlock(self, SlotTable table) noexcept nogil
     cdef bint attribute_index(self, uint64_t gfn, Py_ssize_t* c, int* i) noexcept nogil

@@ -430,21 +430,26 @@ cdef class Memslots:
         chunk = load_ptr(&f.chunk[page // FRAME_CHUNK])
         return NULL if chunk == NULL else &chunk[page % FRAME_CHUNK]
 
-    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL:
-        """frame_state, making the frame's chunk if it has none yet (the GIL serialises
-        the writers; a reader sees NULL or the zeroed chunk).  NULL only for a frame
+    cdef uint64_t* frame_state_alloc(self, uint64_t pfn) except? NULL nogil:
+        """frame_state, making the frame's chunk if it has none yet: faults of several
+        vCPUs may make it at once (access_many's GIL-free loop), and the first one
+        published stands (a reader sees NULL or a zeroed chunk).  NULL only for a frame
         that is not a guest_memfd page."""
         cdef uint64_t page = 0
         cdef FrameFile* f = self.frame_file(pfn, &page)
         cdef uint64_t* chunk
+        cdef uint64_t* made
         if f == NULL:
             return NULL
-        chunk = f.chunk[page // FRAME_CHUNK]
+        chunk = load_ptr(&f.chunk[page // FRAME_CHUNK])
         if chunk == NULL:
-            chunk = <uint64_t*>calloc(FRAME_CHUNK, sizeof(uint64_t))
-            if chunk == NULL:
-                raise MemoryError()
-            store_ptr(&f.chunk[page // FRAME_CHUNK], chunk)
+            made = <uint64_t*>calloc(FRAME_CHUNK, sizeof(uint64_t))
+            if made == NULL:
+                with gil:
+                    raise MemoryError()
+            chunk = publish_ptr(&f.chunk[page // FRAME_CHUNK], made)
+            if chunk != made:
+                free(made)
         return &chunk[page % FRAME_CHUNK]
 
     def frame(self, uint64_t pfn):

@@ -47,6 +47,7 @@ cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
                                   Py_ssize_t index, uint64_t old, uint64_t new) noexcept
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef int faultin_gmem(VCPUState vcpu, FaultRecord* f) except -1 nogil
 cdef void faultin_host(Memslots memslots, FaultRecord* f) noexcept nogil
 cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept nogil
 cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) noexcept nogil

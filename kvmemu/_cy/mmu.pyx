@@ -85,23 +85,23 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     The loop holds mmu_lock for read and ``table``, the memslots current when its
     kvm->srcu read-side section began (``seen``: Memslots.publishes then).  Handled
     here: an EPT violation of a VMX VM that is not a TD, or a #NPF of an SVM VM that is
-    not SNP, of a VM without private memory, with no stage hook, trace sink or
-    unflushed PML entry, on a gfn of a memslot of user memory, that is not a
-    fast_page_fault candidate, not a write to a read-only memslot (an MMIO exit) and
-    not an MMIO (reserved-bit) fault.  Then the steps are those of handle_exit:
-    handle_ept_violation / npf_interception, kvm_mmu_page_fault (the attributes say
-    shared: without private memory no attribute can be set, and the loop checks that
-    none is), kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn for the host mapping, and the
-    stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held throughout
-    (one of the orders KVM allows: no invalidation runs between the snapshot and the
-    map).  A memslot change published since ``seen`` sends the exit to handle_exit,
-    which reads the new memslots.  ``last`` is the vCPU's last_used_slot for the loop's
-    ``table`` (kvm_vcpu_gfn_to_memslot tries it before the search; NULL at first)."""
+    not SNP, with no stage hook, trace sink or unflushed PML entry, on a gfn of a
+    memslot, that is not a fast_page_fault candidate and does not leave for userspace
+    (an MMIO or reserved-bit fault, a write to a read-only memslot, a memory fault).
+    Then the steps are those of handle_exit: handle_ept_violation / npf_interception,
+    kvm_mmu_page_fault (SW_PROTECTED: private from the attributes),
+    kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn (guest_memfd or the host mapping), and
+    the stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held
+    throughout: one of the orders KVM allows, in which no invalidation runs between
+    the snapshot and the map, and no attribute changes (the store changes under
+    mmu_lock for write).  A memslot change published since ``seen`` sends the exit to
+    handle_exit, which reads the new memslots.  ``last`` is the vCPU's last_used_slot
+    for the loop's ``table`` (kvm_vcpu_gfn_to_memslot tries it before the search; NULL
+    at first)."""
     cdef uint64_t error_code, gfn = gpa >> PAGE_SHIFT
     cdef const SlotRecord* slot
     cdef FaultRecord f
-    if (vcpu.tdx or vcpu.snp or vcpu.has_private_mem or vcpu.stage_hook is not None
-            or vcpu.mmu.tracing or vcpu.memslots.attr_nchunks != 0
+    if (vcpu.tdx or vcpu.snp or vcpu.stage_hook is not None or vcpu.mmu.tracing
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
         return FAULT_ELSEWHERE
@@ -113,15 +113,21 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
         return FAULT_ELSEWHERE
     if error_code & (PFERR_RSVD | PFERR_GUEST_RMP):
         return FAULT_ELSEWHERE
+    if vcpu.sw_protected and vcpu.memslots.mem_is_private(gfn):
+        error_code |= PFERR_PRIVATE_ACCESS          # kvm_mmu_page_fault
     slot = last[0]
     if slot == NULL or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
         slot = table.gfn_to_memslot(gfn)
         if slot != NULL:
             last[0] = slot
-    if slot == NULL or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+    if slot == NULL:
         return FAULT_ELSEWHERE
     init_fault(&f, gpa, error_code, gfn, slot, vcpu.nx_huge_pages, False)
-    if can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY):
+    # What would leave for userspace (a memory fault, an MMIO exit) goes to the exit
+    # handler; so does the fast path.
+    if (can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY)
+            or f.is_private != vcpu.memslots.mem_is_private(gfn)
+            or ((f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY) and f.slot.gmem_id < 0)):
         return FAULT_ELSEWHERE
     if vcpu.ext_exit_qual:          # as vcpu_run clears it (0 but after a TD's exit)
         vcpu.ext_exit_qual = 0
@@ -129,7 +135,10 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
     if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
-    faultin_host(vcpu.memslots, &f)
+    if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
+        faultin_gmem(vcpu, &f)
+    else:
+        faultin_host(vcpu.memslots, &f)
     if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     return count_result(vcpu, map_under_lock(vcpu, &f, vcpu.mmu.direct))
@@ -357,13 +366,7 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         if f.slot.gmem_id < 0:
             return prepare_memory_fault_exit(vcpu, f)
-        f.pfn = gmem_frame(memslots.gmem_base, memslots.gmem_file_pages, f.slot.gmem_id,
-                           f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
-        f.frame = memslots.frame_state_alloc(f.pfn)
-        gmem_prepare(vcpu, f.frame, f.gfn)
-        f.aug = vcpu.tdx and f.is_private and memslots.c[VM_COUNTER_LAUNCHED] != 0
-        f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
-        f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
+        faultin_gmem(vcpu, f)
     elif f.slot.flags & MEM_FLAG_READONLY and f.write:
         return RET_PF_EMULATE       # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     else:
@@ -371,6 +374,20 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+cdef int faultin_gmem(VCPUState vcpu, FaultRecord* f) except -1 nogil:
+    """The frame behind a fault's gfn in its memslot's guest_memfd (kvm_mmu_faultin_pfn_gmem
+    -> kvm_gmem_get_pfn, prepared on first use), mapped at 4K: a TD's private page goes
+    in with TDH.MEM.PAGE.AUG once the TD runs."""
+    f.pfn = gmem_frame(vcpu.memslots.gmem_base, vcpu.memslots.gmem_file_pages, f.slot.gmem_id,
+                       f.slot.gmem_pgoff + (f.gfn - f.slot.base_gfn))
+    f.frame = vcpu.memslots.frame_state_alloc(f.pfn)
+    gmem_prepare(vcpu, f.frame, f.gfn)
+    f.aug = vcpu.tdx and f.is_private and vcpu.memslots.c[VM_COUNTER_LAUNCHED] != 0
+    f.map_writable = not (f.slot.flags & MEM_FLAG_READONLY)
+    f.max_level = PG_LEVEL_4K   # kvm_max_level_for_order(0): mainline order is 0
+    return 0
 
 
 cdef void faultin_host(Memslots memslots, FaultRecord* f) noexcept nogil:

@@ -350,13 +350,7 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         if slot.gmem_id < 0 or slot.gmem_closed:   # no guest_memfd, or kvm_gmem_get_pfn's
             return prepare_memory_fault_exit(vcpu, fault)   # -EFAULT for a closed one
-        fault.pfn = memslots.gmem_get_pfn(slot, fault.gfn)
-        fault.frame = memslots.frame_state_alloc(fault.pfn)
-        gmem_prepare(vcpu, fault.frame, fault.gfn)
-        fault.aug = bool(vcpu.tdx and fault.is_private
-                         and memslots.counters[VM_COUNTER_LAUNCHED])
-        fault.map_writable = not slot.flags & MEM_FLAG_READONLY
-        fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
+        faultin_gmem(vcpu, fault)
     elif slot.flags & MEM_FLAG_READONLY and fault.write:
         return RET_PF_EMULATE                # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     else:
@@ -364,6 +358,20 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
+
+
+def faultin_gmem(vcpu: Any, fault: FaultRecord) -> int:
+    """The frame behind a fault's gfn in its memslot's guest_memfd (kvm_mmu_faultin_pfn_gmem
+    -> kvm_gmem_get_pfn, prepared on first use), mapped at 4K: a TD's private page goes
+    in with TDH.MEM.PAGE.AUG once the TD runs."""
+    memslots = vcpu.memslots
+    fault.pfn = memslots.gmem_get_pfn(fault.slot, fault.gfn)
+    fault.frame = memslots.frame_state_alloc(fault.pfn)
+    gmem_prepare(vcpu, fault.frame, fault.gfn)
+    fault.aug = bool(vcpu.tdx and fault.is_private and memslots.counters[VM_COUNTER_LAUNCHED])
+    fault.map_writable = not fault.slot.flags & MEM_FLAG_READONLY
+    fault.max_level = PG_LEVEL_4K    # kvm_max_level_for_order(0): mainline order is 0
+    return 0
 
 
 def faultin_host(memslots: Any, fault: FaultRecord) -> None:
