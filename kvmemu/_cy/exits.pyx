@@ -305,7 +305,7 @@ cdef int sev_handle_rmp_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code)
                      slot.gmem_pgoff + (gfn - slot.base_gfn))
     frame = vcpu.memslots.frame_state_alloc(pfn)
     gmem_prepare(vcpu, frame, gfn)
-    if frame == NULL or not (frame[0] & FRAME_STATE_RMP_ASSIGNED):
+    if frame == NULL or not (load_entry(frame) & FRAME_STATE_RMP_ASSIGNED):
         return 0
     if vcpu.mmu.tracing:
         vcpu.mmu.tracer.rmp_fault(vcpu.vcpu_id, gpa, pfn, error_code, PG_LEVEL_4K, 0)

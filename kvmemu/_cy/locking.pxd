@@ -62,7 +62,8 @@ cdef extern from *:
         int cpu = sched_getcpu();
         return cpu < 0 ? 0 : cpu % 16;
     }
-    /* Table entries, which vCPUs read while faults on other threads write them:
+    /* Table entries (and guest_memfd frame states), which vCPUs read while faults on
+     * other threads write them:
      * READ_ONCE and WRITE_ONCE, volatile accesses as the kernel's (a plain load or
      * store on x86, as the hardware's walk sees them).  A walk reads a child table's
      * entries through the link it loaded (a dependency the CPU keeps in order); a new

@@ -455,7 +455,7 @@ cdef class Memslots:
     def frame(self, uint64_t pfn):
         """The state of frame ``pfn`` (0 for a frame of user memory)."""
         cdef uint64_t* st = self.frame_state(pfn)
-        return 0 if st == NULL else st[0]
+        return 0 if st == NULL else load_entry(st)
 
     def set_frame(self, uint64_t pfn, uint64_t value):
         """Store the state of guest_memfd frame ``pfn`` (ValueError for another frame)."""

@@ -405,10 +405,14 @@ cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept n
     sev_gmem_prepare (svm/sev.c): an RMP entry not yet assigned becomes
     rmp_make_private(pfn, gfn_to_gpa(gfn), PG_LEVEL_4K, asid, immutable=false), and
     RMPUPDATE leaves it not validated (APM vol. 2, "RMPUPDATE")."""
-    if frame == NULL or frame[0] & FRAME_STATE_PREPARED:
+    cdef uint64_t state
+    if frame == NULL:
         return
-    if vcpu.snp and not (frame[0] & FRAME_STATE_RMP_ASSIGNED):
-        frame[0] = (FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
+    state = load_entry(frame)       # other vCPUs' walks and faults read and prepare it
+    if state & FRAME_STATE_PREPARED:
+        return
+    if vcpu.snp and not (state & FRAME_STATE_RMP_ASSIGNED):
+        store_entry(frame, FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
                     | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
     else:
         atomic_or64(frame, FRAME_STATE_PREPARED)

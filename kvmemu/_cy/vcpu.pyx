@@ -304,7 +304,7 @@ cdef class VCPUState:
         cdef bint rmp_fault
         if self.snp:
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
-            e = frame[0] if frame != NULL else 0
+            e = load_entry(frame) if frame != NULL else 0
             if flags & ACCESS_FLAGS_ENCRYPTED:
                 rmp_fault = (not (e & FRAME_STATE_RMP_ASSIGNED) or (e & FRAME_STATE_RMP_IMMUTABLE)
                              or (e & FRAME_GPA_MASK) != (gpa & FRAME_GPA_MASK)
@@ -325,7 +325,8 @@ cdef class VCPUState:
                 out.value = npf_error_bits(c, flags) | PFERR_PRESENT | PFERR_GUEST_RMP
         elif self.tdx and not (gpa & (self.direct_bits_gfn << PAGE_SHIFT)):
             frame = self.memslots.frame_state(out.value >> PAGE_SHIFT)
-            if frame != NULL and frame[0] & FRAME_STATE_TDX_PENDING and not (flags & ACCESS_PROBE):
+            if (frame != NULL and load_entry(frame) & FRAME_STATE_TDX_PENDING
+                    and not (flags & ACCESS_PROBE)):
                 if self.memslots.c[VM_COUNTER_GUEST_ACCEPTS]:
                     fetch_andnot64(frame, FRAME_STATE_TDX_PENDING)      # TDG.MEM.PAGE.ACCEPT first
                 else:
