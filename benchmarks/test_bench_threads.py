@@ -1,14 +1,16 @@
 """vCPUs on threads: one thread against two over the same total work, on one VM.
 
 ``mapped``: 2M random reads of mapped 4K pages with ``access_many`` into reused
-``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).  ``first-touch``: 200K first-touch 4K
-faults with ``access_many``, after 3 warm-up rounds (a process's first VMs pay the
-kernel's first touch of their table memory).  Each two-thread case splits the work in halves, one per
-vCPU; ``extra_info`` records the elements and ns per element.  This machine's share of
-its cores changes from minute to minute, so the two-thread cases also time one thread
-and two alternately, 10 times each (``speedup_same_moments``: the median of the
-pairs' ratios; ``speedup_best``: best against best), and, as a reference at the same
-moments, two numpy sorts on one thread and on two (``machine_speedup_*``).
+``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).
+``first-touch``: 200K first-touch 4K faults with ``access_many`` (faulted in by its
+GIL-free loop); ``first-touch-private``: the same on SW_PROTECTED private memory.
+They run after 3 warm-up rounds (a process's first VMs pay the kernel's first touch
+of their table memory).  Each two-thread case splits the work in halves, one per
+vCPU; ``extra_info`` records the elements and ns per element.  This machine's share
+of its cores changes from minute to minute, so the two-thread cases also time one
+thread and two alternately, 10 times each (``speedup_same_moments``: the median of
+the pairs' ratios; ``speedup_best``: best against best), and, as a reference at the
+same moments, two numpy sorts on one thread and on two (``machine_speedup_*``).
 """
 
 import gc
@@ -19,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from kvmemu import VMType, _select
+from kvmemu import MemAttr, MemFlag, VMType, _select
 
 N_MAPPED = 1 << 21
 N_PAGES = 64 * 1024
@@ -37,10 +39,17 @@ def run_split(vcpus, chunks, outs=None):
                  for v, c, o in zip(vcpus, chunks, outs)])
 
 
-def vm_with_vcpus(n):
-    vm = _select.load("cython").VM(VMType.DEFAULT)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=16 << 30,
-                              userspace_addr=0x7F0000000000)
+def vm_with_vcpus(n, private=False):
+    """A VM with 16 GiB at GPA 0 and ``n`` vCPUs: DEFAULT, or (``private``) SW_PROTECTED
+    with the memory in guest_memfd and marked private."""
+    size = 16 << 30
+    vm = _select.load("cython").VM(VMType.SW_PROTECTED if private else VMType.DEFAULT)
+    gmem = vm.create_guest_memfd(size) if private else None
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
+                              userspace_addr=0x7F0000000000,
+                              flags=MemFlag.GUEST_MEMFD if private else 0, guest_memfd=gmem)
+    if private:
+        vm.set_memory_attributes(0, size, MemAttr.PRIVATE)
     return vm, [vm.create_vcpu() for _ in range(n)]
 
 
@@ -109,10 +118,10 @@ def mapped_work(threads, rng):
     return vm, lambda: run_split(vcpus, chunks, outs)
 
 
-def first_touch_work(threads):
+def first_touch_work(threads, private=False):
     """A new VM and a vCPU per thread; the run of N_FAULTS first touches split over them."""
     gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
-    vcpus = vm_with_vcpus(threads)[1]
+    vcpus = vm_with_vcpus(threads, private)[1]
     chunks = np.array_split(gpas, threads)
     return lambda: run_split(vcpus, chunks)
 
@@ -131,11 +140,23 @@ def test_mapped_access_many(benchmark, threads, rng, per_element):
 @pytest.mark.benchmark(group="threads-first-touch", disable_gc=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_first_touch_access_many(benchmark, threads, per_element):
+    first_touches(benchmark, threads, per_element, private=False)
+
+
+@pytest.mark.benchmark(group="threads-first-touch-private", disable_gc=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_touch_private_access_many(benchmark, threads, per_element):
+    """The same on SW_PROTECTED private memory: guest_memfd frames, prepared on first
+    use."""
+    first_touches(benchmark, threads, per_element, private=True)
+
+
+def first_touches(benchmark, threads, per_element, private):
     def setup():
-        return (first_touch_work(threads),), {}
+        return (first_touch_work(threads, private),), {}
 
     benchmark.pedantic(lambda run: run(), setup=setup, rounds=15, iterations=1,
                        warmup_rounds=3)
     per_element(N_FAULTS)
     if threads == 2:
-        same_moments(benchmark, first_touch_work)
+        same_moments(benchmark, lambda n: first_touch_work(n, private))
