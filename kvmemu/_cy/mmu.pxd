@@ -24,6 +24,8 @@ cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_
                      const SlotRecord* slot, bint nx, bint prefetch) noexcept nogil
 cdef int page_fault(VCPUState vcpu, uint64_t gpa,
                     uint64_t error_code) except CORE_RETURN_PY_EXCEPTION
+cdef uint64_t sw_protected_private(VCPUState vcpu, uint64_t gpa,
+                                   uint64_t error_code) noexcept nogil
 cdef int count_result(VCPUState vcpu, int r) noexcept nogil
 cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
                            uint64_t gpa,
@@ -36,7 +38,7 @@ cdef int pre_fault_memory(VCPUState vcpu, uint64_t gpa,
                           uint64_t size) except CORE_RETURN_PY_EXCEPTION
 cdef int tdp_map_page(VCPUState vcpu, uint64_t gpa, uint64_t error_code,
                       int* level) except CORE_RETURN_PY_EXCEPTION
-cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept
+cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept nogil
 cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int map_under_lock(VCPUState vcpu, FaultRecord* f,
                         Root root) except CORE_RETURN_PY_EXCEPTION nogil
@@ -47,6 +49,7 @@ cdef bint fast_pf_fix_direct_spte(FaultRecord* f, Root root, Py_ssize_t table,
                                   Py_ssize_t index, uint64_t old, uint64_t new) noexcept
 cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept
+cdef int faultin_slot(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION nogil
 cdef int faultin_gmem(VCPUState vcpu, FaultRecord* f) except -1 nogil
 cdef void faultin_host(Memslots memslots, FaultRecord* f) noexcept nogil
 cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept nogil

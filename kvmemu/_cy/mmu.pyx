@@ -45,9 +45,7 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
                     uint64_t error_code) except CORE_RETURN_PY_EXCEPTION:
     """Models kvm_mmu_page_fault (mmu.c, 6.18)."""
     cdef int r
-    if (vcpu.sw_protected and not (error_code & PFERR_RSVD)
-            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
-        error_code |= PFERR_PRIVATE_ACCESS
+    error_code = sw_protected_private(vcpu, gpa, error_code)
     if vcpu.stage_hook is not None:     # (checked here: no call at all without a hook)
         vcpu.stage("fault", NULL)
     r = RET_PF_INVALID
@@ -61,6 +59,17 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
         vcpu.counters[PF_STAT_PF_TAKEN] += 1
         r = do_page_fault(vcpu, gpa, error_code, False, NULL)
     return count_result(vcpu, r)
+
+
+cdef uint64_t sw_protected_private(VCPUState vcpu, uint64_t gpa,
+                                   uint64_t error_code) noexcept nogil:
+    """The start of kvm_mmu_page_fault (mmu.c, 6.18): on a SW_PROTECTED VM, a fault that
+    is not a reserved-bit fault is private when the attributes say so
+    (PFERR_PRIVATE_ACCESS)."""
+    if (vcpu.sw_protected and not (error_code & PFERR_RSVD)
+            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
+        error_code |= PFERR_PRIVATE_ACCESS
+    return error_code
 
 
 cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
@@ -101,6 +110,7 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     cdef uint64_t error_code, gfn = gpa >> PAGE_SHIFT
     cdef const SlotRecord* slot
     cdef FaultRecord f
+    cdef int r
     if (vcpu.tdx or vcpu.snp or vcpu.stage_hook is not None or vcpu.mmu.tracing
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
@@ -113,8 +123,7 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
         return FAULT_ELSEWHERE
     if error_code & (PFERR_RSVD | PFERR_GUEST_RMP):
         return FAULT_ELSEWHERE
-    if vcpu.sw_protected and vcpu.memslots.mem_is_private(gfn):
-        error_code |= PFERR_PRIVATE_ACCESS          # kvm_mmu_page_fault
+    error_code = sw_protected_private(vcpu, gpa, error_code)
     slot = last[0]
     if slot == NULL or not slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
         slot = table.gfn_to_memslot(gfn)
@@ -123,8 +132,9 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     if slot == NULL:
         return FAULT_ELSEWHERE
     init_fault(&f, gpa, error_code, gfn, slot, vcpu.nx_huge_pages, False)
-    # What would leave for userspace (a memory fault, an MMIO exit) goes to the exit
-    # handler; so does the fast path.
+    # What would leave for userspace (a memory fault, an MMIO exit: faultin_pfn and
+    # faultin_slot return those) goes to the exit handler before anything is counted;
+    # so does the fast path.
     if (can_be_fast(vcpu, &f) or (f.write and f.slot.flags & MEM_FLAG_READONLY)
             or f.is_private != vcpu.memslots.mem_is_private(gfn)
             or ((f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY) and f.slot.gmem_id < 0)):
@@ -133,14 +143,9 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
         vcpu.ext_exit_qual = 0
     once_add(&vcpu.counters[PF_STAT_PF_TAKEN], 1)
     f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
-    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
-        return RET_PF_RETRY
-    if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
-        faultin_gmem(vcpu, &f)
-    else:
-        faultin_host(vcpu.memslots, &f)
-    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
-        return RET_PF_RETRY
+    r = faultin_slot(vcpu, &f)
+    if r != RET_PF_CONTINUE:
+        return r                    # RET_PF_RETRY
     return count_result(vcpu, map_under_lock(vcpu, &f, vcpu.mmu.direct))
 
 
@@ -234,7 +239,7 @@ cdef int tdp_map_page(VCPUState vcpu, uint64_t gpa, uint64_t error_code,
     return -EIO
 
 
-cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept:
+cdef int prepare_memory_fault_exit(VCPUState vcpu, const FaultRecord* f) noexcept nogil:
     """Models kvm_mmu_prepare_memory_fault_exit (mmu.c, 6.18): KVM_EXIT_MEMORY_FAULT with
     the page and PRIVATE when the access was, and -EFAULT for KVM_RUN."""
     vcpu.exit_reason = EXIT_REASON_MEMORY_FAULT
@@ -361,7 +366,15 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
         return handle_noslot_fault(vcpu, f)
     if vcpu.stage_hook is not None and vcpu.stage("faultin", f):   # deleted or moved memslot
         return -EAGAIN if f.prefetch else RET_PF_RETRY
-    if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+    return faultin_slot(vcpu, f)
+
+
+cdef int faultin_slot(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION nogil:
+    """The end of kvm_mmu_faultin_pfn (mmu.c, 6.18) for a fault with a memslot, the
+    invalidation snapshot taken: the frame from guest_memfd (private or gmem-only; a
+    memory fault without one) or from the host mapping (a write to a read-only memslot
+    is emulated), between two stale checks."""
+    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     if f.is_private or f.slot.flags & KVM_MEMSLOT_GMEM_ONLY:
         if f.slot.gmem_id < 0:
@@ -370,8 +383,8 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     elif f.slot.flags & MEM_FLAG_READONLY and f.write:
         return RET_PF_EMULATE       # KVM_PFN_ERR_RO_FAULT -> kvm_handle_error_pfn
     else:
-        faultin_host(memslots, f)
-    if memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
+        faultin_host(vcpu.memslots, f)
+    if vcpu.memslots.mmu_invalidate_retry_gfn(f.mmu_seq, f.gfn):
         return RET_PF_RETRY
     return RET_PF_CONTINUE
 

@@ -93,9 +93,7 @@ def init_fault(addr: int, error_code: int, gfn: int, slot: Any, nx: bool,
 def page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
     """Models kvm_mmu_page_fault (mmu.c, 6.18): the SW_PROTECTED private bit, the MMIO
     path for a reserved-bit fault, the fault, and the statistics of its result."""
-    if (vcpu.sw_protected and not error_code & PFERR_RSVD
-            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
-        error_code |= PFERR_PRIVATE_ACCESS
+    error_code = sw_protected_private(vcpu, gpa, error_code)
     vcpu.stage("fault", None)
     r = RET_PF_INVALID
     if error_code & PFERR_RSVD:
@@ -108,6 +106,16 @@ def page_fault(vcpu: Any, gpa: int, error_code: int) -> int:
         vcpu.counters[PF_STAT_PF_TAKEN] += 1
         r = do_page_fault(vcpu, gpa, error_code)
     return count_result(vcpu, r)
+
+
+def sw_protected_private(vcpu: Any, gpa: int, error_code: int) -> int:
+    """The start of kvm_mmu_page_fault (mmu.c, 6.18): on a SW_PROTECTED VM, a fault that
+    is not a reserved-bit fault is private when the attributes say so
+    (PFERR_PRIVATE_ACCESS)."""
+    if (vcpu.sw_protected and not error_code & PFERR_RSVD
+            and vcpu.memslots.mem_is_private(gpa >> PAGE_SHIFT)):
+        error_code |= PFERR_PRIVATE_ACCESS
+    return error_code
 
 
 def count_result(vcpu: Any, r: int) -> int:
@@ -345,6 +353,15 @@ def faultin_pfn(vcpu: Any, fault: FaultRecord) -> int:
         return handle_noslot_fault(vcpu, fault)
     if vcpu.stage("faultin", fault):         # the memslot was deleted or moved
         return -errno.EAGAIN if fault.prefetch else RET_PF_RETRY
+    return faultin_slot(vcpu, fault)
+
+
+def faultin_slot(vcpu: Any, fault: FaultRecord) -> int:
+    """The end of kvm_mmu_faultin_pfn (mmu.c, 6.18) for a fault with a memslot, the
+    invalidation snapshot taken: the frame from guest_memfd (private or gmem-only; a
+    memory fault without one) or from the host mapping (a write to a read-only memslot
+    is emulated), between two stale checks."""
+    memslots, slot = vcpu.memslots, fault.slot
     if memslots.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn):
         return RET_PF_RETRY
     if fault.is_private or slot.flags & KVM_MEMSLOT_GMEM_ONLY:
