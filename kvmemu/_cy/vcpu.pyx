@@ -660,7 +660,6 @@ cdef class VCPUState:
                                     if r == RET_PF_RETRY:
                                         break        # vcpu_run retries it, as it does
                                     used += 1
-                                    faulted = True
                                     if used >= limit:
                                         break        # vcpu_run finds it unsettled
                                     dn = load_count(&dpt.ntables)    # the tables it may have linked
@@ -668,8 +667,7 @@ cdef class VCPUState:
                                 hpa[i] = out.value
                                 level[i] = out.level
                                 i += 1
-                                if not used:
-                                    faulted = False
+                                faulted = used != 0
                                 used = 0
                         finally:
                             lock.read_unlock()
