@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -228,26 +227,31 @@ def test_conversions_racing_batches_leave_every_mapping_right(kv):
 
 
 def test_a_memslot_deleted_during_a_batch_leaves_no_mapping(kv):
-    """A vCPU thread first-touches a memslot while another deletes it: the deletion
-    waits for the batch's kvm->srcu section (synchronize_srcu), then zaps, so no leaf
-    maps the deleted memslot once the deletion has returned; the batch ends at an MMIO
-    exit (the gfn has no memslot any more) or completes before the deletion."""
+    """A vCPU thread first-touches a memslot while another deletes it, before the batch
+    starts or after it has taken some faults: the deletion waits for the batch's
+    kvm->srcu section (synchronize_srcu), then zaps, so no leaf maps the deleted memslot
+    once the deletion has returned; the batch ends at an MMIO exit (the gfn has no
+    memslot any more) or completes before the deletion."""
     n = 1 << 18 if kv.IMPLEMENTATION == "cython" else 2048
-    for delay in (0.0, 0.002, 0.005):
+    for faults in (0, n // 64, n // 4):
         vm = default_vm(kv)
         vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=1 << 30,
                                   userspace_addr=UADDR + (1 << 30))
         vcpu = vm.create_vcpu()
-        started = threading.Event()
+        started, done = threading.Event(), threading.Event()
         results = []
 
         def touch():
             started.set()
-            results.append(vcpu.access_many(pages(1 << 18, n)))
+            try:
+                results.append(vcpu.access_many(pages(1 << 18, n)))
+            finally:
+                done.set()
 
-        def delete(delay=delay):
+        def delete(faults=faults):
             started.wait()
-            time.sleep(delay)
+            while vcpu.stats["pf_taken"] < faults and not done.is_set():
+                pass                        # until the batch has taken that many faults
             vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=0,
                                       userspace_addr=UADDR + (1 << 30))
             assert vm.check_invariants() == []
@@ -262,29 +266,31 @@ def test_a_memslot_change_waits_for_one_run_of_a_batch_not_all_of_it(kv):
     """A memslot change waits for the faults that read the old memslots
     (synchronize_srcu), not for a long batch of mapped accesses on another thread to
     end: the batch's GIL-free loop ends its srcu section at the next run boundary
-    (LOCKED_RUN accesses) when memslots were published meanwhile."""
+    (LOCKED_RUN accesses) when memslots were published meanwhile.  The change is made
+    once the batch has translated its first 1000 accesses (seen in its ``out=`` array),
+    and must return while the batch still runs."""
     n = 1 << 23 if kv.IMPLEMENTATION == "cython" else 20_000
     vm = default_vm(kv)
     vcpu = vm.create_vcpu()
     vcpu.access_many(pages(0, 1 << 14))
     gpas = np.random.default_rng(1).integers(0, 1 << 14, n, dtype=np.uint64) << np.uint64(12)
-    started, times = threading.Event(), {}
+    hpa, level = np.zeros(n, np.uint64), np.zeros(n, np.uint8)
+    walked, added_while_walking = threading.Event(), []
 
     def walk():
-        started.set()
-        result = vcpu.access_many(gpas)
-        times["walked"] = time.perf_counter()
+        result = vcpu.access_many(gpas, out=(hpa, level))
+        walked.set()
         assert result.count == n
 
     def add_memslot():
-        started.wait()
-        time.sleep(0.01)
+        while not level[1000] and not walked.is_set():
+            pass                            # until the batch is well into its loop
         vm.set_user_memory_region(slot=1, guest_phys_addr=1 << 30, memory_size=2 * MIB,
                                   userspace_addr=UADDR + (1 << 30))
-        times["added"] = time.perf_counter()
+        added_while_walking.append(not walked.is_set())
 
     run_threads(walk, add_memslot)
-    assert times["added"] < times["walked"]
+    assert added_while_walking == [True]
 
 
 def test_faults_and_memslot_moves_from_many_threads(kv):
