@@ -56,11 +56,17 @@ cdef extern from *:
     static inline uint64_t *kvmemu_load_ptr(uint64_t **p) {
         return __atomic_load_n(p, __ATOMIC_ACQUIRE);
     }
-    /* The shard of the CPU the thread runs on, as the kernel's per-CPU counters are
-     * kept (the thread may move meanwhile: changes stay atomic). */
+    /* The calling thread's shard, given on its first use in turn (the kernel keeps
+     * these counts per CPU; a thread is what runs a vCPU here, and a thread-local
+     * costs a load where sched_getcpu costs some 30 instructions per change).
+     * Threads past the 16th share shards: changes are atomic. */
+    static __thread int kvmemu_shard __attribute__((tls_model("initial-exec"))) = -1;
+    static int kvmemu_shards_given;
     static inline int kvmemu_my_shard(void) {
-        int cpu = sched_getcpu();
-        return cpu < 0 ? 0 : cpu % 16;
+        int s = kvmemu_shard;
+        if (s < 0)
+            s = kvmemu_shard = __atomic_fetch_add(&kvmemu_shards_given, 1, __ATOMIC_RELAXED) & 15;
+        return s;
     }
     /* Table entries (and guest_memfd frame states), which vCPUs read while faults on
      * other threads write them:

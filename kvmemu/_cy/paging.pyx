@@ -14,12 +14,13 @@
 # by page as tables are used) and unmapped only when it is freed: table memory
 # never moves, so a loop that reads it without the GIL never reads freed memory.
 # Table k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is
-# the root.  Invariant: the walk reads only through table_at(), which maps an
-# address that holds no table to -1, and -1 reads as a zero entry -- so a walk
-# never reads outside tables 0 .. ntables-1 whatever the entries say.
+# the root.  Invariant: the walk follows an entry's address only through
+# table_at(), which maps an address that holds no table to -1 (and -1 reads as a
+# zero entry), or after has_table() allowed it -- so a walk never reads outside
+# tables 0 .. ntables-1 whatever the entries say.
 
 cimport cython
-from libc.stdint cimport int64_t, uint8_t, uint64_t
+from libc.stdint cimport int64_t, uint8_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memset
 from cpython.object cimport PyObject, PyTypeObject
@@ -141,6 +142,19 @@ cdef inline Py_ssize_t table_at(uint64_t hpa, Py_ssize_t ntables) noexcept nogil
         return -1
     cdef uint64_t k = (hpa - PT_BASE_HPA) >> PAGE_SHIFT
     return <Py_ssize_t>k if k < <uint64_t>ntables else -1
+
+
+cdef inline uintptr_t table_bias(const uint64_t* mem) noexcept nogil:
+    """What an entry's address bits add to, to point into ``mem``: the table at
+    page-aligned HPA ``h`` starts at byte ``table_bias(mem) + h`` (for the ``h`` that
+    has_table allows).  A walk that steps down this way waits on one AND and one add
+    per level after the entry's load, where table_at's index waits on four more."""
+    return <uintptr_t>mem - <uintptr_t>PT_BASE_HPA
+
+
+cdef inline bint has_table(uint64_t hpa, Py_ssize_t ntables) noexcept nogil:
+    """table_at(hpa, ntables) >= 0 in one compare (below PT_BASE_HPA wraps above)."""
+    return hpa - PT_BASE_HPA < (<uint64_t>ntables << PAGE_SHIFT)
 
 
 cdef inline bint is_large(const PagingConfig* c, int level, uint64_t e) noexcept nogil:
@@ -359,12 +373,13 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
     cdef uint64_t* used[5]
     cdef uint64_t e, need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
     cdef uint64_t page_mask, every = ~(<uint64_t>0)     # the bits set in every entry used
-    cdef Py_ssize_t table = 0
+    cdef uint64_t* table = mem
+    cdef uintptr_t bias = table_bias(mem)
     cdef int level = levels, n = 0, i
     if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
         return False
     while True:
-        used[n] = &mem[table * PT_ENTRIES + gpa_index(gpa, level)]
+        used[n] = &table[gpa_index(gpa, level)]
         e = load_entry(used[n])
         every &= e
         n += 1
@@ -382,9 +397,9 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
             break
         elif e & EPT_RSVD_NONLEAF:
             return False
-        table = table_at(e & c.addr_mask, ntables)
-        if table < 0:
+        if not has_table(e & c.addr_mask, ntables):
             return False
+        table = <uint64_t*>(bias + (e & c.addr_mask))
         level -= 1
     if level == PG_LEVEL_1G and (not c.huge_1g or (e & EPT_RSVD_1G)):
         return False
@@ -413,10 +428,10 @@ cdef inline bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mas
     """ept4_mapped_run's step down: ``e`` becomes the level-``level`` entry of the table
     it points to; False if there is no such table, or the entry lacks a bit of ``need``
     or has one of ``bad``."""
-    cdef Py_ssize_t t = table_at(e[0] & mask, ntables)
-    if t < 0:
+    cdef uint64_t hpa = e[0] & mask
+    if not has_table(hpa, ntables):
         return False
-    e[0] = load_entry(&mem[t * PT_ENTRIES + gpa_index(gpa, level)])
+    e[0] = load_entry(<const uint64_t*>(table_bias(mem) + hpa) + gpa_index(gpa, level))
     return (e[0] & need) == need and not (e[0] & bad)
 
 

@@ -59,9 +59,20 @@ cdef class Root:
         """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
         writes these tables, and its non-leaf SPTEs always point at a table (a release
         build reads the root rather than outside the tables if one did not)."""
-        cdef Py_ssize_t table = table_at(spte & SPTE_BASE_ADDR_MASK, load_count(&self.pt.ntables))
-        debug_assert(table > 0)
-        return table if table > 0 else 0
+        cdef Py_ssize_t table
+        self.child_entries(spte, &table)
+        return table
+
+    cdef uint64_t* child_entries(self, uint64_t spte, Py_ssize_t* table) noexcept nogil:
+        """child(spte) in ``table``, and its entries, found from the SPTE's address bits
+        (the walk down then waits on an AND and an add per level, not on the index)."""
+        cdef uint64_t hpa = spte & SPTE_BASE_ADDR_MASK
+        if has_table(hpa, load_count(&self.pt.ntables)) and hpa != PT_BASE_HPA:
+            table[0] = <Py_ssize_t>((hpa - PT_BASE_HPA) >> PAGE_SHIFT)
+            return <uint64_t*>(table_bias(self.pt.mem) + hpa)
+        debug_assert(False)
+        table[0] = 0
+        return self.pt.mem
 
     cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil:
         debug_assert(0 <= table < self.disallowed_cap)
@@ -297,6 +308,7 @@ cdef class TdpMmu:
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
         cdef Py_ssize_t table = 0, index, child
+        cdef uint64_t* entries = root.pt.mem        # table ``table``'s
         cdef int level = self.levels
         hugepage_adjust(f, self.nx_huge_pages)
         if self.tracing:
@@ -306,7 +318,7 @@ cdef class TdpMmu:
                     | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
         while True:
             index = spte_index(indexed, level)
-            old = root.pt.read(table, index)
+            old = load_entry(&entries[index])
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(f, root, old, level)
             if level == f.goal_level:
@@ -314,7 +326,7 @@ cdef class TdpMmu:
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
             if is_shadow_present_pte(old) and not (old & PTE_LARGE):
-                table, level = root.child(old), level - 1
+                entries, level = root.child_entries(old, &table), level - 1
                 continue
             if is_shadow_present_pte(old):               # a huge leaf in the way: split it
                 child = self.split_huge_page(root, table, index, level, old,
@@ -327,6 +339,7 @@ cdef class TdpMmu:
             if not child:
                 return RET_PF_RETRY
             table, level = child, level - 1
+            entries = &root.pt.mem[child * PT_ENTRIES]
 
     cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                             uint64_t old, uint64_t gfn, bint disallowed) except -1 nogil:
