@@ -3,7 +3,8 @@
 ``mapped``: 2M random reads of mapped 4K pages with ``access_many`` into reused
 ``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).
 ``first-touch``: 200K first-touch 4K faults with ``access_many`` (faulted in by its
-GIL-free loop); ``first-touch-private``: the same on SW_PROTECTED private memory.
+GIL-free loop); ``first-touch-private``: the same on SW_PROTECTED private memory;
+``first-touch-snp``: C-bit writes to SNP private memory (RMP entries assigned).
 They run after 3 warm-up rounds (a process's first VMs pay the kernel's first touch
 of their table memory).  Each two-thread case splits the work in halves, one per
 vCPU; ``extra_info`` records the elements and ns per element.  This machine's share
@@ -21,32 +22,33 @@ import time
 import numpy as np
 import pytest
 
-from kvmemu import MemAttr, MemFlag, VMType, _select
+from kvmemu import AccessFlags, MemAttr, MemFlag, VMType, _select
 
 N_MAPPED = 1 << 21
 N_PAGES = 64 * 1024
 N_FAULTS = 200_000
 
 
-def run_split(vcpus, chunks, outs=None):
+def run_split(vcpus, chunks, outs=None, flags=AccessFlags.WRITE):
     """Each vCPU's access_many on its chunk, each on its own thread (one: in this one),
     filling ``outs`` (one (hpa, level) pair per chunk) when given."""
     outs = outs or [None] * len(chunks)
     if len(vcpus) == 1:
-        assert vcpus[0].access_many(chunks[0], 1, out=outs[0]).exit is None
+        assert vcpus[0].access_many(chunks[0], flags, out=outs[0]).exit is None
         return
-    run_threads([lambda v=v, c=c, o=o: v.access_many(c, 1, out=o)
+    run_threads([lambda v=v, c=c, o=o: v.access_many(c, flags, out=o)
                  for v, c, o in zip(vcpus, chunks, outs)])
 
 
-def vm_with_vcpus(n, private=False):
-    """A VM with 16 GiB at GPA 0 and ``n`` vCPUs: DEFAULT, or (``private``) SW_PROTECTED
-    with the memory in guest_memfd and marked private."""
+def vm_with_vcpus(n, vm_type=VMType.DEFAULT):
+    """A VM with 16 GiB at GPA 0 and ``n`` vCPUs: DEFAULT; or SW_PROTECTED or SNP with the
+    memory in guest_memfd and marked private (SNP's host mapping within its frames)."""
     size = 16 << 30
-    vm = _select.load("cython").VM(VMType.SW_PROTECTED if private else VMType.DEFAULT)
+    private = vm_type != VMType.DEFAULT
+    vm = _select.load("cython").VM(vm_type)
     gmem = vm.create_guest_memfd(size) if private else None
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
-                              userspace_addr=0x7F0000000000,
+                              userspace_addr=1 << 30 if vm_type == VMType.SNP else 0x7F0000000000,
                               flags=MemFlag.GUEST_MEMFD if private else 0, guest_memfd=gmem)
     if private:
         vm.set_memory_attributes(0, size, MemAttr.PRIVATE)
@@ -118,12 +120,14 @@ def mapped_work(threads, rng):
     return vm, lambda: run_split(vcpus, chunks, outs)
 
 
-def first_touch_work(threads, private=False):
-    """A new VM and a vCPU per thread; the run of N_FAULTS first touches split over them."""
+def first_touch_work(threads, vm_type=VMType.DEFAULT):
+    """A new VM and a vCPU per thread; the run of N_FAULTS first touches (writes; with the
+    C-bit on SNP) split over them."""
     gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
-    vcpus = vm_with_vcpus(threads, private)[1]
+    vcpus = vm_with_vcpus(threads, vm_type)[1]
     chunks = np.array_split(gpas, threads)
-    return lambda: run_split(vcpus, chunks)
+    flags = AccessFlags.WRITE | (AccessFlags.ENCRYPTED if vm_type == VMType.SNP else 0)
+    return lambda: run_split(vcpus, chunks, flags=flags)
 
 
 @pytest.mark.benchmark(group="threads-mapped", disable_gc=True)
@@ -140,7 +144,7 @@ def test_mapped_access_many(benchmark, threads, rng, per_element):
 @pytest.mark.benchmark(group="threads-first-touch", disable_gc=True)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_first_touch_access_many(benchmark, threads, per_element):
-    first_touches(benchmark, threads, per_element, private=False)
+    first_touches(benchmark, threads, per_element, VMType.DEFAULT)
 
 
 @pytest.mark.benchmark(group="threads-first-touch-private", disable_gc=True)
@@ -148,15 +152,23 @@ def test_first_touch_access_many(benchmark, threads, per_element):
 def test_first_touch_private_access_many(benchmark, threads, per_element):
     """The same on SW_PROTECTED private memory: guest_memfd frames, prepared on first
     use."""
-    first_touches(benchmark, threads, per_element, private=True)
+    first_touches(benchmark, threads, per_element, VMType.SW_PROTECTED)
 
 
-def first_touches(benchmark, threads, per_element, private):
+@pytest.mark.benchmark(group="threads-first-touch-snp", disable_gc=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_touch_snp_access_many(benchmark, threads, per_element):
+    """C-bit writes to SNP private memory: guest_memfd frames prepared with their RMP
+    entries assigned, then the RMP check (the guest validates each page first)."""
+    first_touches(benchmark, threads, per_element, VMType.SNP)
+
+
+def first_touches(benchmark, threads, per_element, vm_type):
     def setup():
-        return (first_touch_work(threads, private),), {}
+        return (first_touch_work(threads, vm_type),), {}
 
     benchmark.pedantic(lambda run: run(), setup=setup, rounds=15, iterations=1,
                        warmup_rounds=3)
     per_element(N_FAULTS)
     if threads == 2:
-        same_moments(benchmark, lambda n: first_touch_work(n, private))
+        same_moments(benchmark, lambda n: first_touch_work(n, vm_type))

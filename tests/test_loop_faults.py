@@ -1,7 +1,7 @@
 """First touches that ``access_many`` faults in without leaving its GIL-free loop.
 
-On a VM without private memory, the compiled core handles an EPT violation or #NPF
-that needs nothing of Python inside the batch loop, under the loop's mmu_lock and
+On a VM that is not a TD, the compiled core handles an EPT violation or #NPF that
+needs nothing of Python inside the batch loop, under the loop's mmu_lock and
 kvm->srcu section.  Both cores must give the same results, statistics and tables,
 taken from KVM's rules (kvm_mmu_page_fault counts pf_taken and pf_fixed per fault,
 kvm_update_page_stats one 4K page per new leaf, __kvm_faultin_pfn the frame behind the
@@ -17,8 +17,8 @@ import threading
 import numpy as np
 import pytest
 
-from kvmemu import (MEMORY_EXIT_FLAG_PRIVATE, AccessFlags, Host, MemAttr, MemFlag,
-                    MemoryFaultExit, MmioExit, VMType)
+from kvmemu import (MEMORY_EXIT_FLAG_PRIVATE, PG_LEVEL_4K, AccessFlags, Host, MemAttr,
+                    MemFlag, MemoryFaultExit, MmioExit, RmpEntry, VMType)
 
 from test_threads import run_threads
 
@@ -123,6 +123,63 @@ def test_a_sw_protected_vm_faults_private_and_shared_pages_in_the_loop(kv):
     assert vm.check_invariants() == []
 
 
+SNP_UADDR = 1 << 30     # within the SNP host's frames (its C-bit takes physical address bits)
+
+
+def snp_vm(kv, size=4 * MIB):
+    """SNP, ``size`` of guest_memfd-backed memory at GPA 0, its first half private; its
+    launch never ended, so the modelled guest validates each private page before its
+    first touch (as a Linux guest does)."""
+    vm = kv.VM(VMType.SNP)
+    gmem = vm.create_guest_memfd(size)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
+                              userspace_addr=SNP_UADDR, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=gmem)
+    vm.set_memory_attributes(0, size // 2, MemAttr.PRIVATE)
+    return vm, gmem
+
+
+ENCRYPTED_WRITE = AccessFlags.WRITE | AccessFlags.ENCRYPTED
+
+
+def test_an_snp_vm_faults_private_and_shared_pages_in_the_loop(kv):
+    """C-bit writes to 512 private pages and plain writes to 512 shared ones, all first
+    touches: a #NPF with GUEST_ENC is private (npf_interception), and its guest_memfd
+    frame is prepared with its RMP entry assigned to the GPA, 4K, ASID 1, not yet
+    validated (sev_gmem_prepare: rmp_make_private), which the guest's PVALIDATE then
+    sets; a shared page maps its host frame and leaves its guest_memfd frame alone."""
+    vm, gmem = snp_vm(kv)
+    vcpu = vm.create_vcpu()
+    private = vcpu.access_many(pages(0, 512), ENCRYPTED_WRITE)
+    shared = vcpu.access_many(pages(512, 512), AccessFlags.WRITE)
+    assert private.count == shared.count == 512 and private.exit is shared.exit is None
+    assert private.hpa.tolist() == [gmem.pfn(i) << 12 for i in range(512)]
+    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(SNP_UADDR))
+    for i in (0, 1, 511):
+        assert vm.rmp_entry(gmem.pfn(i)) == RmpEntry(True, 1, i << 12, PG_LEVEL_4K, True, False)
+    assert vm.rmp_entry(gmem.pfn(512)) == RmpEntry(False, 0, 0, PG_LEVEL_4K, False, False)
+    assert (vcpu.stats["pf_taken"], vcpu.stats["pf_fixed"]) == (1024, 1024)
+    assert vm.stats["pages_4k"] == 1024
+    assert loop_faults(kv, vcpu) in (1024, None)
+    assert vm.check_invariants() == []
+
+
+def test_an_rmp_violation_leaves_the_loop_for_the_exit_handler(kv):
+    """A C-bit-clear write to a page mapped private (an assigned frame) fails the RMP
+    check: #NPF PRESENT|WRITE|USER|GUEST_FINAL|GUEST_RMP without GUEST_ENC, so the
+    fault is shared while the attributes say private, and KVM exits with
+    KVM_EXIT_MEMORY_FAULT (flags 0: shared); the batch stops there, after the ten
+    private first touches the loop faulted in."""
+    vm, gmem = snp_vm(kv)
+    vcpu = vm.create_vcpu()
+    flags = np.array([ENCRYPTED_WRITE] * 10 + [AccessFlags.WRITE], dtype=np.uint8)
+    result = vcpu.access_many(np.concatenate([pages(0, 10), pages(5, 1)]), flags)
+    assert result.count == 10 and result.exit == MemoryFaultExit(0, 0x5000, 4096)
+    assert vcpu.stats["pf_taken"] == 11 and vcpu.stats["pf_fixed"] == 10
+    assert loop_faults(kv, vcpu) in (10, None)
+    assert vm.check_invariants() == []
+
+
 def test_a_private_access_without_guest_memfd_is_a_memory_fault_from_the_loop(kv):
     """A private gfn in a memslot without guest_memfd: kvm_mmu_faultin_pfn exits to
     userspace with KVM_EXIT_MEMORY_FAULT (PRIVATE, the page), after the pages before
@@ -194,6 +251,32 @@ def test_vcpus_first_touching_guest_memfd_chunks_prepare_every_frame(kv):
 
         run_threads(lambda: touch(0), lambda: touch(1))
         assert sum(v.stats["pf_fixed"] for v in vcpus) == 2 * n == vm.stats["pages_4k"]
+        assert vm.check_invariants() == []
+
+
+def test_snp_vcpus_first_touching_the_same_private_pages_assign_each_frame_once(kv):
+    """Two vCPU threads make C-bit writes to the same private pages at once: each frame
+    ends prepared, its RMP entry assigned for its GPA and validated, every page is
+    mapped once, and both see the guest_memfd frames."""
+    n = 2048 if kv.IMPLEMENTATION == "cython" else 128
+    for _ in range(3 if kv.IMPLEMENTATION == "cython" else 1):
+        vm, gmem = snp_vm(kv, 4 * n * 4096)
+        vcpus = [vm.create_vcpu() for _ in range(2)]
+        results = [None, None]
+        ready = threading.Barrier(2)
+
+        def touch(k):
+            ready.wait()
+            results[k] = vcpus[k].access_many(pages(0, n), ENCRYPTED_WRITE)
+
+        run_threads(lambda: touch(0), lambda: touch(1))
+        expected = [gmem.pfn(i) << 12 for i in range(n)]
+        for result in results:
+            assert result.count == n and result.exit is None
+            assert result.hpa.tolist() == expected
+        assert all(vm.rmp_entry(gmem.pfn(i)) == RmpEntry(True, 1, i << 12, PG_LEVEL_4K,
+                                                         True, False) for i in range(n))
+        assert sum(v.stats["pf_fixed"] for v in vcpus) == n == vm.stats["pages_4k"]
         assert vm.check_invariants() == []
 
 

@@ -202,10 +202,11 @@ class TwinVMs(RuleBasedStateMachine):
         self.apply("access_many", vcpu, np.array(gpas, dtype=np.uint64), flags)
 
     @rule(vcpu=st.integers(0, 3), base=BASES, count=st.integers(1, 520),
-          flags=st.integers(0, 7))
+          flags=st.integers(0, 15))
     def access_run(self, vcpu, base, count, flags):
-        """Consecutive pages from one of the shared regions: a run of first touches that
-        the compiled core's batch loop faults in itself, across a leaf table's end."""
+        """Consecutive pages from one of the regions: a run of first touches that the
+        compiled core's batch loop faults in itself, across a leaf table's end (with
+        the C-bit, flag 8, an SNP VM's private ones)."""
         gpas = (np.arange(count, dtype=np.uint64) << np.uint64(12)) + np.uint64(base)
         self.apply("access_many", vcpu, gpas, flags)
 

@@ -93,13 +93,15 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
 
     The loop holds mmu_lock for read and ``table``, the memslots current when its
     kvm->srcu read-side section began (``seen``: Memslots.publishes then).  Handled
-    here: an EPT violation of a VMX VM that is not a TD, or a #NPF of an SVM VM that is
-    not SNP, with no stage hook, trace sink or unflushed PML entry, on a gfn of a
-    memslot, that is not a fast_page_fault candidate and does not leave for userspace
-    (an MMIO or reserved-bit fault, a write to a read-only memslot, a memory fault).
-    Then the steps are those of handle_exit: handle_ept_violation / npf_interception,
+    here: an EPT violation of a VMX VM that is not a TD, or a #NPF of an SVM VM, with no
+    stage hook, trace sink or unflushed PML entry, on a gfn of a memslot, that is not a
+    fast_page_fault candidate, not an RMP violation (sev_handle_rmp_fault follows
+    those) and does not leave for userspace (an MMIO or reserved-bit fault, a write to
+    a read-only memslot, a memory fault).  Then the steps are those of handle_exit:
+    handle_ept_violation / npf_interception (SNP: private from GUEST_ENC),
     kvm_mmu_page_fault (SW_PROTECTED: private from the attributes),
-    kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn (guest_memfd or the host mapping), and
+    kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn (guest_memfd, prepared on first use, for
+    SNP with its RMP entry assigned; or the host mapping), and
     the stale check and the map of kvm_tdp_mmu_page_fault, with mmu_lock held
     throughout: one of the orders KVM allows, in which no invalidation runs between
     the snapshot and the map, and no attribute changes (the store changes under
@@ -111,14 +113,14 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     cdef const SlotRecord* slot
     cdef FaultRecord f
     cdef int r
-    if (vcpu.tdx or vcpu.snp or vcpu.stage_hook is not None or vcpu.mmu.tracing
+    if (vcpu.tdx or vcpu.stage_hook is not None or vcpu.mmu.tracing
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
         return FAULT_ELSEWHERE
     if exit_.kind == OUT_EPT_VIOLATION:
         error_code = vmx_ec(exit_.value, gpa, 0)
     elif exit_.kind == OUT_NPF:
-        error_code = svm_ec(exit_.value, False)
+        error_code = svm_ec(exit_.value, vcpu.snp)
     else:
         return FAULT_ELSEWHERE
     if error_code & (PFERR_RSVD | PFERR_GUEST_RMP):
@@ -422,13 +424,17 @@ cdef void gmem_prepare(VCPUState vcpu, uint64_t* frame, uint64_t gfn) noexcept n
     if frame == NULL:
         return
     state = load_entry(frame)       # other vCPUs' walks and faults read and prepare it
-    if state & FRAME_STATE_PREPARED:
-        return
-    if vcpu.snp and not (state & FRAME_STATE_RMP_ASSIGNED):
-        store_entry(frame, FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
-                    | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK))
-    else:
-        atomic_or64(frame, FRAME_STATE_PREPARED)
+    while not (state & FRAME_STATE_PREPARED):
+        if not vcpu.snp or state & FRAME_STATE_RMP_ASSIGNED:
+            atomic_or64(frame, FRAME_STATE_PREPARED)
+            return
+        # The assignment replaces the word: a compare-and-exchange, so that what another
+        # vCPU did meanwhile (prepared it first, or its walk validated the page that
+        # vCPU mapped) is not overwritten; then look again.
+        if cmpxchg64(frame, state, FRAME_STATE_PREPARED | FRAME_STATE_RMP_ASSIGNED
+                     | ((gfn << PAGE_SHIFT) & FRAME_GPA_MASK)):
+            return
+        state = load_entry(frame)
 
 
 cdef int handle_noslot_fault(VCPUState vcpu, FaultRecord* f) noexcept:
