@@ -4,7 +4,9 @@
 ``out=`` arrays (the walks run without the GIL, holding mmu_lock for read).
 ``first-touch``: 200K first-touch 4K faults with ``access_many`` (faulted in by its
 GIL-free loop); ``first-touch-private``: the same on SW_PROTECTED private memory;
-``first-touch-snp``: C-bit writes to SNP private memory (RMP entries assigned).
+``first-touch-snp``: C-bit writes to SNP private memory (RMP entries assigned);
+``first-touch-tdx``: reads of a TD's private memory (mapped in the mirror root,
+added with TDH.MEM.PAGE.AUG and accepted).
 They run after 3 warm-up rounds (a process's first VMs pay the kernel's first touch
 of their table memory).  Each two-thread case splits the work in halves, one per
 vCPU; ``extra_info`` records the elements and ns per element.  This machine's share
@@ -41,14 +43,16 @@ def run_split(vcpus, chunks, outs=None, flags=AccessFlags.WRITE):
 
 
 def vm_with_vcpus(n, vm_type=VMType.DEFAULT):
-    """A VM with 16 GiB at GPA 0 and ``n`` vCPUs: DEFAULT; or SW_PROTECTED or SNP with the
-    memory in guest_memfd and marked private (SNP's host mapping within its frames)."""
+    """A VM with 16 GiB at GPA 0 and ``n`` vCPUs: DEFAULT; or SW_PROTECTED, SNP or TDX with
+    the memory in guest_memfd and marked private (the host mapping within the frames of
+    a confidential VM's host)."""
     size = 16 << 30
     private = vm_type != VMType.DEFAULT
     vm = _select.load("cython").VM(vm_type)
     gmem = vm.create_guest_memfd(size) if private else None
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
-                              userspace_addr=1 << 30 if vm_type == VMType.SNP else 0x7F0000000000,
+                              userspace_addr=(1 << 30 if vm_type in (VMType.SNP, VMType.TDX)
+                                              else 0x7F0000000000),
                               flags=MemFlag.GUEST_MEMFD if private else 0, guest_memfd=gmem)
     if private:
         vm.set_memory_attributes(0, size, MemAttr.PRIVATE)
@@ -121,12 +125,14 @@ def mapped_work(threads, rng):
 
 
 def first_touch_work(threads, vm_type=VMType.DEFAULT):
-    """A new VM and a vCPU per thread; the run of N_FAULTS first touches (writes; with the
-    C-bit on SNP) split over them."""
+    """A new VM and a vCPU per thread; the run of N_FAULTS first touches (writes, with the
+    C-bit on SNP; reads on a TD, which handles a private fault as a write) split over
+    them."""
     gpas = np.arange(N_FAULTS, dtype=np.uint64) << np.uint64(12)
     vcpus = vm_with_vcpus(threads, vm_type)[1]
     chunks = np.array_split(gpas, threads)
-    flags = AccessFlags.WRITE | (AccessFlags.ENCRYPTED if vm_type == VMType.SNP else 0)
+    flags = {VMType.SNP: AccessFlags.WRITE | AccessFlags.ENCRYPTED,
+             VMType.TDX: AccessFlags(0)}.get(vm_type, AccessFlags.WRITE)
     return lambda: run_split(vcpus, chunks, flags=flags)
 
 
@@ -161,6 +167,14 @@ def test_first_touch_snp_access_many(benchmark, threads, per_element):
     """C-bit writes to SNP private memory: guest_memfd frames prepared with their RMP
     entries assigned, then the RMP check (the guest validates each page first)."""
     first_touches(benchmark, threads, per_element, VMType.SNP)
+
+
+@pytest.mark.benchmark(group="threads-first-touch-tdx", disable_gc=True)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_first_touch_tdx_access_many(benchmark, threads, per_element):
+    """Reads of a TD's private memory: guest_memfd frames mapped in the mirror root, each
+    mirror SPTE frozen while its page is added, then accepted by the guest."""
+    first_touches(benchmark, threads, per_element, VMType.TDX)
 
 
 def first_touches(benchmark, threads, per_element, vm_type):

@@ -608,6 +608,9 @@ SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
 #: SHADOW_NONPRESENT_VALUE: what an empty or zapped TDP MMU entry holds on x86-64
 #: (EPT's suppress-#VE bit; for NPT bit 63 is NX, harmless in a not-present entry).
 SHADOW_NONPRESENT_VALUE = 1 << 63
+#: FROZEN_SPTE (spte.h, 6.18): a not-present value that locks out other writers of an
+#: SPTE while a multi-part change is made (for a mirror SPTE: the external S-EPT update).
+FROZEN_SPTE = SHADOW_NONPRESENT_VALUE | 0x5A0
 #: EPT MMIO SPTEs: value W|X (a misconfiguration), matched under mask RWX|SVE.
 EPT_MISCONFIG_WX_VALUE = EPTE.WRITE.value | EPTE.EXEC.value
 EPT_MMIO_MASK = EPTE.READ.value | EPTE.WRITE.value | EPTE.EXEC.value | EPTE.SUPPRESS_VE.value

@@ -51,6 +51,8 @@ def test_other_constants():
     assert kvmemu.KVM_USER_MEM_SLOTS == 32764
     assert kvmemu.KVM_LPAGE_MIXED_FLAG == 1 << 31
     assert EPT_VIOLATION.EXEC_FOR_RING3_LIN is EPT_VIOLATION.PROT_USER_EXEC
+    # spte.h, 6.18: SHADOW_NONPRESENT_VALUE is BIT_ULL(63), FROZEN_SPTE that | 0x5a0.
+    assert kvmemu.constants.FROZEN_SPTE == 0x80000000000005A0
 
 
 def test_flag_repr_names_every_bit():

@@ -1,7 +1,7 @@
 """First touches that ``access_many`` faults in without leaving its GIL-free loop.
 
-On a VM that is not a TD, the compiled core handles an EPT violation or #NPF that
-needs nothing of Python inside the batch loop, under the loop's mmu_lock and
+On every VM type the compiled core handles an EPT violation or #NPF that needs
+nothing of Python inside the batch loop, under the loop's mmu_lock and
 kvm->srcu section.  Both cores must give the same results, statistics and tables,
 taken from KVM's rules (kvm_mmu_page_fault counts pf_taken and pf_fixed per fault,
 kvm_update_page_stats one 4K page per new leaf, __kvm_faultin_pfn the frame behind the
@@ -11,14 +11,16 @@ loop handled.  Then the same with vCPU threads racing each other and memslot cha
 
 from __future__ import annotations
 
+import errno
 import itertools
 import threading
 
 import numpy as np
 import pytest
 
-from kvmemu import (MEMORY_EXIT_FLAG_PRIVATE, PG_LEVEL_4K, AccessFlags, Host, MemAttr,
-                    MemFlag, MemoryFaultExit, MmioExit, RmpEntry, VMType)
+from kvmemu import (MEMORY_EXIT_FLAG_PRIVATE, PG_LEVEL_4K, AccessFlags, Host, KvmError,
+                    MemAttr, MemFlag, MemoryFaultExit, MmioExit, RmpEntry, TdxModuleStatus,
+                    VMType)
 
 from test_threads import run_threads
 
@@ -180,6 +182,58 @@ def test_an_rmp_violation_leaves_the_loop_for_the_exit_handler(kv):
     assert vm.check_invariants() == []
 
 
+TD_SHARED = 1 << 47     # a TD's shared bit with a 48-bit GPA width (GPAW 0)
+
+
+def td(kv, size=4 * MIB):
+    """A TD with ``size`` of guest_memfd-backed memory at GPA 0, all of it private; its
+    launch never ended, so the modelled guest accepts each private page before its
+    first touch (TDG.MEM.PAGE.ACCEPT, as a Linux guest does)."""
+    vm = kv.VM(VMType.TDX)
+    gmem = vm.create_guest_memfd(size)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
+                              userspace_addr=SNP_UADDR, flags=MemFlag.GUEST_MEMFD,
+                              guest_memfd=gmem)
+    vm.set_memory_attributes(0, size, MemAttr.PRIVATE)
+    return vm, gmem
+
+
+def test_a_td_faults_private_and_shared_pages_in_the_loop(kv):
+    """Reads of 512 private GPAs and, after the attributes of the upper half became shared,
+    of 512 GPAs with the shared bit, all first touches: a private one is handled as a
+    write (tdx_handle_ept_violation), maps its guest_memfd frame in the mirror root,
+    added with TDH.MEM.PAGE.AUG and accepted by the guest; a shared one maps its host
+    frame in the direct root."""
+    vm, gmem = td(kv)
+    vm.set_memory_attributes(2 * MIB, 2 * MIB, 0)
+    vcpu = vm.create_vcpu()
+    private = vcpu.access_many(pages(0, 512))
+    shared = vcpu.access_many(pages(512, 512) | np.uint64(TD_SHARED))
+    assert private.count == shared.count == 512 and private.exit is shared.exit is None
+    assert private.hpa.tolist() == [gmem.pfn(i) << 12 for i in range(512)]
+    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(SNP_UADDR))
+    for gpa in (0, 0x1000, 0x1FF000):
+        assert vcpu.tdx_accept(gpa) == TdxModuleStatus.PAGE_ALREADY_ACCEPTED
+    assert (vcpu.stats["pf_taken"], vcpu.stats["pf_fixed"]) == (1024, 1024)
+    assert vm.stats["pages_4k"] == 1024
+    assert loop_faults(kv, vcpu) in (1024, None)
+    assert vm.check_invariants() == []
+
+
+def test_a_td_fetch_from_shared_memory_fails_in_the_exit_handler(kv):
+    """A TD's instruction fetch from a shared GPA is a KVM bug to tdx_handle_ept_violation:
+    KVM_RUN fails with EIO, after the three shared first touches before it."""
+    vm, _ = td(kv)
+    vm.set_memory_attributes(0, 4 * MIB, 0)
+    vcpu = vm.create_vcpu()
+    gpas = pages(0, 4) | np.uint64(TD_SHARED)
+    flags = np.array([0, 0, 0, AccessFlags.FETCH], dtype=np.uint8)
+    with pytest.raises(KvmError, match="element 3") as info:
+        vcpu.access_many(gpas, flags)
+    assert info.value.errno == errno.EIO
+    assert vcpu.stats["pf_taken"] == 3 and loop_faults(kv, vcpu) in (3, None)
+
+
 def test_a_private_access_without_guest_memfd_is_a_memory_fault_from_the_loop(kv):
     """A private gfn in a memslot without guest_memfd: kvm_mmu_faultin_pfn exits to
     userspace with KVM_EXIT_MEMORY_FAULT (PRIVATE, the page), after the pages before
@@ -254,30 +308,49 @@ def test_vcpus_first_touching_guest_memfd_chunks_prepare_every_frame(kv):
         assert vm.check_invariants() == []
 
 
-def test_snp_vcpus_first_touching_the_same_private_pages_assign_each_frame_once(kv):
-    """Two vCPU threads make C-bit writes to the same private pages at once: each frame
-    ends prepared, its RMP entry assigned for its GPA and validated, every page is
-    mapped once, and both see the guest_memfd frames."""
+def race_on_private_pages(kv, make_vm, flags, check):
+    """Two vCPU threads of a VM from ``make_vm(kv, size)`` (and its guest_memfd) access the
+    same private pages at once with ``flags``, three times over on new VMs: both see
+    every page's guest_memfd frame, every page is mapped once, and ``check(vm, vcpu,
+    gmem, n)`` holds."""
     n = 2048 if kv.IMPLEMENTATION == "cython" else 128
     for _ in range(3 if kv.IMPLEMENTATION == "cython" else 1):
-        vm, gmem = snp_vm(kv, 4 * n * 4096)
+        vm, gmem = make_vm(kv, 4 * n * 4096)
         vcpus = [vm.create_vcpu() for _ in range(2)]
         results = [None, None]
         ready = threading.Barrier(2)
 
         def touch(k):
             ready.wait()
-            results[k] = vcpus[k].access_many(pages(0, n), ENCRYPTED_WRITE)
+            results[k] = vcpus[k].access_many(pages(0, n), flags)
 
         run_threads(lambda: touch(0), lambda: touch(1))
         expected = [gmem.pfn(i) << 12 for i in range(n)]
         for result in results:
             assert result.count == n and result.exit is None
             assert result.hpa.tolist() == expected
-        assert all(vm.rmp_entry(gmem.pfn(i)) == RmpEntry(True, 1, i << 12, PG_LEVEL_4K,
-                                                         True, False) for i in range(n))
+        check(vm, vcpus[0], gmem, n)
         assert sum(v.stats["pf_fixed"] for v in vcpus) == n == vm.stats["pages_4k"]
         assert vm.check_invariants() == []
+
+
+def test_snp_vcpus_first_touching_the_same_private_pages_assign_each_frame_once(kv):
+    """Two vCPU threads make C-bit writes to the same private pages at once: each frame
+    ends prepared, its RMP entry assigned for its GPA and validated."""
+    def check(vm, vcpu, gmem, n):
+        assert all(vm.rmp_entry(gmem.pfn(i)) == RmpEntry(True, 1, i << 12, PG_LEVEL_4K,
+                                                         True, False) for i in range(n))
+    race_on_private_pages(kv, snp_vm, ENCRYPTED_WRITE, check)
+
+
+def test_td_vcpus_first_touching_the_same_private_pages_map_each_once(kv):
+    """Two vCPU threads of a TD read the same private pages at once: a mirror SPTE is
+    frozen while the S-EPT takes the page (set_external_spte_present), so a fault of
+    the other vCPU that meets it retries; every page is added and accepted."""
+    def check(vm, vcpu, gmem, n):
+        assert all(vcpu.tdx_accept(i << 12) == TdxModuleStatus.PAGE_ALREADY_ACCEPTED
+                   for i in range(0, n, 97))
+    race_on_private_pages(kv, td, 0, check)
 
 
 def test_conversions_racing_batches_leave_every_mapping_right(kv):

@@ -93,12 +93,14 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
 
     The loop holds mmu_lock for read and ``table``, the memslots current when its
     kvm->srcu read-side section began (``seen``: Memslots.publishes then).  Handled
-    here: an EPT violation of a VMX VM that is not a TD, or a #NPF of an SVM VM, with no
-    stage hook, trace sink or unflushed PML entry, on a gfn of a memslot, that is not a
-    fast_page_fault candidate, not an RMP violation (sev_handle_rmp_fault follows
-    those) and does not leave for userspace (an MMIO or reserved-bit fault, a write to
-    a read-only memslot, a memory fault).  Then the steps are those of handle_exit:
-    handle_ept_violation / npf_interception (SNP: private from GUEST_ENC),
+    here: an EPT violation of a VMX VM or a #NPF of an SVM VM, with no stage hook, trace
+    sink or unflushed PML entry, on a gfn of a memslot, that is not a fast_page_fault
+    candidate, not an RMP violation (sev_handle_rmp_fault follows those), not a TD's
+    fetch from shared memory or access to a PENDING page, and does not leave for
+    userspace (an MMIO or reserved-bit fault, a write to a read-only memslot, a memory
+    fault).  Then the steps are those of handle_exit: handle_ept_violation /
+    tdx_handle_ept_violation (a TD's private GPA: a write, mapped in the mirror root,
+    AUG'd on a runnable TD) / npf_interception (SNP: private from GUEST_ENC),
     kvm_mmu_page_fault (SW_PROTECTED: private from the attributes),
     kvm_mmu_do_page_fault, kvm_mmu_faultin_pfn (guest_memfd, prepared on first use, for
     SNP with its RMP entry assigned; or the host mapping), and
@@ -109,16 +111,28 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     handle_exit, which reads the new memslots.  ``last`` is the vCPU's last_used_slot
     for the loop's ``table`` (kvm_vcpu_gfn_to_memslot tries it before the search; NULL
     at first)."""
-    cdef uint64_t error_code, gfn = gpa >> PAGE_SHIFT
+    cdef uint64_t error_code, q, shared_bit = vcpu.direct_bits_gfn << PAGE_SHIFT
+    cdef uint64_t gfn = (gpa >> PAGE_SHIFT) & ~vcpu.direct_bits_gfn   # kvm_mmu_do_page_fault
     cdef const SlotRecord* slot
     cdef FaultRecord f
     cdef int r
-    if (vcpu.tdx or vcpu.stage_hook is not None or vcpu.mmu.tracing
+    if (vcpu.stage_hook is not None or vcpu.mmu.tracing
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
         return FAULT_ELSEWHERE
-    if exit_.kind == OUT_EPT_VIOLATION:
+    if exit_.kind == OUT_EPT_VIOLATION and not vcpu.tdx:
         error_code = vmx_ec(exit_.value, gpa, 0)
+    elif exit_.kind == OUT_EPT_VIOLATION:
+        # tdx_handle_ept_violation: a private GPA is handled as a write (no PENDING
+        # extended qualification here: an exit on a PENDING page is not an
+        # OUT_EPT_VIOLATION, it goes to the exit handler); a fetch from shared memory
+        # is -EIO there.
+        q = exit_.value
+        if not (gpa & shared_bit):
+            q = EPT_VIOLATION_ACC_WRITE
+        elif q & EPT_VIOLATION_ACC_INSTR:
+            return FAULT_ELSEWHERE
+        error_code = vmx_ec(q, gpa, shared_bit)
     elif exit_.kind == OUT_NPF:
         error_code = svm_ec(exit_.value, vcpu.snp)
     else:
@@ -147,8 +161,12 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     f.mmu_seq = vcpu.memslots.c[VM_COUNTER_MMU_INVALIDATE_SEQ]
     r = faultin_slot(vcpu, &f)
     if r != RET_PF_CONTINUE:
-        return r                    # RET_PF_RETRY
-    return count_result(vcpu, map_under_lock(vcpu, &f, vcpu.mmu.direct))
+        return r                    # RET_PF_RETRY (a TD's local retries: vcpu_run's exit)
+    if vcpu.tdx and not (gpa & shared_bit):      # tdp_mmu_get_root_for_fault
+        r = map_under_lock(vcpu, &f, vcpu.mmu.mirror)
+    else:
+        r = map_under_lock(vcpu, &f, vcpu.mmu.direct)
+    return count_result(vcpu, r)
 
 
 cdef int handle_mmio_page_fault(VCPUState vcpu, uint64_t gpa) noexcept:

@@ -33,6 +33,7 @@ cdef bint is_mmio_spte(const SpteFormat* f, uint64_t spte) noexcept nogil
 cdef bint is_executable_pte(const SpteFormat* f, uint64_t spte) noexcept nogil
 cdef bint is_access_allowed(const SpteFormat* f, bint exec_, bint write,
                             uint64_t spte) noexcept nogil
+cdef bint is_frozen_spte(uint64_t spte) noexcept nogil
 cdef bint is_shadow_present_pte(uint64_t spte) noexcept nogil
 cdef bint is_last_spte(uint64_t spte, int level) noexcept nogil
 cdef uint64_t spte_to_pfn(uint64_t spte) noexcept nogil

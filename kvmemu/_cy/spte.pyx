@@ -172,6 +172,11 @@ cdef inline bint is_access_allowed(const SpteFormat* f, bint exec_, bint write,
     return (spte & PTE_PRESENT) != 0      # PT_PRESENT_MASK (the R bit for EPT)
 
 
+cdef inline bint is_frozen_spte(uint64_t spte) noexcept nogil:
+    """is_frozen_spte (spte.h, 6.18)."""
+    return spte == FROZEN_SPTE
+
+
 cdef inline bint is_shadow_present_pte(uint64_t spte) noexcept nogil:
     """is_shadow_present_pte (spte.h, 6.18)."""
     return (spte & SPTE_MMU_PRESENT) != 0

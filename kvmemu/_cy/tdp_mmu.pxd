@@ -48,7 +48,8 @@ cdef class TdpMmu:
     cdef int set_spte(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                       uint64_t new, uint64_t gfn) except -1 nogil
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                             uint64_t old, uint64_t new, uint64_t gfn) except -1 nogil
+                             uint64_t old, uint64_t new, uint64_t gfn,
+                             uint64_t* aug) except -1 nogil
     cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
                                  uint64_t new) except -1 nogil
     cdef int handle_removed_pt(self, Root root, Py_ssize_t table, int level,

@@ -243,11 +243,19 @@ cdef class TdpMmu:
         return self.handle_changed_spte(root, gfn, level, old, new)
 
     cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                             uint64_t old, uint64_t new, uint64_t gfn) except -1 nogil:
-        """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18): a fault, under mmu_lock for
-        read, installs an SPTE with a compare-and-exchange; 0 if the SPTE is no longer
-        ``old`` (another writer came first: the fault retries), else 1."""
-        if not cmpxchg64(&root.pt.mem[table * PT_ENTRIES + index], old, new):
+                             uint64_t old, uint64_t new, uint64_t gfn,
+                             uint64_t* aug) except -1 nogil:
+        """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18), a mirror SPTE's freeze
+        included (set_external_spte_present); the twin tells the rules.  ``aug``: the
+        frame TDH.MEM.PAGE.AUG adds, or NULL."""
+        cdef uint64_t* sptep = &root.pt.mem[table * PT_ENTRIES + index]
+        if root is self.mirror:
+            if not cmpxchg64(sptep, old, FROZEN_SPTE):
+                return 0
+            if aug != NULL:
+                atomic_or64(aug, FRAME_STATE_TDX_PENDING)
+            store_entry(sptep, new)
+        elif not cmpxchg64(sptep, old, new):
             return 0
         if self.tracing and old != new:
             with gil:
@@ -303,7 +311,8 @@ cdef class TdpMmu:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
         and map the target level; every link is a compare-and-exchange, and a lost one
-        frees the new table and retries the fault.  A trace sink is called with the GIL
+        frees the new table and retries the fault, as does a frozen SPTE on the way
+        (another fault's change of a mirror SPTE in progress).  A trace sink is called with the GIL
         taken; nothing else here needs it (access_many maps faults without it)."""
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
@@ -321,13 +330,19 @@ cdef class TdpMmu:
             old = load_entry(&entries[index])
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(f, root, old, level)
+            # A frozen SPTE (another fault's change in progress) retries; it is not
+            # present, so a present one need not be compared with it.
             if level == f.goal_level:
+                if is_frozen_spte(old):
+                    return RET_PF_RETRY
                 return self.map_handle_target_level(f, root, table, index, level, old,
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
             if is_shadow_present_pte(old) and not (old & PTE_LARGE):
                 entries, level = root.child_entries(old, &table), level - 1
                 continue
+            if is_frozen_spte(old):
+                return RET_PF_RETRY
             if is_shadow_present_pte(old):               # a huge leaf in the way: split it
                 child = self.split_huge_page(root, table, index, level, old,
                                              indexed & ~(pages_per_hpage(level) - 1),
@@ -347,7 +362,7 @@ cdef class TdpMmu:
         present) was; 0 if the compare-and-exchange lost (the table is freed)."""
         cdef Py_ssize_t child = root.pt.alloc(SHADOW_NONPRESENT_VALUE)
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn):
+                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn, NULL):
             root.pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
@@ -364,7 +379,7 @@ cdef class TdpMmu:
             root.pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i,
                                                     self.nx_huge_pages))
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn):
+                                    make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn, NULL):
             root.pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
@@ -399,11 +414,8 @@ cdef class TdpMmu:
         if new == old:
             ret = RET_PF_SPURIOUS
         else:
-            if f.aug and f.frame != NULL:
-                # tdx_sept_set_private_spte (tdx.c, 6.18) on a runnable TD: TDH.MEM.PAGE.AUG,
-                # and the page is PENDING until the TD accepts it (TDX module ABI).
-                atomic_or64(f.frame, FRAME_STATE_TDX_PENDING)
-            if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
+            if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn,
+                                        f.frame if f.aug else NULL):
                 return RET_PF_RETRY
         if is_mmio_spte(&self.fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)

@@ -512,8 +512,8 @@ cdef class VCPUState:
         that does not settle RuntimeError, both naming the element.
 
         Accesses run in a C loop with the GIL released and mmu_lock held for read: those
-        that translate without an exit (mapped pages, the common case), and, on a VM
-        that is not a TD, the faults that need nothing of Python
+        that translate without an exit (mapped pages, the common case), and the faults
+        that need nothing of Python
         (mmu.fault_without_gil).  Any other access goes through the fault pipeline in C
         with the GIL held (it may call the stage hook).  No Python object is made per
         element.
@@ -598,7 +598,7 @@ cdef class VCPUState:
         # Faults handled in the GIL-free loop (fault_without_gil says which, per fault;
         # here: the VM and what is set when the batch starts): the loop starts at once,
         # and an access vcpu_run took counts toward the streak even if it faulted.
-        cdef bint faults_here = (not tdx and self.stage_hook is None
+        cdef bint faults_here = (self.stage_hook is None
                                  and not self.mmu.tracing and self.active_pml() == NULL)
         if n:
             self.exit_reason = EXIT_REASON_UNKNOWN      # as vcpu_run starts
@@ -663,6 +663,7 @@ cdef class VCPUState:
                                     if used >= limit:
                                         break        # vcpu_run finds it unsettled
                                     dn = load_count(&dpt.ntables)    # the tables it may have linked
+                                    mn = load_count(&mpt.ntables)
                                     continue
                                 hpa[i] = out.value
                                 level[i] = out.level

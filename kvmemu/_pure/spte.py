@@ -210,6 +210,11 @@ def is_access_allowed(f: SpteFormat, exec_: bool, write: bool, spte: int) -> boo
     return bool(spte & PTE_PRESENT)      # PT_PRESENT_MASK (the R bit for EPT)
 
 
+def is_frozen_spte(spte: int) -> bool:
+    """is_frozen_spte (spte.h, 6.18)."""
+    return spte == FROZEN_SPTE
+
+
 def is_shadow_present_pte(spte: int) -> bool:
     """is_shadow_present_pte (spte.h, 6.18)."""
     return bool(spte & SPTE_MMU_PRESENT)

@@ -194,11 +194,23 @@ class TdpMmu:
         self.handle_changed_spte(root, gfn, level, old, new)
 
     def set_spte_atomic(self, root: Root, table: int, index: int, level: int, old: int,
-                        new: int, gfn: int) -> int:
+                        new: int, gfn: int, aug: Any) -> int:
         """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18): a fault, under mmu_lock for
         read, installs an SPTE with a compare-and-exchange; 0 if the SPTE is no longer
-        ``old`` (another writer came first: the fault retries), else 1."""
-        if not cmpxchg64(root.pt.mem, (table, index), old, new):
+        ``old`` (another writer came first: the fault retries), else 1.  A mirror SPTE
+        (a TD's private tables) goes through set_external_spte_present: frozen by the
+        compare-and-exchange, then the S-EPT is changed (``aug``: the frame that
+        tdx_sept_set_private_spte adds with TDH.MEM.PAGE.AUG on a runnable TD, PENDING
+        until the TD accepts it; None: nothing to add), then the new SPTE is written.
+        Meanwhile another fault that meets the frozen SPTE retries, and a walk finds it
+        not present."""
+        if root is self.mirror:
+            if not cmpxchg64(root.pt.mem, (table, index), old, FROZEN_SPTE):
+                return 0
+            if aug is not None:
+                aug[0].update(aug[1], lambda state: state | FRAME_STATE_TDX_PENDING)
+            root.pt.write(table, index, new)
+        elif not cmpxchg64(root.pt.mem, (table, index), old, new):
             return 0
         if self.tracer is not None and old != new:
             self.tracer.spte_changed(0, gfn & ~root.gfn_bits, level, old, new)
@@ -247,7 +259,8 @@ class TdpMmu:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
         and map the target level; every link is a compare-and-exchange, and a lost one
-        frees the new table and retries the fault."""
+        frees the new table and retries the fault, as does a frozen SPTE on the way
+        (another fault's change of a mirror SPTE in progress)."""
         mmu.hugepage_adjust(fault, self.nx_huge_pages)
         pt, gfn = root.pt, fault.gfn
         indexed = gfn | root.gfn_bits
@@ -261,13 +274,19 @@ class TdpMmu:
             old = pt.read(table, index)
             if self.nx_huge_pages:
                 mmu.disallowed_hugepage_adjust(fault, root, old, level)
+            # A frozen SPTE (another fault's change in progress) retries; it is not
+            # present, so a present one need not be compared with it.
             if level == fault.goal_level:
+                if spte.is_frozen_spte(old):
+                    return RET_PF_RETRY
                 return self.map_handle_target_level(fault, root, table, index, level, old,
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
             if spte.is_shadow_present_pte(old) and not old & PTE_LARGE:
                 table, level = root.child(old), level - 1
                 continue
+            if spte.is_frozen_spte(old):
+                return RET_PF_RETRY
             if spte.is_shadow_present_pte(old):       # a huge leaf in the way: split it
                 child = self.split_huge_page(root, table, index, level, old,
                                              indexed & ~(pages_per_hpage(level) - 1),
@@ -287,7 +306,8 @@ class TdpMmu:
         pt = root.pt
         child = pt.alloc(SHADOW_NONPRESENT_VALUE)
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn):
+                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn,
+                                    None):
             pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
@@ -304,7 +324,8 @@ class TdpMmu:
             pt.write(child, i, spte.make_small_spte(self.fmt, old, level - 1, i,
                                                     self.nx_huge_pages))
         if not self.set_spte_atomic(root, table, index, level, old,
-                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn):
+                                    spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn,
+                                    None):
             pt.free(child)
             return 0
         root.set_nx_huge_page_disallowed(child, disallowed)
@@ -336,12 +357,8 @@ class TdpMmu:
         if new == old:
             ret = RET_PF_SPURIOUS
         else:
-            if fault.aug and fault.frame is not None:
-                # tdx_sept_set_private_spte (tdx.c, 6.18) on a runnable TD: TDH.MEM.PAGE.AUG,
-                # and the page is PENDING until the TD accepts it (TDX module ABI).
-                fault.frame[0].update(fault.frame[1],
-                                      lambda old: old | FRAME_STATE_TDX_PENDING)
-            if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn):
+            if not self.set_spte_atomic(root, table, index, level, old, new, iter_gfn,
+                                        fault.frame if fault.aug else None):
                 return RET_PF_RETRY
         if spte.is_mmio_spte(fmt, new):
             ret = RET_PF_EMULATE        # (the kernel traces mark_mmio_spte here: not modelled)
