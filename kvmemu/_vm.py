@@ -984,7 +984,7 @@ class VM:
         with self._lock:
             self._flush_trace()
             self._tracer = tracer
-            self._memory.mmu.set_tracer(tracer)
+            self._set_mmu_sinks(self._memory)
 
     @property
     def on_zap(self) -> Callable[[int, int, int, str], Any] | None:
@@ -1013,8 +1013,17 @@ class VM:
         with self._lock:
             self._flush_trace()
             self._on_zap = callback
-            self._memory.mmu.watch_zaps(callback is not None)
+            self._set_mmu_sinks(self._memory)
             self._vm_zaps.clear()
+
+    def _set_mmu_sinks(self, memory: Any) -> None:
+        """Give ``memory``'s MMU the trace sink and the zap watch, under mmu_lock for
+        write: faults that run without the GIL (access_many's loop) read both under
+        mmu_lock for read, so none is between its check of a flag and its use of the
+        sink when they change."""
+        with memory.mmu_write_locked():
+            memory.mmu.set_tracer(self._tracer)
+            memory.mmu.watch_zaps(self._on_zap is not None)
 
     def _flush_trace(self, raise_errors: bool = True) -> None:
         """Give the trace events made so far to the sink (see kvmemu._pure.trace), then the
@@ -1102,8 +1111,7 @@ class VM:
                 self._vm_zaps.append((0, 1 << (PT_LEVEL_BITS * levels), levels,
                                       ZapReason.ZAP_ALL.value))
             self._memory = memory
-            memory.mmu.set_tracer(self._tracer)
-            memory.mmu.watch_zaps(self._on_zap is not None)
+            self._set_mmu_sinks(memory)
         del self._vcpus[len(vcpu_states):]
         self._host_invalidations.clear()      # they belong to the replaced state
         self._invalidations_done.notify_all()

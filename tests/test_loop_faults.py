@@ -382,6 +382,45 @@ def test_conversions_racing_batches_leave_every_mapping_right(kv):
     assert vm.check_invariants() == []
 
 
+@pytest.mark.parametrize("vm_type", [VMType.TDX, VMType.SNP])
+def test_conversions_racing_confidential_batches_leave_every_mapping_right(kv, vm_type):
+    """The same on a TD (reads of private GPAs) and on SNP (C-bit writes): there the
+    access says private, so one that meets a page the conversion made shared is
+    KVM_EXIT_MEMORY_FAULT with the PRIVATE flag (the mismatch the error code carries),
+    and the thread goes on after it; after every conversion, and at the end, every
+    mapping agrees with the attributes (a mirror leaf only on a private gfn)."""
+    rounds = 40 if kv.IMPLEMENTATION == "cython" else 4
+    vm = (td if vm_type == VMType.TDX else snp_vm)(kv)[0]
+    flags = AccessFlags(0) if vm_type == VMType.TDX else ENCRYPTED_WRITE
+    stop = threading.Event()
+    exits = []
+
+    def fault(seed):
+        vcpu, rng = vm.create_vcpu(), np.random.default_rng(seed)
+        while not stop.is_set():
+            gpas = rng.integers(0, 1024, 2048, dtype=np.uint64) << np.uint64(12)
+            while len(gpas):
+                result = vcpu.access_many(gpas, flags)
+                if result.exit is None:
+                    break
+                assert result.exit == MemoryFaultExit(MEMORY_EXIT_FLAG_PRIVATE,
+                                                      int(gpas[result.count]), 4096)
+                exits.append(result.exit)
+                gpas = gpas[result.count + 1:]
+
+    def convert():
+        try:
+            for k in range(rounds):
+                vm.set_memory_attributes((k % 2) * 2 * MIB, 2 * MIB,
+                                         MemAttr.PRIVATE if k % 4 >= 2 else 0)
+                assert vm.check_invariants() == []
+        finally:
+            stop.set()
+
+    run_threads(lambda: fault(1), lambda: fault(2), convert)
+    assert vm.check_invariants() == []
+
+
 def test_a_memslot_deleted_during_a_batch_leaves_no_mapping(kv):
     """A vCPU thread first-touches a memslot while another deletes it, before the batch
     starts or after it has taken some faults: the deletion waits for the batch's
