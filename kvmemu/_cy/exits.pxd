@@ -15,6 +15,8 @@ cdef void svm_ec_loop(const uint64_t[::1] exit_info_1, bint snp, uint64_t[::1] o
 cdef int trace_kvm_page_fault(VCPUState vcpu, uint64_t gpa, uint64_t error_code) except -1
 cdef int handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                               uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION
+cdef int tdx_fault_qualification(VCPUState vcpu, uint64_t gpa, uint64_t ext_exit_qual,
+                                 uint64_t* exit_qualification) noexcept nogil
 cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                                   uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION
 cdef void vmx_flush_pml_buffer(VCPUState vcpu) noexcept

@@ -228,24 +228,37 @@ cdef bint tdx_is_sept_violation_unexpected_pending(uint64_t ext_exit_qual,
                                            | EPT_VIOLATION_EXEC_FOR_RING3_LIN)))
 
 
+cdef int tdx_fault_qualification(VCPUState vcpu, uint64_t gpa, uint64_t ext_exit_qual,
+                                 uint64_t* exit_qualification) noexcept nogil:
+    """The checks of tdx_handle_ept_violation (tdx.c, 6.18), the twin tells the rules:
+    1 for a private GPA (its qualification becomes a write; the fault retries inside
+    KVM), 0 for a shared one, -EIO for a KVM bug (the VM dead for an unexpected
+    PENDING violation)."""
+    if not (gpa & (vcpu.direct_bits_gfn << PAGE_SHIFT)):
+        if tdx_is_sept_violation_unexpected_pending(ext_exit_qual, exit_qualification[0]):
+            vcpu.memslots.c[VM_COUNTER_VM_DEAD] = 1   # "Guest access before accepting": kvm_vm_dead
+            return -EIO
+        exit_qualification[0] = EPT_VIOLATION_ACC_WRITE
+        return 1
+    if exit_qualification[0] & EPT_VIOLATION_ACC_INSTR:
+        return -EIO
+    return 0
+
+
 cdef int tdx_handle_ept_violation(VCPUState vcpu, uint64_t gpa,
                                   uint64_t exit_qualification) except CORE_RETURN_PY_EXCEPTION:
     """Models tdx_handle_ept_violation (arch/x86/kvm/vmx/tdx.c, 6.18): a private GPA is
     handled as a write, and its fault retries inside KVM; a fetch from shared memory is
     a KVM bug (-EIO)."""
-    cdef uint64_t shared_bit = vcpu.direct_bits_gfn << PAGE_SHIFT
-    cdef bint local_retry = not (gpa & shared_bit)
+    cdef int local_retry = tdx_fault_qualification(vcpu, gpa, vcpu.ext_exit_qual,
+                                                   &exit_qualification)
     cdef int r = RET_PF_RETRY, i
-    if local_retry:
-        if tdx_is_sept_violation_unexpected_pending(vcpu.ext_exit_qual, exit_qualification):
-            vcpu.memslots.c[VM_COUNTER_VM_DEAD] = 1   # "Guest access before accepting": kvm_vm_dead
-            return -EIO
-        exit_qualification = EPT_VIOLATION_ACC_WRITE
-    elif exit_qualification & EPT_VIOLATION_ACC_INSTR:
-        return -EIO
+    if local_retry < 0:
+        return local_retry
     trace_kvm_page_fault(vcpu, gpa, exit_qualification)
     for i in range(<int>TDX_LOCAL_RETRY_LIMIT):
-        r = page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, shared_bit))
+        r = page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa,
+                                         vcpu.direct_bits_gfn << PAGE_SHIFT))
         if r != RET_PF_RETRY or not local_retry:
             break
     return r

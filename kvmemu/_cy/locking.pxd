@@ -40,7 +40,6 @@ cdef extern from "pthread.h" nogil:
 # period; see SlotTable in memslots.pxd).
 cdef extern from *:
     """
-    #include <sched.h>
     static inline long kvmemu_atomic_add(long *p, long v) {
         return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
     }

@@ -66,9 +66,8 @@ cdef class Memslots:
     cdef readonly SlotTable table           # the current memslots
     cdef long publishes                     # tables published so far (read without the GIL)
     # The memory attributes: disjoint merged ranges in chunks, changed in place with the
-    # GIL held (every reader holds it too, but for the GIL-free loop's look at
-    # attr_nchunks on VMs where no attribute can be set), so a change copies one
-    # window of chunks.
+    # GIL and mmu_lock for write held (a reader holds the GIL, or, in the GIL-free loop,
+    # mmu_lock for read), so a change copies one window of chunks.
     cdef AttrChunk** attr_chunks
     cdef Py_ssize_t attr_nchunks, attr_cap
     # Per guest_memfd file: its frames' state (kvmemu.constants.FrameState), one uint64

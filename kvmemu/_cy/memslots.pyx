@@ -5,9 +5,9 @@
 # publish_slots / publish_changes make a SlotTable (SlotRecords by base gfn, in
 # chunks that tables share), never changed afterwards, so a reader that holds one
 # reads valid memory whatever other threads publish.  The memory attributes are
-# kept here, in chunks of ranges changed in place with the GIL held (every reader
-# holds it; access_many's GIL-free loop only looks whether there are any, on VMs
-# where none can be set); the counters array is read in place.
+# kept here, in chunks of ranges changed in place with the GIL and mmu_lock for
+# write held (access_many's GIL-free loop reads them holding mmu_lock for read;
+# every other reader holds the GIL); the counters array is read in place.
 
 cimport cython
 from libc.stdint cimport int32_t, uint32_t, uint64_t

@@ -123,14 +123,11 @@ cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Out
     if exit_.kind == OUT_EPT_VIOLATION and not vcpu.tdx:
         error_code = vmx_ec(exit_.value, gpa, 0)
     elif exit_.kind == OUT_EPT_VIOLATION:
-        # tdx_handle_ept_violation: a private GPA is handled as a write (no PENDING
-        # extended qualification here: an exit on a PENDING page is not an
-        # OUT_EPT_VIOLATION, it goes to the exit handler); a fetch from shared memory
-        # is -EIO there.
+        # A TD's: its exits here carry no extended qualification (one on a PENDING page
+        # is OUT_TDX_PENDING, for the exit handler), so -EIO is a fetch from shared
+        # memory, which the exit handler fails.
         q = exit_.value
-        if not (gpa & shared_bit):
-            q = EPT_VIOLATION_ACC_WRITE
-        elif q & EPT_VIOLATION_ACC_INSTR:
+        if tdx_fault_qualification(vcpu, gpa, 0, &q) < 0:
             return FAULT_ELSEWHERE
         error_code = vmx_ec(q, gpa, shared_bit)
     elif exit_.kind == OUT_NPF:

@@ -312,8 +312,9 @@ cdef class TdpMmu:
         the root, linking a new table where none is and splitting a huge leaf in the way,
         and map the target level; every link is a compare-and-exchange, and a lost one
         frees the new table and retries the fault, as does a frozen SPTE on the way
-        (another fault's change of a mirror SPTE in progress).  A trace sink is called with the GIL
-        taken; nothing else here needs it (access_many maps faults without it)."""
+        (another fault's change of a mirror SPTE in progress).  A trace sink is called
+        with the GIL taken; nothing else here needs it (access_many maps faults without
+        it)."""
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
         cdef Py_ssize_t table = 0, index, child
@@ -330,19 +331,16 @@ cdef class TdpMmu:
             old = load_entry(&entries[index])
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(f, root, old, level)
-            # A frozen SPTE (another fault's change in progress) retries; it is not
-            # present, so a present one need not be compared with it.
+            if level != f.goal_level and is_shadow_present_pte(old) and not (old & PTE_LARGE):
+                entries, level = root.child_entries(old, &table), level - 1
+                continue
+            # Checked after the step down: a frozen SPTE is never present.
+            if is_frozen_spte(old):          # another fault's change in progress
+                return RET_PF_RETRY
             if level == f.goal_level:
-                if is_frozen_spte(old):
-                    return RET_PF_RETRY
                 return self.map_handle_target_level(f, root, table, index, level, old,
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
-            if is_shadow_present_pte(old) and not (old & PTE_LARGE):
-                entries, level = root.child_entries(old, &table), level - 1
-                continue
-            if is_frozen_spte(old):
-                return RET_PF_RETRY
             if is_shadow_present_pte(old):               # a huge leaf in the way: split it
                 child = self.split_huge_page(root, table, index, level, old,
                                              indexed & ~(pages_per_hpage(level) - 1),

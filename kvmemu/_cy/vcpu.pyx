@@ -513,10 +513,9 @@ cdef class VCPUState:
 
         Accesses run in a C loop with the GIL released and mmu_lock held for read: those
         that translate without an exit (mapped pages, the common case), and the faults
-        that need nothing of Python
-        (mmu.fault_without_gil).  Any other access goes through the fault pipeline in C
-        with the GIL held (it may call the stage hook).  No Python object is made per
-        element.
+        that need nothing of Python (mmu.fault_without_gil).  Any other access goes
+        through the fault pipeline in C with the GIL held (it may call the stage hook).
+        No Python object is made per element.
         ``out``: the checked ``(hpa, level)`` arrays to fill, else new zeroed ones."""
         cdef uint64_t[::1] out_hpa
         cdef uint8_t[::1] out_level

@@ -159,23 +159,36 @@ def tdx_handle_ept_violation(vcpu: Any, gpa: int, exit_qualification: int) -> in
     says PENDING) kills the VM (kvm_vm_dead, -EIO); any other private GPA is handled as a
     write whatever the TDX module reported, and its fault retries inside KVM (up to
     TDX_LOCAL_RETRY_LIMIT times here); a fetch from shared memory is a KVM bug (-EIO)."""
-    shared_bit = vcpu.direct_bits_gfn << PAGE_SHIFT
-    local_retry = not gpa & shared_bit
-    if local_retry:
-        if tdx_is_sept_violation_unexpected_pending(vcpu.ext_exit_qual, exit_qualification):
-            # pr_warn("Guest access before accepting ..."), then kvm_vm_dead.
-            vcpu.memslots.counters[VM_COUNTER_VM_DEAD] = 1
-            return -errno.EIO
-        exit_qualification = EPT_VIOLATION_ACC_WRITE
-    elif exit_qualification & EPT_VIOLATION_ACC_INSTR:
-        return -errno.EIO
+    local_retry, exit_qualification = tdx_fault_qualification(
+        vcpu, gpa, vcpu.ext_exit_qual, exit_qualification)
+    if local_retry < 0:
+        return local_retry
     trace_kvm_page_fault(vcpu, gpa, exit_qualification)
     r = RET_PF_RETRY
     for _ in range(TDX_LOCAL_RETRY_LIMIT):
-        r = mmu.page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa, shared_bit))
+        r = mmu.page_fault(vcpu, gpa, vmx_ec(exit_qualification, gpa,
+                                             vcpu.direct_bits_gfn << PAGE_SHIFT))
         if r != RET_PF_RETRY or not local_retry:
             break
     return r
+
+
+def tdx_fault_qualification(vcpu: Any, gpa: int, ext_exit_qual: int,
+                            exit_qualification: int) -> tuple[int, int]:
+    """The checks of tdx_handle_ept_violation (tdx.c, 6.18), with the qualification its
+    fault goes on with: (1, a write) for a private GPA, whose fault retries inside KVM;
+    (0, as it is) for a shared one; -EIO for a KVM bug: a private GPA on a page the TD
+    has not accepted (``ext_exit_qual`` says PENDING) kills the VM (kvm_vm_dead), and a
+    fetch from shared memory."""
+    if not gpa & (vcpu.direct_bits_gfn << PAGE_SHIFT):
+        if tdx_is_sept_violation_unexpected_pending(ext_exit_qual, exit_qualification):
+            # pr_warn("Guest access before accepting ..."), then kvm_vm_dead.
+            vcpu.memslots.counters[VM_COUNTER_VM_DEAD] = 1
+            return -errno.EIO, exit_qualification
+        return 1, EPT_VIOLATION_ACC_WRITE
+    if exit_qualification & EPT_VIOLATION_ACC_INSTR:
+        return -errno.EIO, exit_qualification
+    return 0, exit_qualification
 
 
 def vmx_flush_pml_buffer(vcpu: Any) -> None:

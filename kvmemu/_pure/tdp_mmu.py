@@ -274,19 +274,17 @@ class TdpMmu:
             old = pt.read(table, index)
             if self.nx_huge_pages:
                 mmu.disallowed_hugepage_adjust(fault, root, old, level)
-            # A frozen SPTE (another fault's change in progress) retries; it is not
-            # present, so a present one need not be compared with it.
+            if (level != fault.goal_level and spte.is_shadow_present_pte(old)
+                    and not old & PTE_LARGE):
+                table, level = root.child(old), level - 1
+                continue
+            # Checked after the step down: a frozen SPTE is never present.
+            if spte.is_frozen_spte(old):     # another fault's change in progress
+                return RET_PF_RETRY
             if level == fault.goal_level:
-                if spte.is_frozen_spte(old):
-                    return RET_PF_RETRY
                 return self.map_handle_target_level(fault, root, table, index, level, old,
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
-            if spte.is_shadow_present_pte(old) and not old & PTE_LARGE:
-                table, level = root.child(old), level - 1
-                continue
-            if spte.is_frozen_spte(old):
-                return RET_PF_RETRY
             if spte.is_shadow_present_pte(old):       # a huge leaf in the way: split it
                 child = self.split_huge_page(root, table, index, level, old,
                                              indexed & ~(pages_per_hpage(level) - 1),
