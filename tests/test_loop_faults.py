@@ -353,47 +353,31 @@ def test_td_vcpus_first_touching_the_same_private_pages_map_each_once(kv):
     race_on_private_pages(kv, td, 0, check)
 
 
-def test_conversions_racing_batches_leave_every_mapping_right(kv):
-    """Two vCPU threads fault 4 MiB of SW_PROTECTED memory in batches while a third
-    converts 2 MiB halves between private and shared: after every conversion, and at the
-    end, every mapping agrees with the attributes (the store changes under mmu_lock for
-    write; a fault takes the attributes and maps under it for read)."""
+@pytest.mark.parametrize("vm_type", [VMType.SW_PROTECTED, VMType.TDX, VMType.SNP],
+                         ids=["SW_PROTECTED", "TDX", "SNP"])
+def test_conversions_racing_batches_leave_every_mapping_right(kv, vm_type):
+    """Two vCPU threads fault 4 MiB in batches while a third converts 2 MiB halves
+    between private and shared: after every conversion, and at the end, every mapping
+    agrees with the attributes (a TD's mirror leaf only on a private gfn; the store
+    changes under mmu_lock for write, and a fault takes the attributes and maps under it
+    for read).  A fault that meets a conversion between its private decision and
+    faultin's check exits with KVM_EXIT_MEMORY_FAULT for its page (the mismatch the
+    error code carries), and the thread goes on after it:
+    - on a TD (reads of private GPAs) and on SNP (C-bit writes) the access says
+      private, so the exit is PRIVATE;
+    - on SW_PROTECTED (writes) the attributes decide, either way.  The compiled core
+      takes no such exit there: its loop holds mmu_lock from the decision to the map,
+      and its exit handler runs both without letting another thread in; the twin's
+      Python may let the conversion in between."""
     rounds = 40 if kv.IMPLEMENTATION == "cython" else 4
-    vm = sw_protected_vm(kv)
+    if vm_type == VMType.SW_PROTECTED:
+        vm, flags = sw_protected_vm(kv), AccessFlags.WRITE
+        kinds = (MEMORY_EXIT_FLAG_PRIVATE, 0) if kv.IMPLEMENTATION == "python" else ()
+    else:
+        vm = (td if vm_type == VMType.TDX else snp_vm)(kv)[0]
+        flags = AccessFlags(0) if vm_type == VMType.TDX else ENCRYPTED_WRITE
+        kinds = (MEMORY_EXIT_FLAG_PRIVATE,)
     stop = threading.Event()
-
-    def fault(seed):
-        vcpu, rng = vm.create_vcpu(), np.random.default_rng(seed)
-        while not stop.is_set():
-            gpas = rng.integers(0, 1024, 2048, dtype=np.uint64) << np.uint64(12)
-            result = vcpu.access_many(gpas, AccessFlags.WRITE)
-            assert result.exit is None
-
-    def convert():
-        try:
-            for k in range(rounds):
-                vm.set_memory_attributes((k % 2) * 2 * MIB, 2 * MIB,
-                                         MemAttr.PRIVATE if k % 4 < 2 else 0)
-                assert vm.check_invariants() == []
-        finally:
-            stop.set()
-
-    run_threads(lambda: fault(1), lambda: fault(2), convert)
-    assert vm.check_invariants() == []
-
-
-@pytest.mark.parametrize("vm_type", [VMType.TDX, VMType.SNP])
-def test_conversions_racing_confidential_batches_leave_every_mapping_right(kv, vm_type):
-    """The same on a TD (reads of private GPAs) and on SNP (C-bit writes): there the
-    access says private, so one that meets a page the conversion made shared is
-    KVM_EXIT_MEMORY_FAULT with the PRIVATE flag (the mismatch the error code carries),
-    and the thread goes on after it; after every conversion, and at the end, every
-    mapping agrees with the attributes (a mirror leaf only on a private gfn)."""
-    rounds = 40 if kv.IMPLEMENTATION == "cython" else 4
-    vm = (td if vm_type == VMType.TDX else snp_vm)(kv)[0]
-    flags = AccessFlags(0) if vm_type == VMType.TDX else ENCRYPTED_WRITE
-    stop = threading.Event()
-    exits = []
 
     def fault(seed):
         vcpu, rng = vm.create_vcpu(), np.random.default_rng(seed)
@@ -403,9 +387,8 @@ def test_conversions_racing_confidential_batches_leave_every_mapping_right(kv, v
                 result = vcpu.access_many(gpas, flags)
                 if result.exit is None:
                     break
-                assert result.exit == MemoryFaultExit(MEMORY_EXIT_FLAG_PRIVATE,
-                                                      int(gpas[result.count]), 4096)
-                exits.append(result.exit)
+                assert result.exit in [MemoryFaultExit(kind, int(gpas[result.count]), 4096)
+                                       for kind in kinds]
                 gpas = gpas[result.count + 1:]
 
     def convert():
