@@ -97,15 +97,27 @@ def test_faults_of_a_vm_without_ept_ad_bits_are_handled_outside_the_loop(kv):
     assert vm.check_invariants() == []
 
 
-def sw_protected_vm(kv, size=4 * MIB):
-    """SW_PROTECTED, ``size`` of guest_memfd-backed memory at GPA 0, its first half
-    private."""
-    vm = kv.VM(VMType.SW_PROTECTED)
+# A host address within an SNP or TDX host's frames (its C-bit or shared bit takes
+# physical address bits).
+CVM_UADDR = 1 << 30
+
+
+def gmem_vm(kv, vm_type, size, private, uaddr):
+    """A ``vm_type`` VM with ``size`` of guest_memfd-backed memory at GPA 0 (host address
+    ``uaddr``), its first ``private`` bytes private, and its guest_memfd.  The launch of
+    an SNP VM or TD never ended, so the modelled guest validates or accepts each
+    private page before its first touch (as a Linux guest does)."""
+    vm = kv.VM(vm_type)
     gmem = vm.create_guest_memfd(size)
     vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
-                              userspace_addr=UADDR, flags=MemFlag.GUEST_MEMFD, guest_memfd=gmem)
-    vm.set_memory_attributes(0, size // 2, MemAttr.PRIVATE)
-    return vm
+                              userspace_addr=uaddr, flags=MemFlag.GUEST_MEMFD, guest_memfd=gmem)
+    vm.set_memory_attributes(0, private, MemAttr.PRIVATE)
+    return vm, gmem
+
+
+def sw_protected_vm(kv, size=4 * MIB):
+    """SW_PROTECTED, ``size`` at GPA 0, its first half private."""
+    return gmem_vm(kv, VMType.SW_PROTECTED, size, size // 2, UADDR)[0]
 
 
 def test_a_sw_protected_vm_faults_private_and_shared_pages_in_the_loop(kv):
@@ -125,20 +137,9 @@ def test_a_sw_protected_vm_faults_private_and_shared_pages_in_the_loop(kv):
     assert vm.check_invariants() == []
 
 
-SNP_UADDR = 1 << 30     # within the SNP host's frames (its C-bit takes physical address bits)
-
-
 def snp_vm(kv, size=4 * MIB):
-    """SNP, ``size`` of guest_memfd-backed memory at GPA 0, its first half private; its
-    launch never ended, so the modelled guest validates each private page before its
-    first touch (as a Linux guest does)."""
-    vm = kv.VM(VMType.SNP)
-    gmem = vm.create_guest_memfd(size)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
-                              userspace_addr=SNP_UADDR, flags=MemFlag.GUEST_MEMFD,
-                              guest_memfd=gmem)
-    vm.set_memory_attributes(0, size // 2, MemAttr.PRIVATE)
-    return vm, gmem
+    """SNP, ``size`` at GPA 0, its first half private; and the guest_memfd."""
+    return gmem_vm(kv, VMType.SNP, size, size // 2, CVM_UADDR)
 
 
 ENCRYPTED_WRITE = AccessFlags.WRITE | AccessFlags.ENCRYPTED
@@ -156,7 +157,7 @@ def test_an_snp_vm_faults_private_and_shared_pages_in_the_loop(kv):
     shared = vcpu.access_many(pages(512, 512), AccessFlags.WRITE)
     assert private.count == shared.count == 512 and private.exit is shared.exit is None
     assert private.hpa.tolist() == [gmem.pfn(i) << 12 for i in range(512)]
-    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(SNP_UADDR))
+    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(CVM_UADDR))
     for i in (0, 1, 511):
         assert vm.rmp_entry(gmem.pfn(i)) == RmpEntry(True, 1, i << 12, PG_LEVEL_4K, True, False)
     assert vm.rmp_entry(gmem.pfn(512)) == RmpEntry(False, 0, 0, PG_LEVEL_4K, False, False)
@@ -186,16 +187,8 @@ TD_SHARED = 1 << 47     # a TD's shared bit with a 48-bit GPA width (GPAW 0)
 
 
 def td(kv, size=4 * MIB):
-    """A TD with ``size`` of guest_memfd-backed memory at GPA 0, all of it private; its
-    launch never ended, so the modelled guest accepts each private page before its
-    first touch (TDG.MEM.PAGE.ACCEPT, as a Linux guest does)."""
-    vm = kv.VM(VMType.TDX)
-    gmem = vm.create_guest_memfd(size)
-    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=size,
-                              userspace_addr=SNP_UADDR, flags=MemFlag.GUEST_MEMFD,
-                              guest_memfd=gmem)
-    vm.set_memory_attributes(0, size, MemAttr.PRIVATE)
-    return vm, gmem
+    """A TD with ``size`` at GPA 0, all of it private; and the guest_memfd."""
+    return gmem_vm(kv, VMType.TDX, size, size, CVM_UADDR)
 
 
 def test_a_td_faults_private_and_shared_pages_in_the_loop(kv):
@@ -211,7 +204,7 @@ def test_a_td_faults_private_and_shared_pages_in_the_loop(kv):
     shared = vcpu.access_many(pages(512, 512) | np.uint64(TD_SHARED))
     assert private.count == shared.count == 512 and private.exit is shared.exit is None
     assert private.hpa.tolist() == [gmem.pfn(i) << 12 for i in range(512)]
-    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(SNP_UADDR))
+    np.testing.assert_array_equal(shared.hpa, pages(512, 512) + np.uint64(CVM_UADDR))
     for gpa in (0, 0x1000, 0x1FF000):
         assert vcpu.tdx_accept(gpa) == TdxModuleStatus.PAGE_ALREADY_ACCEPTED
     assert (vcpu.stats["pf_taken"], vcpu.stats["pf_fixed"]) == (1024, 1024)
