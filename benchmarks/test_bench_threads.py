@@ -147,34 +147,27 @@ def test_mapped_access_many(benchmark, threads, rng, per_element):
         same_moments(benchmark, lambda n: mapped_work(n, rng)[1], warm=True)
 
 
-@pytest.mark.benchmark(group="threads-first-touch", disable_gc=True)
+#: The first-touch benchmarks' groups, one per kind of memory faulted in.
+FIRST_TOUCH_GROUPS = {
+    VMType.DEFAULT: "threads-first-touch",
+    # SW_PROTECTED private memory: guest_memfd frames, prepared on first use.
+    VMType.SW_PROTECTED: "threads-first-touch-private",
+    # C-bit writes to SNP private memory: guest_memfd frames prepared with their RMP
+    # entries assigned, then the RMP check (the guest validates each page first).
+    VMType.SNP: "threads-first-touch-snp",
+    # Reads of a TD's private memory: guest_memfd frames mapped in the mirror root, each
+    # mirror SPTE frozen while its page is added, then accepted by the guest.
+    VMType.TDX: "threads-first-touch-tdx",
+}
+
+
+@pytest.mark.benchmark(disable_gc=True)
+@pytest.mark.parametrize("vm_type", list(FIRST_TOUCH_GROUPS), ids=lambda t: t.name)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_first_touch_access_many(benchmark, threads, per_element):
-    first_touches(benchmark, threads, per_element, VMType.DEFAULT)
-
-
-@pytest.mark.benchmark(group="threads-first-touch-private", disable_gc=True)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_first_touch_private_access_many(benchmark, threads, per_element):
-    """The same on SW_PROTECTED private memory: guest_memfd frames, prepared on first
-    use."""
-    first_touches(benchmark, threads, per_element, VMType.SW_PROTECTED)
-
-
-@pytest.mark.benchmark(group="threads-first-touch-snp", disable_gc=True)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_first_touch_snp_access_many(benchmark, threads, per_element):
-    """C-bit writes to SNP private memory: guest_memfd frames prepared with their RMP
-    entries assigned, then the RMP check (the guest validates each page first)."""
-    first_touches(benchmark, threads, per_element, VMType.SNP)
-
-
-@pytest.mark.benchmark(group="threads-first-touch-tdx", disable_gc=True)
-@pytest.mark.parametrize("threads", [1, 2])
-def test_first_touch_tdx_access_many(benchmark, threads, per_element):
-    """Reads of a TD's private memory: guest_memfd frames mapped in the mirror root, each
-    mirror SPTE frozen while its page is added, then accepted by the guest."""
-    first_touches(benchmark, threads, per_element, VMType.TDX)
+def test_first_touch_access_many(benchmark, threads, vm_type, per_element):
+    """N_FAULTS first touches on one thread or two, in the group of their VM type."""
+    benchmark.group = FIRST_TOUCH_GROUPS[vm_type]
+    first_touches(benchmark, threads, per_element, vm_type)
 
 
 def first_touches(benchmark, threads, per_element, vm_type):
