@@ -86,6 +86,8 @@ COMPILED_ONLY = {
     ("paging", "ept4_step"): "one step of ept4_mapped_run's walk",
     ("paging", "use_result_dealloc"): "installs a C deallocator on Translation; the twin's "
                                       "results are freed by CPython's own",
+    ("paging", "result_pair_reused"): "a Translation from the C deallocator's free list; the "
+                                      "twin's results are made by CPython",
     ("paging", "PageTables.grow"): "new_table without zeroing, for alloc, which fills the "
                                    "table itself; the twin's fill is one numpy store",
     ("paging", "plain_access"): "the compiled core's check of plain access arguments; the "

@@ -49,16 +49,41 @@ cdef extern from *:
      * its class -- without its search for what such a class cannot have.  Subclasses
      * keep the generic deallocator, which calls this one as their base's (and then
      * does not drop the class reference itself: the base class is a heap type).  The
-     * trashcan bounds the C stack when results nest. */
+     * trashcan bounds the C stack when results nest.
+     *
+     * Pairs of the class given to kvmemu_use_result_dealloc (Translation: one per
+     * access) go to a free list instead, as tuple's own free lists keep tuples: off
+     * the GC's list, their fields dropped, the class reference kept; result2 takes
+     * them back.  Both run with the GIL held, which guards the list. */
+    #define KVMEMU_RESULT_FREE_MAX 64
+    static PyObject *kvmemu_result_free[KVMEMU_RESULT_FREE_MAX];
+    static int kvmemu_result_nfree = 0;
+    static PyTypeObject *kvmemu_result_pair_type = NULL;
+
     static void kvmemu_result_dealloc(PyObject *self) {
         PyTypeObject *type = Py_TYPE(self);
+        int kept = 0;
         PyObject_GC_UnTrack(self);          /* before the trashcan, which may defer it */
         Py_TRASHCAN_BEGIN(self, kvmemu_result_dealloc)
-        PyTuple_Type.tp_dealloc(self);
-        Py_DECREF(type);
+        if (type == kvmemu_result_pair_type && Py_SIZE(self) == 2
+                && kvmemu_result_nfree < KVMEMU_RESULT_FREE_MAX) {
+            /* The fields first: dropping them may free other results (and fill the
+             * list). */
+            Py_CLEAR(((PyTupleObject *)self)->ob_item[0]);
+            Py_CLEAR(((PyTupleObject *)self)->ob_item[1]);
+            if (kvmemu_result_nfree < KVMEMU_RESULT_FREE_MAX) {
+                kvmemu_result_free[kvmemu_result_nfree++] = self;
+                kept = 1;
+            }
+        }
+        if (!kept) {
+            PyTuple_Type.tp_dealloc(self);
+            Py_DECREF(type);
+        }
         Py_TRASHCAN_END
     }
-    /* Installs it on ``cls`` if ``cls`` is such a class; returns 1 if it did. */
+    /* Installs it on ``cls`` if ``cls`` is such a class; returns 1 if it did.  The
+     * first class it is installed on has its pairs kept on the free list. */
     static int kvmemu_use_result_dealloc(PyObject *cls) {
         PyTypeObject *t = (PyTypeObject *)cls;
         if (!PyType_Check(cls) || !(t->tp_flags & Py_TPFLAGS_HEAPTYPE)
@@ -68,10 +93,26 @@ cdef extern from *:
                 || t->tp_itemsize != PyTuple_Type.tp_itemsize)
             return 0;
         t->tp_dealloc = kvmemu_result_dealloc;
+        if (kvmemu_result_pair_type == NULL) {
+            Py_INCREF(cls);
+            kvmemu_result_pair_type = t;
+        }
         return 1;
+    }
+    /* A pair of ``cls`` from the free list, as a new reference with empty fields and
+     * off the GC's list; NULL if the list is empty or keeps another class. */
+    static PyObject *kvmemu_result_pair_reused(PyTypeObject *cls) {
+        PyObject *obj;
+        if (cls != kvmemu_result_pair_type || kvmemu_result_nfree == 0)
+            return NULL;
+        obj = kvmemu_result_free[--kvmemu_result_nfree];
+        PyObject_Init(obj, cls);            /* a new reference (and one to the class, */
+        Py_DECREF(cls);                     /* which the list kept) */
+        return obj;
     }
     """
     int use_result_dealloc "kvmemu_use_result_dealloc" (object cls)
+    PyObject* result_pair_reused "kvmemu_result_pair_reused" (PyTypeObject* cls)
 
 # A Translation per access: its deallocation is a tenth of VCPU.access's time otherwise.
 use_result_dealloc(Translation)
@@ -539,17 +580,22 @@ cdef object result(type cls, tuple fields):
 cdef object result2(type cls, object a, object b):
     """``result(cls, (a, b))`` without the tuple of fields (a Translation per access),
     for ints only: it is taken off the cyclic GC's list at once, as the GC would take
-    off a tuple of ints at its next pass (a tuple holding no container is in no cycle)."""
-    cdef PyObject* made = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
-    if made == NULL:
-        raise MemoryError()
+    off a tuple of ints at its next pass (a tuple holding no container is in no cycle).
+    A Translation comes from the free list when one is there (kvmemu_result_dealloc)."""
+    cdef PyObject* made = result_pair_reused(<PyTypeObject*>cls)
+    cdef bint reused = made != NULL
+    if not reused:
+        made = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
+        if made == NULL:
+            raise MemoryError()
     cdef object obj = <object>made
     Py_DECREF(obj)
     Py_INCREF(a)
     PyTuple_SET_ITEM(obj, 0, a)
     Py_INCREF(b)
     PyTuple_SET_ITEM(obj, 1, b)
-    PyObject_GC_UnTrack(made)
+    if not reused:
+        PyObject_GC_UnTrack(made)
     return obj
 
 
