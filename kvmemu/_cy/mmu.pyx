@@ -12,8 +12,8 @@ from libc.errno cimport EAGAIN, EFAULT, EINVAL, EIO, ENOENT, EOPNOTSUPP
 from libc.stdint cimport uint32_t, uint64_t
 
 
-cdef void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
-                     const SlotRecord* slot, bint nx, bint prefetch) noexcept nogil:
+cdef inline void init_fault(FaultRecord* f, uint64_t addr, uint64_t error_code, uint64_t gfn,
+                            const SlotRecord* slot, bint nx, bint prefetch) noexcept nogil:
     """Models the struct kvm_page_fault that kvm_mmu_do_page_fault fills
     (mmu_internal.h, 6.18)."""
     f.addr = addr
@@ -61,8 +61,8 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
     return count_result(vcpu, r)
 
 
-cdef uint64_t sw_protected_private(VCPUState vcpu, uint64_t gpa,
-                                   uint64_t error_code) noexcept nogil:
+cdef inline uint64_t sw_protected_private(VCPUState vcpu, uint64_t gpa,
+                                          uint64_t error_code) noexcept nogil:
     """The start of kvm_mmu_page_fault (mmu.c, 6.18): on a SW_PROTECTED VM, a fault that
     is not a reserved-bit fault is private when the attributes say so
     (PFERR_PRIVATE_ACCESS)."""
@@ -72,7 +72,7 @@ cdef uint64_t sw_protected_private(VCPUState vcpu, uint64_t gpa,
     return error_code
 
 
-cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
+cdef inline int count_result(VCPUState vcpu, int r) noexcept nogil:
     """The end of kvm_mmu_page_fault (mmu.c, 6.18): the vCPU's pf_fixed, pf_emulate and
     pf_spurious statistics count the handler's result (written once: other threads read
     them while the GIL-free loop runs)."""
@@ -85,9 +85,10 @@ cdef int count_result(VCPUState vcpu, int r) noexcept nogil:
     return r
 
 
-cdef int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
-                           uint64_t gpa,
-                           const SlotRecord** last) except CORE_RETURN_PY_EXCEPTION nogil:
+# Inline, as the rest of the fault path it calls (tdp_mmu.pxd says why).
+cdef inline int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, const Outcome* exit_,
+                                  uint64_t gpa,
+                                  const SlotRecord** last) except CORE_RETURN_PY_EXCEPTION nogil:
     """An exit of access_many's GIL-free loop, handled in that loop when nothing in its
     handling needs Python; FAULT_ELSEWHERE (nothing changed) sends it to handle_exit.
 
@@ -290,8 +291,8 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
     return r
 
 
-cdef int map_under_lock(VCPUState vcpu, FaultRecord* f,
-                        Root root) except CORE_RETURN_PY_EXCEPTION nogil:
+cdef inline int map_under_lock(VCPUState vcpu, FaultRecord* f,
+                               Root root) except CORE_RETURN_PY_EXCEPTION nogil:
     """The part of kvm_tdp_mmu_page_fault (mmu.c, 6.18) under mmu_lock for read: the stale
     check, then kvm_tdp_mmu_map into ``root``."""
     if is_page_fault_stale(vcpu, f):
@@ -386,7 +387,7 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
     return faultin_slot(vcpu, f)
 
 
-cdef int faultin_slot(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION nogil:
+cdef inline int faultin_slot(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEPTION nogil:
     """The end of kvm_mmu_faultin_pfn (mmu.c, 6.18) for a fault with a memslot, the
     invalidation snapshot taken: the frame from guest_memfd (private or gmem-only; a
     memory fault without one) or from the host mapping (a write to a read-only memslot
@@ -480,7 +481,7 @@ cdef int max_mapping_level(const SlotRecord* slot, uint64_t gfn, int max_level) 
     return min(slot.host_level, level)
 
 
-cdef void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
+cdef inline void hugepage_adjust(FaultRecord* f, bint nx_huge_pages) noexcept nogil:
     """Models kvm_mmu_hugepage_adjust (mmu.c, 6.18): no huge page while dirty logging is
     on, else the level kvm_mmu_max_mapping_level allows."""
     cdef int level

@@ -242,9 +242,9 @@ cdef class TdpMmu:
         root.pt.write(table, index, new)
         return self.handle_changed_spte(root, gfn, level, old, new)
 
-    cdef int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
-                             uint64_t old, uint64_t new, uint64_t gfn,
-                             uint64_t* aug) except -1 nogil:
+    cdef inline int set_spte_atomic(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
+                                    uint64_t old, uint64_t new, uint64_t gfn,
+                                    uint64_t* aug) except -1 nogil:
         """Models tdp_mmu_set_spte_atomic (tdp_mmu.c, 6.18), a mirror SPTE's freeze
         included (set_external_spte_present); the twin tells the rules.  ``aug``: the
         frame TDH.MEM.PAGE.AUG adds, or NULL."""
@@ -263,8 +263,8 @@ cdef class TdpMmu:
         self.handle_changed_spte(root, gfn, level, old, new)
         return 1
 
-    cdef int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
-                                 uint64_t new) except -1 nogil:
+    cdef inline int handle_changed_spte(self, Root root, uint64_t gfn, int level, uint64_t old,
+                                        uint64_t new) except -1 nogil:
         """Models handle_changed_spte (tdp_mmu.c, 6.18) without its tracepoint, which
         set_spte emits: the per-level leaf counts (kvm_update_page_stats: atomic, since
         faults of several vCPUs change them under mmu_lock for read), and a table
@@ -306,8 +306,8 @@ cdef class TdpMmu:
             return self.mirror
         return self.direct
 
-    cdef int tdp_mmu_map(self, FaultRecord* f, Root root,
-                         uint64_t generation) except CORE_RETURN_PY_EXCEPTION nogil:
+    cdef inline int tdp_mmu_map(self, FaultRecord* f, Root root,
+                                uint64_t generation) except CORE_RETURN_PY_EXCEPTION nogil:
         """Models kvm_tdp_mmu_map (tdp_mmu.c, 6.18): hugepage adjust, then walk down from
         the root, linking a new table where none is and splitting a huge leaf in the way,
         and map the target level; every link is a compare-and-exchange, and a lost one
@@ -387,10 +387,10 @@ cdef class TdpMmu:
                                      SHADOW_NONPRESENT_VALUE, root.pt.read(child, i))
         return child
 
-    cdef int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
-                                     Py_ssize_t index, int level, uint64_t old,
-                                     uint64_t generation,
-                                     uint64_t iter_gfn) except CORE_RETURN_PY_EXCEPTION nogil:
+    cdef inline int map_handle_target_level(self, FaultRecord* f, Root root, Py_ssize_t table,
+                                            Py_ssize_t index, int level, uint64_t old,
+                                            uint64_t generation, uint64_t iter_gfn
+                                            ) except CORE_RETURN_PY_EXCEPTION nogil:
         """Models tdp_mmu_map_handle_target_level (tdp_mmu.c, 6.18; ``iter_gfn``: iter->gfn,
         with the root's gfn bits): a leaf or an MMIO SPTE for the fault, FIXED, SPURIOUS or
         EMULATE."""
