@@ -54,8 +54,8 @@ COMPILED_ONLY = {
                               "table memory; the twin indexes a list of tables",
     ("paging", "has_table"): "table_at's bound as one compare, for the compiled walks that "
                              "follow address bits as pointers; the twin's walks call table_at",
-    ("tdp_mmu", "Root.child_entries"): "Root.child and a pointer to the child's entries in the "
-                                       "compiled table memory; the twin indexes tables",
+    ("tdp_mmu", "Root.child_entries"): "a pointer to Root.child's entries in the compiled "
+                                       "table memory; the twin indexes tables",
     ("tdp_mmu", "Root.init_disallowed"): "maps the compiled per-table flag bytes; the twin's "
                                          "flags are a dict",
     ("locking", "my_shard"): "the calling thread's shard of a sharded C count; the twin's "

@@ -24,7 +24,7 @@ cdef class Root:
     cdef int init_disallowed(self, Py_ssize_t tables) except -1
     cdef Root clone(self)
     cdef Py_ssize_t child(self, uint64_t spte) noexcept nogil
-    cdef uint64_t* child_entries(self, uint64_t spte, Py_ssize_t* table) noexcept nogil
+    cdef uint64_t* child_entries(self, uint64_t spte) noexcept nogil
     cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil
     cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept nogil
 

@@ -59,19 +59,15 @@ cdef class Root:
         """The table a present non-leaf SPTE points to (spte_to_child_sp).  Only KVM
         writes these tables, and its non-leaf SPTEs always point at a table (a release
         build reads the root rather than outside the tables if one did not)."""
-        cdef Py_ssize_t table
-        self.child_entries(spte, &table)
-        return table
+        return (self.child_entries(spte) - self.pt.mem) >> PT_LEVEL_BITS
 
-    cdef uint64_t* child_entries(self, uint64_t spte, Py_ssize_t* table) noexcept nogil:
-        """child(spte) in ``table``, and its entries, found from the SPTE's address bits
-        (the walk down then waits on an AND and an add per level, not on the index)."""
+    cdef uint64_t* child_entries(self, uint64_t spte) noexcept nogil:
+        """The entries of child(spte), found from the SPTE's address bits (the walk down
+        then waits on an AND and an add per level, not on the table's number)."""
         cdef uint64_t hpa = spte & SPTE_BASE_ADDR_MASK
         if has_table(hpa, load_count(&self.pt.ntables)) and hpa != PT_BASE_HPA:
-            table[0] = <Py_ssize_t>((hpa - PT_BASE_HPA) >> PAGE_SHIFT)
             return <uint64_t*>(table_bias(self.pt.mem) + hpa)
         debug_assert(False)
-        table[0] = 0
         return self.pt.mem
 
     cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil:
@@ -317,27 +313,33 @@ cdef class TdpMmu:
         it)."""
         cdef uint64_t indexed = f.gfn | root.gfn_bits
         cdef uint64_t old
-        cdef Py_ssize_t table = 0, index, child
-        cdef uint64_t* entries = root.pt.mem        # table ``table``'s
-        cdef int level = self.levels
+        cdef Py_ssize_t table, index, child
+        cdef uint64_t* mem = root.pt.mem
+        cdef uint64_t* entries = mem                # the entries of the table walked
+        cdef int level = self.levels, goal
         hugepage_adjust(f, self.nx_huge_pages)
+        goal = f.goal_level
         if self.tracing:
             with gil:
                 self.tracer.spte_requested(
                     f.gfn, (f.pfn if f.has_slot else KVM_PFN_NOSLOT)
-                    | (f.gfn & (pages_per_hpage(f.goal_level) - 1)), f.goal_level)
+                    | (f.gfn & (pages_per_hpage(goal) - 1)), goal)
         while True:
             index = spte_index(indexed, level)
             old = load_entry(&entries[index])
             if self.nx_huge_pages:
                 disallowed_hugepage_adjust(f, root, old, level)
-            if level != f.goal_level and is_shadow_present_pte(old) and not (old & PTE_LARGE):
-                entries, level = root.child_entries(old, &table), level - 1
+                goal = f.goal_level
+            if level != goal and is_shadow_present_pte(old) and not (old & PTE_LARGE):
+                # Down to the child table (its number is taken from ``entries`` only
+                # where it is needed).
+                entries, level = root.child_entries(old), level - 1
                 continue
+            table = (entries - mem) >> PT_LEVEL_BITS
             # Checked after the step down: a frozen SPTE is never present.
             if is_frozen_spte(old):          # another fault's change in progress
                 return RET_PF_RETRY
-            if level == f.goal_level:
+            if level == goal:
                 return self.map_handle_target_level(f, root, table, index, level, old,
                                                     generation,
                                                     indexed & ~(pages_per_hpage(level) - 1))
@@ -351,8 +353,8 @@ cdef class TdpMmu:
                                      f.huge_page_disallowed)
             if not child:
                 return RET_PF_RETRY
-            table, level = child, level - 1
-            entries = &root.pt.mem[child * PT_ENTRIES]
+            level -= 1
+            entries = &mem[child * PT_ENTRIES]
 
     cdef Py_ssize_t link_sp(self, Root root, Py_ssize_t table, Py_ssize_t index, int level,
                             uint64_t old, uint64_t gfn, bint disallowed) except -1 nogil:
