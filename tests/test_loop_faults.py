@@ -63,6 +63,36 @@ def test_a_run_of_first_touches_maps_every_page(kv, vendor):
     assert vm.check_invariants() == []
 
 
+def test_the_walks_around_a_loop_fault_keep_the_walk_rules(kv):
+    """A first touch below a PDE whose accessed flag was cleared: the walk that meets the
+    not-present leaf stores nothing (an EPT violation, SDM 29.3.5), the fault maps the
+    page, and the walk after it sets the PDE's accessed flag; a mapped leaf without its
+    accessed flag, and then a write to a leaf without its dirty flag, get them from the
+    walk.  Every page at its host address, one fault in all."""
+    from kvmemu import EPTE
+    from kvmemu.testing import writable
+    vm = default_vm(kv)
+    vcpu = vm.create_vcpu()
+    touched = np.delete(pages(0, 16), 5)
+    assert vcpu.access_many(touched, AccessFlags.WRITE).count == 15
+    pt, accessed, dirty = vm.page_tables, EPTE.ACCESSED.value, EPTE.DIRTY.value
+    with writable(pt):
+        pt.set_entry(0, 2, pt.get_entry(0, 2) & ~accessed)
+        pt.set_entry(3 << 12, 1, pt.get_entry(3 << 12, 1) & ~accessed)
+        pt.set_entry(4 << 12, 1, pt.get_entry(4 << 12, 1) & ~dirty)
+    taken = vcpu.stats["pf_taken"]
+    result = vcpu.access_many(np.array([5 << 12, 3 << 12, 0], dtype=np.uint64) | np.uint64(8))
+    assert result.count == 3 and result.exit is None
+    assert result.hpa.tolist() == [UADDR + (5 << 12) + 8, UADDR + (3 << 12) + 8, UADDR + 8]
+    assert result.level.tolist() == [1, 1, 1]
+    assert vcpu.stats["pf_taken"] == taken + 1
+    assert pt.get_entry(0, 2) & accessed and pt.get_entry(3 << 12, 1) & accessed
+    assert not pt.get_entry(4 << 12, 1) & dirty
+    assert vcpu.access_many(pages(4, 1), AccessFlags.WRITE).count == 1
+    assert pt.get_entry(4 << 12, 1) & dirty
+    assert vm.check_invariants() == []
+
+
 def test_what_the_loop_cannot_handle_goes_to_the_exit_handler(kv):
     """First touches, then a write to a READONLY memslot (KVM_PFN_ERR_RO_FAULT: emulated,
     an MMIO exit), then a read of a gfn without a memslot (an MMIO SPTE, an MMIO exit):

@@ -83,7 +83,12 @@ COMPILED_ONLY = {
     ("paging", "ept4_mapped_run"): "access_many's tight loop over 4-level EPT accesses that "
                                    "store nothing; the twin takes each through "
                                    "ept_fast_translate, by the same rules",
-    ("paging", "ept4_step"): "one step of ept4_mapped_run's walk",
+    ("paging", "ept4_step"): "one step of ept4_leaf's walk",
+    ("paging", "ept4_leaf"): "the walk of ept4_mapped_run and ept4_walk",
+    ("paging", "ept4_walk"): "access_many's walk of one 4-level EPT access that stores "
+                             "nothing, or its EPT violation on a not-present entry; the twin "
+                             "takes each through ept_fast_translate, by the same rules",
+    ("paging", "ept4_walk_init"): "ept4_walk's masks for a batch's access flags",
     ("paging", "use_result_dealloc"): "installs a C deallocator on Translation; the twin's "
                                       "results are freed by CPython's own",
     ("paging", "result_pair_reused"): "a Translation from the C deallocator's free list; the "

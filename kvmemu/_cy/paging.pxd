@@ -16,6 +16,14 @@ cdef enum OutcomeKind:
     OUT_TDX_PENDING = 5     # an EPT violation on a PENDING private page (extended type 6)
     OUT_GUEST_VC = 6        # #VC in the guest: no VM exit
 
+# ept4_walk's view of 4-level EPT tables for one access type (ept4_walk_init).
+cdef struct Ept4Walk:
+    const uint64_t* mem
+    size_t bias             # table_bias(mem)
+    uint64_t mask           # addr_mask
+    uint64_t need, leaf_need, top_bad, mid_bad, leaf_bad, present
+    uint64_t violation      # the qualification of an EPT violation on a not-present entry
+
 # A vCPU's page-modification log: the 512-entry buffer and the PML index, which counts
 # down from 511 and wraps to 0xFFFF after entry 0.
 cdef struct PmlLog:
@@ -108,9 +116,15 @@ cdef bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssize_t nt
 cdef bint pml_log(PmlLog* pml, uint64_t gpa) noexcept nogil
 cdef bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mask, uint64_t gpa,
                     int level, uint64_t need, uint64_t bad, uint64_t* e) noexcept nogil
-cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_ssize_t ntables,
-                                const uint64_t* gpas, Py_ssize_t i, Py_ssize_t stop,
-                                uint64_t flags, uint64_t* hpa, uint8_t* level) noexcept nogil
+cdef bint ept4_walk_init(Ept4Walk* w, const PagingConfig* c, const uint64_t* mem,
+                         uint64_t flags) noexcept nogil
+cdef bint ept4_walk(const Ept4Walk* w, Py_ssize_t ntables, uint64_t gpa,
+                    Outcome* out) noexcept nogil
+cdef bint ept4_leaf(const Ept4Walk* w, Py_ssize_t ntables, uint64_t gpa,
+                    uint64_t* e) noexcept nogil
+cdef Py_ssize_t ept4_mapped_run(const Ept4Walk* w, Py_ssize_t ntables, const uint64_t* gpas,
+                                Py_ssize_t i, Py_ssize_t stop, uint64_t* hpa,
+                                uint8_t* level) noexcept nogil
 cdef Outcome translate_one(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,
                            uint64_t gpa, uint64_t flags, PmlLog* pml) noexcept nogil
 cdef Outcome translate_walked(const PagingConfig* c, uint64_t* mem, Py_ssize_t ntables,

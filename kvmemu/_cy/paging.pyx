@@ -466,7 +466,7 @@ cdef inline bint ept_fast_translate(const PagingConfig* c, uint64_t* mem, Py_ssi
 
 cdef inline bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mask, uint64_t gpa,
                            int level, uint64_t need, uint64_t bad, uint64_t* e) noexcept nogil:
-    """ept4_mapped_run's step down: ``e`` becomes the level-``level`` entry of the table
+    """ept4_leaf's step down: ``e`` becomes the level-``level`` entry of the table
     it points to; False if there is no such table, or the entry lacks a bit of ``need``
     or has one of ``bad``."""
     cdef uint64_t hpa = e[0] & mask
@@ -476,37 +476,78 @@ cdef inline bint ept4_step(const uint64_t* mem, Py_ssize_t ntables, uint64_t mas
     return (e[0] & need) == need and not (e[0] & bad)
 
 
-cdef Py_ssize_t ept4_mapped_run(const PagingConfig* c, const uint64_t* mem, Py_ssize_t ntables,
-                                const uint64_t* gpas, Py_ssize_t i, Py_ssize_t stop,
-                                uint64_t flags, uint64_t* hpa, uint8_t* level) noexcept nogil:
-    """access_many's inner loop on 4-level EPT, for the accesses that change nothing: a
-    final-stage read or write (``flags``: WRITE, USER, ENCRYPTED only) through four
-    present, well-formed non-leaf entries to a 4K leaf, every entry with its accessed
-    flag already set and, for a write, the leaf's dirty flag too (SDM 29.3.5: the walk
-    then stores nothing, and PML logs nothing).  Translates gpas[i:stop] into
-    hpa/level up to the first access that is not such a one and returns its index
-    (``stop`` if none); ept_fast_translate or translate_one takes that one, by the same
-    rules.  No pointers kept, no stores but the results: short enough per element for
-    the CPU to overlap the cache misses of successive walks."""
-    cdef uint64_t need = EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
-    cdef uint64_t leaf_need, g, e, mask = c.addr_mask
-    cdef uint64_t top_bad = c.rsvd_high | EPT_RSVD_ROOT
-    cdef uint64_t mid_bad = c.rsvd_high | EPT_RSVD_NONLEAF | EPTE_LARGE   # huge: elsewhere
-    if flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER | ACCESS_FLAGS_ENCRYPTED):
-        return i
-    if c.ad_bits:
-        need |= EPTE_ACCESSED
-    leaf_need = need | (EPTE_DIRTY if c.ad_bits and flags & ACCESS_FLAGS_WRITE else 0)
+cdef inline bint ept4_walk_init(Ept4Walk* w, const PagingConfig* c, const uint64_t* mem,
+                                uint64_t flags) noexcept nogil:
+    """Set up ept4_walk for accesses of ``flags`` on 4-level EPT ``mem``; False if such an
+    access is not one it takes (a fetch, a walk access: ept_fast_translate's and the
+    general walk's)."""
+    if not c.ept or c.levels != 4 or flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER
+                                                | ACCESS_FLAGS_ENCRYPTED):
+        return False
+    w.mem, w.bias, w.mask, w.present = mem, table_bias(mem), c.addr_mask, c.present_mask
+    w.need = (EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
+              | (EPTE_ACCESSED if c.ad_bits else 0))
+    w.leaf_need = w.need | (EPTE_DIRTY if c.ad_bits and flags & ACCESS_FLAGS_WRITE else 0)
+    w.top_bad = c.rsvd_high | EPT_RSVD_ROOT
+    w.mid_bad = c.rsvd_high | EPT_RSVD_NONLEAF | EPTE_LARGE      # a huge leaf: elsewhere
+    w.leaf_bad = c.rsvd_high
+    w.violation = ept_gva_bits(ept_access_bits(c, flags), flags)
+    return True
+
+
+cdef inline bint ept4_leaf(const Ept4Walk* w, Py_ssize_t ntables, uint64_t gpa,
+                           uint64_t* e) noexcept nogil:
+    """The walk of ept4_walk and ept4_mapped_run: True if ``gpa`` goes through four
+    present, well-formed entries to a 4K leaf of a valid memory type, every entry with
+    its accessed flag and, for a write, the leaf with its dirty flag (SDM 29.3.5: the
+    walk then stores nothing, and PML logs nothing), ``e`` the leaf; else False, ``e``
+    the entry that failed, or the present one whose address holds no table."""
+    e[0] = load_entry(&w.mem[gpa_index(gpa, 4)])
+    return ((e[0] & w.need) == w.need and not (e[0] & w.top_bad)
+            and ept4_step(w.mem, ntables, w.mask, gpa, 3, w.need, w.mid_bad, e)
+            and ept4_step(w.mem, ntables, w.mask, gpa, 2, w.need, w.mid_bad, e)
+            and ept4_step(w.mem, ntables, w.mask, gpa, 1, w.leaf_need, w.leaf_bad, e)
+            and not (EPT_BAD_MEMTYPES >> ((e[0] & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1)
+
+
+cdef inline bint ept4_walk(const Ept4Walk* w, Py_ssize_t ntables, uint64_t gpa,
+                           Outcome* out) noexcept nogil:
+    """One access of access_many's GIL-free loop by ept4_leaf's rules, with what
+    ept_fast_translate reports when entries that pass them lead to a not-present one:
+    the EPT violation whose qualification holds only the access and linear-address
+    bits.  Anything else returns False, for ept_fast_translate.  The walks of a first
+    touch (the one that faults, the one after the fault) take this, with the masks
+    ept4_walk_init set once for the batch."""
+    cdef uint64_t e
+    if not ept4_leaf(w, ntables, gpa, &e):
+        if e & w.present:
+            return False
+        out.kind = OUT_EPT_VIOLATION
+        out.level = 0
+        out.value = w.violation
+        return True
+    out.kind = OUT_TRANSLATED
+    out.level = PG_LEVEL_4K
+    out.value = (e & w.mask & ~(<uint64_t>PAGE_SIZE - 1)) | (gpa & (PAGE_SIZE - 1))
+    return True
+
+
+cdef Py_ssize_t ept4_mapped_run(const Ept4Walk* w, Py_ssize_t ntables, const uint64_t* gpas,
+                                Py_ssize_t i, Py_ssize_t stop, uint64_t* hpa,
+                                uint8_t* level) noexcept nogil:
+    """access_many's inner loop on 4-level EPT, for the accesses that change nothing
+    (ept4_leaf's): translates gpas[i:stop] into hpa/level up to the first access that is
+    not such a one and returns its index (``stop`` if none); ept4_walk,
+    ept_fast_translate or translate_one takes that one, by the same rules.  No pointers
+    kept, no stores but the results: short enough per element for the CPU to overlap
+    the cache misses of successive walks."""
+    cdef Ept4Walk lw = w[0]         # a local copy: the stores to hpa cannot change it
+    cdef uint64_t g, e
     while i < stop:
         g = gpas[i]
-        e = load_entry(&mem[gpa_index(g, 4)])
-        if ((e & need) != need or e & top_bad
-                or not ept4_step(mem, ntables, mask, g, 3, need, mid_bad, &e)
-                or not ept4_step(mem, ntables, mask, g, 2, need, mid_bad, &e)
-                or not ept4_step(mem, ntables, mask, g, 1, leaf_need, c.rsvd_high, &e)
-                or (EPT_BAD_MEMTYPES >> ((e & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT)) & 1):
+        if not ept4_leaf(&lw, ntables, g, &e):
             break
-        hpa[i] = (e & mask & ~(<uint64_t>PAGE_SIZE - 1)) | (g & (PAGE_SIZE - 1))
+        hpa[i] = (e & lw.mask & ~(<uint64_t>PAGE_SIZE - 1)) | (g & (PAGE_SIZE - 1))
         level[i] = PG_LEVEL_4K
         i += 1
     return i

@@ -577,6 +577,8 @@ cdef class VCPUState:
         cdef bint interrupted = False
         cdef Py_ssize_t runs = 0
         cdef PmlLog* pml
+        cdef Ept4Walk walk                  # ept4_walk's masks for the batch's flags
+        cdef bint lean = False
         cdef SlotTable table
         cdef long seen
         cdef const SlotRecord* last_slot
@@ -606,6 +608,7 @@ cdef class VCPUState:
         while i < n:
             if streak >= TRANSLATION_STREAK:
                 dmem, mmem = dpt.mem, mpt.mem
+                lean = not per_element and ept4_walk_init(&walk, &dcfg, dmem, f)
                 pml = self.active_pml()
                 table = self.memslots.srcu_read_lock()
                 seen = atomic_load(&self.memslots.publishes)
@@ -629,9 +632,9 @@ cdef class VCPUState:
                                         break
                                     dn, mn = load_count(&dpt.ntables), load_count(&mpt.ntables)
                                     stop = min(n, i + LOCKED_RUN)
-                                if mapped_run and not used and not faulted:
-                                    i = ept4_mapped_run(&dcfg, dmem, dn, &gpas[0], i, stop, f,
-                                                        hpa, level)
+                                if mapped_run and lean and not used and not faulted:
+                                    i = ept4_mapped_run(&walk, dn, &gpas[0], i, stop, hpa,
+                                                        level)
                                     if i == stop:
                                         continue
                                 g = gpas[i]
@@ -645,7 +648,9 @@ cdef class VCPUState:
                                     out = translate_one(&dcfg, dmem, dn, g, f, pml)
                                     if snp and out.kind == OUT_TRANSLATED:
                                         self.confidential_check(&dcfg, g, f, &out)
-                                elif not ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4, pml):
+                                elif (not (lean and ept4_walk(&walk, dn, g, &out))
+                                      and not ept_fast_translate(&dcfg, dmem, dn, g, f, &out, 4,
+                                                                 pml)):
                                     # (EPT: not SNP; translate_one without its fast walk again)
                                     out = translate_walked(&dcfg, dmem, dn, g, f, pml)
                                 if out.kind != OUT_TRANSLATED:
