@@ -54,9 +54,14 @@ cdef extern from *:
      * Pairs of the class given to kvmemu_use_result_dealloc (Translation: one per
      * access) go to a free list instead, as tuple's own free lists keep tuples: off
      * the GC's list, their fields dropped, the class reference kept; result2 takes
-     * them back.  Both run with the GIL held, which guards the list. */
+     * them back.  Both run with the GIL held, which guards the list (a build without
+     * the GIL keeps none). */
+    #ifdef Py_GIL_DISABLED
+    #define KVMEMU_RESULT_FREE_MAX 0
+    #else
     #define KVMEMU_RESULT_FREE_MAX 64
-    static PyObject *kvmemu_result_free[KVMEMU_RESULT_FREE_MAX];
+    #endif
+    static PyObject *kvmemu_result_free[KVMEMU_RESULT_FREE_MAX + 1];
     static int kvmemu_result_nfree = 0;
     static PyTypeObject *kvmemu_result_pair_type = NULL;
 
