@@ -82,7 +82,7 @@ def test_first_touch_batch(benchmark, kv, per_element):
     def touch(vcpu, gpas):
         assert vcpu.access_many(gpas, 1).count == n
 
-    benchmark.pedantic(touch, setup=setup, rounds=5, iterations=1)
+    benchmark.pedantic(touch, setup=setup, rounds=10, iterations=1)
     per_element(n)
 
 
