@@ -66,9 +66,10 @@ def test_first_touch_tdx_private(benchmark, kv, per_element):
 @pytest.mark.benchmark(group="fault-first-touch-batch")
 def test_first_touch_batch(benchmark, kv, per_element):
     """First-touch 4K faults through VCPU.access_many: the loop runs in the core.  Each
-    round on a VM made after the earlier rounds' VMs were collected, whose table memory
-    comes from the pool those gave back (the first VM of a process also waits for the
-    kernel to zero each new table page: about 4 ns more per fault, one page per 512)."""
+    round on a new VM made after a collection, whose table memory comes from the pool
+    the VMs of the rounds before the last gave back (pytest-benchmark still holds the
+    last round's arguments while setup runs).  The first VM of a process also waits for
+    the kernel to zero each new table page: about 4 ns more per fault, one page per 512."""
     import gc
 
     import numpy as np
@@ -89,9 +90,10 @@ def test_first_touch_batch(benchmark, kv, per_element):
 @pytest.mark.benchmark(group="fault-first-touch-new-2m-region")
 def test_first_touch_each_in_a_new_2m_region(benchmark, kv, per_element):
     """First-touch faults 2 MiB apart, each mapped 4K (the host mapping is not 2M
-    aligned) so each needs a new leaf table, on a VM made after the earlier rounds'
-    VMs were collected: a later VM in the same process takes its table memory from
-    the pool those gave back."""
+    aligned) so each needs a new leaf table, on a VM made after a collection: a later
+    VM in the same process takes its table memory from the pool that the VMs of the
+    rounds before the last gave back (pytest-benchmark still holds the last round's
+    arguments while setup runs)."""
     import gc
 
     import numpy as np

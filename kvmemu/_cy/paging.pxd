@@ -19,7 +19,6 @@ cdef enum OutcomeKind:
 # ept4_walk's view of 4-level EPT tables for one access type (ept4_walk_init).
 cdef struct Ept4Walk:
     const uint64_t* mem
-    size_t bias             # table_bias(mem)
     uint64_t mask           # addr_mask
     uint64_t need, leaf_need, top_bad, mid_bad, leaf_bad, present
     uint64_t violation      # the qualification of an EPT violation on a not-present entry

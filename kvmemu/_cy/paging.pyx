@@ -489,7 +489,7 @@ cdef inline bint ept4_walk_init(Ept4Walk* w, const PagingConfig* c, const uint64
     if not c.ept or c.levels != 4 or flags & ~(ACCESS_FLAGS_WRITE | ACCESS_FLAGS_USER
                                                 | ACCESS_FLAGS_ENCRYPTED):
         return False
-    w.mem, w.bias, w.mask, w.present = mem, table_bias(mem), c.addr_mask, c.present_mask
+    w.mem, w.mask, w.present = mem, c.addr_mask, c.present_mask
     w.need = (EPTE_READ | (EPTE_WRITE if flags & ACCESS_FLAGS_WRITE else 0)
               | (EPTE_ACCESSED if c.ad_bits else 0))
     w.leaf_need = w.need | (EPTE_DIRTY if c.ad_bits and flags & ACCESS_FLAGS_WRITE else 0)
