@@ -628,20 +628,18 @@ cdef object result2(type cls, object a, object b):
     for ints only: it is taken off the cyclic GC's list at once, as the GC would take
     off a tuple of ints at its next pass (a tuple holding no container is in no cycle).
     A Translation comes from the free list when one is there (kvmemu_result_dealloc)."""
-    cdef PyObject* made = result_pair_reused(<PyTypeObject*>cls)
-    cdef bint reused = made != NULL
-    if not reused:
+    cdef PyObject* made = result_pair_reused(<PyTypeObject*>cls)    # already untracked
+    if made == NULL:
         made = PyType_GenericAlloc(<PyTypeObject*>cls, 2)
         if made == NULL:
             raise MemoryError()
+        PyObject_GC_UnTrack(made)
     cdef object obj = <object>made
     Py_DECREF(obj)
     Py_INCREF(a)
     PyTuple_SET_ITEM(obj, 0, a)
     Py_INCREF(b)
     PyTuple_SET_ITEM(obj, 1, b)
-    if not reused:
-        PyObject_GC_UnTrack(made)
     return obj
 
 
