@@ -72,6 +72,8 @@ COMPILED_ONLY = {
                              "other threads; the twin's change holding the GIL",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",
     ("locking", "atomic_load"): "the SRCU reader count; the twin counts under a Condition",
+    ("locking", "atomic_store"): "whether a vCPU's stage hook is set, read by the GIL-free "
+                                 "loop; the twin has no such loop",
     ("locking", "fetch_andnot64"): "one word of fetch_andnot_words; the twin holds its atomic "
                                    "lock around the whole loop",
     ("locking", "load_ptr"): "publishes a frame-state chunk; the twin's states are a dict",
@@ -111,6 +113,8 @@ COMPILED_ONLY = {
                            "result class",
     ("vcpu", "VCPUState.loop_faults"): "counts the faults of the compiled core's GIL-free "
                                        "loop, which the twin does not have",
+    ("vcpu", "VCPUState.stage_hook"): "a property that keeps whether a hook is set where the "
+                                      "GIL-free loop reads it; the twin's is an attribute",
     ("vcpu", "VCPUState.hypercall"): "a property that keeps whether a completion is pending in C "
                                      "for quiet(); the twin's is an attribute",
     ("paging", "take_reservation"): "the pool of table mappings; the twin's are Python mmaps",

@@ -344,3 +344,42 @@ def test_a_fault_waits_out_a_host_invalidation_on_another_thread(kv):
     assert results[0].hpa == GIB + 0x5000
     assert vcpu.stats["pf_taken"] > 1 and vcpu.stats["pf_fixed"] == 1
     assert vm.mmu_invalidate_in_progress == 0 and vm.check_invariants() == []
+
+
+def test_a_stage_hook_set_while_its_vcpu_runs_a_batch(kv):
+    """Another thread sets and clears a vCPU's ``stage_hook`` while that vCPU's
+    access_many faults pages in (its GIL-free loop reads whether a hook is set before
+    each fault it handles): every access is mapped, and the hook left set runs at all
+    three stages of the next fault.  (The ThreadSanitizer build checks the read.)"""
+    vm = kv.VM()
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=1 << 40)
+    vcpu = vm.create_vcpu()
+    n = scale(kv, 1 << 17, 1 << 10)
+    gpas = np.arange(n, dtype=np.uint64) << np.uint64(12)
+    stages, done = [], threading.Event()
+
+    def batch():
+        try:
+            for chunk in np.array_split(gpas, 16):
+                result = vcpu.access_many(chunk, 2)
+                assert result.exit is None
+                np.testing.assert_array_equal(result.hpa, chunk + np.uint64(1 << 40))
+        finally:
+            done.set()
+
+    def toggler():
+        while not done.is_set():        # each write while the batch runs without the GIL
+            vcpu.stage_hook = stages.append
+            time.sleep(20e-6)
+            vcpu.stage_hook = None
+            time.sleep(20e-6)
+
+    run_threads(batch, toggler)
+    assert vcpu.stats["pf_taken"] == n
+    assert len(stages) <= 3 * n
+    vcpu.stage_hook = stages.append
+    stages.clear()
+    assert vcpu.access(GIB - 4096, write=True).hpa == (1 << 40) + GIB - 4096
+    assert stages == ["fault", "faultin", "map"]
+    assert vm.check_invariants() == []

@@ -46,6 +46,9 @@ cdef extern from *:
     static inline long kvmemu_atomic_load(long *p) {
         return __atomic_load_n(p, __ATOMIC_SEQ_CST);
     }
+    static inline void kvmemu_atomic_store(long *p, long v) {
+        __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+    }
     static inline void kvmemu_atomic_or64(uint64_t *p, uint64_t v) {
         __atomic_fetch_or(p, v, __ATOMIC_SEQ_CST);
     }
@@ -118,6 +121,7 @@ cdef extern from *:
     """
     long atomic_add "kvmemu_atomic_add" (long* p, long v) nogil
     long atomic_load "kvmemu_atomic_load" (long* p) nogil
+    void atomic_store "kvmemu_atomic_store" (long* p, long v) nogil
     # The hardware's locked OR of accessed/dirty bits, and KVM's try_cmpxchg64.
     void atomic_or64 "kvmemu_atomic_or64" (uint64_t* p, uint64_t v) nogil
     bint cmpxchg64 "kvmemu_cmpxchg64" (uint64_t* p, uint64_t old, uint64_t new) nogil

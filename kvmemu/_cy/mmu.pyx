@@ -46,7 +46,7 @@ cdef int page_fault(VCPUState vcpu, uint64_t gpa,
     """Models kvm_mmu_page_fault (mmu.c, 6.18)."""
     cdef int r
     error_code = sw_protected_private(vcpu, gpa, error_code)
-    if vcpu.stage_hook is not None:     # (checked here: no call at all without a hook)
+    if vcpu.hook is not None:     # (checked here: no call at all without a hook)
         vcpu.stage("fault", NULL)
     r = RET_PF_INVALID
     if error_code & PFERR_RSVD:
@@ -117,7 +117,7 @@ cdef inline int fault_without_gil(VCPUState vcpu, SlotTable table, long seen, co
     cdef const SlotRecord* slot
     cdef FaultRecord f
     cdef int r
-    if (vcpu.stage_hook is not None or vcpu.mmu.tracing
+    if (atomic_load(&vcpu.hooked) or vcpu.mmu.tracing
             or (vcpu.pml_on and vcpu.pml.index != <int>PML_LOG_NR_ENTRIES - 1)
             or atomic_load(&vcpu.memslots.publishes) != seen):
         return FAULT_ELSEWHERE
@@ -278,7 +278,7 @@ cdef int tdp_mmu_page_fault(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_P
     r = faultin_pfn(vcpu, f)
     if r != RET_PF_CONTINUE:
         return r
-    if vcpu.stage_hook is not None and vcpu.stage("map", f):   # the memslot was deleted or moved
+    if vcpu.hook is not None and vcpu.stage("map", f):   # the memslot was deleted or moved
         return -EAGAIN if f.prefetch else RET_PF_RETRY
     mmu.mmu_lock.acquire_read()
     try:
@@ -382,7 +382,7 @@ cdef int faultin_pfn(VCPUState vcpu, FaultRecord* f) except CORE_RETURN_PY_EXCEP
         return prepare_memory_fault_exit(vcpu, f)
     if not f.has_slot:
         return handle_noslot_fault(vcpu, f)
-    if vcpu.stage_hook is not None and vcpu.stage("faultin", f):   # deleted or moved memslot
+    if vcpu.hook is not None and vcpu.stage("faultin", f):   # deleted or moved memslot
         return -EAGAIN if f.prefetch else RET_PF_RETRY
     return faultin_slot(vcpu, f)
 

@@ -26,7 +26,8 @@ cdef class VCPUState:
     cdef uint64_t mmio_gpa                  # run.mmio
     cdef bint mmio_is_write
     cdef public uint64_t mmio_gfn, mmio_gen # the vCPU's MMIO cache
-    cdef public object stage_hook
+    cdef object hook                        # stage_hook (set by that property only)
+    cdef long hooked                        # hook is not None, read without the GIL
     cdef object run_hypercall               # run.hypercall (kvmemu._hypercall.HypercallRun)
     cdef bint hypercall_pending             # run_hypercall.pending is not None (for quiet)
     cdef public unsigned int vcpu_id        # what kvm_page_fault reports

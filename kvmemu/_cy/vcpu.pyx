@@ -91,6 +91,18 @@ cdef class VCPUState:
         return load_entry(&self.loop_fault_count)
 
     @property
+    def stage_hook(self):
+        return self.hook
+
+    @stage_hook.setter
+    def stage_hook(self, value):
+        # access_many's GIL-free loop reads only ``hooked``, atomically, before each fault
+        # it handles: a hook that another thread sets while the loop runs sends the
+        # loop's next fault to vcpu_run, which calls it.
+        self.hook = value
+        atomic_store(&self.hooked, value is not None)
+
+    @property
     def hypercall(self):
         """run.hypercall (a kvmemu._hypercall.HypercallRun; the API layer sets it)."""
         return self.run_hypercall
@@ -160,7 +172,7 @@ cdef class VCPUState:
         c.mf_flags, c.mf_gpa, c.mf_size = self.mf_flags, self.mf_gpa, self.mf_size
         c.mmio_gpa, c.mmio_is_write = self.mmio_gpa, self.mmio_is_write
         c.mmio_gfn, c.mmio_gen = self.mmio_gfn, self.mmio_gen
-        c.stage_hook = self.stage_hook
+        c.stage_hook = self.hook
         c.hypercall = self.hypercall
         c.vcpu_id, c.rip = self.vcpu_id, self.rip
         c.ext_exit_qual, c.vc_gpa = self.ext_exit_qual, self.vc_gpa
@@ -193,13 +205,13 @@ cdef class VCPUState:
         cdef const SlotRecord* now
         cdef void* owner = NULL
         cdef uint64_t base_gfn = 0
-        if self.stage_hook is None:
+        if self.hook is None:
             return 0
         if f != NULL and f.has_slot:
             owner, base_gfn = f.slot.owner, f.slot.base_gfn
         self.memslots.srcu_read_unlock(self.srcu)
         try:
-            self.stage_hook(name)
+            self.hook(name)
         finally:
             self.srcu = self.memslots.srcu_read_lock()
         if owner == NULL:
@@ -379,7 +391,7 @@ cdef class VCPUState:
                 self.mmio_gpa = gpa & ~shared_bit
                 self.mmio_is_write = (flags & ACCESS_FLAGS_WRITE) != 0
                 return ACCESS_MMIO
-            if r == RET_PF_RETRY and self.stage_hook is None and retries < ACCESS_RETRY_LIMIT:
+            if r == RET_PF_RETRY and self.hook is None and retries < ACCESS_RETRY_LIMIT:
                 retries += 1                 # another thread's invalidation: let it finish
                 with nogil:
                     sched_yield()
@@ -448,7 +460,7 @@ cdef class VCPUState:
         anything else (arrays of flags, errors to report) goes to ``slow_access_many``."""
         cdef const uint64_t[::1] view
         cdef uint64_t f
-        if (type(gpas) is np.ndarray and type(flags) is int and self.stage_hook is None
+        if (type(gpas) is np.ndarray and type(flags) is int and self.hook is None
                 and self.quiet()):
             try:
                 view = gpas
@@ -599,7 +611,7 @@ cdef class VCPUState:
         # Faults handled in the GIL-free loop (fault_without_gil says which, per fault;
         # here: the VM and what is set when the batch starts): the loop starts at once,
         # and an access vcpu_run took counts toward the streak even if it faulted.
-        cdef bint faults_here = (self.stage_hook is None
+        cdef bint faults_here = (self.hook is None
                                  and not self.mmu.tracing and self.active_pml() == NULL)
         if n:
             self.exit_reason = EXIT_REASON_UNKNOWN      # as vcpu_run starts
