@@ -60,32 +60,52 @@ class VcpuThreads:
             thread.start()
 
     def _serve(self, k):
-        if self._cpus:
-            os.sched_setaffinity(0, {self._cpus[k]})    # 0: the calling thread
-        while True:
-            self._start.wait()
-            jobs = self._jobs
-            if jobs is None:
-                return
-            try:
-                jobs[k]()
-            except BaseException as exc:  # noqa: BLE001 - handed to run's caller
-                self._errors.append(exc)
-            self._end.wait()
+        try:
+            if self._cpus:
+                os.sched_setaffinity(0, {self._cpus[k]})    # 0: the calling thread
+            while True:
+                self._start.wait()
+                jobs = self._jobs
+                if jobs is None:
+                    return
+                try:
+                    jobs[k]()
+                except BaseException as exc:  # noqa: BLE001 - handed to run's caller
+                    self._errors.append(exc)
+                self._end.wait()
+        except threading.BrokenBarrierError:
+            return          # run or close gave up (the caller was interrupted)
+        except BaseException as exc:  # noqa: BLE001 - the pinning failed: run raises it
+            self._errors.append(exc)
+            self._start.abort()
 
     def run(self, jobs):
         assert len(jobs) == len(self._threads)
         self._jobs = jobs
-        self._start.wait()
-        self._end.wait()
-        if self._errors:
-            raise self._errors.pop()
+        try:
+            self._start.wait()
+            self._end.wait()
+        except BaseException:
+            self._abort()
+            if not self._errors:        # else: a worker's pinning failed, raised below
+                raise
+        errors, self._errors = self._errors, []
+        if errors:
+            raise errors[0]
 
     def close(self):
         self._jobs = None
-        self._start.wait()
+        try:
+            self._start.wait(timeout=10)
+        except threading.BrokenBarrierError:
+            pass
+        self._abort()
         for thread in self._threads:
             thread.join()
+
+    def _abort(self):
+        self._start.abort()
+        self._end.abort()
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +203,12 @@ def mapped_work(threads, rng):
     """A VM with N_PAGES mapped pages and a vCPU per thread; the jobs of N_MAPPED random
     reads split over them."""
     vm, vcpus = vm_with_vcpus(threads)
-    vcpus[0].access_many(np.arange(N_PAGES, dtype=np.uint64) << np.uint64(12), 1)
+    vcpus[0].access_many(np.arange(N_PAGES, dtype=np.uint64) << np.uint64(12),
+                         AccessFlags.WRITE)
     gpas = rng.integers(0, N_PAGES, N_MAPPED, dtype=np.uint64) << np.uint64(12)
     chunks = np.array_split(gpas, threads)
     outs = [(np.empty(len(c), np.uint64), np.empty(len(c), np.uint8)) for c in chunks]
-    return vm, access_jobs(vcpus, chunks, outs, flags=AccessFlags(1))
+    return vm, access_jobs(vcpus, chunks, outs, flags=AccessFlags(0))
 
 
 def first_touch_work(threads, vm_type=VMType.DEFAULT):

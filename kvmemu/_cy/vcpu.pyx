@@ -98,9 +98,12 @@ cdef class VCPUState:
     def stage_hook(self, value):
         # access_many's GIL-free loop reads only ``hooked``, atomically, before each fault
         # it handles: a hook that another thread sets while the loop runs sends the
-        # loop's next fault to vcpu_run, which calls it.
+        # loop's next fault to vcpu_run, which calls it.  The old hook is released after
+        # the store (its __del__ may let another thread's setter run in between).
+        old = self.hook
         self.hook = value
         atomic_store(&self.hooked, value is not None)
+        del old
 
     @property
     def hypercall(self):
