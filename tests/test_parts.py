@@ -56,8 +56,6 @@ COMPILED_ONLY = {
                              "follow address bits as pointers; the twin's walks call table_at",
     ("tdp_mmu", "Root.child_entries"): "a pointer to Root.child's entries in the compiled "
                                        "table memory; the twin indexes tables",
-    ("tdp_mmu", "Root.init_disallowed"): "maps the compiled per-table flag bytes; the twin's "
-                                         "flags are a dict",
     ("locking", "my_shard"): "the calling thread's shard of a sharded C count; the twin's "
                              "counts are Python ints under the GIL",
     ("locking", "load_entry"): "READ_ONCE of a table entry that faults on other threads "

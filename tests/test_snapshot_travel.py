@@ -131,3 +131,24 @@ def test_a_snapshot_goes_to_a_spawned_process():
         state, problems = pool.apply(_restore_in_a_worker, (pickle.dumps(snap),))
     vm._vcpus[0].access(0x2000, write=True)
     assert problems == [] and state == state_of(vm)
+
+
+
+@pytest.mark.parametrize("how", ["restore", "bytes"])
+def test_a_snapshot_keeps_the_tables_nx_huge_page_flags(kv, how):
+    """A fetch under the NX workaround maps 4K and marks the tables it made
+    nx_huge_page_disallowed; a read of another page of that 2M region then stays 4K
+    (disallowed_hugepage_adjust, mmu.c, 6.18) instead of replacing the table with a 2M
+    leaf.  The same in the VM restored from a snapshot, and in a VM made from its bytes."""
+    vm = kv.VM(nx_huge_pages=True)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=GIB,
+                              userspace_addr=UADDR, host_level=2)
+    vm.create_vcpu().access(0x405000, fetch=True)
+    snapshot = vm.snapshot()
+    if how == "restore":
+        vm.restore(snapshot)
+    else:
+        vm = kv.VM.from_snapshot(Snapshot.from_bytes(snapshot.to_bytes()))
+    assert vm.create_vcpu().access(0x407000).level == 1
+    assert vm.create_vcpu().access(0x605000).level == 2          # another 2M region
+

@@ -58,6 +58,8 @@ cdef class PageTables:
     cdef PagingConfig cfg
     cdef uint64_t* mem                  # RESERVED_TABLES tables, mapped once: never moves
     cdef Py_ssize_t reserved            # tables the mapping holds
+    cdef uint8_t* flags                 # a byte per table, after them: the owner's flags
+                                        # (zero when handed out; none set past ntables)
     cdef readonly Py_ssize_t ntables
     cdef readonly bint kvm_owned        # the tables of a VM's TDP MMU: no writes from outside
     cdef public RwLock lock             # its own, or the VM's mmu_lock (TdpMmu shares it)

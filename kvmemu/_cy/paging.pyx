@@ -10,9 +10,10 @@
 # batch loops can run it per element.
 #
 # Storage: 512-entry tables in one anonymous mapping reserved when the PageTables
-# is made (RESERVED_TABLES tables of address space, committed by the kernel page
-# by page as tables are used) and unmapped only when it is freed: table memory
-# never moves, so a loop that reads it without the GIL never reads freed memory.
+# is made (RESERVED_TABLES tables of address space, then a flag byte per table,
+# committed by the kernel page by page as they are used) and unmapped only when it
+# is freed: table memory never moves, so a loop that reads it without the GIL
+# never reads freed memory.
 # Table k lives at host-physical address PT_BASE_HPA + k * PAGE_SIZE; table 0 is
 # the root.  Invariant: the walk follows an entry's address only through
 # table_at(), which maps an address that holds no table to -1 (and -1 reads as a
@@ -125,9 +126,13 @@ use_result_dealloc(Translation)
 #: Tables of address space each PageTables reserves (16 GiB; memory is committed only
 #: as tables are used).  MAXPHYADDR may allow more: new_table raises MemoryError here.
 cdef Py_ssize_t RESERVED_TABLES = 1 << 22
+#: A reservation's bytes: the tables, then a byte per table for its owner's flags
+#: (PageTables.flags).
+cdef size_t RESERVATION_BYTES = <size_t>RESERVED_TABLES * (PAGE_SIZE + 1)
 #: Reservations of freed PageTables kept for the next ones (a snapshot's copy then
 #: writes into memory the kernel has already mapped, instead of faulting it in page
-#: by page); their tables are zeroed again as they are handed out.
+#: by page); their tables are zeroed again as they are handed out, their flags when
+#: they are given back.
 DEF POOL_SIZE = 16
 cdef void* reservation_pool[POOL_SIZE]
 cdef int pooled = 0
@@ -146,7 +151,7 @@ cdef void* take_reservation() noexcept nogil:
     pthread_mutex_unlock(&pool_lock)
     if mem != NULL:
         return mem
-    return mmap(NULL, <size_t>RESERVED_TABLES * PAGE_SIZE, PROT_READ | PROT_WRITE,
+    return mmap(NULL, RESERVATION_BYTES, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
 
 
@@ -159,7 +164,7 @@ cdef void give_back_reservation(void* mem) noexcept nogil:
         mem = NULL
     pthread_mutex_unlock(&pool_lock)
     if mem != NULL:
-        munmap(mem, <size_t>RESERVED_TABLES * PAGE_SIZE)
+        munmap(mem, RESERVATION_BYTES)
 
 
 cdef inline uint64_t bits_from(unsigned int lo, unsigned int hi) noexcept nogil:
@@ -678,6 +683,7 @@ cdef class PageTables:
         pthread_mutex_destroy(&self.alloc_lock)
         free(self.free_list)
         if self.mem != NULL:
+            memset(self.flags, 0, <size_t>self.ntables)    # none are set past ntables
             give_back_reservation(self.mem)
 
     def __init__(self, kind, levels=4, *, ad_bits=True, exec_only=True, mbec=False,
@@ -716,6 +722,7 @@ cdef class PageTables:
             raise MemoryError(f"cannot reserve {(RESERVED_TABLES * PAGE_SIZE) >> 30} GiB of "
                               "address space for tables")
         self.mem, self.reserved = <uint64_t*>mem, RESERVED_TABLES
+        self.flags = <uint8_t*>mem + <size_t>RESERVED_TABLES * PAGE_SIZE
         memset(self.mem, 0, PAGE_SIZE)
         return 0
 
@@ -785,6 +792,7 @@ cdef class PageTables:
         memcpy(self.mem, &src[0, 0], <size_t>n * PAGE_SIZE)
         if self.ntables > n:
             memset(self.mem + n * PT_ENTRIES, 0, <size_t>(self.ntables - n) * PAGE_SIZE)
+            memset(self.flags + n, 0, <size_t>(self.ntables - n))
         self.ntables = n
         for i in range(fl.shape[0]):
             self.free_list[i] = fl[i]
@@ -798,6 +806,7 @@ cdef class PageTables:
         c.init_storage()
         c.lock = RwLock()
         memcpy(c.mem, self.mem, <size_t>self.ntables * PAGE_SIZE)
+        memcpy(c.flags, self.flags, <size_t>self.ntables)
         c.kvm_owned = self.kvm_owned
         c.ntables, c.max_tables, c.nonleaf = self.ntables, self.max_tables, self.nonleaf
         c.present_mask, c.addr_mask = self.present_mask, self.addr_mask

@@ -13,46 +13,29 @@ cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free
 from libc.string cimport memcpy, memset
-from posix.mman cimport MAP_ANONYMOUS, MAP_FAILED, MAP_PRIVATE, PROT_READ, PROT_WRITE, mmap, munmap
 
 
 @cython.final
 cdef class Root:
     """One TDP root: its PageTables plus KVM's per-table bookkeeping.
 
-    ``disallowed`` has a byte per table of the reservation, mapped once (committed by
-    the kernel page by page as tables are used): faults of several vCPUs set it under
-    mmu_lock for read, and it never moves under them."""
-
-    def __cinit__(self):
-        self.disallowed = NULL
-        self.disallowed_cap = 0
-
-    def __dealloc__(self):
-        if self.disallowed != NULL:
-            munmap(self.disallowed, <size_t>self.disallowed_cap)
+    ``disallowed`` is the tables' flag bytes (PageTables.flags, a byte per table of
+    the reservation, after the tables): faults of several vCPUs set them under
+    mmu_lock for read, and they never move under them."""
 
     def __init__(self, PageTables tables, uint64_t gfn_bits):
-        self.init_disallowed(tables.reserved)
         self.pt = tables
+        self.disallowed, self.disallowed_cap = tables.flags, tables.reserved
         self.gfn_bits = gfn_bits
         tables.kvm_owned = True
         tables.fill(0, SHADOW_NONPRESENT_VALUE)
 
-    cdef int init_disallowed(self, Py_ssize_t tables) except -1:
-        cdef void* mem = mmap(NULL, <size_t>tables, PROT_READ | PROT_WRITE,
-                              MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
-        if mem == MAP_FAILED:
-            raise MemoryError("cannot reserve the per-table flags")
-        self.disallowed, self.disallowed_cap = <uint8_t*>mem, tables
-        return 0
-
     cdef Root clone(self):
+        """A copy, its tables' flags included (PageTables.clone copies them)."""
         cdef Root c = Root.__new__(Root)
-        c.init_disallowed(self.disallowed_cap)
         c.pt = self.pt.clone()
+        c.disallowed, c.disallowed_cap = c.pt.flags, c.pt.reserved
         c.gfn_bits = self.gfn_bits
-        memcpy(c.disallowed, self.disallowed, <size_t>self.pt.ntables)
         return c
 
     cdef Py_ssize_t child(self, uint64_t spte) noexcept nogil:
