@@ -16,6 +16,7 @@ from libc.string cimport memcpy, memset
 
 
 @cython.final
+@cython.auto_pickle(False)      # it holds pointers into its tables' reservation
 cdef class Root:
     """One TDP root: its PageTables plus KVM's per-table bookkeeping.
 
