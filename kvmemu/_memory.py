@@ -746,8 +746,7 @@ class VMMemory:
                         self._pre_set_memory_attributes(slot, s, e, attrs)
             # The xarray's update, which faults read under RCU: here under mmu_lock for
             # write, since access_many's GIL-free loop reads the store holding it for read.
-            with self.mmu_write_locked():
-                self.memslots.store_attributes(start, end, attrs)
+            self.memslots.store_attributes(start, end, attrs, self.mmu.mmu_lock)
             stored = True
         finally:
             # Even when interrupted (Ctrl-C): the invalidation ends, and the mixed flags

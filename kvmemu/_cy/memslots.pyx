@@ -639,11 +639,13 @@ cdef class Memslots:
             if not self.attribute_next(&c, &i):
                 return False
 
-    def store_attributes(self, uint64_t start, uint64_t end, uint64_t attrs):
+    def store_attributes(self, uint64_t start, uint64_t end, uint64_t attrs,
+                         RwLock lock=None):
         """xa_store over [start, end) (attribute 0 erases), keeping ranges merged: the
         ranges that straddle it are cut, and a range merges with a neighbour that touches
         it and has the same value (the twin tells the rule).  Only the chunks around the
-        change are rewritten."""
+        change are rewritten, with ``lock`` held for write if given (mmu_lock: readers
+        without the GIL hold it for read)."""
         cdef Py_ssize_t n = self.attr_nchunks, ca, cb, c, cl, ch, lo_c
         cdef Py_ssize_t total = 0, k, lo, hi, m = 0
         cdef int i
@@ -715,7 +717,13 @@ cdef class Memslots:
                     ws[q - k], we[q - k], wv[q - k] = ws[q], we[q], wv[q]
             for q in range(m):
                 ws[lo + q], we[lo + q], wv[lo + q] = ps[q], pe[q], pv[q]
-            self.attr_replace(ca, cb, ws, we, wv, total - k)
+            if lock is not None:
+                lock.acquire_write()
+            try:
+                self.attr_replace(ca, cb, ws, we, wv, total - k)
+            finally:
+                if lock is not None:
+                    lock.release_write()
         finally:
             free(ws)
 

@@ -228,8 +228,9 @@ class Memslots:
             while old.readers:
                 self._srcu.wait()
 
-    def store_attributes(self, start: int, end: int, attrs: int) -> None:
-        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged.
+    def store_attributes(self, start: int, end: int, attrs: int, lock: Any = None) -> None:
+        """xa_store over [start, end) (attribute 0 erases), keeping ranges merged; the
+        new ranges are put in place with ``lock`` held for write if given (mmu_lock).
 
         New arrays each time (a reader holds the tuple it took): the ranges left and
         right of [start, end) survive whole, the two that straddle it are cut, and a new
@@ -263,7 +264,13 @@ class Memslots:
         middle = np.array(merged, dtype=np.uint64).reshape(-1, 3)
         new = [np.concatenate((old[:lo], middle[:, column], old[hi:]))
                for column, old in enumerate((starts, ends, values))]
-        self.attrs = (new[0], new[1], new[2])
+        if lock is not None:
+            lock.acquire_write()
+        try:
+            self.attrs = (new[0], new[1], new[2])
+        finally:
+            if lock is not None:
+                lock.release_write()
 
     def attribute_ranges(self, start: int = 0,
                          end: int = 0xFFFF_FFFF_FFFF_FFFF) -> list[tuple[int, int, int]]:
