@@ -116,6 +116,27 @@ def test_without_pml_writes_are_fixed_by_the_fast_path(kv):
     assert pt.get_entry(0x3000, 1) == 0x40003E65        # write-protected again
 
 
+@pytest.mark.parametrize("vendor", ["vmx", "svm"])
+def test_get_dirty_log_takes_every_word_of_a_log_of_odd_length(kv, vendor):
+    """A slot of 327 pages has a log of 6 words (kvm_dirty_bitmap_bytes: ALIGN(npages,
+    BITS_PER_LONG) / 8): the bits of pages in its first and last words are taken and
+    their pages write-protected again (NPT: W cleared, 0x...E65), the rest stay clear."""
+    vm = kv.VM(vendor=vendor)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=327 << 12,
+                              userspace_addr=UADDR, flags=LOG)
+    vcpu = vm.create_vcpu()
+    pages = [0, 63, 64, 200, 320, 326]
+    for page in pages:
+        vcpu.access(page << 12, write=True)
+    words = vm.get_dirty_log(0)
+    assert len(words) == 6 and bits(words) == pages
+    assert bits(vm.get_dirty_log(0)) == []
+    if vendor == "svm":
+        assert vm.page_tables.get_entry(326 << 12, 1) == 0x40146E65
+    vcpu.access(326 << 12, write=True)
+    assert bits(vm.get_dirty_log(0)) == [326]
+
+
 def test_without_eager_split_a_write_splits_the_huge_page(kv):
     """eager_page_split off: the 2M leaf is only write-protected; the fast path leaves a
     huge leaf of a logged slot to the slow path, which maps 4K (hugepage adjust) by

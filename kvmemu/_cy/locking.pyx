@@ -30,14 +30,20 @@ def fetch_andnot_words(uint64_t[::1] bitmap, Py_ssize_t first, const uint64_t[::
 
 def xchg_words(uint64_t[::1] bitmap):
     """xchg(&bitmap[i], 0) for each non-zero word (kvm_get_dirty_log_protect's loop): the
-    words taken."""
-    cdef Py_ssize_t i, n = bitmap.shape[0]
+    words taken.  Most words of a large bitmap are zero, and they are passed four at a
+    time: with a taken branch per word the scan ran at 0.27 or 0.55 ns a word on this
+    AMD machine, depending only on where the compiler happened to place the loop."""
+    cdef Py_ssize_t i = 0, n = bitmap.shape[0]
     out = np.zeros(n, dtype=np.uint64)
     cdef uint64_t[::1] o = out
     with nogil:
-        for i in range(n):
+        while i < n:
+            if i + 4 <= n and (bitmap[i] | bitmap[i + 1] | bitmap[i + 2] | bitmap[i + 3]) == 0:
+                i += 4               # zero words four at a time: see the docstring
+                continue
             if bitmap[i]:
                 o[i] = xchg64(&bitmap[i], 0)
+            i += 1
     return out
 
 
