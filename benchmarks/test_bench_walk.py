@@ -57,6 +57,18 @@ def test_mapped_scalar_access(scalar, kv):
     assert scalar(vcpu.access, 0x5123) == Translation(0x7F0000005123, 1)
 
 
+@pytest.mark.benchmark(group="walk-access-many-one-gpa")
+@pytest.mark.parametrize("into", ["new-arrays", "out-arrays"])
+def test_access_many_fixed_cost(scalar, kv, into):
+    """``access_many`` of one mapped GPA: the fixed cost of a call (argument checks, the
+    result arrays, the batch result), into new arrays or into ``out=`` arrays."""
+    vcpu = mapped_vcpu(kv, npages=16)
+    one = np.array([0x5123], dtype=np.uint64)
+    out = (np.empty(1, np.uint64), np.empty(1, np.uint8)) if into == "out-arrays" else None
+    batch = scalar(vcpu.access_many, one, AccessFlags(0), out=out)
+    assert batch.count == 1 and batch.exit is None and int(batch.hpa[0]) == 0x7F0000005123
+
+
 def walk_vs_c(benchmark, per_element, tmp, gpas, npages, rounds, out=None):
     """access_many over ``gpas`` of ``npages`` mapped pages, each round right after a run
     of the C walk over them: plain (results summed), with software prefetching of the

@@ -16,7 +16,7 @@ import numpy as np
 cnp.import_array()
 
 from kvmemu import _args
-from kvmemu.constants import PF_STAT_NAMES
+from kvmemu.constants import PF_STAT_NAMES, AccessFlags
 from kvmemu.errors import KvmError
 from kvmemu.results import (AccessBatch, GuestException, MemoryFaultExit, MmioExit,
                             Translation)
@@ -458,13 +458,13 @@ cdef class VCPUState:
 
     def access_many_api(self, gpas, flags=0, *, out=None):
         """VCPU.access_many as the API binds it: a C-contiguous, aligned 1-D uint64
-        ndarray within the walk's reach, a valid AccessFlags int and no ``out`` (or one
+        ndarray within the walk's reach, a valid AccessFlags (or int) and no ``out`` (or one
         that fits) go straight to the batch loop when ``quiet`` and no stage hook is set;
         anything else (arrays of flags, errors to report) goes to ``slow_access_many``."""
         cdef const uint64_t[::1] view
         cdef uint64_t f
-        if (type(gpas) is np.ndarray and type(flags) is int and self.hook is None
-                and self.quiet()):
+        if (type(gpas) is np.ndarray and (type(flags) is int or type(flags) is AccessFlags)
+                and self.hook is None and self.quiet()):
             try:
                 view = gpas
                 f = flags
