@@ -147,6 +147,33 @@ def test_nx_huge_page_workaround(kv):
     assert not leaf(vm.page_tables, GIB + 0x200000)[1] & 0x4
 
 
+def test_a_new_table_is_marked_nx_huge_page_disallowed_before_it_is_linked(monkeypatch):
+    """tdp_mmu_map (tdp_mmu.c, 6.18) sets sp->nx_huge_page_disallowed before
+    tdp_mmu_link_sp or tdp_mmu_split_huge_page makes the table visible: a fault of
+    another vCPU that meets it (disallowed_hugepage_adjust) reads the flag at once.
+    Watched in the twin, whose compare-and-exchange can be wrapped: at each link of the
+    fetch's tables (PDPT, PD, PT, the NX workaround), then of the split of a 2M leaf, the
+    new table is already marked."""
+    from kvmemu import _select
+    from kvmemu._pure import spte, tdp_mmu
+    at_link = []
+    original = tdp_mmu.TdpMmu.set_spte_atomic
+
+    def watching(self, root, table, index, level, old, new, gfn, aug):
+        if spte.is_shadow_present_pte(new) and not spte.is_last_spte(new, level):
+            at_link.append((level, root.nx_huge_page_disallowed(root.child(new))))
+        return original(self, root, table, index, level, old, new, gfn, aug)
+    monkeypatch.setattr(tdp_mmu.TdpMmu, "set_spte_atomic", watching)
+    core = _select.load("python")
+    vm, vcpu = vm_with_slot(core, gpa=GIB, size=GIB, host_level=2, nx_huge_pages=True)
+    assert vcpu.access(GIB + 0x5000, fetch=True).level == 1
+    assert at_link == [(4, True), (3, True), (2, True)]
+    at_link.clear()
+    assert vcpu.access(GIB + 0x200000).level == 2          # a read: a 2M leaf
+    assert vcpu.access(GIB + 0x201000, fetch=True).level == 1  # split under the NX rule
+    assert at_link == [(2, True)]
+
+
 def test_no_nx_workaround_maps_fetches_huge(kv):
     vm, vcpu = vm_with_slot(kv, gpa=GIB, size=GIB, uaddr=0x7F0000000000, host_level=2)
     assert vcpu.access(GIB, fetch=True).level == 2

@@ -345,11 +345,14 @@ cdef class TdpMmu:
         """Models tdp_mmu_link_sp (tdp_mmu.c, 6.18): a new empty table where ``old`` (not
         present) was; 0 if the compare-and-exchange lost (the table is freed)."""
         cdef Py_ssize_t child = root.pt.alloc(SHADOW_NONPRESENT_VALUE)
+        # Before the link, as tdp_mmu_map sets sp->nx_huge_page_disallowed: a fault of
+        # another vCPU that meets the new table reads it (disallowed_hugepage_adjust).
+        root.set_nx_huge_page_disallowed(child, disallowed)
         if not self.set_spte_atomic(root, table, index, level, old,
                                     make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn, NULL):
+            root.set_nx_huge_page_disallowed(child, False)     # a free table's is clear
             root.pt.free(child)
             return 0
-        root.set_nx_huge_page_disallowed(child, disallowed)
         return child
 
     cdef Py_ssize_t split_huge_page(self, Root root, Py_ssize_t table, Py_ssize_t index,
@@ -362,11 +365,12 @@ cdef class TdpMmu:
         for i in range(<Py_ssize_t>PT_ENTRIES):
             root.pt.write(child, i, make_small_spte(&self.fmt, old, level - 1, i,
                                                     self.nx_huge_pages))
+        root.set_nx_huge_page_disallowed(child, disallowed)     # before the link: link_sp
         if not self.set_spte_atomic(root, table, index, level, old,
                                     make_nonleaf_spte(&self.fmt, table_hpa(child)), gfn, NULL):
+            root.set_nx_huge_page_disallowed(child, False)
             root.pt.free(child)
             return 0
-        root.set_nx_huge_page_disallowed(child, disallowed)
         for i in range(<Py_ssize_t>PT_ENTRIES):
             self.handle_changed_spte(root, (gfn & ~(pages_per_hpage(level) - 1))
                                      + i * pages_per_hpage(level - 1), level - 1,

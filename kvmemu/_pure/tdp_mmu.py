@@ -303,12 +303,15 @@ class TdpMmu:
         present) was; 0 if the compare-and-exchange lost (the table is freed)."""
         pt = root.pt
         child = pt.alloc(SHADOW_NONPRESENT_VALUE)
+        # Before the link, as tdp_mmu_map sets sp->nx_huge_page_disallowed: a fault of
+        # another vCPU that meets the new table reads it (disallowed_hugepage_adjust).
+        root.set_nx_huge_page_disallowed(child, disallowed)
         if not self.set_spte_atomic(root, table, index, level, old,
                                     spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn,
                                     None):
+            root.set_nx_huge_page_disallowed(child, False)     # a free table's is clear
             pt.free(child)
             return 0
-        root.set_nx_huge_page_disallowed(child, disallowed)
         return child
 
     def split_huge_page(self, root: Root, table: int, index: int, level: int, old: int,
@@ -321,12 +324,13 @@ class TdpMmu:
         for i in range(PT_ENTRIES):
             pt.write(child, i, spte.make_small_spte(self.fmt, old, level - 1, i,
                                                     self.nx_huge_pages))
+        root.set_nx_huge_page_disallowed(child, disallowed)     # before the link: link_sp
         if not self.set_spte_atomic(root, table, index, level, old,
                                     spte.make_nonleaf_spte(self.fmt, pt.hpa(child)), gfn,
                                     None):
+            root.set_nx_huge_page_disallowed(child, False)
             pt.free(child)
             return 0
-        root.set_nx_huge_page_disallowed(child, disallowed)
         for i in range(PT_ENTRIES):
             self.handle_changed_spte(root, (gfn & ~(pages_per_hpage(level) - 1))
                                      + i * pages_per_hpage(level - 1), level - 1,
