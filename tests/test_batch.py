@@ -148,9 +148,14 @@ def test_access_flags_go_straight_to_the_compiled_batch_loop():
     assert checked == []
     with pytest.raises(TypeError, match="AccessFlags"):
         vcpu.access_many(u64(0x1000), PFERR.WRITE)
-    with pytest.raises(ValueError, match="FETCH|fetch"):
-        vcpu.access_many(u64(0x1000), AccessFlags.FETCH | AccessFlags.WALK)
-    assert checked == [PFERR.WRITE, AccessFlags.FETCH | AccessFlags.WALK]
+    rejected = [(AccessFlags.FETCH | AccessFlags.WALK, "instruction fetch"),
+                (AccessFlags.WALK | AccessFlags.NOGVA, "both WALK and NOGVA"),
+                (AccessFlags(1 << 6), "0x40 has bits that are not AccessFlags"),
+                (~AccessFlags.WRITE, "0xfffffffffffffffe has bits that are not")]
+    for flags, message in rejected:
+        with pytest.raises(ValueError, match=message):
+            vcpu.access_many(u64(0x1000), flags)
+    assert checked == [PFERR.WRITE] + [flags for flags, _ in rejected]
 
 
 def test_access_many_errors(kv):

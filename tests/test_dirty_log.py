@@ -135,6 +135,8 @@ def test_get_dirty_log_takes_every_word_of_a_log_of_odd_length(kv, vendor):
         assert vm.page_tables.get_entry(326 << 12, 1) == 0x40146E65
     vcpu.access(326 << 12, write=True)
     assert bits(vm.get_dirty_log(0)) == [326]
+    vcpu.access(192 << 12, write=True)                  # the fourth word alone
+    assert bits(vm.get_dirty_log(0)) == [192]
 
 
 def test_without_eager_split_a_write_splits_the_huge_page(kv):

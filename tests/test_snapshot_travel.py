@@ -133,7 +133,6 @@ def test_a_snapshot_goes_to_a_spawned_process():
     assert problems == [] and state == state_of(vm)
 
 
-
 @pytest.mark.parametrize("how", ["restore", "bytes"])
 def test_a_snapshot_keeps_the_tables_nx_huge_page_flags(kv, how):
     """A fetch under the NX workaround maps 4K and marks the tables it made
@@ -151,4 +150,3 @@ def test_a_snapshot_keeps_the_tables_nx_huge_page_flags(kv, how):
         vm = kv.VM.from_snapshot(Snapshot.from_bytes(snapshot.to_bytes()))
     assert vm.create_vcpu().access(0x407000).level == 1
     assert vm.create_vcpu().access(0x605000).level == 2          # another 2M region
-

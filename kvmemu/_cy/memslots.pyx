@@ -645,7 +645,9 @@ cdef class Memslots:
         ranges that straddle it are cut, and a range merges with a neighbour that touches
         it and has the same value (the twin tells the rule).  Only the chunks around the
         change are rewritten, with ``lock`` held for write if given (mmu_lock: readers
-        without the GIL hold it for read)."""
+        without the GIL hold it for read).  The new ranges are worked out before that,
+        so writers must be serialised by the caller (the VM's ioctl lock, as
+        kvm->slots_lock serialises kvm_vm_set_mem_attributes)."""
         cdef Py_ssize_t n = self.attr_nchunks, ca, cb, c, cl, ch, lo_c
         cdef Py_ssize_t total = 0, k, lo, hi, m = 0
         cdef int i

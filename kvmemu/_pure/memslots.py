@@ -230,7 +230,8 @@ class Memslots:
 
     def store_attributes(self, start: int, end: int, attrs: int, lock: Any = None) -> None:
         """xa_store over [start, end) (attribute 0 erases), keeping ranges merged; the
-        new ranges are put in place with ``lock`` held for write if given (mmu_lock).
+        new ranges are put in place with ``lock`` held for write if given (mmu_lock);
+        writers are serialised by the caller (the VM's ioctl lock, kvm->slots_lock).
 
         New arrays each time (a reader holds the tuple it took): the ranges left and
         right of [start, end) survive whole, the two that straddle it are cut, and a new
