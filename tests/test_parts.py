@@ -66,6 +66,10 @@ COMPILED_ONLY = {
                                "grow; the twin's walks hold the GIL",
     ("locking", "store_count"): "a release store of a table count that walks on other threads "
                                 "read; the twin's writes hold the GIL",
+    ("locking", "load_flag"): "READ_ONCE of a table's nx_huge_page_disallowed byte that faults "
+                              "on other threads set; the twin's flags are a dict under the GIL",
+    ("locking", "store_flag"): "WRITE_ONCE of a table's nx_huge_page_disallowed byte; the "
+                               "twin's flags are a dict under the GIL",
     ("locking", "once_add"): "a vCPU statistic changed in the GIL-free loop and read by "
                              "other threads; the twin's change holding the GIL",
     ("locking", "atomic_add"): "the SRCU reader count; the twin counts under a Condition",

@@ -379,3 +379,32 @@ def test_a_stage_hook_set_while_its_vcpu_runs_a_batch(kv):
     np.testing.assert_array_equal(result.hpa, gpas + np.uint64(1 << 40))
     assert vcpu.stats["pf_taken"] == vcpu.stats["pf_fixed"] == n
     assert vm.check_invariants() == []
+
+
+def test_fetches_and_reads_of_several_vcpus_under_the_nx_workaround(kv):
+    """Two vCPUs fault in the same 2M regions at once with the NX huge page workaround
+    on, one fetching a page of each region, the other reading the others (tdp_mmu_map
+    marks each table it links nx_huge_page_disallowed before linking it; another vCPU's
+    disallowed_hugepage_adjust reads the mark).  Every fetched page ends mapped 4K, a
+    page read later in a fetched region too (the mark of its table), and the tables
+    stay whole.  (The ThreadSanitizer build checks the marks' reads and writes.)"""
+    vm = kv.VM(VMType.DEFAULT, nx_huge_pages=True)
+    regions = scale(kv, 2048, 32)
+    vm.set_user_memory_region(slot=0, guest_phys_addr=0, memory_size=regions * 2 * MIB,
+                              userspace_addr=GIB, host_level=2)
+    fetcher, reader = vm.create_vcpu(), vm.create_vcpu()
+    bases = np.arange(regions, dtype=np.uint64) * np.uint64(2 * MIB)
+
+    def fetch():
+        batch = fetcher.access_many(bases + np.uint64(0x5000), AccessFlags.FETCH)
+        assert batch.exit is None and batch.level.tolist() == [1] * regions
+
+    def read():
+        for page in (0x1000, 0x2000, 0x7000):
+            assert reader.access_many(bases + np.uint64(page)).exit is None
+
+    run_threads(fetch, read)
+    levels = fetcher.access_many(bases + np.uint64(0x5000), AccessFlags.FETCH).level
+    assert levels.tolist() == [1] * regions
+    assert reader.access_many(bases + np.uint64(0x9000)).level.tolist() == [1] * regions
+    assert vm.check_invariants() == []

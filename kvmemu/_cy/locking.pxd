@@ -1,6 +1,6 @@
 # Declarations of the locking primitives the model's KVM uses (locking.pyx).
 
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint8_t, uint64_t
 
 cdef extern from "pthread.h" nogil:
     ctypedef struct pthread_rwlock_t:
@@ -98,6 +98,14 @@ cdef extern from *:
     static inline void kvmemu_store_count(Py_ssize_t *p, Py_ssize_t v) {
         KVMEMU_ONCE_STORE(p, v);
     }
+    /* A table's flag byte (sp->nx_huge_page_disallowed): set before the table is
+     * linked, read by faults of other vCPUs that meet the table. */
+    static inline int kvmemu_load_flag(const uint8_t *p) {
+        return KVMEMU_ONCE_LOAD(p);
+    }
+    static inline void kvmemu_store_flag(uint8_t *p, int v) {
+        KVMEMU_ONCE_STORE(p, (uint8_t)(v != 0));
+    }
     /* A count that one thread changes (a vCPU's statistics, under its mutex) and
      * others read: read once, written once. */
     static inline void kvmemu_once_add(uint64_t *p, uint64_t v) {
@@ -133,6 +141,8 @@ cdef extern from *:
     Py_ssize_t load_count "kvmemu_load_count" (const Py_ssize_t* p) nogil
     void once_add "kvmemu_once_add" (uint64_t* p, uint64_t v) nogil
     void store_count "kvmemu_store_count" (Py_ssize_t* p, Py_ssize_t v) nogil
+    bint load_flag "kvmemu_load_flag" (const uint8_t* p) nogil
+    void store_flag "kvmemu_store_flag" (uint8_t* p, bint v) nogil
     # The shard of a sharded count (CountShard) the calling thread changes.
     int my_shard "kvmemu_my_shard" () nogil
     # Publishing a pointer to memory made on first use (a frame-state chunk).

@@ -56,10 +56,10 @@ cdef class Root:
 
     cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil:
         debug_assert(0 <= table < self.disallowed_cap)
-        self.disallowed[table] = value
+        store_flag(&self.disallowed[table], value)    # faults of other vCPUs read it
 
     cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept nogil:
-        return 0 <= table < self.disallowed_cap and self.disallowed[table] != 0
+        return 0 <= table < self.disallowed_cap and load_flag(&self.disallowed[table])
 
     def disallowed_tables(self):
         """The tables marked nx_huge_page_disallowed, ascending (for a snapshot's bytes)."""
