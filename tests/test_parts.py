@@ -66,6 +66,8 @@ COMPILED_ONLY = {
                                "grow; the twin's walks hold the GIL",
     ("locking", "store_count"): "a release store of a table count that walks on other threads "
                                 "read; the twin's writes hold the GIL",
+    ("locking", "next_set_word"): "the scan of a dirty bitmap in C, four zero words at a time; "
+                                  "the twin takes np.flatnonzero",
     ("locking", "load_flag"): "READ_ONCE of a table's nx_huge_page_disallowed byte that faults "
                               "on other threads set; the twin's flags are a dict under the GIL",
     ("locking", "store_flag"): "WRITE_ONCE of a table's nx_huge_page_disallowed byte; the "

@@ -149,6 +149,9 @@ cdef extern from *:
     uint64_t* load_ptr "kvmemu_load_ptr" (uint64_t** p) nogil
     uint64_t* publish_ptr "kvmemu_publish_ptr" (uint64_t** p, uint64_t* v) nogil
 
+# The first non-zero word of words[i:n], or n (a dirty bitmap's scan).
+cdef Py_ssize_t next_set_word(const uint64_t* words, Py_ssize_t i, Py_ssize_t n) noexcept nogil
+
 # Counts that threads change often and read rarely: a cache line of counts per shard
 # (so that vCPUs on different threads do not pass one line back and forth on every
 # change), summed when read.

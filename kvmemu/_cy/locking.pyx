@@ -28,21 +28,31 @@ def fetch_andnot_words(uint64_t[::1] bitmap, Py_ssize_t first, const uint64_t[::
     return out
 
 
+cdef inline Py_ssize_t next_set_word(const uint64_t* words, Py_ssize_t i,
+                                     Py_ssize_t n) noexcept nogil:
+    """The index of the first non-zero word of words[i:n], or ``n``: the scan of a dirty
+    bitmap.  Most words of a large bitmap are zero, and they are passed four at a time:
+    with a taken branch per word the scan ran at 0.27 or 0.55 ns a word on this AMD
+    machine, depending only on where the compiler happened to place the loop."""
+    while i + 4 <= n and (words[i] | words[i + 1] | words[i + 2] | words[i + 3]) == 0:
+        i += 4
+    while i < n and words[i] == 0:
+        i += 1
+    return i
+
+
 def xchg_words(uint64_t[::1] bitmap):
     """xchg(&bitmap[i], 0) for each non-zero word (kvm_get_dirty_log_protect's loop): the
-    words taken.  Most words of a large bitmap are zero, and they are passed four at a
-    time: with a taken branch per word the scan ran at 0.27 or 0.55 ns a word on this
-    AMD machine, depending only on where the compiler happened to place the loop."""
+    words taken."""
     cdef Py_ssize_t i = 0, n = bitmap.shape[0]
     out = np.zeros(n, dtype=np.uint64)
     cdef uint64_t[::1] o = out
     with nogil:
-        while i < n:
-            if i + 4 <= n and (bitmap[i] | bitmap[i + 1] | bitmap[i + 2] | bitmap[i + 3]) == 0:
-                i += 4               # zero words four at a time: see the docstring
-                continue
-            if bitmap[i]:
-                o[i] = xchg64(&bitmap[i], 0)
+        while n:
+            i = next_set_word(&bitmap[0], i, n)
+            if i == n:
+                break
+            o[i] = xchg64(&bitmap[i], 0)
             i += 1
     return out
 

@@ -19,8 +19,6 @@ cdef bint spte_reduced(const SpteFormat* fmt, int level, uint64_t old, uint64_t 
 cdef class Root:
     cdef readonly PageTables pt
     cdef readonly uint64_t gfn_bits         # kvm_gfn_root_bits
-    cdef uint8_t* disallowed                # sp->nx_huge_page_disallowed, by table: pt.flags
-    cdef Py_ssize_t disallowed_cap          # the tables of pt's reservation
     cdef Root clone(self)
     cdef Py_ssize_t child(self, uint64_t spte) noexcept nogil
     cdef uint64_t* child_entries(self, uint64_t spte) noexcept nogil

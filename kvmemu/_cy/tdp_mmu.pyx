@@ -20,13 +20,12 @@ from libc.string cimport memcpy, memset
 cdef class Root:
     """One TDP root: its PageTables plus KVM's per-table bookkeeping.
 
-    ``disallowed`` is the tables' flag bytes (PageTables.flags, a byte per table of
-    the reservation, after the tables): faults of several vCPUs set them under
+    sp->nx_huge_page_disallowed is the tables' flag byte (PageTables.flags, a byte per
+    table of the reservation, after the tables): faults of several vCPUs set them under
     mmu_lock for read, and they never move under them."""
 
     def __init__(self, PageTables tables, uint64_t gfn_bits):
         self.pt = tables
-        self.disallowed, self.disallowed_cap = tables.flags, tables.reserved
         self.gfn_bits = gfn_bits
         tables.kvm_owned = True
         tables.fill(0, SHADOW_NONPRESENT_VALUE)
@@ -35,7 +34,6 @@ cdef class Root:
         """A copy, its tables' flags included (PageTables.clone copies them)."""
         cdef Root c = Root.__new__(Root)
         c.pt = self.pt.clone()
-        c.disallowed, c.disallowed_cap = c.pt.flags, c.pt.reserved
         c.gfn_bits = self.gfn_bits
         return c
 
@@ -55,16 +53,16 @@ cdef class Root:
         return self.pt.mem
 
     cdef void set_nx_huge_page_disallowed(self, Py_ssize_t table, bint value) noexcept nogil:
-        debug_assert(0 <= table < self.disallowed_cap)
-        store_flag(&self.disallowed[table], value)    # faults of other vCPUs read it
+        debug_assert(0 <= table < self.pt.reserved)
+        store_flag(&self.pt.flags[table], value)      # faults of other vCPUs read it
 
     cdef bint nx_huge_page_disallowed(self, Py_ssize_t table) noexcept nogil:
-        return 0 <= table < self.disallowed_cap and load_flag(&self.disallowed[table])
+        return 0 <= table < self.pt.reserved and load_flag(&self.pt.flags[table])
 
     def disallowed_tables(self):
         """The tables marked nx_huge_page_disallowed, ascending (for a snapshot's bytes)."""
         cdef Py_ssize_t t
-        return [t for t in range(self.pt.ntables) if self.disallowed[t]]
+        return [t for t in range(self.pt.ntables) if self.pt.flags[t]]
 
     def load_disallowed(self, tables):
         """Mark exactly ``tables`` (existing ones) nx_huge_page_disallowed."""
@@ -72,7 +70,7 @@ cdef class Root:
         for table in tables:
             if not 0 < table < self.pt.ntables:
                 raise ValueError(f"table {table} does not exist")
-        memset(self.disallowed, 0, <size_t>self.pt.ntables)
+        memset(self.pt.flags, 0, <size_t>self.pt.ntables)
         for table in tables:
             self.set_nx_huge_page_disallowed(table, True)
 
@@ -554,14 +552,12 @@ cdef class TdpMmu:
         """clear_dirty_pt_masked for each non-zero word (kvm_get_dirty_log_protect's and
         kvm_clear_dirty_log_protect's loops)."""
         cdef Py_ssize_t i = 0, n = words.shape[0]
-        while i < n:
-            if i + 4 <= n and (words[i] | words[i + 1] | words[i + 2] | words[i + 3]) == 0:
-                i += 4               # zero words four at a time (xchg_words says why)
-                continue
-            if words[i]:
-                self.clear_dirty_pt_masked(gfn + 64 * <uint64_t>i, words[i], wrprot)
+        while True:
+            i = next_set_word(&words[0], i, n) if n else n
+            if i == n:
+                return 0
+            self.clear_dirty_pt_masked(gfn + 64 * <uint64_t>i, words[i], wrprot)
             i += 1
-        return 0
 
     cpdef int write_protect_gfn(self, uint64_t gfn, int min_level) except -1:
         """Models kvm_tdp_mmu_write_protect_gfn (tdp_mmu.c, 6.18): W and MMU-writable go."""
